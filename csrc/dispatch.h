@@ -1,0 +1,20 @@
+// Runtime choice of the kernel path. Each instruction set's copy of the
+// kernel lives in its own namespace (kernel_<isa>.cpp); this picks one.
+#pragma once
+
+#include "attention_params.h"
+#include "cpu_features.h"
+
+namespace tileattn {
+
+// Declared once per compiled path, defined in kernel_<isa>.cpp.
+namespace baseline { void attention_forward(const AttentionParams& p); }
+namespace avx2 { void attention_forward(const AttentionParams& p); }
+namespace avx512 { void attention_forward(const AttentionParams& p); }
+
+Isa active_isa();
+// Throws std::invalid_argument when the path is not built or the CPU lacks it.
+void set_active_isa(Isa isa);
+void attention_forward(const AttentionParams& p);
+
+}  // namespace tileattn

@@ -1,0 +1,169 @@
+// The private tileattn._core extension. It receives arrays that the Python
+// layer has already validated and shaped to 4-D (masks as broadcast views),
+// re-checks what it relies on, fills an AttentionParams and runs the kernel
+// with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "array_checks.h"
+#include "attention_params.h"
+#include "cpu_features.h"
+#include "dispatch.h"
+#include "thread_pool.h"
+
+namespace py = pybind11;
+using namespace tileattn;
+
+namespace {
+
+DType dtype_of(const py::array& q) {
+  if (q.dtype().equal(py::dtype::of<float>())) return DType::f32;
+  if (q.dtype().equal(py::dtype::of<double>())) return DType::f64;
+  throw std::invalid_argument("q: expected float32 or float64, got " +
+                              py::str(q.dtype()).cast<std::string>());
+}
+
+void set_mask(AttentionParams& p, const py::object& mask_obj, const py::dtype& dt) {
+  if (mask_obj.is_none()) return;
+  py::array mask = mask_obj.cast<py::array>();
+  require_shape(mask, {p.B, p.Hq, p.Lq, p.Lk}, "attn_mask");
+  if (mask.dtype().equal(py::dtype::of<bool>())) {
+    p.mask_kind = MaskKind::boolean;
+  } else {
+    require_dtype(mask, dt, "attn_mask");
+    p.mask_kind = MaskKind::additive;
+  }
+  p.mask = mask.data();
+  p.mask_stride = strides_of(mask, "attn_mask");
+}
+
+void set_key_padding(AttentionParams& p, const py::object& kpm_obj) {
+  if (kpm_obj.is_none()) return;
+  py::array kpm = kpm_obj.cast<py::array>();
+  require_shape(kpm, {p.B, p.Lk}, "key_padding_mask");
+  require_dtype(kpm, py::dtype::of<bool>(), "key_padding_mask");
+  p.key_padding = static_cast<const uint8_t*>(kpm.data());
+  p.key_padding_stride_b = kpm.strides(0);
+  p.key_padding_stride_k = kpm.strides(1);
+}
+
+void attention_forward_py(py::array q, py::array k, py::array v, py::array out, double scale,
+                          int64_t window_left, int64_t window_right, py::object mask,
+                          py::object key_padding, double dropout_p, uint64_t seed,
+                          py::object weights, py::object lse) {
+  AttentionParams p;
+  p.dtype = dtype_of(q);
+  const py::dtype dt = q.dtype();
+  p.q_stride = strides_of(q, "q");
+  p.k_stride = strides_of(k, "k");
+  p.v_stride = strides_of(v, "v");
+  p.out_stride = strides_of(out, "out");
+  require_dtype(k, dt, "k");
+  require_dtype(v, dt, "v");
+  require_dtype(out, dt, "out");
+  require_writeable(out, "out");
+  p.B = q.shape(0);
+  p.Hq = q.shape(1);
+  p.Lq = q.shape(2);
+  p.D = q.shape(3);
+  p.Hkv = k.shape(1);
+  p.Lk = k.shape(2);
+  p.Dv = v.shape(3);
+  require_shape(k, {p.B, p.Hkv, p.Lk, p.D}, "k");
+  require_shape(v, {p.B, p.Hkv, p.Lk, p.Dv}, "v");
+  require_shape(out, {p.B, p.Hq, p.Lq, p.Dv}, "out");
+  if (p.Hkv == 0 ? p.Hq != 0 : p.Hq % p.Hkv != 0)
+    throw std::invalid_argument("q/k: query heads must be a multiple of key/value heads");
+  if (window_left < -1 || window_right < -1)
+    throw std::invalid_argument("window: bounds must be >= -1");
+  if (!(dropout_p >= 0.0 && dropout_p <= 1.0))
+    throw std::invalid_argument("dropout_p: expected a value in [0, 1]");
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v.data();
+  p.out = out.mutable_data();
+  p.scale = scale;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  set_mask(p, mask, dt);
+  set_key_padding(p, key_padding);
+  p.dropout_p = dropout_p;
+  p.seed = seed;
+  if (!weights.is_none()) {
+    py::array w = weights.cast<py::array>();
+    require_shape(w, {p.B, p.Hq, p.Lq, p.Lk}, "weights");
+    require_dtype(w, dt, "weights");
+    require_writeable(w, "weights");
+    p.weights = w.mutable_data();
+    p.weights_stride = strides_of(w, "weights");
+  }
+  if (!lse.is_none()) {
+    py::array l = lse.cast<py::array>();
+    require_shape(l, {p.B, p.Hq, p.Lq, 1}, "lse");
+    require_dtype(l, dt, "lse");
+    require_writeable(l, "lse");
+    p.lse = l.mutable_data();
+    p.lse_stride = strides_of(l, "lse");
+  }
+  py::gil_scoped_release release;
+  attention_forward(p);
+}
+
+Isa isa_from_name(const std::string& name) {
+  if (name == "avx512") return Isa::avx512;
+  if (name == "avx2") return Isa::avx2;
+  if (name == "baseline") return Isa::baseline;
+  throw std::invalid_argument("unknown ISA path '" + name +
+                              "'; expected 'avx512', 'avx2' or 'baseline'");
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["compiler"] = TILEATTN_COMPILER;
+  d["flags"] = TILEATTN_BUILD_FLAGS;
+  py::list built;
+  for (Isa isa : isas_built()) built.append(isa_name(isa));
+  d["isas_built"] = built;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "tileattn's C++ core (private; use the tileattn package)";
+  m.def("attention_forward", &attention_forward_py, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::kw_only(), py::arg("scale"), py::arg("window_left") = -1,
+        py::arg("window_right") = -1, py::arg("mask") = py::none(),
+        py::arg("key_padding") = py::none(), py::arg("dropout_p") = 0.0,
+        py::arg("seed") = 0, py::arg("weights") = py::none(), py::arg("lse") = py::none());
+  m.def("num_threads", &num_threads);
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw std::invalid_argument("num_threads must be >= 1");
+    py::gil_scoped_release release;  // may wait for a running job
+    set_num_threads(n);
+  });
+  m.def("default_num_threads", &default_num_threads);
+  m.def("isa", [] { return std::string(isa_name(active_isa())); });
+  m.def("set_isa", [](const std::string& name) { set_active_isa(isa_from_name(name)); });
+  m.def("isas_built", [] {
+    std::vector<std::string> names;
+    for (Isa isa : isas_built()) names.push_back(isa_name(isa));
+    return names;
+  });
+  m.def("isas_supported", [] {
+    std::vector<std::string> names;
+    for (Isa isa : isas_built())
+      if (cpu_supports(isa)) names.push_back(isa_name(isa));
+    return names;
+  });
+  m.def("cpu_features", [] {
+    py::dict d;
+    for (auto& kv : cpu_feature_list()) d[py::str(kv.first)] = kv.second;
+    return d;
+  });
+  m.def("build_info", &build_info);
+}

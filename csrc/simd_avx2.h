@@ -1,0 +1,93 @@
+// Simd<T> for AVX2 + FMA (256-bit registers, 16 of them).
+// Micro-tile: MR = 6 rows x NR = 2 registers of columns, 12 accumulators.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace tileattn {
+namespace avx2 {
+
+template <typename T> struct Simd;
+
+template <> struct Simd<float> {
+  using scalar = float;
+  using reg = __m256;
+  static constexpr int W = 8;
+  static constexpr int MR = 6;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg set1(float x) { return _mm256_set1_ps(x); }
+  static reg load(const float* p) { return _mm256_load_ps(p); }
+  static void store(float* p, reg a) { _mm256_store_ps(p, a); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg fnmadd(reg a, reg b, reg c) { return _mm256_fnmadd_ps(a, b, c); }
+  static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
+  static float hmax(reg a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
+  static float hsum(reg a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static constexpr float round_magic() { return 12582912.0f; }  // 1.5 * 2^23
+  static reg scale_by_pow2(reg p, reg t) {
+    const __m256i n = _mm256_sub_epi32(_mm256_castps_si256(t),
+                                       _mm256_castps_si256(set1(round_magic())));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  }
+  static reg zero_where_less(reg x, reg limit, reg value) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, limit, _CMP_LT_OQ), value);
+  }
+};
+
+template <> struct Simd<double> {
+  using scalar = double;
+  using reg = __m256d;
+  static constexpr int W = 4;
+  static constexpr int MR = 6;
+  static reg zero() { return _mm256_setzero_pd(); }
+  static reg set1(double x) { return _mm256_set1_pd(x); }
+  static reg load(const double* p) { return _mm256_load_pd(p); }
+  static void store(double* p, reg a) { _mm256_store_pd(p, a); }
+  static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
+  static reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
+  static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_pd(a, b, c); }
+  static reg fnmadd(reg a, reg b, reg c) { return _mm256_fnmadd_pd(a, b, c); }
+  static reg max(reg a, reg b) { return _mm256_max_pd(a, b); }
+  static reg min(reg a, reg b) { return _mm256_min_pd(a, b); }
+  static double hmax(reg a) {
+    __m128d m = _mm_max_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    m = _mm_max_sd(m, _mm_unpackhi_pd(m, m));
+    return _mm_cvtsd_f64(m);
+  }
+  static double hsum(reg a) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+  }
+  static constexpr double round_magic() { return 6755399441055744.0; }  // 1.5 * 2^52
+  static reg scale_by_pow2(reg p, reg t) {
+    const __m256i n = _mm256_sub_epi64(_mm256_castpd_si256(t),
+                                       _mm256_castpd_si256(set1(round_magic())));
+    const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(n, _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
+  }
+  static reg zero_where_less(reg x, reg limit, reg value) {
+    return _mm256_andnot_pd(_mm256_cmp_pd(x, limit, _CMP_LT_OQ), value);
+  }
+};
+
+}  // namespace avx2
+}  // namespace tileattn

@@ -1,0 +1,60 @@
+// Simd<T> for the portable path: GCC/Clang vector extensions, 128-bit
+// registers (SSE2 on x86-64, NEON on aarch64). No FMA is assumed, so
+// fmadd is a multiply and an add; the compiler never contracts them
+// because we build with -std=c++17 (fp-contract off).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace tileattn {
+namespace baseline {
+
+template <typename T, typename I, int Lanes, int Bits, int Bias>
+struct VecExtSimd {
+  using scalar = T;
+  typedef T reg __attribute__((vector_size(16)));
+  typedef I ireg __attribute__((vector_size(16)));
+  static constexpr int W = Lanes;
+  static constexpr int MR = 4;
+  static reg zero() { return reg{} ; }
+  static reg set1(T x) { return reg{} + x; }
+  static reg load(const T* p) { reg r; std::memcpy(&r, p, sizeof r); return r; }
+  static void store(T* p, reg a) { std::memcpy(p, &a, sizeof a); }
+  static reg add(reg a, reg b) { return a + b; }
+  static reg sub(reg a, reg b) { return a - b; }
+  static reg mul(reg a, reg b) { return a * b; }
+  static reg fmadd(reg a, reg b, reg c) { return a * b + c; }
+  static reg fnmadd(reg a, reg b, reg c) { return c - a * b; }
+  static reg max(reg a, reg b) { for (int i = 0; i < W; ++i) a[i] = a[i] < b[i] ? b[i] : a[i]; return a; }
+  static reg min(reg a, reg b) { for (int i = 0; i < W; ++i) a[i] = b[i] < a[i] ? b[i] : a[i]; return a; }
+  static T hmax(reg a) { T m = a[0]; for (int i = 1; i < W; ++i) m = m < a[i] ? a[i] : m; return m; }
+  static T hsum(reg a) {
+    // Pairwise, like the SIMD paths: ((a0 + a2) + (a1 + a3)) for 4 lanes.
+    for (int half = W / 2; half >= 1; half /= 2)
+      for (int i = 0; i < half; ++i) a[i] = a[i] + a[i + half];
+    return a[0];
+  }
+  static constexpr T round_magic() { return T(1.5) * T(I(1) << Bits); }
+  static reg scale_by_pow2(reg p, reg t) {
+    ireg ti, mi;
+    const reg magic = set1(round_magic());
+    std::memcpy(&ti, &t, sizeof t);
+    std::memcpy(&mi, &magic, sizeof magic);
+    const ireg bits = (ti - mi + I(Bias)) << Bits;
+    reg scale;
+    std::memcpy(&scale, &bits, sizeof bits);
+    return p * scale;
+  }
+  static reg zero_where_less(reg x, reg limit, reg value) {
+    for (int i = 0; i < W; ++i) value[i] = x[i] < limit[i] ? T(0) : value[i];
+    return value;
+  }
+};
+
+template <typename T> struct Simd;
+template <> struct Simd<float> : VecExtSimd<float, int32_t, 4, 23, 127> {};
+template <> struct Simd<double> : VecExtSimd<double, int64_t, 2, 52, 1023> {};
+
+}  // namespace baseline
+}  // namespace tileattn

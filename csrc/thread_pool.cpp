@@ -1,0 +1,184 @@
+#include "thread_pool.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
+
+namespace tileattn {
+namespace {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads) : size_(std::max(1, threads)) {
+    for (int w = 1; w < size_; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
+  }
+
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  int size() const { return size_; }
+
+  void run(int64_t num_tasks, const TaskFn& fn) {
+    // One job at a time; concurrent callers queue here. The caller always
+    // takes part, so a job finishes even if every worker is slow to wake.
+    std::lock_guard<std::mutex> job_lock(job_mutex_);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &fn;
+      num_tasks_ = num_tasks;
+      next_.store(0, std::memory_order_relaxed);
+      error_ = nullptr;
+      active_ = size_ - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return active_ == 0; });
+    job_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void worker_loop(int w) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+        if (stopping_) return;
+        seen = generation_;
+      }
+      work(w);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--active_ == 0) done_.notify_one();
+    }
+  }
+
+  void work(int w) {
+    for (;;) {
+      const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
+      if (t >= num_tasks_) return;
+      try {
+        (*job_)(t, w);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(num_tasks_, std::memory_order_relaxed);  // stop handing out
+      }
+    }
+  }
+
+  const int size_;
+  std::vector<std::thread> workers_;
+  std::mutex job_mutex_;
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  const TaskFn* job_ = nullptr;
+  int64_t num_tasks_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::exception_ptr error_;
+  int active_ = 0;
+  uint64_t generation_ = 0;
+  bool stopping_ = false;
+};
+
+int cpus_available() {
+#if defined(__linux__)
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+int env_num_threads() {
+  const char* s = std::getenv("TILEATTN_NUM_THREADS");
+  if (!s || !*s) return 0;
+  char* end = nullptr;
+  const long n = std::strtol(s, &end, 10);
+  if (*end != '\0' || n < 1 || n > 4096) return 0;  // the Python layer warns
+  return static_cast<int>(n);
+}
+
+// The pool is created lazily and never destroyed at exit: worker threads
+// blocked at interpreter shutdown must not be joined from a static
+// destructor. Callers hold a shared_ptr while their job runs, so
+// set_num_threads can swap in a new pool at any time and the old one is
+// joined only once its last job has finished. After fork() the child has
+// none of the parent's threads: it leaks the parent's pool object (joining
+// threads that do not exist would hang) and builds a fresh one on first use.
+std::mutex g_pool_mutex;
+std::shared_ptr<ThreadPool>* g_pool = new std::shared_ptr<ThreadPool>();
+int g_requested = 0;
+
+void forget_pool_in_child() {
+  g_pool = new std::shared_ptr<ThreadPool>();
+  new (&g_pool_mutex) std::mutex();  // the parent may have held it at fork
+}
+
+std::shared_ptr<ThreadPool> pool() {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  if (!*g_pool) {
+#if defined(__linux__)
+    static bool registered = (pthread_atfork(nullptr, nullptr, forget_pool_in_child), true);
+    (void)registered;
+#endif
+    *g_pool = std::make_shared<ThreadPool>(g_requested > 0 ? g_requested : default_num_threads());
+  }
+  return *g_pool;
+}
+
+}  // namespace
+
+int default_num_threads() {
+  const int env = env_num_threads();
+  return env > 0 ? env : cpus_available();
+}
+
+int num_threads() { return pool()->size(); }
+
+void set_num_threads(int n) {
+  if (n < 1) n = 1;
+  std::shared_ptr<ThreadPool> old;
+  {
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    g_requested = n;
+    if (*g_pool && (*g_pool)->size() != n) {
+      old = std::move(*g_pool);
+      *g_pool = std::make_shared<ThreadPool>(n);
+    }
+  }
+  // `old` is released here, outside the lock; if a job still runs on it,
+  // that job's caller joins it when done.
+}
+
+void parallel_for(int64_t num_tasks, const TaskFn& fn) {
+  if (num_tasks <= 0) return;
+  std::shared_ptr<ThreadPool> p = pool();
+  if (num_tasks == 1 || p->size() == 1) {
+    for (int64_t t = 0; t < num_tasks; ++t) fn(t, 0);
+    return;
+  }
+  p->run(num_tasks, fn);
+}
+
+}  // namespace tileattn

@@ -1,0 +1,17 @@
+"""The typed errors tileattn raises for bad input.
+
+Each subclasses the built-in exception a NumPy user would catch anyway, so
+``except ValueError`` keeps working.
+"""
+
+
+class ShapeError(ValueError):
+    """An array has the wrong rank or shape, or shapes do not agree."""
+
+
+class DTypeError(TypeError):
+    """An array has a dtype tileattn cannot use, or dtypes do not agree."""
+
+
+class InvalidParameterError(ValueError):
+    """A scalar option is out of range or of the wrong kind."""

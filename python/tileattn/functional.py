@@ -1,0 +1,324 @@
+"""The functional attention API: validation and shaping in Python, the
+computation in C++ (``tileattn._core``) with the GIL released."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from ._errors import DTypeError, InvalidParameterError, ShapeError
+
+ArrayLike = Any
+Window = Union[int, Tuple[int, int], None]
+
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_INPUTS = (np.dtype(np.float16),) + _NATIVE
+
+
+def _shape(a: np.ndarray) -> str:
+    return "(" + ", ".join(str(s) for s in a.shape) + ("," if a.ndim == 1 else "") + ")"
+
+
+def _as_input(x: ArrayLike, name: str) -> np.ndarray:
+    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if a.dtype not in _FLOAT_INPUTS:
+        raise DTypeError(
+            f"{name}: expected float16, float32 or float64, got {a.dtype} with shape {_shape(a)}"
+        )
+    return a
+
+
+def _kernel_array(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """a in the compute dtype, aligned, with strides in whole elements (copying
+    only when one of those does not hold already; strided views pass as is)."""
+    if a.dtype != dtype:
+        return a.astype(dtype)
+    if not a.flags.aligned or any(s % a.itemsize for s in a.strides):
+        return np.array(a, dtype=dtype, copy=True)
+    return a
+
+
+def _check_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+    if q.ndim not in (3, 4):
+        raise ShapeError(
+            f"q: expected (B, Hq, Lq, D) or unbatched (Hq, Lq, D), got shape {_shape(q)}"
+        )
+    for name, a in (("k", k), ("v", v)):
+        if a.ndim != q.ndim:
+            raise ShapeError(
+                f"{name}: expected a {q.ndim}-D array like q {_shape(q)}, got shape {_shape(a)}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise DTypeError(
+            f"q, k and v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
+    if q.ndim == 4 and not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ShapeError(
+            f"q, k, v: batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+        )
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ShapeError(
+            f"k and v must agree on all but the last axis: k {_shape(k)}, v {_shape(v)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ShapeError(
+            f"q and k must share the head size D (last axis): q {_shape(q)}, k {_shape(k)}"
+        )
+    hq, hkv = q.shape[-3], k.shape[-3]
+    if hkv == 0 and hq != 0 or hkv != 0 and hq % hkv != 0:
+        raise ShapeError(
+            f"q has {hq} heads and k/v have {hkv}: the query heads must be a whole multiple "
+            f"of the key/value heads (grouped-query attention); q {_shape(q)}, k {_shape(k)}"
+        )
+
+
+def _window_bounds(window: Window, is_causal: bool) -> tuple[int, int]:
+    """(left, right) key offsets around the aligned query; -1 = unbounded."""
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise InvalidParameterError(f"is_causal: expected a bool, got {is_causal!r}")
+    left, right = -1, -1
+    if window is not None:
+        if isinstance(window, (bool, np.bool_)):
+            raise InvalidParameterError(
+                f"window: expected an int W >= 1 or a pair (left, right), got {window!r}"
+            )
+        if isinstance(window, numbers.Integral):
+            w = int(window)
+            if w < 1:
+                raise InvalidParameterError(f"window: an int window must be >= 1, got {w}")
+            left, right = w - 1, 0
+        else:
+            try:
+                left, right = (operator.index(x) for x in window)
+            except (TypeError, ValueError):
+                raise InvalidParameterError(
+                    f"window: expected an int W >= 1 or a pair of ints (left, right), "
+                    f"got {window!r}"
+                ) from None
+            if left < -1 or right < -1:
+                raise InvalidParameterError(
+                    f"window: (left, right) must each be >= 0, or -1 for unbounded; "
+                    f"got ({left}, {right})"
+                )
+    if is_causal:
+        right = 0 if right == -1 else min(right, 0)
+    return left, right
+
+
+def _scale_value(scale: Optional[float], d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d > 0 else 1.0
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise InvalidParameterError(f"scale: expected a real number, got {scale!r}")
+    s = float(scale)
+    if not math.isfinite(s):
+        raise InvalidParameterError(f"scale: expected a finite number, got {s}")
+    return s
+
+
+def _dropout(dropout_p: float, seed: Optional[int]) -> tuple[float, int]:
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real):
+        raise InvalidParameterError(f"dropout_p: expected a number in [0, 1], got {dropout_p!r}")
+    p = float(dropout_p)
+    if not 0.0 <= p <= 1.0:
+        raise InvalidParameterError(f"dropout_p: expected a number in [0, 1], got {p}")
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0]) if p > 0 else 0
+    elif isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise InvalidParameterError(f"seed: expected an int in [0, 2**64), got {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise InvalidParameterError(f"seed: expected an int in [0, 2**64), got {seed}")
+    return p, seed
+
+
+def _attn_mask(mask: ArrayLike, target: tuple[int, ...], dtype: np.dtype, batched: bool):
+    m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
+    if m.dtype == np.bool_:
+        kind = "bool"
+    elif m.dtype.kind == "f":
+        kind = "float"
+    else:
+        raise DTypeError(
+            f"attn_mask: expected bool (True = may attend) or float (added to the scores), "
+            f"got {m.dtype}"
+        )
+    full = target if batched else target[1:]
+    if m.ndim > len(full):
+        raise ShapeError(
+            f"attn_mask: shape {_shape(m)} has more axes than the scores {full}"
+        )
+    try:
+        view = np.broadcast_to(m, full)
+    except ValueError:
+        names = "(B, Hq, Lq, Lk)" if batched else "(Hq, Lq, Lk)"
+        raise ShapeError(
+            f"attn_mask: shape {_shape(m)} does not broadcast to the scores {names} = {full}"
+        ) from None
+    if not batched:
+        view = view[np.newaxis]
+    if kind == "float":
+        if m.dtype != dtype or not m.flags.aligned:
+            # Cast the mask at its own (small) shape, then broadcast again.
+            view = np.broadcast_to(m.astype(dtype), full)
+            view = view if batched else view[np.newaxis]
+    elif not m.flags.aligned:
+        view = np.broadcast_to(m.copy(), full)
+        view = view if batched else view[np.newaxis]
+    return view
+
+
+def _key_padding(mask: ArrayLike, b: int, lk: int, batched: bool) -> np.ndarray:
+    m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
+    if m.dtype != np.bool_:
+        if m.dtype.kind in "iu" and m.size and np.all((m == 0) | (m == 1)):
+            m = m.astype(bool)  # a tokenizer's 1/0 attention mask
+        elif m.dtype.kind in "iu" and not m.size:
+            m = m.astype(bool)
+        else:
+            raise DTypeError(
+                f"key_padding_mask: expected bool (True = real token) or 0/1 integers, "
+                f"got {m.dtype}"
+            )
+    full = (b, lk) if batched else (lk,)
+    try:
+        view = np.broadcast_to(m, full)
+    except ValueError:
+        names = "(B, Lk)" if batched else "(Lk,)"
+        raise ShapeError(
+            f"key_padding_mask: expected shape {names} = {full}, got {_shape(m)}"
+        ) from None
+    return view if batched else view[np.newaxis]
+
+
+def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise InvalidParameterError(f"out: expected a numpy array, got {type(out).__name__}")
+    if out.shape != shape:
+        raise ShapeError(f"out: expected shape {shape}, got {_shape(out)}")
+    if out.dtype != dtype:
+        raise DTypeError(f"out: expected dtype {dtype} (the inputs' dtype), got {out.dtype}")
+    if not out.flags.writeable:
+        raise InvalidParameterError("out: array is read-only")
+    return out
+
+
+def scaled_dot_product_attention(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    *,
+    attn_mask: Optional[ArrayLike] = None,
+    key_padding_mask: Optional[ArrayLike] = None,
+    is_causal: bool = False,
+    window: Window = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    return_weights: bool = False,
+    out: Optional[np.ndarray] = None,
+):
+    """Multi-head scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
+
+    Parameters
+    ----------
+    q : array, shape (B, Hq, Lq, D) or unbatched (Hq, Lq, D)
+    k : array, shape (B, Hkv, Lk, D) or (Hkv, Lk, D)
+        ``Hq`` must be a multiple of ``Hkv``: query head ``h`` uses key/value
+        head ``h // (Hq // Hkv)`` (grouped-query / multi-query attention).
+    v : array, shape (B, Hkv, Lk, Dv) or (Hkv, Lk, Dv)
+    attn_mask : bool or float array broadcastable to (B, Hq, Lq, Lk), optional
+        Bool: True means "may attend". Float: added to the scaled scores
+        (``-inf`` blocks). Broadcast by strides, never expanded in memory.
+    key_padding_mask : bool array (B, Lk) (or (Lk,) unbatched), optional
+        True marks a real token, False padding. 0/1 integer masks (as
+        tokenizers return) are accepted. Note: PyTorch's polarity is the
+        opposite (True = ignore).
+    is_causal : bool
+        Bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Lk - Lq``.
+    window : int W or (left, right), optional
+        Query ``i`` (aligned as above) sees keys ``i' - left <= j <= i' + right``;
+        -1 is unbounded. An int ``W`` means ``(W - 1, 0)`` and implies causal.
+        Key blocks outside the window are never computed.
+    scale : float, optional
+        Default ``1 / sqrt(D)``.
+    dropout_p : float in [0, 1]
+        Dropout on the attention weights (kept weights scaled by 1/(1-p)).
+    seed : int, optional
+        Makes dropout reproducible; drawn at random when omitted.
+    return_weights : bool
+        Also return the (B, Hq, Lq, Lk) attention weights (after dropout).
+        This materialises the full matrix; the output alone never does.
+    out : array (B, Hq, Lq, Dv), optional
+        Preallocated output of the inputs' dtype; may be a strided view.
+
+    Returns
+    -------
+    out : array (B, Hq, Lq, Dv), the inputs' dtype
+    weights : array (B, Hq, Lq, Lk), only with ``return_weights=True``
+
+    A query row that can see no key gives zeros (and zero weights).
+    float16 inputs are computed in float32 and returned as float16.
+    """
+    q, k, v = _as_input(q, "q"), _as_input(k, "k"), _as_input(v, "v")
+    _check_qkv(q, k, v)
+    batched = q.ndim == 4
+    in_dtype = q.dtype
+    dtype = in_dtype if in_dtype in _NATIVE else np.dtype(np.float32)
+    q4, k4, v4 = (a if batched else a[np.newaxis] for a in (q, k, v))
+    b, hq, lq, d = q4.shape
+    lk, dv = k4.shape[2], v4.shape[3]
+    out_shape4 = (b, hq, lq, dv)
+    user_shape = out_shape4 if batched else out_shape4[1:]
+
+    left, right = _window_bounds(window, is_causal)
+    scale_v = _scale_value(scale, d)
+    p, seed_v = _dropout(dropout_p, seed)
+    if not isinstance(return_weights, (bool, np.bool_)):
+        raise InvalidParameterError(f"return_weights: expected a bool, got {return_weights!r}")
+
+    mask = None
+    if attn_mask is not None:
+        mask = _attn_mask(attn_mask, (b, hq, lq, lk), dtype, batched)
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = _key_padding(key_padding_mask, b, lk, batched)
+    if out is not None:
+        out = _check_out(out, user_shape, in_dtype)
+
+    q4, k4, v4 = (_kernel_array(a, dtype) for a in (q4, k4, v4))
+    # Compute into `out` directly when we can; otherwise into a fresh array.
+    direct = (
+        out is not None
+        and out.dtype == dtype
+        and out.flags.aligned
+        and not any(s % out.itemsize for s in out.strides)
+        and not any(np.may_share_memory(out, a) for a in (q, k, v))
+    )
+    result = (out if batched else out[np.newaxis]) if direct else np.empty(out_shape4, dtype)
+    weights = np.zeros((b, hq, lq, lk), dtype) if return_weights else None
+
+    _core.attention_forward(
+        q4, k4, v4, result,
+        scale=scale_v, window_left=left, window_right=right,
+        mask=mask, key_padding=kpm, dropout_p=p, seed=seed_v, weights=weights,
+    )
+
+    if not batched:
+        result = result[0]
+        weights = weights[0] if weights is not None else None
+    if out is not None and not direct:
+        out[...] = result
+        result = out
+    elif result.dtype != in_dtype:
+        result = result.astype(in_dtype)
+    if weights is not None:
+        if weights.dtype != in_dtype:
+            weights = weights.astype(in_dtype)
+        return result, weights
+    return result
