@@ -409,9 +409,12 @@ void write_output(const AttentionParams& p, const Tiling<T>& t, const RowRange& 
   for (int64_t r = 0; r < rr.rows; ++r) {
     T* dst = out + (rr.i0 + r) * p.out_stride.r;
     const T l = sc.l[r];
-    const T inv = l > T(0) ? T(1) / l : T(0);
     const T* o = sc.o + r * t.dvp;
-    for (int64_t e = 0; e < t.dv; ++e) dst[e * p.out_stride.c] = o[e] * inv;
+    // Divide rather than multiply by 1/l: one rounding instead of two.
+    if (l > T(0))
+      for (int64_t e = 0; e < t.dv; ++e) dst[e * p.out_stride.c] = o[e] / l;
+    else
+      for (int64_t e = 0; e < t.dv; ++e) dst[e * p.out_stride.c] = T(0);
     sc.lse[r] = l > T(0) ? sc.m[r] + std::log(l) : -std::numeric_limits<T>::infinity();
   }
   if (p.lse) {

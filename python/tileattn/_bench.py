@@ -1,0 +1,154 @@
+"""Timing helpers shared by ``python -m tileattn`` and ``benchmarks/``.
+
+Machines here are shared and noisy, so contenders are timed in one process,
+alternating A/B/C after a warm-up, and compared by medians and by the
+median of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .functional import scaled_dot_product_attention
+
+
+@dataclass(frozen=True)
+class Shape:
+    b: int
+    hq: int
+    lq: int
+    lk: int
+    d: int
+    hkv: Optional[int] = None
+    causal: bool = False
+    window: Optional[int] = None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.hkv or self.hq
+
+    def label(self) -> str:
+        s = f"{self.b},{self.hq},{self.lq},{self.lk},{self.d}"
+        if self.hkv:
+            s += f" gqa{self.hkv}"
+        if self.causal:
+            s += " causal"
+        if self.window:
+            s += f" win{self.window}"
+        return s
+
+    def visible_pairs(self) -> int:
+        """Query-key pairs the masks let through (per batch and head)."""
+        i = np.arange(self.lq, dtype=np.int64) + (self.lk - self.lq)
+        hi = np.minimum(i, self.lk - 1) if (self.causal or self.window) else np.full_like(i, self.lk - 1)
+        lo = np.maximum(i - self.window + 1, 0) if self.window else np.zeros_like(i)
+        return int(np.maximum(hi - lo + 1, 0).sum())
+
+    def flops(self) -> float:
+        """4 * B * Hq * (visible pairs) * D: two matrix products per pair."""
+        return 4.0 * self.b * self.hq * self.visible_pairs() * self.d
+
+    def inputs(self, dtype=np.float32, seed: int = 0) -> Tuple[np.ndarray, ...]:
+        rng = np.random.default_rng(seed)
+        q = rng.standard_normal((self.b, self.hq, self.lq, self.d), dtype=np.float32)
+        k = rng.standard_normal((self.b, self.kv_heads, self.lk, self.d), dtype=np.float32)
+        v = rng.standard_normal((self.b, self.kv_heads, self.lk, self.d), dtype=np.float32)
+        return tuple(a.astype(dtype, copy=False) for a in (q, k, v))
+
+
+def numpy_attention(q, k, v, causal=False, window=None):
+    """What a user would write by hand: dense scores, softmax, matmul."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = np.repeat(k, group, axis=1)
+        v = np.repeat(v, group, axis=1)
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * q.dtype.type(1.0 / np.sqrt(q.shape[-1]))
+    if causal or window:
+        lq, lk = s.shape[-2:]
+        i = np.arange(lq)[:, None] + (lk - lq)
+        j = np.arange(lk)[None, :]
+        ok = j <= i
+        if window:
+            ok &= j > i - window
+        s = np.where(ok, s, -np.inf)
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return np.matmul(s, v)
+
+
+def tileattn_runner(shape: Shape, q, k, v) -> Callable[[], object]:
+    kw = {}
+    if shape.window:
+        kw["window"] = shape.window
+    elif shape.causal:
+        kw["is_causal"] = True
+    out = np.empty(q.shape[:-1] + (v.shape[-1],), q.dtype)
+    return lambda: scaled_dot_product_attention(q, k, v, out=out, **kw)
+
+
+def torch_runner(shape: Shape, q, k, v) -> Optional[Callable[[], object]]:
+    """PyTorch's SDPA as a torch user would call it (None without torch).
+    A window needs the equivalent dense boolean mask in torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+    kw = {}
+    if shape.kv_heads != shape.hq:
+        kw["enable_gqa"] = True
+    if shape.window:
+        i = torch.arange(shape.lq)[:, None] + (shape.lk - shape.lq)
+        j = torch.arange(shape.lk)[None, :]
+        kw["attn_mask"] = (j <= i) & (j > i - shape.window)
+    elif shape.causal:
+        if shape.lq == shape.lk:
+            kw["is_causal"] = True
+        else:
+            i = torch.arange(shape.lq)[:, None] + (shape.lk - shape.lq)
+            kw["attn_mask"] = torch.arange(shape.lk)[None, :] <= i
+
+    def run():
+        with torch.inference_mode():
+            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, **kw)
+
+    return run
+
+
+def paired_times(runners: Dict[str, Callable[[], object]], rounds: int = 7,
+                 warmup: int = 1, budget_s: Optional[float] = None) -> Dict[str, List[float]]:
+    """Alternate the runners `rounds` times after `warmup` rounds; seconds each.
+    With `budget_s`, stop early (after at least 3 rounds) once it is spent."""
+    for _ in range(warmup):
+        for fn in runners.values():
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in runners}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def median_ratio(slow: List[float], fast: List[float]) -> float:
+    """Median over rounds of slow/fast (a paired ratio, robust to drift)."""
+    return statistics.median(s / f for s, f in zip(slow, fast))
+
+
+def matmul_gflops(n: int = 1024, rounds: int = 7) -> float:
+    """The practical ceiling: float32 NumPy (BLAS) matmul GFLOP/s."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = a.copy()
+    c = np.empty_like(a)
+    t = paired_times({"mm": lambda: np.matmul(a, b, out=c)}, rounds=rounds, warmup=2)["mm"]
+    return 2.0 * n**3 / statistics.median(t) / 1e9

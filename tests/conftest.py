@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+import tileattn
+from tileattn import _core
+
+ISAS = list(_core.isas_supported())
+
+
+@pytest.fixture(params=ISAS)
+def each_isa(request):
+    """Run the test once on every kernel path this CPU supports."""
+    before = _core.isa()
+    _core.set_isa(request.param)
+    yield request.param
+    _core.set_isa(before)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def restore_threads():
+    n = tileattn.get_num_threads()
+    yield
+    tileattn.set_num_threads(n)
+
+
+def make_qkv(rng, b, hq, hkv, lq, lk, d, dv=None, dtype=np.float32, batched=True):
+    dv = d if dv is None else dv
+    shapes = [(b, hq, lq, d), (b, hkv, lk, d), (b, hkv, lk, dv)]
+    if not batched:
+        shapes = [s[1:] for s in shapes]
+    return tuple(rng.standard_normal(s).astype(dtype) for s in shapes)

@@ -1,0 +1,158 @@
+"""Dense NumPy attention with tileattn's mask rules: the oracle of the tests.
+
+Written from the contract (SPEC.md), independently of the C++ kernel: it
+materialises the whole score matrix and computes in the dtype it is given
+(float64 for the oracle, float32 for "what a plain NumPy implementation
+would get", which sets the error budget).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def dropout_uniform(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The uniform numbers the dropout of weight (b, h, i, j) is decided by:
+    splitmix64 of the seed, then of stream + flat_index * golden."""
+    with np.errstate(over="ignore"):
+        stream = _mix64(np.array([seed], dtype=np.uint64) ^ _GOLDEN)
+        idx = np.arange(int(np.prod(shape)), dtype=np.uint64).reshape(shape)
+        bits = _mix64(stream + idx * _GOLDEN)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def visible_keys(lq: int, lk: int, is_causal=False, window=None) -> np.ndarray:
+    """(Lq, Lk) bool: which keys each query may see from causal/window alone."""
+    left, right = -1, -1
+    if window is not None:
+        if isinstance(window, int):
+            left, right = window - 1, 0
+        else:
+            left, right = window
+    if is_causal:
+        right = 0 if right == -1 else min(right, 0)
+    i = np.arange(lq)[:, None] + (lk - lq)
+    j = np.arange(lk)[None, :]
+    ok = np.ones((lq, lk), dtype=bool)
+    if left >= 0:
+        ok &= j >= i - left
+    if right >= 0:
+        ok &= j <= i + right
+    return ok
+
+
+def attention(q, k, v, *, attn_mask=None, key_padding_mask=None, is_causal=False,
+              window=None, scale=None, dropout_p=0.0, seed=0, dtype=np.float64):
+    """Returns (out, weights) computed densely in `dtype`.
+
+    Shapes as tileattn (batched or unbatched); weights are after dropout.
+    """
+    batched = np.ndim(q) == 4
+    q, k, v = (np.asarray(a).astype(dtype) for a in (q, k, v))
+    if not batched:
+        q, k, v = q[None], k[None], v[None]
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    group = hq // hkv if hkv else 1
+    k = np.repeat(k, group, axis=1)
+    v = np.repeat(v, group, axis=1)
+    if scale is None:
+        scale = 1.0 / np.sqrt(d) if d else 1.0
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * dtype(scale)
+    ok = np.broadcast_to(visible_keys(lq, lk, is_causal, window), s.shape).copy()
+    if attn_mask is not None:
+        m = np.asarray(attn_mask)
+        if not batched:
+            m = np.broadcast_to(m, s.shape[1:])[None]
+        if m.dtype == bool:
+            ok &= np.broadcast_to(m, s.shape)
+        else:
+            s = s + np.broadcast_to(m.astype(dtype), s.shape)
+    if key_padding_mask is not None:
+        kpm = np.asarray(key_padding_mask).astype(bool)
+        if not batched:
+            kpm = kpm[None]
+        ok &= np.broadcast_to(kpm, (b, lk))[:, None, None, :]
+    s = np.where(ok, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True) if lk else np.zeros(s.shape[:-1] + (1,), dtype)
+    m = np.where(np.isfinite(m), m, 0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(s - m)
+        p = np.where(ok, p, 0)
+        l = p.sum(axis=-1, keepdims=True)
+        w = np.where(l > 0, p / np.where(l > 0, l, 1), 0).astype(dtype)
+    if dropout_p > 0:
+        u = dropout_uniform(seed, w.shape)
+        keep = u >= dropout_p
+        w = np.where(keep, w * dtype(1.0 / (1.0 - dropout_p)) if dropout_p < 1 else 0, 0)
+        w = w.astype(dtype)
+    out = np.matmul(w, v)
+    if not batched:
+        out, w = out[0], w[0]
+    return out, w
+
+
+EPS = {np.dtype(np.float16): 2.0**-11, np.dtype(np.float32): 2.0**-24,
+       np.dtype(np.float64): 2.0**-53}
+
+
+def _errors(a, b) -> tuple[float, float]:
+    """(max abs, root-mean-square) distance of a from the oracle b."""
+    if not np.size(b):
+        return 0.0, 0.0
+    diff = np.abs(np.asarray(a, np.float64) - b)
+    return float(diff.max()), float(np.sqrt(np.mean(diff**2)))
+
+
+def _check(name, got, oracle, plain, scale):
+    """The tolerance rule of the test suite, for one result array.
+
+    float32 (and float16, computed in float32): the distance from the float64
+    oracle may be at most twice that of a plain NumPy implementation computed
+    in float32 (rounded to the output dtype), plus one rounding at the
+    output's scale so that an exactly computed case is not asked for exactly
+    zero error. "Distance" is the root-mean-square error: the max-abs error
+    of two equally accurate methods differs by up to ~2.3x from data alone
+    (measured: median ratio 1.0, RMS ratio 1.05-1.15), so it cannot carry a
+    2x rule. The max-abs error is still checked, at 4x, to catch a bug that
+    corrupts a few elements only (e.g. at a tile edge).
+    float64: within 64 roundings at the output's scale, element by element.
+    """
+    dt = np.asarray(got).dtype
+    err_max, err_rms = _errors(got, oracle)
+    if dt == np.float64:
+        budget = 64 * EPS[dt] * max(scale, 1.0)
+        assert err_max <= budget, f"{name}: max error {err_max:.3g} exceeds {budget:.3g}"
+        return err_max
+    plain_max, plain_rms = _errors(np.asarray(plain).astype(dt), oracle)
+    floor = EPS[dt] * scale
+    assert err_rms <= 2.0 * plain_rms + floor, (
+        f"{name}: RMS error {err_rms:.3g} > 2 x plain NumPy's {plain_rms:.3g} + {floor:.3g}")
+    assert err_max <= 4.0 * plain_max + floor, (
+        f"{name}: max error {err_max:.3g} > 4 x plain NumPy's {plain_max:.3g} + {floor:.3g}")
+    return err_max
+
+
+def assert_close_to_reference(got, q, k, v, *, weights=None, **kw):
+    """Check tileattn's output (and weights) against the float64 oracle with
+    the rule of `_check`; kw are the attention options."""
+    want, want_w = attention(q, k, v, **kw)
+    plain, plain_w = attention(q, k, v, dtype=np.float32, **kw)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    vscale = float(np.max(np.abs(v))) if np.size(v) else 1.0
+    err = _check("output", got, want, plain, vscale)
+    if weights is not None:
+        assert weights.shape == want_w.shape, (weights.shape, want_w.shape)
+        p = kw.get("dropout_p", 0.0)
+        _check("weights", weights, want_w, plain_w, 1.0 / (1.0 - p) if p < 1 else 1.0)
+    return err

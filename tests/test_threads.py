@@ -1,0 +1,132 @@
+"""Threads: bitwise determinism across thread counts, the pool's controls."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import tileattn
+from conftest import make_qkv
+
+sdpa = tileattn.scaled_dot_product_attention
+
+
+def run_all_kinds(q, k, v, kpm, mask):
+    return [
+        sdpa(q, k, v),
+        sdpa(q, k, v, is_causal=True),
+        sdpa(q, k, v, window=(50, 10), key_padding_mask=kpm),
+        sdpa(q, k, v, attn_mask=mask, dropout_p=0.2, seed=5),
+        sdpa(q, k, v, is_causal=True, return_weights=True)[1],
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bitwise_identical_across_thread_counts(each_isa, rng, restore_threads, dtype):
+    q, k, v = make_qkv(rng, 2, 4, 2, 300, 530, 32, dtype=dtype)
+    kpm = rng.random((2, 530)) < 0.8
+    mask = rng.random((300, 530)) < 0.9
+    results = {}
+    for n in (1, 2, 3, 4):
+        tileattn.set_num_threads(n)
+        assert tileattn.get_num_threads() == n
+        results[n] = run_all_kinds(q, k, v, kpm, mask)
+    for n in (2, 3, 4):
+        for a, b in zip(results[1], results[n]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_set_num_threads_rejects_bad_values(restore_threads):
+    for bad in (0, -1, 10**6, 2.5, "2", True, None):
+        with pytest.raises(tileattn.InvalidParameterError, match="set_num_threads"):
+            tileattn.set_num_threads(bad)
+    tileattn.set_num_threads(np.int64(2))
+    assert tileattn.get_num_threads() == 2
+
+
+def test_concurrent_callers_match_serial(rng, restore_threads):
+    q, k, v = make_qkv(rng, 1, 4, 4, 200, 200, 32)
+    want = sdpa(q, k, v, is_causal=True)
+    errors, outputs = [], []
+
+    def worker(i):
+        try:
+            for j in range(10):
+                if i == 0 and j % 3 == 0:
+                    tileattn.set_num_threads(1 + j % 2)
+                outputs.append(sdpa(q, k, v, is_causal=True))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert not errors
+    assert len(outputs) == 60
+    for o in outputs:
+        np.testing.assert_array_equal(o, want)
+
+
+def run_python(code, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_env_sets_default_thread_count():
+    r = run_python("import tileattn; print(tileattn.get_num_threads())", TILEATTN_NUM_THREADS="3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "3"
+
+
+def test_env_bad_thread_count_warns_and_uses_default():
+    r = run_python("import tileattn; print(tileattn.get_num_threads())",
+                   TILEATTN_NUM_THREADS="lots")
+    assert r.returncode == 0, r.stderr
+    assert "TILEATTN_NUM_THREADS" in r.stderr and "RuntimeWarning" in r.stderr
+    assert int(r.stdout.strip()) >= 1
+
+
+def test_default_is_cpus_available():
+    r = run_python("import os, tileattn; print(tileattn.get_num_threads(), "
+                   "len(os.sched_getaffinity(0)))", TILEATTN_NUM_THREADS="")
+    assert r.returncode == 0, r.stderr
+    got, want = r.stdout.split()
+    assert got == want
+
+
+def test_isa_env_forces_and_refuses():
+    for isa in tileattn._core.isas_supported():
+        r = run_python("import tileattn; print(tileattn.config()['isa_path_in_use'])",
+                       TILEATTN_ISA=isa)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == isa
+    r = run_python("import tileattn", TILEATTN_ISA="sse9")
+    assert r.returncode != 0 and "TILEATTN_ISA" in r.stderr
+    missing = [i for i in ("avx512", "avx2") if i not in tileattn._core.isas_supported()]
+    if missing:
+        r = run_python("import tileattn", TILEATTN_ISA=missing[0])
+        assert r.returncode != 0 and "cannot run" in r.stderr
+
+
+def test_fork_child_can_compute(rng):
+    code = (
+        "import os, numpy as np, tileattn\n"
+        "q = np.random.default_rng(0).standard_normal((1, 4, 300, 32)).astype(np.float32)\n"
+        "want = tileattn.scaled_dot_product_attention(q, q, q)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    got = tileattn.scaled_dot_product_attention(q, q, q)\n"
+        "    os._exit(0 if np.array_equal(got, want) else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(os.waitstatus_to_exitcode(status))\n"
+    )
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0"
