@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -166,4 +167,17 @@ PYBIND11_MODULE(_core, m) {
     return d;
   });
   m.def("build_info", &build_info);
+  // For the tests: runs num_tasks empty tasks on the pool; task fail_at
+  // throws, and the exception must reach Python after the workers stop.
+  m.def("_parallel_probe", [](int64_t num_tasks, int64_t fail_at) {
+    std::atomic<int64_t> ran{0};
+    {
+      py::gil_scoped_release release;
+      parallel_for(num_tasks, [&](int64_t t, int) {
+        if (t == fail_at) throw std::runtime_error("task " + std::to_string(t) + " failed");
+        ran.fetch_add(1, std::memory_order_relaxed);
+      });
+    }
+    return ran.load();
+  });
 }

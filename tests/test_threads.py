@@ -130,3 +130,12 @@ def test_fork_child_can_compute(rng):
     r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "0"
+
+
+def test_worker_exception_reaches_python(restore_threads):
+    for n in (1, 2, 3):
+        tileattn.set_num_threads(n)
+        assert tileattn._core._parallel_probe(1000, -1) == 1000
+        with pytest.raises(RuntimeError, match="task 517 failed"):
+            tileattn._core._parallel_probe(1000, 517)
+        assert tileattn._core._parallel_probe(50, -1) == 50  # the pool still works
