@@ -2,11 +2,10 @@
 // (b, h, i, j) is a pure function of (seed, flat index), so the forward,
 // the weights pass and a later backward all see the same mask, whatever
 // thread computes which block. The mixer is the splitmix64 finaliser.
+//
+// A fragment included inside the ISA namespace (see kernel_common.h); the
+// tests re-implement the same function in NumPy.
 #pragma once
-
-#include <cstdint>
-
-namespace tileattn {
 
 inline uint64_t mix64(uint64_t x) {
   x ^= x >> 30;
@@ -23,5 +22,3 @@ inline double dropout_uniform(uint64_t seed, uint64_t index) {
   const uint64_t bits = mix64(stream + index * 0x9e3779b97f4a7c15ULL);
   return static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0);
 }
-
-}  // namespace tileattn

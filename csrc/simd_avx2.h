@@ -1,5 +1,6 @@
 // Simd<T> for AVX2 + FMA (256-bit registers, 16 of them).
-// Micro-tile: MR = 6 rows x NR = 2 registers of columns, 12 accumulators.
+// Micro-tile: MR = 4 rows x NV = 3 registers of columns, 12 accumulators
+// (+ 3 loaded operands + 1 broadcast = all 16 registers).
 #pragma once
 
 #include <immintrin.h>
@@ -15,10 +16,12 @@ template <> struct Simd<float> {
   using scalar = float;
   using reg = __m256;
   static constexpr int W = 8;
-  static constexpr int MR = 6;
+  static constexpr int MR = 4;
+  static constexpr int NV = 3;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float x) { return _mm256_set1_ps(x); }
   static reg load(const float* p) { return _mm256_load_ps(p); }
+  static reg loadu(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, reg a) { _mm256_store_ps(p, a); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
@@ -55,10 +58,12 @@ template <> struct Simd<double> {
   using scalar = double;
   using reg = __m256d;
   static constexpr int W = 4;
-  static constexpr int MR = 6;
+  static constexpr int MR = 4;
+  static constexpr int NV = 3;
   static reg zero() { return _mm256_setzero_pd(); }
   static reg set1(double x) { return _mm256_set1_pd(x); }
   static reg load(const double* p) { return _mm256_load_pd(p); }
+  static reg loadu(const double* p) { return _mm256_loadu_pd(p); }
   static void store(double* p, reg a) { _mm256_store_pd(p, a); }
   static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }

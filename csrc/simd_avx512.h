@@ -1,5 +1,5 @@
 // Simd<T> for AVX-512F (512-bit registers, 32 of them).
-// Micro-tile: MR = 12 rows x NR = 2 registers of columns, 24 accumulators.
+// Micro-tile: MR = 8 rows x NV = 3 registers of columns, 24 accumulators.
 #pragma once
 
 #include <immintrin.h>
@@ -15,10 +15,12 @@ template <> struct Simd<float> {
   using scalar = float;
   using reg = __m512;
   static constexpr int W = 16;
-  static constexpr int MR = 12;
+  static constexpr int MR = 8;
+  static constexpr int NV = 3;
   static reg zero() { return _mm512_setzero_ps(); }
   static reg set1(float x) { return _mm512_set1_ps(x); }
   static reg load(const float* p) { return _mm512_load_ps(p); }
+  static reg loadu(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, reg a) { _mm512_store_ps(p, a); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
@@ -52,10 +54,12 @@ template <> struct Simd<double> {
   using scalar = double;
   using reg = __m512d;
   static constexpr int W = 8;
-  static constexpr int MR = 12;
+  static constexpr int MR = 8;
+  static constexpr int NV = 3;
   static reg zero() { return _mm512_setzero_pd(); }
   static reg set1(double x) { return _mm512_set1_pd(x); }
   static reg load(const double* p) { return _mm512_load_pd(p); }
+  static reg loadu(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, reg a) { _mm512_store_pd(p, a); }
   static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }

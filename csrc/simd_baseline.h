@@ -16,10 +16,12 @@ struct VecExtSimd {
   typedef T reg __attribute__((vector_size(16)));
   typedef I ireg __attribute__((vector_size(16)));
   static constexpr int W = Lanes;
-  static constexpr int MR = 4;
+  static constexpr int MR = 4;  // micro-tile: MR rows x NV registers
+  static constexpr int NV = 3;
   static reg zero() { return reg{} ; }
   static reg set1(T x) { return reg{} + x; }
   static reg load(const T* p) { reg r; std::memcpy(&r, p, sizeof r); return r; }
+  static reg loadu(const T* p) { return load(p); }
   static void store(T* p, reg a) { std::memcpy(p, &a, sizeof a); }
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }

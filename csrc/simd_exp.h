@@ -1,59 +1,62 @@
-// Vectorised exp shared by every instruction set. S is a Simd<T> from
-// simd_<isa>.h; it supplies the arithmetic and two bit-level helpers:
-// round_to_int_magic() and scale_by_pow2(p, t).
+// Vectorised 2^x shared by every instruction set. S is a Simd<T> from
+// simd_<isa>.h; it supplies the arithmetic and two bit-level helpers,
+// round_magic() and scale_by_pow2(p, t).
 //
-// exp(x) = 2^n * exp(r) with n = round(x / ln 2) and |r| <= ln(2)/2. The
-// rounding uses the "add 1.5 * 2^mantissa_bits" trick, so t's low mantissa
-// bits hold n and no float-to-int conversion instruction is needed (AVX2 has
-// none for doubles). exp(r) is its Taylor polynomial, of a degree that keeps
-// the truncation error below one ulp (float: r^8/8! < 6e-9, double:
-// r^14/14! < 5e-18). Inputs below the smallest normal result give exactly 0,
-// so exp(-inf) = 0 as the masks need; NaN stays NaN.
+// The kernels work in base 2: log2(e) is folded into the query scaling, so
+// softmax needs 2^x and no multiply by log2(e) or ln(2) range reduction.
+//
+// 2^x = 2^n * 2^r with n = round(x), r = x - n in [-1/2, 1/2] (exact). The
+// rounding adds 1.5 * 2^mantissa_bits, so t's low mantissa bits hold n and
+// no float-to-int conversion is needed (AVX2 has none for doubles). 2^r is a
+// polynomial: float, degree 6 fitted for minimal relative error
+// (tools/fit_exp2_poly.py: 8.2e-8 max, 0.7 ulp, in float32); double, the
+// Taylor series of e^(r ln 2) to degree 13 (truncation < 5e-18). Inputs
+// below the smallest normal result give exactly 0, so 2^-inf = 0 as masked
+// scores need; NaN stays NaN.
 #pragma once
 
-#include <limits>
+#include <array>
 
 namespace tileattn {
 
-template <typename T> struct ExpConstants;
+template <typename T> struct Exp2Constants;
 
-template <> struct ExpConstants<float> {
-  static constexpr float log2e = 1.44269504088896341f;
-  static constexpr float ln2_hi = 0.693359375f;  // few mantissa bits: n * ln2_hi is exact
-  static constexpr float ln2_lo = -2.12194440e-4f;
-  static constexpr float underflow = -87.0f;     // exp(-87) ~ 1.6e-38, just above FLT_MIN
-  static constexpr float overflow = 88.5f;
-  static constexpr int degree = 7;
+template <> struct Exp2Constants<float> {
+  static constexpr int degree = 6;
+  static constexpr std::array<float, degree + 1> coef = {
+      1.000000000e+00f, 6.931471825e-01f, 2.402264774e-01f, 5.550328642e-02f,
+      9.618433192e-03f, 1.340030693e-03f, 1.535740885e-04f};
+  static constexpr float underflow = -126.0f;  // 2^-126 = FLT_MIN
+  static constexpr float overflow = 127.0f;
 };
 
-template <> struct ExpConstants<double> {
-  static constexpr double log2e = 1.4426950408889634074;
-  static constexpr double ln2_hi = 6.93147180369123816490e-01;
-  static constexpr double ln2_lo = 1.90821492927058770002e-10;
-  static constexpr double underflow = -708.0;    // just above log(DBL_MIN)
-  static constexpr double overflow = 709.0;
+// (ln 2)^k / k!, computed at compile time.
+constexpr std::array<double, 14> taylor_exp2_coefficients() {
+  std::array<double, 14> c{};
+  c[0] = 1.0;
+  for (int k = 1; k < 14; ++k) c[k] = c[k - 1] * 0.69314718055994530942 / k;
+  return c;
+}
+
+template <> struct Exp2Constants<double> {
   static constexpr int degree = 13;
+  static constexpr std::array<double, degree + 1> coef = taylor_exp2_coefficients();
+  static constexpr double underflow = -1022.0;  // 2^-1022 = DBL_MIN
+  static constexpr double overflow = 1023.0;
 };
 
 template <class S>
-inline typename S::reg vec_exp(typename S::reg x) {
+inline typename S::reg vec_exp2(typename S::reg x) {
   using T = typename S::scalar;
-  using C = ExpConstants<T>;
+  using C = Exp2Constants<T>;
   using reg = typename S::reg;
   const reg xc = S::min(x, S::set1(C::overflow));
   const reg magic = S::set1(S::round_magic());
-  const reg t = S::fmadd(xc, S::set1(C::log2e), magic);  // low bits of t = n
-  const reg n = S::sub(t, magic);
-  reg r = S::fnmadd(n, S::set1(C::ln2_hi), xc);
-  r = S::fnmadd(n, S::set1(C::ln2_lo), r);
-  // Horner on sum_{k=0..degree} r^k / k!, highest term first.
-  T coef[C::degree + 1];
-  coef[0] = 1;
-  for (int k = 1; k <= C::degree; ++k) coef[k] = coef[k - 1] / static_cast<T>(k);
-  reg p = S::set1(coef[C::degree]);
-  for (int k = C::degree - 1; k >= 0; --k) p = S::fmadd(p, r, S::set1(coef[k]));
-  const reg result = S::scale_by_pow2(p, t);
-  return S::zero_where_less(x, S::set1(C::underflow), result);
+  const reg t = S::add(xc, magic);  // low mantissa bits of t = n
+  const reg r = S::sub(xc, S::sub(t, magic));
+  reg p = S::set1(C::coef[C::degree]);
+  for (int k = C::degree - 1; k >= 0; --k) p = S::fmadd(p, r, S::set1(C::coef[k]));
+  return S::zero_where_less(x, S::set1(C::underflow), S::scale_by_pow2(p, t));
 }
 
 }  // namespace tileattn

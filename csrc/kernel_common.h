@@ -1,0 +1,157 @@
+// Pieces shared by the prefill and decode kernels of one instruction set:
+// per-thread scratch, the key range a query may see, key padding, dropout.
+//
+// A fragment: attention_kernel.h includes it *inside* the namespace
+// tileattn::<isa>, after the standard headers. Every inline function here is
+// compiled with its instruction set's flags, and a function of the same name
+// compiled for AVX-512 must not be merged by the linker with the AVX2 or
+// baseline copy, so each copy gets its own namespace.
+#pragma once
+
+// A per-thread bump allocator over one 64-byte aligned buffer that grows on
+// demand and is reused across calls, so the hot path never allocates.
+class Arena {
+ public:
+  ~Arena() { std::free(base_); }
+  // Discards earlier carvings and makes room for `bytes` (plus alignment).
+  void reset(size_t bytes) {
+    bytes += 64 * 16;
+    if (bytes > capacity_) {
+      std::free(base_);
+      base_ = static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+      if (!base_) {
+        capacity_ = 0;
+        throw std::bad_alloc();
+      }
+      capacity_ = bytes;
+    }
+    used_ = 0;
+  }
+  template <typename T>
+  T* carve(size_t n) {
+    T* p = reinterpret_cast<T*>(base_ + used_);
+    used_ += (n * sizeof(T) + 63) / 64 * 64;
+    return p;
+  }
+
+ private:
+  char* base_ = nullptr;
+  size_t capacity_ = 0;
+  size_t used_ = 0;
+};
+
+// The rows of one task: query rows [i0, i0 + rows) of one (batch, head).
+struct RowRange {
+  int64_t b, h, hk;  // batch, query head, key/value head
+  int64_t i0, rows;
+};
+
+// Visible keys of query row i are [lo(i), hi(i)] (possibly empty or reaching
+// outside [0, Lk)). Both bounds grow with i, so a block of rows finds its
+// key span from its first and last row.
+struct KeyBounds {
+  int64_t shift, left, right, lk;
+  explicit KeyBounds(const AttentionParams& p)
+      : shift(p.Lk - p.Lq), left(p.window_left), right(p.window_right), lk(p.Lk) {}
+  int64_t lo(int64_t i) const { return left < 0 ? 0 : i + shift - left; }
+  int64_t hi(int64_t i) const { return right < 0 ? lk - 1 : i + shift + right; }
+  // The inverse view: key j is visible to queries [first_query(j), last_query(j)].
+  int64_t first_query(int64_t j) const {
+    return right < 0 ? std::numeric_limits<int64_t>::min() / 2 : j - shift - right;
+  }
+  int64_t last_query(int64_t j) const {
+    return left < 0 ? std::numeric_limits<int64_t>::max() / 2 : j - shift + left;
+  }
+};
+
+// Which keys of [j0, j0 + cols) the key padding mask keeps; returns how many.
+inline int64_t mark_visible_keys(const AttentionParams& p, int64_t b, int64_t j0, int64_t cols,
+                                 uint8_t* visible) {
+  if (!p.key_padding) {
+    std::memset(visible, 1, cols);
+    return cols;
+  }
+  const uint8_t* kpm = p.key_padding + b * p.key_padding_stride_b;
+  int64_t n = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    visible[c] = kpm[(j0 + c) * p.key_padding_stride_k] != 0;
+    n += visible[c];
+  }
+  return n;
+}
+
+// Calls fn(j0, cols, straddles_window) for each block of `bc` keys that the
+// rows [first, last] can see, in increasing order; blocks outside the
+// causal/window span and blocks the padding mask hides entirely are skipped.
+// Blocks start at multiples of bc whatever the rows, so a row meets the same
+// blocks alone or in a larger batch.
+template <typename Fn>
+void for_each_key_block(const AttentionParams& p, int64_t bc, const KeyBounds& kb, int64_t b,
+                        int64_t first, int64_t last, uint8_t* visible, Fn&& fn) {
+  const int64_t span_lo = std::max<int64_t>(kb.lo(first), 0);
+  const int64_t span_hi = std::min<int64_t>(kb.hi(last), p.Lk - 1);
+  if (span_lo > span_hi) return;
+  for (int64_t j0 = span_lo / bc * bc; j0 <= span_hi; j0 += bc) {
+    const int64_t cols = std::min(bc, p.Lk - j0);
+    if (mark_visible_keys(p, b, j0, cols, visible) == 0) continue;
+    const bool inside = kb.lo(last) <= j0 && kb.hi(first) >= j0 + cols - 1;
+    fn(j0, cols, !inside);
+  }
+}
+
+// Dropout: weight (b, h, i, j) is kept with probability 1 - p and then
+// scaled by 1 / (1 - p), decided by a hash of (seed, flat index), so every
+// pass (forward, weights, a backward) sees the same mask for any threads.
+struct Dropout {
+  double p;
+  uint64_t seed;
+  uint64_t lq, lk, hq;
+  explicit Dropout(const AttentionParams& prm)
+      : p(prm.dropout_p), seed(prm.seed), lq(prm.Lq), lk(prm.Lk), hq(prm.Hq) {}
+  bool active() const { return p > 0; }
+  double keep_scale() const { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
+  uint64_t row_key(int64_t b, int64_t h, int64_t i) const {
+    return ((static_cast<uint64_t>(b) * hq + h) * lq + i) * lk;
+  }
+  bool drop(uint64_t row_key, int64_t j) const { return dropout_uniform(seed, row_key + j) < p; }
+};
+
+// Loops over a micro-tile's registers must be unrolled completely, or GCC
+// keeps the accumulator arrays on the stack.
+#define TILEATTN_UNROLL _Pragma("GCC unroll 32")
+
+constexpr double kLog2e = 1.44269504088896340736;
+constexpr double kLn2 = 0.69314718055994530942;
+
+// Keys are processed in chunks of kChunkBlocks key blocks, a property of the
+// data alone. Each chunk yields a softmax state (max m, sum l, output o)
+// that is merged into the running state in chunk order. Prefill merges as
+// it goes; decode computes chunks in parallel and merges afterwards with
+// the same arithmetic, so both give the same bits for the same row.
+constexpr int64_t kChunkBlocks = 4;
+
+// Merges W rows' chunk state (m_c, l_c) into the running (m, l); stores the
+// factors by which the running and the chunk outputs are to be scaled.
+template <typename T>
+inline void merge_states(T* m, T* l, const T* m_c, const T* l_c, T* scale_run, T* scale_c) {
+  using S = Simd<T>;
+  using reg = typename S::reg;
+  const reg m_old = S::load(m), mc = S::load(m_c);
+  const reg m_new = S::max(m_old, mc);
+  const reg m_use = S::max(m_new, S::set1(std::numeric_limits<T>::lowest()));
+  const reg a = vec_exp2<S>(S::sub(m_old, m_use));
+  const reg c = vec_exp2<S>(S::sub(mc, m_use));
+  S::store(l, S::fmadd(S::load(l), a, S::mul(S::load(l_c), c)));
+  S::store(m, m_new);
+  S::store(scale_run, a);
+  S::store(scale_c, c);
+}
+
+// o = o * a + o_c * c over n values (a multiple of W).
+template <typename T>
+inline void merge_rows(T* o, T a, const T* o_c, T c, int64_t n) {
+  using S = Simd<T>;
+  const typename S::reg va = S::set1(a), vc = S::set1(c);
+  for (int64_t e = 0; e < n; e += S::W)
+    S::store(o + e, S::fmadd(S::load(o + e), va, S::mul(S::load(o_c + e), vc)));
+}

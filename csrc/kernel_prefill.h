@@ -1,0 +1,488 @@
+// The tiled attention forward for blocks of queries (prefill, training,
+// encoders). A fragment included inside tileattn::<isa> after
+// kernel_common.h; Simd<T> comes from that ISA's simd_<isa>.h.
+//
+// One task = BR query rows of one (batch, head). It keeps Q^T of its rows
+// (scaled by scale * log2 e, so the softmax works in base 2), then for each
+// block of bc keys that its causal/window span reaches:
+//   S^T = K Q^T      (bc x BR)  register-blocked, K read in place;
+//   mask S^T         only where a mask can hide something;
+//   fold S^T into each query's running (max, sum); O^T *= alpha;
+//   O^T += V^T P^T   (Dv x BR)  P^T read in place, V packed in panels.
+// Everything is kept transposed (queries along SIMD lanes): the softmax runs
+// across lanes with no horizontal reductions, the rescale is one vector
+// multiply, and neither product needs its big operand repacked.
+// The Lq x Lk score matrix never exists: scratch is O(BR x bc) per thread.
+//
+// Tile sizes depend only on the instruction set, dtype and head sizes,
+// never on the thread count, and a row's key blocks start at multiples of
+// bc: every row is computed by the same operations whatever the scheduling
+// or the rest of the batch, so results are bitwise reproducible.
+
+template <typename T>
+struct PrefillTiling {
+  using S = Simd<T>;
+  static constexpr int W = S::W;
+  static constexpr int MR = S::MR;       // broadcast rows per micro-tile (keys / value dims)
+  static constexpr int NR = S::NV * W;   // query lanes per micro-tile
+  static constexpr int BR = 96;          // query rows per task
+  static_assert(BR % NR == 0 && 24 % MR == 0, "BR must hold whole strips; MR must divide 24");
+
+  int64_t d, dv, dvp, bc;
+  bool k_direct;  // read K in place (else copy each block)
+
+  explicit PrefillTiling(const AttentionParams& p) : d(p.D), dv(p.Dv) {
+    dvp = round_up(std::max<int64_t>(dv, 1), MR);
+    // K and V of one block (bc * (d + dvp) values) take about 192 KiB,
+    // leaving room in a 512 KiB L2 for Q^T, S^T and O^T.
+    const int64_t bytes_per_key = static_cast<int64_t>(sizeof(T)) * (d + dvp);
+    const int64_t keys = (192 * 1024) / std::max<int64_t>(bytes_per_key, 1);
+    bc = std::max<int64_t>(24, std::min<int64_t>(240, keys) / 24 * 24);
+    k_direct = p.k_stride.c == 1;
+  }
+  static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+};
+
+template <typename T>
+struct PrefillScratch {
+  T *qt, *kbuf, *ktail, *vp, *st;
+  T *ot, *m, *l, *alpha;               // state of the chunk being computed
+  T *ot_run, *m_run, *l_run, *scale_c;  // state merged over finished chunks
+  uint8_t* visible;
+
+  PrefillScratch(Arena& a, const PrefillTiling<T>& t) {
+    using Tl = PrefillTiling<T>;
+    constexpr size_t BR = Tl::BR;
+    const size_t n_qt = BR * t.d, n_k = t.k_direct ? 0 : t.bc * t.d;
+    const size_t n_v = t.bc * t.dvp, n_st = t.bc * BR, n_o = t.dvp * BR;
+    const size_t n_tail = Tl::MR * std::max<int64_t>(t.d, 1);
+    a.reset(sizeof(T) * (n_qt + n_k + n_tail + n_v + n_st + 2 * n_o + 7 * BR) + t.bc);
+    qt = a.carve<T>(n_qt);
+    kbuf = a.carve<T>(n_k);
+    ktail = a.carve<T>(n_tail);
+    vp = a.carve<T>(n_v);
+    st = a.carve<T>(n_st);
+    ot = a.carve<T>(n_o);
+    ot_run = a.carve<T>(n_o);
+    m = a.carve<T>(BR);
+    l = a.carve<T>(BR);
+    alpha = a.carve<T>(BR);
+    m_run = a.carve<T>(BR);
+    l_run = a.carve<T>(BR);
+    scale_c = a.carve<T>(BR);
+    visible = a.carve<uint8_t>(t.bc);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Operands.
+
+// qt[x][i] (row stride BR) = q[i0 + i][x] * factor, zero for padding rows.
+template <typename T>
+void pack_query_transposed(const AttentionParams& p, const PrefillTiling<T>& t,
+                           const RowRange& rr, int64_t qcols, T factor, T* qt) {
+  constexpr int BR = PrefillTiling<T>::BR;
+  const T* q = static_cast<const T*>(p.q) + rr.b * p.q_stride.b + rr.h * p.q_stride.h +
+               rr.i0 * p.q_stride.r;
+  for (int64_t i = 0; i < qcols; ++i) {
+    if (i < rr.rows) {
+      const T* src = q + i * p.q_stride.r;
+      for (int64_t x = 0; x < t.d; ++x) qt[x * BR + i] = src[x * p.q_stride.c] * factor;
+    } else {
+      for (int64_t x = 0; x < t.d; ++x) qt[x * BR + i] = T(0);
+    }
+  }
+}
+
+// Rows [0, n) of a strided (rows, cols) slice into dst (row stride ld),
+// zero-filling rows [n, n_padded) and columns [cols, ld).
+template <typename T>
+void copy_rows(const T* src, int64_t sr, int64_t sc, int64_t n, int64_t n_padded, int64_t cols,
+               int64_t ld, T* dst) {
+  for (int64_t j = 0; j < n_padded; ++j) {
+    T* row = dst + j * ld;
+    int64_t c = 0;
+    if (j < n)
+      for (; c < cols; ++c) row[c] = src[j * sr + c * sc];
+    for (; c < ld; ++c) row[c] = T(0);
+  }
+}
+
+// vp[panel][j][MR] = v[j][panel * MR + r]: V of a block in panels of MR
+// value columns, zero-padded to dvp columns, the layout values_micro
+// broadcasts from.
+template <typename T>
+void pack_values(const T* v, int64_t sr, int64_t sc, int64_t cols, int64_t dv, int64_t dvp,
+                 T* vp) {
+  constexpr int MR = PrefillTiling<T>::MR;
+  const int64_t full = sc == 1 ? dv / MR * MR : 0;  // whole panels of a unit-stride row
+  for (int64_t e = 0; e < full; e += MR) {
+    T* dst = vp + e * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      const T* src = v + j * sr + e;
+      TILEATTN_UNROLL
+      for (int r = 0; r < MR; ++r) dst[j * MR + r] = src[r];
+    }
+  }
+  for (int64_t e = full; e < dvp; e += MR) {
+    T* dst = vp + e * cols;
+    for (int64_t j = 0; j < cols; ++j)
+      for (int r = 0; r < MR; ++r) dst[j * MR + r] = e + r < dv ? v[j * sr + (e + r) * sc] : T(0);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Micro-kernels: MR broadcast rows by NR = NV * W lanes of queries.
+
+// st[MR][NR] (row stride lds) = k[MR][d] (row stride ldk) . qt[d][NR] (row
+// stride ldq): MR keys against NR queries.
+template <typename T>
+inline void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int64_t d, T* st,
+                         int64_t lds) {
+  using S = Simd<T>;
+  using reg = typename S::reg;
+  constexpr int MR = S::MR, NV = S::NV, W = S::W;
+  reg acc[MR][NV];
+  TILEATTN_UNROLL
+  for (int r = 0; r < MR; ++r)
+    TILEATTN_UNROLL
+    for (int c = 0; c < NV; ++c) acc[r][c] = S::zero();
+  for (int64_t x = 0; x < d; ++x) {
+    reg b[NV];
+    TILEATTN_UNROLL
+    for (int c = 0; c < NV; ++c) b[c] = S::load(qt + x * ldq + c * W);
+    TILEATTN_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const reg a = S::set1(k[r * ldk + x]);
+      TILEATTN_UNROLL
+      for (int c = 0; c < NV; ++c) acc[r][c] = S::fmadd(a, b[c], acc[r][c]);
+    }
+  }
+  TILEATTN_UNROLL
+  for (int r = 0; r < MR; ++r)
+    TILEATTN_UNROLL
+    for (int c = 0; c < NV; ++c) S::store(st + r * lds + c * W, acc[r][c]);
+}
+
+// ot[MR][NR] (row stride ldo) += vp[j][MR]^T . pt[j][NR] (row stride ldp)
+// over j < n: MR value columns by NR queries (the output, transposed).
+template <typename T>
+inline void values_micro(const T* vp, const T* pt, int64_t ldp, int64_t n, T* ot, int64_t ldo) {
+  using S = Simd<T>;
+  using reg = typename S::reg;
+  constexpr int MR = S::MR, NV = S::NV, W = S::W;
+  reg acc[MR][NV];
+  TILEATTN_UNROLL
+  for (int r = 0; r < MR; ++r)
+    TILEATTN_UNROLL
+    for (int c = 0; c < NV; ++c) acc[r][c] = S::load(ot + r * ldo + c * W);
+  for (int64_t j = 0; j < n; ++j) {
+    reg b[NV];
+    TILEATTN_UNROLL
+    for (int c = 0; c < NV; ++c) b[c] = S::load(pt + j * ldp + c * W);
+    TILEATTN_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const reg a = S::set1(vp[j * MR + r]);
+      TILEATTN_UNROLL
+      for (int c = 0; c < NV; ++c) acc[r][c] = S::fmadd(a, b[c], acc[r][c]);
+    }
+  }
+  TILEATTN_UNROLL
+  for (int r = 0; r < MR; ++r)
+    TILEATTN_UNROLL
+    for (int c = 0; c < NV; ++c) S::store(ot + r * ldo + c * W, acc[r][c]);
+}
+
+// S^T (cols x qcols, row stride BR) = K[j0 : j0 + cols] Q^T. Whole
+// micro-tiles read K in place; the last partial one reads a zero-padded
+// copy. Query strips are the outer loop so that one strip of Q^T (d x NR)
+// stays in L1 while the block's keys stream past it from L2.
+template <typename T>
+void block_scores(const PrefillTiling<T>& t, const T* k, int64_t ldk, int64_t cols,
+                  int64_t qcols, PrefillScratch<T>& sc) {
+  using Tl = PrefillTiling<T>;
+  constexpr int MR = Tl::MR, NR = Tl::NR, BR = Tl::BR;
+  const int64_t full = cols / MR * MR;
+  if (full < cols) copy_rows<T>(k + full * ldk, ldk, 1, cols - full, MR, t.d, t.d, sc.ktail);
+  for (int64_t i = 0; i < qcols; i += NR) {
+    for (int64_t j = 0; j < full; j += MR)
+      scores_micro<T>(k + j * ldk, ldk, sc.qt + i, BR, t.d, sc.st + j * BR + i, BR);
+    if (full < cols)
+      scores_micro<T>(sc.ktail, t.d, sc.qt + i, BR, t.d, sc.st + full * BR + i, BR);
+  }
+}
+
+// O^T (dvp x qcols, row stride BR) += V^T P^T, P^T read in place from st.
+// Query strips are the outer loop: one strip of P^T (cols x NR) stays in L1
+// while the panels of V stream past it, and each micro-tile's outputs stay
+// in registers over all the block's keys (the blocking of a GEMM).
+template <typename T>
+void block_values(const PrefillTiling<T>& t, int64_t cols, int64_t qcols,
+                  PrefillScratch<T>& sc) {
+  using Tl = PrefillTiling<T>;
+  constexpr int MR = Tl::MR, NR = Tl::NR, BR = Tl::BR;
+  for (int64_t i = 0; i < qcols; i += NR)
+    for (int64_t e = 0; e < t.dvp; e += MR)
+      values_micro<T>(sc.vp + e * cols, sc.st + i, BR, cols, sc.ot + e * BR + i, BR);
+}
+
+// ---------------------------------------------------------------------------
+// Masking of one block of transposed scores (row jj = key j0 + jj, column
+// i = query i0 + i). Only what can hide something is applied.
+template <typename T>
+void mask_block(const AttentionParams& p, const KeyBounds& kb, const RowRange& rr, int64_t j0,
+                int64_t cols, int64_t qcols, bool straddles_window, const uint8_t* visible,
+                T* st) {
+  constexpr int BR = PrefillTiling<T>::BR;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  if (p.mask_kind != MaskKind::none) {
+    const int64_t base = rr.b * p.mask_stride.b + rr.h * p.mask_stride.h;
+    for (int64_t i = 0; i < rr.rows; ++i) {
+      const int64_t off = base + (rr.i0 + i) * p.mask_stride.r + j0 * p.mask_stride.c;
+      if (p.mask_kind == MaskKind::additive) {
+        const T* m = static_cast<const T*>(p.mask) + off;
+        for (int64_t jj = 0; jj < cols; ++jj)
+          st[jj * BR + i] += m[jj * p.mask_stride.c] * static_cast<T>(kLog2e);
+      } else {
+        const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
+        for (int64_t jj = 0; jj < cols; ++jj)
+          if (!m[jj * p.mask_stride.c]) st[jj * BR + i] = ninf;
+      }
+    }
+  }
+  for (int64_t jj = 0; jj < cols; ++jj) {
+    T* row = st + jj * BR;
+    if (p.key_padding && !visible[jj]) {
+      std::fill(row, row + qcols, ninf);
+    } else if (straddles_window) {
+      const int64_t j = j0 + jj;
+      const int64_t lo = std::clamp<int64_t>(kb.first_query(j) - rr.i0, 0, qcols);
+      const int64_t hi = std::clamp<int64_t>(kb.last_query(j) - rr.i0 + 1, lo, qcols);
+      std::fill(row, row + lo, ninf);
+      std::fill(row + hi, row + qcols, ninf);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The online softmax update, the one piece every tiled variant is built on,
+// here for W queries at once (one SIMD register of lanes). Folds the block's
+// base-2 scores st[j][lanes] (j < cols, row stride BR) into the running max
+// m and sum l of those queries, overwrites st with 2^(s - m_new), and
+// returns the factor alpha by which each query's output so far must be
+// scaled. A query that has seen only -inf keeps m = -inf and l = 0 and gets
+// p = 0 (the max with -FLT_MAX below keeps -inf - -inf from making NaN).
+template <typename T>
+inline typename Simd<T>::reg online_softmax_update(T* st, int64_t ld, int64_t cols, T* m, T* l) {
+  using S = Simd<T>;
+  using reg = typename S::reg;
+  reg vmax = S::set1(-std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < cols; ++j) vmax = S::max(vmax, S::load(st + j * ld));
+  const reg m_old = S::load(m);
+  const reg m_new = S::max(m_old, vmax);
+  const reg m_use = S::max(m_new, S::set1(std::numeric_limits<T>::lowest()));
+  const reg alpha = vec_exp2<S>(S::sub(m_old, m_use));
+  reg sum0 = S::zero(), sum1 = S::zero();  // two chains: shorter sums, less rounding
+  int64_t j = 0;
+  for (; j + 1 < cols; j += 2) {
+    const reg e0 = vec_exp2<S>(S::sub(S::load(st + j * ld), m_use));
+    const reg e1 = vec_exp2<S>(S::sub(S::load(st + (j + 1) * ld), m_use));
+    S::store(st + j * ld, e0);
+    S::store(st + (j + 1) * ld, e1);
+    sum0 = S::add(sum0, e0);
+    sum1 = S::add(sum1, e1);
+  }
+  if (j < cols) {
+    const reg e0 = vec_exp2<S>(S::sub(S::load(st + j * ld), m_use));
+    S::store(st + j * ld, e0);
+    sum0 = S::add(sum0, e0);
+  }
+  S::store(l, S::fmadd(S::load(l), alpha, S::add(sum0, sum1)));
+  S::store(m, m_new);
+  return alpha;
+}
+
+// Applies dropout to the block's probabilities (transposed, in st).
+template <typename T>
+void dropout_block(const Dropout& dr, const RowRange& rr, int64_t j0, int64_t cols, T* st) {
+  constexpr int BR = PrefillTiling<T>::BR;
+  const T keep = static_cast<T>(dr.keep_scale());
+  for (int64_t i = 0; i < rr.rows; ++i) {
+    const uint64_t key = dr.row_key(rr.b, rr.h, rr.i0 + i);
+    for (int64_t jj = 0; jj < cols; ++jj) {
+      T& w = st[jj * BR + i];
+      w = dr.drop(key, j0 + jj) ? T(0) : w * keep;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// One task.
+
+template <typename T>
+struct PrefillTask {
+  using Tl = PrefillTiling<T>;
+  using S = Simd<T>;
+  static constexpr int BR = Tl::BR, W = Tl::W;
+  const AttentionParams& p;
+  const Tl& t;
+  const RowRange& rr;
+  PrefillScratch<T>& sc;
+  KeyBounds kb;
+  Dropout dr;
+  int64_t qcols;
+  const T* k_head;
+  const T* v_head;
+
+  PrefillTask(const AttentionParams& p_, const Tl& t_, const RowRange& rr_,
+              PrefillScratch<T>& sc_)
+      : p(p_), t(t_), rr(rr_), sc(sc_), kb(p_), dr(p_) {
+    qcols = Tl::round_up(rr.rows, Tl::NR);
+    k_head = static_cast<const T*>(p.k) + rr.b * p.k_stride.b + rr.hk * p.k_stride.h;
+    v_head = static_cast<const T*>(p.v) + rr.b * p.v_stride.b + rr.hk * p.v_stride.h;
+  }
+
+  void scores(int64_t j0, int64_t cols, bool straddles) {
+    const T* k = k_head + j0 * p.k_stride.r;
+    int64_t ldk = p.k_stride.r;
+    if (!t.k_direct) {
+      copy_rows<T>(k, p.k_stride.r, p.k_stride.c, cols, cols, t.d, t.d, sc.kbuf);
+      k = sc.kbuf;
+      ldk = t.d;
+    }
+    block_scores<T>(t, k, ldk, cols, qcols, sc);
+    if (straddles || p.key_padding || p.mask_kind != MaskKind::none)
+      mask_block<T>(p, kb, rr, j0, cols, qcols, straddles, sc.visible, sc.st);
+  }
+
+  void reset_chunk() {
+    std::fill(sc.m, sc.m + BR, -std::numeric_limits<T>::infinity());
+    std::fill(sc.l, sc.l + BR, T(0));
+    for (int64_t e = 0; e < t.dvp; ++e) std::fill(sc.ot + e * BR, sc.ot + e * BR + qcols, T(0));
+  }
+
+  // Folds the finished chunk's state (m, l, ot) into the running one. The
+  // first chunk is moved, not merged: merging into the empty state gives the
+  // same bits (0 * 0 + x * 2^0), and it is the common case.
+  void finish_chunk(bool first) {
+    if (first) {
+      std::swap(sc.m, sc.m_run);
+      std::swap(sc.l, sc.l_run);
+      std::swap(sc.ot, sc.ot_run);
+      return;
+    }
+    for (int64_t i = 0; i < qcols; i += W)
+      merge_states<T>(sc.m_run + i, sc.l_run + i, sc.m + i, sc.l + i, sc.alpha + i,
+                      sc.scale_c + i);
+    for (int64_t e = 0; e < t.dvp; ++e)
+      for (int64_t i = 0; i < qcols; i += W) {
+        T* o = sc.ot_run + e * BR + i;
+        S::store(o, S::fmadd(S::load(o), S::load(sc.alpha + i),
+                             S::mul(S::load(sc.ot + e * BR + i), S::load(sc.scale_c + i))));
+      }
+  }
+
+  // One block of keys: scores, softmax update, O^T = O^T * alpha + V^T P^T.
+  void block(int64_t j0, int64_t cols, bool straddles) {
+    scores(j0, cols, straddles);
+    for (int64_t i = 0; i < qcols; i += W)
+      S::store(sc.alpha + i, online_softmax_update<T>(sc.st + i, BR, cols, sc.m + i, sc.l + i));
+    for (int64_t e = 0; e < t.dvp; ++e)
+      for (int64_t i = 0; i < qcols; i += W) {
+        T* o = sc.ot + e * BR + i;
+        S::store(o, S::mul(S::load(o), S::load(sc.alpha + i)));
+      }
+    if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);
+    pack_values<T>(v_head + j0 * p.v_stride.r, p.v_stride.r, p.v_stride.c, cols, t.dv, t.dvp,
+                   sc.vp);
+    block_values<T>(t, cols, qcols, sc);
+  }
+
+  void run() {
+    pack_query_transposed<T>(p, t, rr, qcols, static_cast<T>(p.scale * kLog2e), sc.qt);
+    const int64_t chunk_keys = t.bc * kChunkBlocks;
+    int64_t chunk = -1;
+    bool first_chunk = true;
+    for_each_key_block(p, t.bc, kb, rr.b, rr.i0, rr.i0 + rr.rows - 1, sc.visible,
+                       [&](int64_t j0, int64_t cols, bool straddles) {
+      if (j0 / chunk_keys != chunk) {
+        if (chunk >= 0) {
+          finish_chunk(first_chunk);
+          first_chunk = false;
+        }
+        chunk = j0 / chunk_keys;
+        reset_chunk();
+      }
+      block(j0, cols, straddles);
+    });
+    if (chunk < 0) reset_chunk();  // no visible key at all
+    finish_chunk(first_chunk);
+    write_output();
+    if (p.weights) write_weights();
+  }
+
+  // out = O / l (one rounding: divide rather than multiply by 1/l); the
+  // natural-log LSE = ln 2 * (m + log2 l). Rows that saw no key give zeros.
+  void write_output() {
+    T* out = static_cast<T*>(p.out) + rr.b * p.out_stride.b + rr.h * p.out_stride.h;
+    T* lse = p.lse ? static_cast<T*>(p.lse) + rr.b * p.lse_stride.b + rr.h * p.lse_stride.h
+                   : nullptr;
+    for (int64_t i = 0; i < rr.rows; ++i) {
+      T* dst = out + (rr.i0 + i) * p.out_stride.r;
+      const T l = sc.l_run[i];
+      for (int64_t e = 0; e < t.dv; ++e)
+        dst[e * p.out_stride.c] = l > T(0) ? sc.ot_run[e * BR + i] / l : T(0);
+      // Kept in m_run (base 2) for the weights pass.
+      T& lse2 = sc.m_run[i];
+      lse2 = l > T(0) ? lse2 + std::log2(l) : -std::numeric_limits<T>::infinity();
+      if (lse) lse[(rr.i0 + i) * p.lse_stride.r] = lse2 * static_cast<T>(kLn2);
+    }
+  }
+
+  // Second pass, only when the weights are asked for: recompute each
+  // block's scores and write 2^(s - lse2) (after dropout).
+  void write_weights() {
+    T* w = static_cast<T*>(p.weights) + rr.b * p.weights_stride.b + rr.h * p.weights_stride.h;
+    for_each_key_block(p, t.bc, kb, rr.b, rr.i0, rr.i0 + rr.rows - 1, sc.visible,
+                       [&](int64_t j0, int64_t cols, bool straddles) {
+      scores(j0, cols, straddles);
+      for (int64_t i = 0; i < rr.rows; ++i) {
+        const T lse2 = sc.m_run[i];
+        for (int64_t jj = 0; jj < cols; ++jj) {
+          T& s = sc.st[jj * BR + i];
+          s = lse2 == -std::numeric_limits<T>::infinity() ? T(0) : std::exp2(s - lse2);
+        }
+      }
+      if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);
+      for (int64_t i = 0; i < rr.rows; ++i) {
+        T* row = w + (rr.i0 + i) * p.weights_stride.r + j0 * p.weights_stride.c;
+        for (int64_t jj = 0; jj < cols; ++jj) row[jj * p.weights_stride.c] = sc.st[jj * BR + i];
+      }
+    });
+  }
+};
+
+// Tasks are handed out largest first: with a causal mask the last query
+// blocks see the most keys, and starting them early keeps every core busy
+// to the end (longest-processing-time-first scheduling).
+template <typename T>
+void prefill_forward(const AttentionParams& p) {
+  using Tl = PrefillTiling<T>;
+  const Tl t(p);
+  const int64_t blocks = (p.Lq + Tl::BR - 1) / Tl::BR;
+  const int64_t heads = p.B * p.Hq;
+  const int64_t group = p.group_size();
+  parallel_for(blocks * heads, [&](int64_t task, int) {
+    static thread_local Arena arena;
+    PrefillScratch<T> sc(arena, t);
+    const int64_t qb = blocks - 1 - task / heads;
+    const int64_t bh = task % heads;
+    RowRange rr;
+    rr.b = bh / p.Hq;
+    rr.h = bh % p.Hq;
+    rr.hk = rr.h / group;
+    rr.i0 = qb * Tl::BR;
+    rr.rows = std::min<int64_t>(Tl::BR, p.Lq - rr.i0);
+    PrefillTask<T>(p, t, rr, sc).run();
+  });
+}
