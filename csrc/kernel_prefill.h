@@ -115,19 +115,18 @@ template <typename T>
 void pack_values(const T* v, int64_t sr, int64_t sc, int64_t cols, int64_t dv, int64_t dvp,
                  T* vp) {
   constexpr int MR = PrefillTiling<T>::MR;
+  // Row by row: each row of V is read once, contiguously, and scattered to
+  // the panels, which are written sequentially.
   const int64_t full = sc == 1 ? dv / MR * MR : 0;  // whole panels of a unit-stride row
-  for (int64_t e = 0; e < full; e += MR) {
-    T* dst = vp + e * cols;
-    for (int64_t j = 0; j < cols; ++j) {
-      const T* src = v + j * sr + e;
+  for (int64_t j = 0; j < cols; ++j) {
+    const T* src = v + j * sr;
+    T* dst = vp + j * MR;
+    for (int64_t e = 0; e < full; e += MR) {
       TILEATTN_UNROLL
-      for (int r = 0; r < MR; ++r) dst[j * MR + r] = src[r];
+      for (int r = 0; r < MR; ++r) dst[e * cols + r] = src[e + r];
     }
-  }
-  for (int64_t e = full; e < dvp; e += MR) {
-    T* dst = vp + e * cols;
-    for (int64_t j = 0; j < cols; ++j)
-      for (int r = 0; r < MR; ++r) dst[j * MR + r] = e + r < dv ? v[j * sr + (e + r) * sc] : T(0);
+    for (int64_t e = full; e < dvp; e += MR)
+      for (int r = 0; r < MR; ++r) dst[e * cols + r] = e + r < dv ? src[(e + r) * sc] : T(0);
   }
 }
 
@@ -266,40 +265,69 @@ void mask_block(const AttentionParams& p, const KeyBounds& kb, const RowRange& r
 
 // ---------------------------------------------------------------------------
 // The online softmax update, the one piece every tiled variant is built on,
-// here for W queries at once (one SIMD register of lanes). Folds the block's
-// base-2 scores st[j][lanes] (j < cols, row stride BR) into the running max
-// m and sum l of those queries, overwrites st with 2^(s - m_new), and
-// returns the factor alpha by which each query's output so far must be
-// scaled. A query that has seen only -inf keeps m = -inf and l = 0 and gets
-// p = 0 (the max with -FLT_MAX below keeps -inf - -inf from making NaN).
-template <typename T>
-inline typename Simd<T>::reg online_softmax_update(T* st, int64_t ld, int64_t cols, T* m, T* l) {
+// here for G registers of queries at once (G * W lanes). Folds the block's
+// base-2 scores st[j][lanes] (j < cols, row stride ld) into the running max
+// m and sum l of those queries, overwrites st with 2^(s - m_new), and stores
+// in alpha the factor by which each query's output so far must be scaled.
+// A query that has seen only -inf keeps m = -inf and l = 0 and gets p = 0
+// (the max with -FLT_MAX below keeps -inf - -inf from making NaN). The
+// passes walk st row by row, G registers wide, so each row's cache lines
+// are read once per pass. Each lane's arithmetic does not depend on G.
+template <typename T, int G>
+inline void online_softmax_update(T* st, int64_t ld, int64_t cols, T* m, T* l, T* alpha) {
   using S = Simd<T>;
   using reg = typename S::reg;
-  reg vmax = S::set1(-std::numeric_limits<T>::infinity());
-  for (int64_t j = 0; j < cols; ++j) vmax = S::max(vmax, S::load(st + j * ld));
-  const reg m_old = S::load(m);
-  const reg m_new = S::max(m_old, vmax);
-  const reg m_use = S::max(m_new, S::set1(std::numeric_limits<T>::lowest()));
-  const reg alpha = vec_exp2<S>(S::sub(m_old, m_use));
-  reg sum0 = S::zero(), sum1 = S::zero();  // two chains: shorter sums, less rounding
+  constexpr int W = S::W;
+  reg mx[G], mu[G], sum0[G], sum1[G];
+  TILEATTN_UNROLL
+  for (int g = 0; g < G; ++g) mx[g] = S::set1(-std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < cols; ++j)
+    TILEATTN_UNROLL
+    for (int g = 0; g < G; ++g) mx[g] = S::max(mx[g], S::load(st + j * ld + g * W));
+  TILEATTN_UNROLL
+  for (int g = 0; g < G; ++g) {
+    const reg m_old = S::load(m + g * W);
+    const reg m_new = S::max(m_old, mx[g]);
+    mu[g] = S::max(m_new, S::set1(std::numeric_limits<T>::lowest()));
+    S::store(alpha + g * W, vec_exp2<S>(S::sub(m_old, mu[g])));
+    S::store(m + g * W, m_new);
+    sum0[g] = sum1[g] = S::zero();  // two chains: shorter sums, less rounding
+  }
   int64_t j = 0;
   for (; j + 1 < cols; j += 2) {
-    const reg e0 = vec_exp2<S>(S::sub(S::load(st + j * ld), m_use));
-    const reg e1 = vec_exp2<S>(S::sub(S::load(st + (j + 1) * ld), m_use));
-    S::store(st + j * ld, e0);
-    S::store(st + (j + 1) * ld, e1);
-    sum0 = S::add(sum0, e0);
-    sum1 = S::add(sum1, e1);
+    TILEATTN_UNROLL
+    for (int g = 0; g < G; ++g) {
+      T* p0 = st + j * ld + g * W;
+      const reg e0 = vec_exp2<S>(S::sub(S::load(p0), mu[g]));
+      const reg e1 = vec_exp2<S>(S::sub(S::load(p0 + ld), mu[g]));
+      S::store(p0, e0);
+      S::store(p0 + ld, e1);
+      sum0[g] = S::add(sum0[g], e0);
+      sum1[g] = S::add(sum1[g], e1);
+    }
   }
   if (j < cols) {
-    const reg e0 = vec_exp2<S>(S::sub(S::load(st + j * ld), m_use));
-    S::store(st + j * ld, e0);
-    sum0 = S::add(sum0, e0);
+    TILEATTN_UNROLL
+    for (int g = 0; g < G; ++g) {
+      T* p0 = st + j * ld + g * W;
+      const reg e0 = vec_exp2<S>(S::sub(S::load(p0), mu[g]));
+      S::store(p0, e0);
+      sum0[g] = S::add(sum0[g], e0);
+    }
   }
-  S::store(l, S::fmadd(S::load(l), alpha, S::add(sum0, sum1)));
-  S::store(m, m_new);
-  return alpha;
+  TILEATTN_UNROLL
+  for (int g = 0; g < G; ++g)
+    S::store(l + g * W, S::fmadd(S::load(l + g * W), S::load(alpha + g * W),
+                                 S::add(sum0[g], sum1[g])));
+}
+
+// The update for lanes [0, qcols) of a block, G = NV registers at a time
+// (qcols is a multiple of NV * W).
+template <typename T>
+void block_softmax(T* st, int64_t ld, int64_t cols, int64_t qcols, T* m, T* l, T* alpha) {
+  constexpr int G = Simd<T>::NV, W = Simd<T>::W;
+  for (int64_t i = 0; i < qcols; i += G * W)
+    online_softmax_update<T, G>(st + i, ld, cols, m + i, l + i, alpha + i);
 }
 
 // Applies dropout to the block's probabilities (transposed, in st).
@@ -385,8 +413,7 @@ struct PrefillTask {
   // One block of keys: scores, softmax update, O^T = O^T * alpha + V^T P^T.
   void block(int64_t j0, int64_t cols, bool straddles) {
     scores(j0, cols, straddles);
-    for (int64_t i = 0; i < qcols; i += W)
-      S::store(sc.alpha + i, online_softmax_update<T>(sc.st + i, BR, cols, sc.m + i, sc.l + i));
+    block_softmax<T>(sc.st, BR, cols, qcols, sc.m, sc.l, sc.alpha);
     for (int64_t e = 0; e < t.dvp; ++e)
       for (int64_t i = 0; i < qcols; i += W) {
         T* o = sc.ot + e * BR + i;
