@@ -23,13 +23,25 @@ namespace TILEATTN_ISA_NS {
 #include "dropout_hash.h"
 #include "kernel_common.h"
 #include "kernel_prefill.h"
+#include "kernel_decode.h"
+
+// Few queries against the keys (decode) take the decode path unless the
+// weights or dropout are asked for; both paths give a row the same bits.
+template <typename T>
+void forward_typed(const AttentionParams& p) {
+  const bool decode = p.Lq <= kDecodeMaxQueries && !p.weights && p.dropout_p == 0.0;
+  if (decode)
+    decode_forward<T>(p);
+  else
+    prefill_forward<T>(p);
+}
 
 void attention_forward(const AttentionParams& p) {
   if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
   if (p.dtype == DType::f64)
-    prefill_forward<double>(p);
+    forward_typed<double>(p);
   else
-    prefill_forward<float>(p);
+    forward_typed<float>(p);
 }
 
 }  // namespace TILEATTN_ISA_NS

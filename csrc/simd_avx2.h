@@ -36,6 +36,7 @@ template <> struct Simd<float> {
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
     return _mm_cvtss_f32(m);
   }
+  static float first(reg a) { return _mm256_cvtss_f32(a); }
   static float hsum(reg a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -77,6 +78,7 @@ template <> struct Simd<double> {
     m = _mm_max_sd(m, _mm_unpackhi_pd(m, m));
     return _mm_cvtsd_f64(m);
   }
+  static double first(reg a) { return _mm256_cvtsd_f64(a); }
   static double hsum(reg a) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
     s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));

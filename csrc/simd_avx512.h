@@ -30,6 +30,7 @@ template <> struct Simd<float> {
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
   static float hmax(reg a) { return _mm512_reduce_max_ps(a); }
+  static float first(reg a) { return _mm512_cvtss_f32(a); }
   static float hsum(reg a) {
     // A fixed pairwise order (the reduce intrinsic's order is unspecified).
     __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
@@ -69,6 +70,7 @@ template <> struct Simd<double> {
   static reg max(reg a, reg b) { return _mm512_max_pd(a, b); }
   static reg min(reg a, reg b) { return _mm512_min_pd(a, b); }
   static double hmax(reg a) { return _mm512_reduce_max_pd(a); }
+  static double first(reg a) { return _mm512_cvtsd_f64(a); }
   static double hsum(reg a) {
     __m256d s4 = _mm256_add_pd(_mm512_castpd512_pd256(a), _mm512_extractf64x4_pd(a, 1));
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));

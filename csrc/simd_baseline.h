@@ -31,6 +31,7 @@ struct VecExtSimd {
   static reg max(reg a, reg b) { for (int i = 0; i < W; ++i) a[i] = a[i] < b[i] ? b[i] : a[i]; return a; }
   static reg min(reg a, reg b) { for (int i = 0; i < W; ++i) a[i] = b[i] < a[i] ? b[i] : a[i]; return a; }
   static T hmax(reg a) { T m = a[0]; for (int i = 1; i < W; ++i) m = m < a[i] ? a[i] : m; return m; }
+  static T first(reg a) { return a[0]; }
   static T hsum(reg a) {
     // Pairwise, like the SIMD paths: ((a0 + a2) + (a1 + a3)) for 4 lanes.
     for (int half = W / 2; half >= 1; half /= 2)

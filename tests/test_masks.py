@@ -165,3 +165,22 @@ def test_return_weights(each_isa, rng):
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(out, sdpa(q, k, v, window=(30, 30)))
     assert_close_to_reference(out, q, k, v, weights=w, window=(30, 30))
+
+
+@pytest.mark.parametrize("lq_small", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_decode_path_gives_prefill_bits(each_isa, rng, lq_small, dtype):
+    """The last queries computed alone (the decode path, Lq <= 4) give the
+    same bits as inside a long prefill over the same keys."""
+    b, hq, hkv, lk, d = 2, 8, 2, 1500, 64
+    q, k, v = make_qkv(rng, b, hq, hkv, 40, lk, d, dtype=dtype)
+    kpm = rng.random((b, lk)) < 0.9
+    fmask = rng.standard_normal((40, lk)).astype(dtype)
+    for kw in (dict(is_causal=True), dict(window=700), dict(key_padding_mask=kpm, is_causal=True)):
+        full = sdpa(q, k, v, **kw)
+        tail = sdpa(q[:, :, -lq_small:], k, v, **kw)
+        np.testing.assert_array_equal(tail, full[:, :, -lq_small:])
+    # an additive mask: the small call gets the last rows of the big mask
+    full = sdpa(q, k, v, attn_mask=fmask)
+    tail = sdpa(q[:, :, -lq_small:], k, v, attn_mask=fmask[-lq_small:])
+    np.testing.assert_array_equal(tail, full[:, :, -lq_small:])
