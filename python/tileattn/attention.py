@@ -46,6 +46,12 @@ def _input(x: Any, name: str) -> np.ndarray:
     return a
 
 
+def _heads_first(a: np.ndarray, unbatched: bool) -> np.ndarray:
+    """(B, L, H, D) -> the (B, H, L, D) view the core takes ((H, L, D) unbatched)."""
+    a = a.transpose(0, 2, 1, 3)
+    return a[0] if unbatched else a
+
+
 class MultiHeadAttention(Module):
     """Multi-head attention (Vaswani et al., 2017) with GQA, RoPE and QK-norm.
 
@@ -384,12 +390,13 @@ class MultiHeadAttention(Module):
         buffer ready for out_proj (no transposing copy)."""
         b, lq, hq, _ = q.shape
         buf = np.empty((b, lq, hq, self.value_dim), self.dtype)
-        t = (lambda a: a.transpose(0, 2, 1, 3)[0]) if unbatched else \
-            (lambda a: a.transpose(0, 2, 1, 3))
         p, seed = 0.0, None
         if training and self.dropout > 0:
             p, seed = self.dropout, int(self._dropout_rng.integers(0, 2**63))
-        res = scaled_dot_product_attention(t(q), t(k), t(v), out=t(buf), dropout_p=p, seed=seed,
+        # Unbatched inputs go to the core unbatched, so that its mask rules
+        # (and error messages) are the ones the user's shapes call for.
+        q, k, v, out = (_heads_first(a, unbatched) for a in (q, k, v, buf))
+        res = scaled_dot_product_attention(q, k, v, out=out, dropout_p=p, seed=seed,
                                            return_weights=need_weights, **masks)
         w = res[1] if need_weights else None
         if w is not None and unbatched:
