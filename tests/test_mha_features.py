@@ -213,3 +213,17 @@ def test_call_errors():
         m(x, training=1)
     with pytest.raises(InvalidParameterError, match="cache"):
         m(x, cache=object())
+
+
+def test_window_and_unbatched_weights_match_explicit_masks(rng):
+    """window= and is_causal reach the core: same as the equivalent bool mask."""
+    m = tileattn.MultiHeadAttention(16, 2, seed=0, dtype=np.float64)
+    x = rng.standard_normal((9, 16))                                 # unbatched
+    i, j = np.arange(9)[:, None], np.arange(9)[None, :]
+    band = (j <= i) & (j > i - 3)
+    y, w = m(x, window=3, need_weights=True, average_attn_weights=False)
+    y2, w2 = m(x, attn_mask=band, need_weights=True, average_attn_weights=False)
+    assert y.shape == (9, 16) and w.shape == (2, 9, 9)
+    np.testing.assert_allclose(y, y2, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(w, w2, rtol=0, atol=1e-15)
+    assert np.all(w[:, ~band] == 0)
