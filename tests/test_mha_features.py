@@ -227,3 +227,13 @@ def test_window_and_unbatched_weights_match_explicit_masks(rng):
     np.testing.assert_allclose(y, y2, rtol=0, atol=1e-14)
     np.testing.assert_allclose(w, w2, rtol=0, atol=1e-15)
     assert np.all(w[:, ~band] == 0)
+
+
+def test_replacing_a_projection_repacks(rng):
+    m = tileattn.MultiHeadAttention(16, 2, seed=0, dtype=np.float64)
+    x = rng.standard_normal((1, 6, 16))
+    m.k_proj = tileattn.Linear(16, 16, dtype=np.float64, rng=rng)
+    assert np.shares_memory(m.k_proj.weight, m._in_weight)
+    close(m(x), reference(m, x, x), np.float64)
+    with pytest.raises(ShapeError, match=r"k_proj: expected Linear\(16, 16, bias=True\), got Linear\(16, 8"):
+        m.k_proj = tileattn.Linear(16, 8, dtype=np.float64)

@@ -203,6 +203,26 @@ class MultiHeadAttention(Module):
                 start += n
             object.__setattr__(self, f"_in_{attr}", packed)
 
+    def add_module(self, name: str, module: Optional[Module]) -> None:
+        """Replacing a projection after construction (``mha.q_proj = Linear(...)``)
+        must keep its shape, and re-packs Q/K/V so the fused GEMM sees it."""
+        built = "_in_weight" in self.__dict__
+        if built and name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            old = self._modules[name]
+            if not isinstance(module, Linear):
+                raise InvalidParameterError(f"{name}: expected a Linear, got {type(module).__name__}")
+            if (module.in_features, module.out_features, module.bias is None) != \
+                    (old.in_features, old.out_features, old.bias is None):
+                raise ShapeError(
+                    f"{name}: expected Linear({old.in_features}, {old.out_features}, "
+                    f"bias={old.bias is not None}), got Linear({module.in_features}, "
+                    f"{module.out_features}, bias={module.bias is not None})")
+            if module.dtype != self.dtype:
+                raise DTypeError(f"{name}: expected dtype {self.dtype}, got {module.dtype}")
+        super().add_module(name, module)
+        if built and name != "out_proj" and name.endswith("_proj"):
+            self._pack()
+
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
         # The packed buffers are rebuilt on unpickling; don't store weights twice.
