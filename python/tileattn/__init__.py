@@ -12,6 +12,12 @@ from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._threads import _check_env, get_num_threads, set_num_threads
 from ._version import __version__
 from .functional import scaled_dot_product_attention
+from .module import Module
+from .linear import Linear
+from .norm import LayerNorm
+from .attention import MultiHeadAttention
+from .positional import rope, sinusoidal_positions
+from .io import keras_state_dict, load, load_keras_weights, save
 
 _check_env()
 _apply_isa_env()
@@ -19,11 +25,21 @@ _apply_isa_env()
 __all__ = [
     "DTypeError",
     "InvalidParameterError",
+    "LayerNorm",
+    "Linear",
+    "Module",
+    "MultiHeadAttention",
     "ShapeError",
     "__version__",
     "config",
     "get_num_threads",
+    "keras_state_dict",
+    "load",
+    "load_keras_weights",
+    "rope",
+    "save",
     "scaled_dot_product_attention",
     "set_num_threads",
     "show_config",
+    "sinusoidal_positions",
 ]

@@ -1,0 +1,432 @@
+"""``MultiHeadAttention``: projections in NumPy, attention in tileattn's core."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from ._axes import SequenceLayout, check_attention_axes, layouts
+from ._errors import DTypeError, InvalidParameterError, ShapeError
+from .functional import scaled_dot_product_attention
+from .linear import Linear, as_2d_rows
+from .module import Module
+from .norm import LayerNorm
+from .positional import apply_rope, rope_tables
+
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_TORCH_IN_PROJ = ("in_proj_weight", "in_proj_bias")
+_TORCH_SEPARATE = {"q_proj_weight": "q_proj.weight", "k_proj_weight": "k_proj.weight",
+                   "v_proj_weight": "v_proj.weight"}
+
+
+def _pos_int(name: str, value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidParameterError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def _opt_pos_int(name: str, value: Any, default: int) -> int:
+    return default if value is None else _pos_int(name, value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidParameterError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
+
+
+def _input(x: Any, name: str) -> np.ndarray:
+    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if a.dtype not in _FLOATS:
+        raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype} "
+                         f"with shape {a.shape}")
+    return a
+
+
+def _heads_first(a: np.ndarray, unbatched: bool) -> np.ndarray:
+    """(B, L, H, D) -> the (B, H, L, D) view the core takes ((H, L, D) unbatched)."""
+    a = a.transpose(0, 2, 1, 3)
+    return a[0] if unbatched else a
+
+
+class MultiHeadAttention(Module):
+    """Multi-head attention (Vaswani et al., 2017) with GQA, RoPE and QK-norm.
+
+    ``y = out_proj(concat_h attention(q_proj(query)_h, k_proj(key)_g, v_proj(value)_g))``
+    where query head ``h`` uses key/value head ``g = h // (num_heads // num_kv_heads)``.
+
+    Parameters
+    ----------
+    embed_dim : int
+        Feature size E of the query input.
+    num_heads : int
+        Query heads Hq.
+    num_kv_heads : int, optional
+        Key/value heads Hkv (grouped-query attention when < num_heads,
+        multi-query when 1). Must divide num_heads. Default num_heads.
+    head_dim : int, optional
+        Query/key size D per head (Keras' ``key_dim``). Default
+        ``embed_dim // num_heads``, which then must divide evenly.
+    value_dim : int, optional
+        Value size Dv per head. Default head_dim.
+    kdim, vdim : int, optional
+        Feature sizes of the key and value inputs. Default embed_dim.
+    output_dim : int, optional
+        Output features. Default embed_dim.
+    bias : bool
+        Biases in the four projections (and the QK-norms).
+    dropout : float in [0, 1)
+        Dropout on the attention weights, applied only with ``training=True``.
+    rope : bool
+        Rotary position embedding of q and k (positions 0..L-1 of each input),
+        after the QK-norm. Needs an even head_dim.
+    rope_theta : float
+    qk_norm : bool
+        LayerNorm over head_dim of every q and k head (weights shared across
+        heads: ``q_norm.weight``, ``k_norm.weight`` (+ ``.bias``)).
+    attention_axes : int or tuple of int, optional
+        Keras' option: for (B, *S, E) inputs, attend jointly over these axes
+        of S; the other axes of S act as batch axes. Default: all of S.
+    dtype : float32 or float64
+        Dtype of the parameters and of the computation.
+    seed : int, optional
+        Seeds the Glorot-uniform kernels (biases start at zero) and the
+        sequence of dropout masks.
+
+    Parameters (arrays, PyTorch layout (out_features, in_features))
+    ---------------------------------------------------------------
+    q_proj.weight (Hq*D, E), k_proj.weight (Hkv*D, kdim),
+    v_proj.weight (Hkv*Dv, vdim), out_proj.weight (output_dim, Hq*Dv), and
+    the ``.bias`` of each when ``bias``.
+
+    Notes
+    -----
+    When kdim == vdim == embed_dim the Q, K and V weights are views into one
+    packed (Hq*D + Hkv*D + Hkv*Dv, E) matrix: self-attention projects with a
+    single matrix multiply, and loads, assignments and in-place edits of the
+    separate weights are seen by it with no cache to invalidate.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, value_dim: Optional[int] = None,
+                 kdim: Optional[int] = None, vdim: Optional[int] = None,
+                 output_dim: Optional[int] = None, bias: bool = True, dropout: float = 0.0,
+                 rope: bool = False, rope_theta: float = 10000.0, qk_norm: bool = False,
+                 attention_axes: Any = None, dtype: Any = np.float32,
+                 seed: Optional[int] = None) -> None:
+        super().__init__(dtype)
+        self._check_sizes(embed_dim, num_heads, num_kv_heads, head_dim, value_dim,
+                          kdim, vdim, output_dim)
+        self._check_options(bias, dropout, rope, rope_theta, qk_norm, attention_axes, seed)
+        init_seq, drop_seq = np.random.SeedSequence(seed).spawn(2)
+        self._dropout_rng = np.random.default_rng(drop_seq)
+        rng = np.random.default_rng(init_seq)
+        hq, hkv, d, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim
+        self.q_proj = Linear(self.embed_dim, hq * d, bias, self.dtype, rng)
+        self.k_proj = Linear(self.kdim, hkv * d, bias, self.dtype, rng)
+        self.v_proj = Linear(self.vdim, hkv * dv, bias, self.dtype, rng)
+        self.out_proj = Linear(hq * dv, self.output_dim, bias, self.dtype, rng)
+        if self.qk_norm:
+            self.q_norm = LayerNorm(d, bias=bias, dtype=self.dtype)
+            self.k_norm = LayerNorm(d, bias=bias, dtype=self.dtype)
+        self._pack()
+
+    # -- construction ---------------------------------------------------------
+    def _check_sizes(self, embed_dim, num_heads, num_kv_heads, head_dim, value_dim,
+                     kdim, vdim, output_dim) -> None:
+        self.embed_dim = _pos_int("embed_dim", embed_dim)
+        self.num_heads = _pos_int("num_heads", num_heads)
+        self.num_kv_heads = _opt_pos_int("num_kv_heads", num_kv_heads, self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise InvalidParameterError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+                f"({self.num_kv_heads})")
+        if head_dim is None and self.embed_dim % self.num_heads:
+            raise InvalidParameterError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}), "
+                f"or pass head_dim")
+        self.head_dim = _opt_pos_int("head_dim", head_dim, self.embed_dim // self.num_heads)
+        self.value_dim = _opt_pos_int("value_dim", value_dim, self.head_dim)
+        self.kdim = _opt_pos_int("kdim", kdim, self.embed_dim)
+        self.vdim = _opt_pos_int("vdim", vdim, self.embed_dim)
+        self.output_dim = _opt_pos_int("output_dim", output_dim, self.embed_dim)
+
+    def _check_options(self, bias, dropout, rope, rope_theta, qk_norm, attention_axes,
+                       seed) -> None:
+        _flag("bias", bias)
+        if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real) \
+                or not 0.0 <= float(dropout) < 1.0:
+            raise InvalidParameterError(f"dropout: expected a number in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
+        self.rope = _flag("rope", rope)
+        if self.rope and self.head_dim % 2:
+            raise InvalidParameterError(
+                f"rope: head_dim must be even for rotary embeddings, got head_dim={self.head_dim}")
+        if isinstance(rope_theta, (bool, np.bool_)) or not isinstance(rope_theta, numbers.Real) \
+                or not (math.isfinite(rope_theta) and rope_theta > 0):
+            raise InvalidParameterError(f"rope_theta: expected a positive number, got {rope_theta!r}")
+        self.rope_theta = float(rope_theta)
+        self.qk_norm = _flag("qk_norm", qk_norm)
+        self.attention_axes = check_attention_axes(attention_axes)
+        if self.rope and self.attention_axes is not None and len(self.attention_axes) > 1:
+            raise InvalidParameterError(
+                f"rope: positions over several attention_axes {self.attention_axes} are not "
+                f"defined; use one attention axis with rope")
+        if seed is not None and (isinstance(seed, (bool, np.bool_))
+                                 or not isinstance(seed, numbers.Integral) or seed < 0):
+            raise InvalidParameterError(f"seed: expected a non-negative int, got {seed!r}")
+        self.seed = None if seed is None else int(seed)
+
+    @property
+    def packed(self) -> bool:
+        """True when Q/K/V weights share one packed matrix (kdim == vdim == embed_dim)."""
+        return self.kdim == self.embed_dim and self.vdim == self.embed_dim
+
+    def _pack(self) -> None:
+        """Put the Q, K, V weights (and biases) into one buffer and make the
+        projections' parameters views of it (see the class notes)."""
+        self._in_weight = self._in_bias = None
+        if not self.packed:
+            return
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        for attr in ("weight", "bias"):
+            if getattr(self.q_proj, attr) is None:
+                continue
+            packed = np.concatenate([getattr(p, attr) for p in projs])
+            start = 0
+            for p in projs:
+                n = p.out_features
+                p._rebind(attr, packed[start:start + n])
+                start += n
+            object.__setattr__(self, f"_in_{attr}", packed)
+
+    def add_module(self, name: str, module: Optional[Module]) -> None:
+        """Replacing a projection after construction (``mha.q_proj = Linear(...)``)
+        must keep its shape, and re-packs Q/K/V so the fused GEMM sees it."""
+        built = "_in_weight" in self.__dict__
+        if built and name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            old = self._modules[name]
+            if not isinstance(module, Linear):
+                raise InvalidParameterError(f"{name}: expected a Linear, got {type(module).__name__}")
+            if (module.in_features, module.out_features, module.bias is None) != \
+                    (old.in_features, old.out_features, old.bias is None):
+                raise ShapeError(
+                    f"{name}: expected Linear({old.in_features}, {old.out_features}, "
+                    f"bias={old.bias is not None}), got Linear({module.in_features}, "
+                    f"{module.out_features}, bias={module.bias is not None})")
+            if module.dtype != self.dtype:
+                raise DTypeError(f"{name}: expected dtype {self.dtype}, got {module.dtype}")
+        super().add_module(name, module)
+        if built and name != "out_proj" and name.endswith("_proj"):
+            self._pack()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        # The packed buffers are rebuilt on unpickling; don't store weights twice.
+        state.pop("_in_weight", None)
+        state.pop("_in_bias", None)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._pack()
+
+    def _convert_state_dict(self, sd: Dict[str, Any]) -> Dict[str, Any]:
+        """Accept nn.MultiheadAttention's names: packed ``in_proj_weight`` /
+        ``in_proj_bias`` (split into q/k/v by rows) and ``q_proj_weight`` etc."""
+        out = dict(sd)
+        sizes = [p.out_features for p in (self.q_proj, self.k_proj, self.v_proj)]
+        for key, attr in zip(_TORCH_IN_PROJ, ("weight", "bias")):
+            if key not in out:
+                continue
+            value = np.asarray(out[key])
+            if value.ndim < 1 or value.shape[0] != sum(sizes):
+                raise ShapeError(
+                    f"load_state_dict: {key}: expected {sum(sizes)} rows "
+                    f"(q {sizes[0]} + k {sizes[1]} + v {sizes[2]}), got shape {value.shape}")
+            del out[key]
+            parts = np.split(value, np.cumsum(sizes)[:-1])
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), parts):
+                out.setdefault(f"{name}.{attr}", part)
+        for torch_key, own in _TORCH_SEPARATE.items():
+            if torch_key in out:
+                out.setdefault(own, out.pop(torch_key))
+        return out
+
+    def get_config(self) -> Dict[str, Any]:
+        return {
+            "embed_dim": self.embed_dim, "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+            "value_dim": self.value_dim, "kdim": self.kdim, "vdim": self.vdim,
+            "output_dim": self.output_dim, "bias": self.q_proj.bias is not None,
+            "dropout": self.dropout, "rope": self.rope, "rope_theta": self.rope_theta,
+            "qk_norm": self.qk_norm,
+            "attention_axes": list(self.attention_axes) if self.attention_axes else None,
+            "dtype": self.dtype.name, "seed": self.seed,
+        }
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"value_dim={self.value_dim}, rope={self.rope}, qk_norm={self.qk_norm}")
+
+    # -- forward --------------------------------------------------------------
+    def forward(self, query: Any, key: Any = None, value: Any = None, *,
+                attn_mask: Any = None, key_padding_mask: Any = None, is_causal: bool = False,
+                window: Any = None, need_weights: bool = False,
+                average_attn_weights: bool = True, training: bool = False,
+                cache: Any = None):
+        """Attend from ``query`` to ``key``/``value``.
+
+        Parameters
+        ----------
+        query : (B, Lq, E) or unbatched (Lq, E); (B, *S, E) with attention_axes
+        key : (B, Lk, kdim), optional
+            None: self-attention (key = value = query).
+        value : (B, Lk, vdim), optional
+            None: value = key (``mha(q, kv)``).
+        attn_mask : bool or float, broadcastable (NumPy rules) to (B, Hq, Lq, Lk)
+            Bool True = may attend; float is added to the scores. A (B, Lq, Lk)
+            mask (Keras' layout) needs a head axis: ``mask[:, None]``.
+        key_padding_mask : bool (B, Lk), True = real token
+            The opposite of PyTorch's polarity (there True = ignore).
+        is_causal, window
+            As in ``scaled_dot_product_attention`` (bottom-right aligned).
+        need_weights : bool
+            Also return the attention weights.
+        average_attn_weights : bool
+            Weights averaged over heads (B, Lq, Lk), else (B, Hq, Lq, Lk).
+        training : bool
+            Apply dropout (only then).
+        cache : reserved for the KV cache; must be None for now.
+
+        Returns
+        -------
+        y : (B, Lq, output_dim) (unbatched: (Lq, output_dim)), the query's dtype
+        weights : only with need_weights, see average_attn_weights
+
+        With attention_axes, masks and weights refer to the flattened problem:
+        batch B * (non-attended sizes), positions the attended axes in
+        row-major order; the weights are returned in Keras' shape
+        (B, *non-attended, [Hq,] *query axes, *key axes).
+        """
+        if cache is not None:
+            raise InvalidParameterError("cache: the KV cache is not implemented yet; pass None")
+        for name, v in (("need_weights", need_weights), ("training", training),
+                        ("average_attn_weights", average_attn_weights)):
+            _flag(name, v)
+        q_in, k_in, v_in, self_attn, kv_same, out_dtype = self._inputs(query, key, value)
+        unbatched = q_in.ndim == 2 and self.attention_axes is None
+        if unbatched:
+            q_in, k_in, v_in = q_in[None], k_in[None], v_in[None]
+        self._check_features(q_in, k_in, v_in)
+        q_lay, k_lay = layouts(q_in, k_in, v_in, self.attention_axes)
+        q3 = q_lay.to_sequence(q_in)
+        k3 = q3 if self_attn else k_lay.to_sequence(k_in)
+        v3 = k3 if kv_same else k_lay.to_sequence(v_in)
+
+        q, k, v = self._project(q3, k3, v3, self_attn, kv_same)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            q, k = self._rope(q), self._rope(k)
+        y, w = self._attend(q, k, v, unbatched, attn_mask=attn_mask,
+                            key_padding_mask=key_padding_mask, is_causal=is_causal,
+                            window=window, need_weights=need_weights, training=training)
+        y = self.out_proj(y)
+        y = q_lay.from_sequence(y)[0] if unbatched else q_lay.from_sequence(y)
+        y = y.astype(out_dtype, copy=False)
+        if not need_weights:
+            return y
+        return y, self._shape_weights(w, q_lay, k_lay, unbatched, average_attn_weights, out_dtype)
+
+    def _inputs(self, query, key, value):
+        """Arrays in the module's dtype, and whether the projection can be
+        fused: self-attention (Q, K, V from one input) or K and V from one."""
+        self_attn = (key is None or key is query) and (value is None or value is query)
+        if key is None:
+            key = value if value is not None else query
+        if value is None:
+            value = key
+        kv_same = key is value
+        q = _input(query, "query")
+        k = q if key is query else _input(key, "key")
+        v = k if kv_same else _input(value, "value")
+        in_dtype = q.dtype
+        q, k, v = (a.astype(self.dtype, copy=False) for a in (q, k, v))
+        if not self.packed:
+            self_attn = kv_same = False  # different in_features: nothing to fuse
+        return q, k, v, self_attn, kv_same, in_dtype
+
+    def _check_features(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        if q.ndim < 3:
+            want = (f"(B, *axes, {self.embed_dim}) with attention_axes" if self.attention_axes
+                    else f"(B, L, {self.embed_dim}) or unbatched (L, {self.embed_dim})")
+            raise ShapeError(f"query: expected {want}, got shape {q.shape}")
+        for name, a, want in (("query", q, self.embed_dim), ("key", k, self.kdim),
+                              ("value", v, self.vdim)):
+            if a.shape[-1] != want:
+                what = "embed_dim" if name == "query" else ("kdim" if name == "key" else "vdim")
+                raise ShapeError(f"{name}: expected last axis {want} ({what}), got shape {a.shape}")
+
+    def _project(self, q3, k3, v3, self_attn, kv_same):
+        """(B, L, F) inputs -> q (B, Lq, Hq, D), k (B, Lk, Hkv, D),
+        v (B, Lk, Hkv, Dv): views of the projections' outputs, fused when
+        the inputs allow (one GEMM for all three in self-attention)."""
+        nq = self.q_proj.out_features
+        if self_attn:
+            qkv = self._packed_matmul(q3, 0)
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + self.k_proj.out_features], \
+                qkv[..., nq + self.k_proj.out_features:]
+        elif kv_same:
+            q = self.q_proj(q3)
+            kv = self._packed_matmul(k3, nq)
+            k, v = kv[..., :self.k_proj.out_features], kv[..., self.k_proj.out_features:]
+        else:
+            q, k, v = self.q_proj(q3), self.k_proj(k3), self.v_proj(v3)
+        hq, hkv, d, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim
+        return (q.reshape(q.shape[:2] + (hq, d)), k.reshape(k.shape[:2] + (hkv, d)),
+                v.reshape(v.shape[:2] + (hkv, dv)))
+
+    def _packed_matmul(self, x3: np.ndarray, row0: int) -> np.ndarray:
+        """x3 @ packed[row0:].T (+ bias): one GEMM over rows row0.. of the
+        packed Q/K/V matrix; returns (B, L, rows)."""
+        w = self._in_weight[row0:]
+        y = as_2d_rows(x3) @ w.T
+        if self._in_bias is not None:
+            y += self._in_bias[row0:]
+        return y.reshape(x3.shape[:2] + (w.shape[0],))
+
+    def _rope(self, x: np.ndarray) -> np.ndarray:
+        """RoPE of x (B, L, H, D) along L, positions 0..L-1."""
+        cos, sin = rope_tables(x.shape[1], self.head_dim, self.rope_theta, 0, self.dtype)
+        return apply_rope(x, cos[:, None, :], sin[:, None, :])
+
+    def _attend(self, q, k, v, unbatched, *, need_weights, training, **masks):
+        """The core on (B, H, L, D) views; the output lands in a (B, Lq, Hq*Dv)
+        buffer ready for out_proj (no transposing copy)."""
+        b, lq, hq, _ = q.shape
+        buf = np.empty((b, lq, hq, self.value_dim), self.dtype)
+        p, seed = 0.0, None
+        if training and self.dropout > 0:
+            p, seed = self.dropout, int(self._dropout_rng.integers(0, 2**63))
+        # Unbatched inputs go to the core unbatched, so that its mask rules
+        # (and error messages) are the ones the user's shapes call for.
+        q, k, v, out = (_heads_first(a, unbatched) for a in (q, k, v, buf))
+        res = scaled_dot_product_attention(q, k, v, out=out, dropout_p=p, seed=seed,
+                                           return_weights=need_weights, **masks)
+        w = res[1] if need_weights else None
+        if w is not None and unbatched:
+            w = w[None]
+        return buf.reshape(b, lq, hq * self.value_dim), w
+
+    def _shape_weights(self, w, q_lay: SequenceLayout, k_lay: SequenceLayout, unbatched,
+                       average, dtype) -> np.ndarray:
+        if average:
+            w = w.mean(axis=1)
+        heads = () if average else (self.num_heads,)
+        w = w.reshape(q_lay.weights_shape(k_lay, heads))
+        return (w[0] if unbatched else w).astype(dtype, copy=False)

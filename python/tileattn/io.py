@@ -1,0 +1,184 @@
+"""Saving and loading modules (.npz, .safetensors) and Keras weight import."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._errors import InvalidParameterError, ShapeError
+from ._version import __version__
+from .module import MODULE_CLASSES, Module
+
+PathLike = Union[str, "os.PathLike[str]"]
+_META_KEY = "__tileattn__"   # npz entry / safetensors metadata key with class + config
+
+
+def _format(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".npz", ".safetensors"):
+        raise InvalidParameterError(
+            f"path: expected a file name ending in .npz or .safetensors, got {path!r}")
+    return ext[1:]
+
+
+def _safetensors_numpy():
+    try:
+        import safetensors.numpy as st
+    except ImportError:
+        raise ImportError("saving or loading .safetensors needs the safetensors package: "
+                          "pip install safetensors (or tileattn[safetensors])") from None
+    return st
+
+
+def save(module: Module, path: PathLike) -> None:
+    """Write ``module``'s parameters and constructor config to ``path``.
+
+    Parameters
+    ----------
+    module : Module
+    path : str or path-like ending in ``.npz`` (always available) or
+        ``.safetensors`` (needs the ``safetensors`` package).
+
+    The arrays are stored under their state-dict names, so other tools (and
+    PyTorch via safetensors) can read them; ``tileattn.load`` rebuilds the
+    module from the stored config.
+    """
+    if not isinstance(module, Module):
+        raise InvalidParameterError(f"module: expected a tileattn Module, got {type(module).__name__}")
+    path = os.fspath(path)
+    fmt = _format(path)
+    meta = json.dumps({"class": type(module).__name__, "config": module.get_config(),
+                       "tileattn_version": __version__})
+    arrays = {k: np.ascontiguousarray(v) for k, v in module.state_dict().items()}
+    if fmt == "npz":
+        with open(path, "wb") as f:   # a file object: numpy would append .npz to a name
+            np.savez(f, **{_META_KEY: np.array(meta)}, **arrays)
+    else:
+        _safetensors_numpy().save_file(arrays, path, metadata={_META_KEY: meta})
+
+
+def _read(path: str) -> Tuple[Dict[str, np.ndarray], Optional[dict]]:
+    if _format(path) == "npz":
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = arrays.pop(_META_KEY, None)
+        return arrays, (json.loads(str(meta)) if meta is not None else None)
+    st = _safetensors_numpy()
+    from safetensors import safe_open
+    with safe_open(path, framework="np") as f:
+        meta = (f.metadata() or {}).get(_META_KEY)
+    return st.load_file(path), (json.loads(meta) if meta is not None else None)
+
+
+def load(path: PathLike, module: Optional[Module] = None) -> Module:
+    """Read a module written by ``save``.
+
+    Parameters
+    ----------
+    path : .npz or .safetensors file
+    module : Module, optional
+        Load the weights into this module (strictly) instead of building a
+        new one from the stored config; also works for files that hold only
+        weights (e.g. a state dict saved by another tool).
+
+    Returns
+    -------
+    Module
+    """
+    path = os.fspath(path)
+    arrays, meta = _read(path)
+    if module is None:
+        if meta is None:
+            raise InvalidParameterError(
+                f"load: {path!r} holds no tileattn config; pass the module to load into")
+        cls = MODULE_CLASSES.get(meta.get("class"))
+        if cls is None:
+            raise InvalidParameterError(f"load: unknown module class {meta.get('class')!r} in {path!r}")
+        module = cls(**meta["config"])
+    module.load_state_dict(arrays)
+    return module
+
+
+# -- Keras --------------------------------------------------------------------
+_KERAS_PARTS = ("query", "key", "value", "attention_output")
+_OWN_NAMES = {"query": "q_proj", "key": "k_proj", "value": "v_proj",
+              "attention_output": "out_proj"}
+
+
+def _keras_entries(weights: Union[Sequence[Any], Mapping[str, Any]]) -> Dict[Tuple[str, str], Any]:
+    """{(part, "kernel"|"bias"): array} from get_weights() order or a mapping
+    keyed by Keras variable paths ("mha/query/kernel", "query/kernel:0", ...)."""
+    if isinstance(weights, Mapping):
+        out = {}
+        for name, value in weights.items():
+            segs = str(name).split("/")
+            part = next((s for s in segs if s in _KERAS_PARTS or s == "output"), None)
+            kind = segs[-1].split(":")[0]
+            if part is None or kind not in ("kernel", "bias"):
+                raise InvalidParameterError(f"keras weights: cannot place variable {name!r}")
+            out[("attention_output" if part == "output" else part, kind)] = value
+        return out
+    weights = list(weights)
+    if len(weights) not in (4, 8):
+        raise InvalidParameterError(
+            f"keras weights: expected the 8 arrays of layer.get_weights() (4 without bias), "
+            f"got {len(weights)}")
+    kinds = ("kernel", "bias") if len(weights) == 8 else ("kernel",)
+    keys = [(p, k) for p in _KERAS_PARTS for k in kinds]
+    return dict(zip(keys, weights))
+
+
+def keras_state_dict(weights: Union[Sequence[Any], Mapping[str, Any]]) -> Dict[str, np.ndarray]:
+    """Keras ``MultiHeadAttention`` weights as a tileattn state dict.
+
+    Keras keeps einsum kernels: query/key/value ``(in, heads, dim)`` with
+    biases ``(heads, dim)``, and the output ``(heads, value_dim, out)`` with
+    bias ``(out,)``. They become ``(out_features, in_features)`` matrices.
+
+    Parameters
+    ----------
+    weights : list or mapping
+        ``layer.get_weights()`` (query, key, value, output; kernel then bias),
+        or a mapping from Keras variable paths (``".../query/kernel"``) to arrays.
+
+    Returns
+    -------
+    dict for ``MultiHeadAttention.load_state_dict``; build the module with
+    ``embed_dim=query features, num_heads, head_dim=key_dim, value_dim,
+    kdim=key features, vdim=value features, output_dim``.
+
+    Note the call order: Keras calls ``layer(query, value, key)``; tileattn
+    calls ``mha(query, key, value)``.
+
+    Examples
+    --------
+    >>> mha = tileattn.MultiHeadAttention(64, 4, head_dim=16)        # doctest: +SKIP
+    >>> mha.load_state_dict(tileattn.keras_state_dict(layer.get_weights()))  # doctest: +SKIP
+    """
+    sd: Dict[str, np.ndarray] = {}
+    for (part, kind), value in _keras_entries(weights).items():
+        a = np.asarray(value)
+        own = _OWN_NAMES[part]
+        if kind == "kernel":
+            if a.ndim != 3:
+                raise ShapeError(f"keras weights: {part} kernel: expected 3 axes "
+                                 f"{'(heads, dim, out)' if part == 'attention_output' else '(in, heads, dim)'}"
+                                 f", got shape {a.shape}")
+            mat = a.reshape(-1, a.shape[-1]) if part == "attention_output" else a.reshape(a.shape[0], -1)
+            # Keras multiplies x @ kernel; PyTorch layout is the transpose.
+            sd[f"{own}.weight"] = np.ascontiguousarray(mat.T)
+        else:
+            sd[f"{own}.bias"] = np.ascontiguousarray(a.reshape(-1))
+    return sd
+
+
+def load_keras_weights(module: Module, weights: Union[Sequence[Any], Mapping[str, Any]]) -> Module:
+    """``module.load_state_dict(keras_state_dict(weights))``; returns module."""
+    module.load_state_dict(keras_state_dict(weights))
+    return module
+
+
+__all__: List[str] = ["save", "load", "keras_state_dict", "load_keras_weights"]

@@ -1,0 +1,289 @@
+"""``Module``: the parameter bookkeeping every tileattn layer shares.
+
+A module owns NumPy arrays (its parameters) and child modules. Names are
+dotted paths as in PyTorch (``out_proj.weight``), so state dicts move between
+tileattn and PyTorch with the same keys.
+
+Loading never replaces a parameter array: values are copied *into* the
+existing arrays. A layer may therefore keep several parameters as views of one
+packed buffer (``MultiHeadAttention`` packs its Q/K/V weights so that one
+matrix multiply projects all three) and the packing survives loads, in-place
+edits and attribute assignment.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from ._errors import DTypeError, InvalidParameterError, ShapeError
+
+_MODULE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Every Module subclass by class name, so tileattn.load can rebuild a saved one.
+MODULE_CLASSES: Dict[str, type] = {}
+
+
+class IncompatibleKeys(NamedTuple):
+    """What ``load_state_dict(strict=False)`` skipped."""
+
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+
+
+def module_dtype(dtype: Any) -> np.dtype:
+    """The dtype a module computes in: float32 or float64."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise DTypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
+    if dt not in _MODULE_DTYPES:
+        raise DTypeError(f"dtype: expected float32 or float64, got {dt}")
+    return dt
+
+
+def _shape_str(shape: Tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _as_value(key: str, value: Any) -> np.ndarray:
+    """A state-dict value as an array (torch tensors, lists, ... via np.asarray)."""
+    try:
+        a = np.asarray(value)
+    except Exception as e:  # e.g. a torch tensor that requires grad
+        raise DTypeError(f"state_dict[{key!r}]: cannot convert to a NumPy array ({e})") from None
+    if a.dtype.kind not in "fiub":
+        raise DTypeError(f"state_dict[{key!r}]: expected real numbers, got dtype {a.dtype}")
+    return a
+
+
+class Module:
+    """Base class of tileattn's layers.
+
+    Subclasses call ``register_parameter`` and ``add_module`` in ``__init__``
+    (or assign a ``Module`` to an attribute) and implement ``forward``;
+    ``module(...)`` calls ``forward``.
+
+    Attributes
+    ----------
+    dtype : np.dtype
+        float32 or float64; every parameter has this dtype.
+    """
+
+    dtype: np.dtype
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        MODULE_CLASSES[cls.__name__] = cls
+
+    def __init__(self, dtype: Any = np.float32) -> None:
+        d = self.__dict__
+        d["_params"] = {}
+        d["_modules"] = {}
+        d["_grads"] = {}
+        d["dtype"] = module_dtype(dtype)
+
+    # -- registration -------------------------------------------------------
+    def register_parameter(self, name: str, value: Optional[np.ndarray]) -> None:
+        """Own ``value`` (converted to the module's dtype) as parameter ``name``.
+        ``None`` declares an absent optional parameter (e.g. a bias turned off)."""
+        if "." in name or not name:
+            raise InvalidParameterError(f"parameter name: expected a non-empty name without '.', got {name!r}")
+        if value is not None:
+            value = np.ascontiguousarray(value, dtype=self.dtype)
+        self._params[name] = value
+
+    def add_module(self, name: str, module: Optional["Module"]) -> None:
+        if "." in name or not name:
+            raise InvalidParameterError(f"module name: expected a non-empty name without '.', got {name!r}")
+        self._modules[name] = module
+
+    def _rebind(self, name: str, array: np.ndarray) -> None:
+        """Make parameter ``name`` *be* ``array`` (a view into a packed buffer).
+        For subclasses that pack parameters; users assign or load instead."""
+        old = self._params[name]
+        if old is None or array.shape != old.shape or array.dtype != self.dtype:
+            raise ShapeError(f"{name}: cannot rebind to an array of shape {array.shape}")
+        self._params[name] = array
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: parameters and children.
+        d = self.__dict__
+        if name in d.get("_params", ()):
+            return d["_params"][name]
+        if name in d.get("_modules", ()):
+            return d["_modules"][name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            self._assign(name, value)
+        elif isinstance(value, Module):
+            self.add_module(name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def _assign(self, name: str, value: Any) -> None:
+        """``module.weight = w`` copies ``w`` into the existing array, so packed
+        views (and anything derived from them) stay consistent."""
+        old = self._params[name]
+        if old is None or value is None:
+            raise InvalidParameterError(
+                f"{name}: cannot switch an optional parameter on or off after construction")
+        a = _as_value(name, value)
+        if a.shape != old.shape:
+            raise ShapeError(f"{name}: expected shape {_shape_str(old.shape)}, got {_shape_str(a.shape)}")
+        np.copyto(old, a, casting="unsafe")
+        self._parameters_changed()
+
+    def _parameters_changed(self) -> None:
+        """Hook run after parameters were assigned or loaded: a subclass that
+        caches something derived from its parameters drops it here."""
+
+    # -- traversal ------------------------------------------------------------
+    def named_modules(self, prefix: str = "") -> Iterator[Tuple[str, "Module"]]:
+        """(dotted name, module) for this module and every descendant."""
+        yield prefix, self
+        for name, child in self._modules.items():
+            if child is not None:
+                yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, np.ndarray]]:
+        """(dotted name, array) for every parameter, children included, in
+        registration order. The arrays are the module's own (not copies)."""
+        for mod_name, mod in self.named_modules(prefix):
+            for name, p in mod._params.items():
+                if p is not None:
+                    yield (f"{mod_name}.{name}" if mod_name else name), p
+
+    def parameters(self) -> List[np.ndarray]:
+        """The parameter arrays (the module's own, not copies)."""
+        return [p for _, p in self.named_parameters()]
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+    # -- gradients (storage for the backward passes to come) ------------------
+    def named_grads(self) -> Iterator[Tuple[str, np.ndarray]]:
+        """(name, gradient array) for every parameter, allocated on first use."""
+        for mod_name, mod in self.named_modules():
+            for name, p in mod._params.items():
+                if p is not None:
+                    g = mod._grads.get(name)
+                    if g is None or g.shape != p.shape:
+                        g = mod._grads[name] = np.zeros_like(p)
+                    yield (f"{mod_name}.{name}" if mod_name else name), g
+
+    def zero_grad(self) -> None:
+        for _, g in self.named_grads():
+            g.fill(0)
+
+    # -- state dicts ----------------------------------------------------------
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """Copies of the parameters, keyed by dotted name (PyTorch's layout)."""
+        return {name: p.copy() for name, p in self.named_parameters()}
+
+    def _convert_state_dict(self, sd: Dict[str, Any]) -> Dict[str, Any]:
+        """Hook: rename foreign keys (relative to this module) to its own names,
+        e.g. PyTorch's ``in_proj_weight``. The default keeps sd as is."""
+        return sd
+
+    def _canonical_state_dict(self, sd: Mapping[str, Any]) -> Dict[str, Any]:
+        """sd with every module's foreign names converted, children recursively."""
+        own = self._convert_state_dict(dict(sd))
+        out: Dict[str, Any] = {}
+        parts: Dict[str, Dict[str, Any]] = {}
+        for key, value in own.items():
+            head, _, rest = key.partition(".")
+            if rest and self._modules.get(head) is not None:
+                parts.setdefault(head, {})[rest] = value
+            else:
+                out[key] = value
+        for head, part in parts.items():
+            for key, value in self._modules[head]._canonical_state_dict(part).items():
+                out[f"{head}.{key}"] = value
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
+        """Copy ``state_dict``'s values into the parameters.
+
+        Parameters
+        ----------
+        state_dict : mapping of dotted name -> array-like
+            Values are cast to the module's dtype. Foreign names a layer
+            knows (e.g. PyTorch's ``in_proj_weight``) are accepted.
+        strict : bool
+            Raise when a key is missing or unexpected. A value of the wrong
+            shape is an error either way.
+
+        Returns
+        -------
+        IncompatibleKeys
+            (missing_keys, unexpected_keys); both empty when strict.
+
+        Raises
+        ------
+        InvalidParameterError
+            Missing or unexpected keys (strict), listing every one of them
+            and every mis-shaped key too.
+        ShapeError
+            Only mis-shaped keys; each named with both shapes.
+
+        Nothing is modified unless the whole load succeeds.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise InvalidParameterError(
+                f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
+        sd = self._canonical_state_dict(state_dict)
+        own = dict(self.named_parameters())
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        values = {k: _as_value(k, sd[k]) for k in own if k in sd}
+        misshaped = [f"{k}: expected {_shape_str(own[k].shape)}, got {_shape_str(v.shape)}"
+                     for k, v in values.items() if v.shape != own[k].shape]
+        key_problem = strict and (missing or unexpected)
+        if key_problem or misshaped:
+            lines = [f"load_state_dict into {type(self).__name__} failed:"]
+            if strict and missing:
+                lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+            if strict and unexpected:
+                lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+            if misshaped:
+                lines.append(f"  mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
+            err = InvalidParameterError if key_problem else ShapeError
+            raise err("\n".join(lines))
+        for k, v in values.items():
+            np.copyto(own[k], v, casting="unsafe")
+        for _, mod in self.named_modules():
+            mod._parameters_changed()
+        return IncompatibleKeys(missing if not strict else [], unexpected if not strict else [])
+
+    # -- config, calling, pickling --------------------------------------------
+    def get_config(self) -> Dict[str, Any]:
+        """Constructor arguments (JSON-serialisable) that rebuild this module;
+        ``tileattn.save`` stores them beside the weights."""
+        raise NotImplementedError(f"{type(self).__name__} does not define get_config")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not define forward")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # Bypass __setattr__: the parameter dicts are restored wholesale.
+        self.__dict__.update(state)
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        children = [f"  ({n}): " + repr(m).replace("\n", "\n  ")
+                    for n, m in self._modules.items() if m is not None]
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        return head + (")" if not children else "\n" + "\n".join(children) + "\n)")
