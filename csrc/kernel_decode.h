@@ -70,18 +70,19 @@ struct DecodeTask {
   int64_t b, hk, c;
   T* part;  // rows x ds.part: this task's partial states
   Arena& arena;
-  T *qs, *kt, *vbuf, *s;
+  T *qs, *kt, *vbuf, *s;  // s: rows x bcw scores of the current block
   uint8_t* visible;
 
   DecodeTask(const AttentionParams& p_, const DecodeShape<T>& ds_, int64_t b_, int64_t hk_,
              int64_t c_, T* part_, Arena& arena_)
       : p(p_), ds(ds_), kb(p_), b(b_), hk(hk_), c(c_), part(part_), arena(arena_) {
     const size_t bcw = PrefillTiling<T>::round_up(ds.bc, W);
-    arena.reset(sizeof(T) * (ds.rows * p.D + p.D * bcw + bcw * ds.dvw + bcw) + ds.bc + 4 * 64);
+    arena.reset(sizeof(T) * (ds.rows * p.D + p.D * W + bcw * ds.dvw + ds.rows * bcw) + ds.bc +
+                4 * 64);
     qs = arena.carve<T>(ds.rows * p.D);
-    kt = arena.carve<T>(p.D * bcw);
+    kt = arena.carve<T>(p.D * W);
     vbuf = arena.carve<T>(bcw * ds.dvw);
-    s = arena.carve<T>(bcw);
+    s = arena.carve<T>(ds.rows * bcw);
     visible = arena.carve<uint8_t>(ds.bc);
   }
 
@@ -98,12 +99,27 @@ struct DecodeTask {
     }
   }
 
-  // kt[x][jj] = k[j0 + jj][x], zero lanes past cols.
-  void pack_keys_transposed(int64_t j0, int64_t cols, int64_t ldt) {
-    const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-    for (int64_t jj = 0; jj < ldt; ++jj) {
-      const T* row = k + (j0 + jj) * p.k_stride.r;
-      for (int64_t x = 0; x < p.D; ++x) kt[x * ldt + jj] = jj < cols ? row[x * p.k_stride.c] : T(0);
+  // Scores of every row for the block's keys, W keys at a time: the W keys
+  // are transposed into kt[x][lane] (D x W, small enough for L1), then each
+  // row runs the prefill's fused multiply-add chain over x with lanes
+  // across keys. Lanes past cols score 0 (masked later).
+  void block_scores(int64_t j0, int64_t cols, int64_t ldt) {
+    const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h +
+                 j0 * p.k_stride.r;
+    for (int64_t jj = 0; jj < ldt; jj += W) {
+      for (int t = 0; t < W; ++t) {
+        const T* row = k + (jj + t) * p.k_stride.r;
+        if (jj + t < cols)
+          for (int64_t x = 0; x < p.D; ++x) kt[x * W + t] = row[x * p.k_stride.c];
+        else
+          for (int64_t x = 0; x < p.D; ++x) kt[x * W + t] = T(0);
+      }
+      for (int64_t r = 0; r < ds.rows; ++r) {
+        const T* q = qs + r * p.D;
+        reg acc = S::zero();
+        for (int64_t x = 0; x < p.D; ++x) acc = S::fmadd(S::set1(q[x]), S::load(kt + x * W), acc);
+        S::store(s + r * ldt + jj, acc);
+      }
     }
   }
 
@@ -121,15 +137,8 @@ struct DecodeTask {
     return vbuf;
   }
 
-  // s[jj] for one row: the same fused multiply-add chain over x as the
-  // prefill's scores_micro, then the same masks in the same order.
-  void row_scores(int64_t r, int64_t j0, int64_t cols, int64_t ldt) {
-    const T* q = qs + r * p.D;
-    for (int64_t jj = 0; jj < ldt; jj += W) {
-      reg acc = S::zero();
-      for (int64_t x = 0; x < p.D; ++x) acc = S::fmadd(S::set1(q[x]), S::load(kt + x * ldt + jj), acc);
-      S::store(s + jj, acc);
-    }
+  // The prefill's masks, in the prefill's order, on one row's scores.
+  void mask_row(T* s, int64_t r, int64_t j0, int64_t cols, int64_t ldt) {
     const T ninf = -std::numeric_limits<T>::infinity();
     const int64_t h = head_of(r), i = query_of(r);
     if (p.mask_kind != MaskKind::none) {
@@ -146,13 +155,15 @@ struct DecodeTask {
     }
     const int64_t lo = std::clamp<int64_t>(kb.lo(i) - j0, 0, cols);
     const int64_t hi = std::clamp<int64_t>(kb.hi(i) - j0 + 1, lo, cols);
-    for (int64_t jj = 0; jj < cols; ++jj)
-      if (jj < lo || jj >= hi || (p.key_padding && !visible[jj])) s[jj] = ninf;
-    for (int64_t jj = cols; jj < ldt; ++jj) s[jj] = ninf;
+    std::fill(s, s + lo, ninf);
+    std::fill(s + hi, s + ldt, ninf);
+    if (p.key_padding)
+      for (int64_t jj = lo; jj < hi; ++jj)
+        if (!visible[jj]) s[jj] = ninf;
   }
 
   // One block for one row: online softmax update and o = o * alpha + P V.
-  void row_block(T* st, int64_t cols, int64_t ldt, const T* v, int64_t ldv) {
+  void row_block(T* s, T* st, int64_t cols, int64_t ldt, const T* v, int64_t ldv) {
     T* o = st;
     T& m = st[ds.dvw];
     T& l = st[ds.dvw + 1];
@@ -199,12 +210,12 @@ struct DecodeTask {
     for (int64_t j0 = span_lo / ds.bc * ds.bc; j0 <= span_hi; j0 += ds.bc) {
       const int64_t cols = std::min(ds.bc, p.Lk - j0);
       if (mark_visible_keys(p, b, j0, cols, visible) == 0) continue;
-      pack_keys_transposed(j0, cols, ldt);
+      block_scores(j0, cols, ldt);
       int64_t ldv;
       const T* v = value_rows(j0, cols, &ldv);
       for (int64_t r = 0; r < ds.rows; ++r) {
-        row_scores(r, j0, cols, ldt);
-        row_block(part + r * ds.part, cols, ldt, v, ldv);
+        mask_row(s + r * ldt, r, j0, cols, ldt);
+        row_block(s + r * ldt, part + r * ds.part, cols, ldt, v, ldv);
       }
     }
   }
