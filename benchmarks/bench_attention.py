@@ -39,7 +39,7 @@ def run(shape_keys, threads, rounds, with_numpy, with_f64):
 
     tileattn.set_num_threads(threads)
     torch.set_num_threads(threads)
-    ceiling = matmul_gflops()
+    ceiling = matmul_gflops(threads=threads)
     print(f"\n== {threads} thread(s); float32 NumPy matmul ceiling {ceiling:.1f} GFLOP/s ==")
     print(f"{'shape':5s} {'B,Hq,Lq,Lk,D':30s} {'tileattn':>18s} {'torch':>18s} "
           f"{'torch/tile':>10s} {'%matmul':>8s}" + (f" {'numpy':>18s}" if with_numpy else "")

@@ -84,15 +84,20 @@ inline int64_t mark_visible_keys(const AttentionParams& p, int64_t b, int64_t j0
 // rows [first, last] can see, in increasing order; blocks outside the
 // causal/window span and blocks the padding mask hides entirely are skipped.
 // Blocks start at multiples of bc whatever the rows, so a row meets the same
-// blocks alone or in a larger batch.
+// blocks alone or in a larger batch. A block is trimmed to the keys some row
+// can see: on the right anywhere, on the left by an even count. Neither
+// changes a bit: the trimmed keys would have had probability exactly 0, and
+// an even cut keeps each key in the same one of the softmax's two
+// summation chains (see online_softmax_update).
 template <typename Fn>
 void for_each_key_block(const AttentionParams& p, int64_t bc, const KeyBounds& kb, int64_t b,
                         int64_t first, int64_t last, uint8_t* visible, Fn&& fn) {
   const int64_t span_lo = std::max<int64_t>(kb.lo(first), 0);
   const int64_t span_hi = std::min<int64_t>(kb.hi(last), p.Lk - 1);
   if (span_lo > span_hi) return;
-  for (int64_t j0 = span_lo / bc * bc; j0 <= span_hi; j0 += bc) {
-    const int64_t cols = std::min(bc, p.Lk - j0);
+  for (int64_t block = span_lo / bc * bc; block <= span_hi; block += bc) {
+    const int64_t j0 = block + std::max<int64_t>(span_lo - block, 0) / 2 * 2;
+    const int64_t cols = std::min(block + bc, span_hi + 1) - j0;
     if (mark_visible_keys(p, b, j0, cols, visible) == 0) continue;
     const bool inside = kb.lo(last) <= j0 && kb.hi(first) >= j0 + cols - 1;
     fn(j0, cols, !inside);

@@ -145,8 +145,22 @@ def median_ratio(slow: List[float], fast: List[float]) -> float:
     return statistics.median(s / f for s, f in zip(slow, fast))
 
 
-def matmul_gflops(n: int = 1024, rounds: int = 7) -> float:
-    """The practical ceiling: float32 NumPy (BLAS) matmul GFLOP/s."""
+def matmul_gflops(n: int = 1024, rounds: int = 7, threads: Optional[int] = None) -> float:
+    """The practical ceiling: float32 NumPy (BLAS) matmul GFLOP/s.
+
+    With `threads`, measured in a fresh process whose BLAS is limited to that
+    many threads (BLAS reads its thread count only at start-up)."""
+    if threads is not None:
+        import os
+        import subprocess
+        import sys
+
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                   MKL_NUM_THREADS=str(threads))
+        code = f"from tileattn._bench import matmul_gflops; print(matmul_gflops({n}, {rounds}))"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+        return float(out.stdout.strip())
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     b = a.copy()
     c = np.empty_like(a)
