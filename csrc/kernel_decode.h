@@ -209,6 +209,7 @@ struct DecodeTask {
     pack_queries();
     for (int64_t j0 = span_lo / ds.bc * ds.bc; j0 <= span_hi; j0 += ds.bc) {
       const int64_t cols = std::min(ds.bc, p.Lk - j0);
+      cancellation_point();
       if (mark_visible_keys(p, b, j0, cols, visible) == 0) continue;
       block_scores(j0, cols, ldt);
       int64_t ldv;

@@ -432,6 +432,7 @@ struct PrefillTask {
     bool first_chunk = true;
     for_each_key_block(p, t.bc, kb, rr.b, rr.i0, rr.i0 + rr.rows - 1, sc.visible,
                        [&](int64_t j0, int64_t cols, bool straddles) {
+      cancellation_point();
       if (j0 / chunk_keys != chunk) {
         if (chunk >= 0) {
           finish_chunk(first_chunk);

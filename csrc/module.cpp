@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <chrono>
 #include <stdexcept>
 #include <string>
 
@@ -20,6 +21,30 @@ namespace py = pybind11;
 using namespace tileattn;
 
 namespace {
+
+// Runs fn with the GIL released. While it runs, the calling thread checks
+// for Python signals every ~50 ms (taking the GIL briefly), so Ctrl-C stops
+// a long call within a fraction of a second and raises KeyboardInterrupt.
+template <typename Fn>
+void run_cancellable(Fn&& fn) {
+  bool cancelled = false;
+  {
+    py::gil_scoped_release release;
+    ScopedPoll poll([] {
+      py::gil_scoped_acquire gil;
+      return PyErr_CheckSignals() != 0;
+    });
+    try {
+      fn();
+    } catch (const Cancelled&) {
+      cancelled = true;
+    }
+  }
+  if (cancelled) {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    throw std::runtime_error("tileattn: computation cancelled");
+  }
+}
 
 DType dtype_of(const py::array& q) {
   if (q.dtype().equal(py::dtype::of<float>())) return DType::f32;
@@ -110,8 +135,7 @@ void attention_forward_py(py::array q, py::array k, py::array v, py::array out, 
     p.lse = l.mutable_data();
     p.lse_stride = strides_of(l, "lse");
   }
-  py::gil_scoped_release release;
-  attention_forward(p);
+  run_cancellable([&] { attention_forward(p); });
 }
 
 Isa isa_from_name(const std::string& name) {
@@ -179,5 +203,16 @@ PYBIND11_MODULE(_core, m) {
       });
     }
     return ran.load();
+  });
+  // For the tests: tasks that spin for `seconds` each, with cancellation
+  // points, run cancellably like the kernels.
+  m.def("_spin_probe", [](int64_t num_tasks, double seconds) {
+    run_cancellable([&] {
+      parallel_for(num_tasks, [&](int64_t, int) {
+        const auto end = std::chrono::steady_clock::now() +
+                         std::chrono::duration<double>(seconds);
+        while (std::chrono::steady_clock::now() < end) cancellation_point();
+      });
+    });
   });
 }

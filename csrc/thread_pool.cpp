@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -18,6 +19,44 @@
 
 namespace tileattn {
 namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr auto kPollInterval = std::chrono::milliseconds(50);
+
+// What the threads working on one job share about cancelling it.
+struct JobContext {
+  std::atomic<bool> cancelled{false};
+  const std::function<bool()>* poll = nullptr;  // run by the caller only
+  Clock::time_point last_poll = Clock::now();
+
+  // The caller's check: polls at most every kPollInterval.
+  bool poll_now() {
+    if (!poll || !*poll) return false;
+    const Clock::time_point now = Clock::now();
+    if (now - last_poll < kPollInterval) return false;
+    last_poll = now;
+    if ((*poll)()) cancelled.store(true, std::memory_order_relaxed);
+    return cancelled.load(std::memory_order_relaxed);
+  }
+};
+
+thread_local JobContext* tl_job = nullptr;  // the job this thread is working on
+thread_local bool tl_is_caller = false;     // this thread called parallel_for
+thread_local std::function<bool()> tl_poll;  // installed by ScopedPoll
+
+// Marks the current thread as working on `job` for its lifetime.
+struct JobScope {
+  JobContext* saved_job;
+  bool saved_caller;
+  JobScope(JobContext* job, bool caller) : saved_job(tl_job), saved_caller(tl_is_caller) {
+    tl_job = job;
+    tl_is_caller = caller;
+  }
+  ~JobScope() {
+    tl_job = saved_job;
+    tl_is_caller = saved_caller;
+  }
+};
 
 class ThreadPool {
  public:
@@ -36,13 +75,14 @@ class ThreadPool {
 
   int size() const { return size_; }
 
-  void run(int64_t num_tasks, const TaskFn& fn) {
+  void run(int64_t num_tasks, const TaskFn& fn, JobContext& ctx) {
     // One job at a time; concurrent callers queue here. The caller always
     // takes part, so a job finishes even if every worker is slow to wake.
     std::lock_guard<std::mutex> job_lock(job_mutex_);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &fn;
+      ctx_ = &ctx;
       num_tasks_ = num_tasks;
       next_.store(0, std::memory_order_relaxed);
       error_ = nullptr;
@@ -50,10 +90,16 @@ class ThreadPool {
       ++generation_;
     }
     wake_.notify_all();
-    work(0);
+    work(0, true);
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return active_ == 0; });
+    // While the workers finish, keep polling so a cancel request is seen.
+    while (!done_.wait_for(lock, kPollInterval, [this] { return active_ == 0; })) {
+      lock.unlock();
+      if (ctx.poll_now()) next_.store(num_tasks_, std::memory_order_relaxed);
+      lock.lock();
+    }
     job_ = nullptr;
+    ctx_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
 
@@ -67,17 +113,19 @@ class ThreadPool {
         if (stopping_) return;
         seen = generation_;
       }
-      work(w);
+      work(w, false);
       std::lock_guard<std::mutex> lock(mutex_);
       if (--active_ == 0) done_.notify_one();
     }
   }
 
-  void work(int w) {
+  void work(int w, bool caller) {
+    JobScope scope(ctx_, caller);
     for (;;) {
       const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
       if (t >= num_tasks_) return;
       try {
+        cancellation_point();
         (*job_)(t, w);
       } catch (...) {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -93,6 +141,7 @@ class ThreadPool {
   std::mutex mutex_;
   std::condition_variable wake_, done_;
   const TaskFn* job_ = nullptr;
+  JobContext* ctx_ = nullptr;
   int64_t num_tasks_ = 0;
   std::atomic<int64_t> next_{0};
   std::exception_ptr error_;
@@ -173,12 +222,31 @@ void set_num_threads(int n) {
 
 void parallel_for(int64_t num_tasks, const TaskFn& fn) {
   if (num_tasks <= 0) return;
+  JobContext ctx;
+  ctx.poll = &tl_poll;
   std::shared_ptr<ThreadPool> p = pool();
   if (num_tasks == 1 || p->size() == 1) {
-    for (int64_t t = 0; t < num_tasks; ++t) fn(t, 0);
+    JobScope scope(&ctx, true);
+    for (int64_t t = 0; t < num_tasks; ++t) {
+      cancellation_point();
+      fn(t, 0);
+    }
     return;
   }
-  p->run(num_tasks, fn);
+  p->run(num_tasks, fn, ctx);
 }
+
+void cancellation_point() {
+  JobContext* job = tl_job;
+  if (!job) return;
+  if (job->cancelled.load(std::memory_order_relaxed) || (tl_is_caller && job->poll_now()))
+    throw Cancelled();
+}
+
+ScopedPoll::ScopedPoll(std::function<bool()> poll) : previous_(std::move(tl_poll)) {
+  tl_poll = std::move(poll);
+}
+
+ScopedPoll::~ScopedPoll() { tl_poll = std::move(previous_); }
 
 }  // namespace tileattn

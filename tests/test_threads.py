@@ -139,3 +139,35 @@ def test_worker_exception_reaches_python(restore_threads):
         with pytest.raises(RuntimeError, match="task 517 failed"):
             tileattn._core._parallel_probe(1000, 517)
         assert tileattn._core._parallel_probe(50, -1) == 50  # the pool still works
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_keyboard_interrupt_stops_a_long_call_within_a_second(threads):
+    """SIGINT half a second into a call that would take far longer: the call
+    raises KeyboardInterrupt within a second, and the pool works afterwards."""
+    code = (
+        "import os, signal, threading, time, numpy as np, tileattn\n"
+        "q = np.random.default_rng(0).standard_normal((1, 16, 16384, 64), dtype=np.float32)\n"
+        "threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "t = time.perf_counter()\n"
+        "try:\n"
+        "    tileattn._core._spin_probe(4, 60.0)\n"
+        "    print('spin not interrupted')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('spin', time.perf_counter() - t)\n"
+        "threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "t = time.perf_counter()\n"
+        "try:\n"
+        "    tileattn.scaled_dot_product_attention(q, q, q)\n"
+        "    print('attention not interrupted', time.perf_counter() - t)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('attention', time.perf_counter() - t)\n"
+        "small = q[:, :, :10]\n"
+        "print('after', tileattn.scaled_dot_product_attention(small, small, small).shape)\n"
+    )
+    r = run_python(code, TILEATTN_NUM_THREADS=threads)
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
+    assert float(lines["spin"]) < 1.5  # signal at 0.5 s, honoured within 1 s
+    assert float(lines["attention"]) < 1.5
+    assert lines["after"] == "(1, 16, 10, 64)"
