@@ -99,6 +99,18 @@ struct DecodeTask {
     }
   }
 
+  // kt[x][t] = k[t][x] for n <= W keys (zero lanes past n): by W x W
+  // register transposes where the keys are whole and unit-stride.
+  void transpose_keys(const T* k, int64_t n) {
+    int64_t x = 0;
+    if (n == W && p.k_stride.c == 1)
+      for (; x + W <= p.D; x += W) S::transpose_tile(k + x, p.k_stride.r, kt + x * W);
+    for (int t = 0; t < W; ++t) {
+      const T* row = k + t * p.k_stride.r;
+      for (int64_t xx = x; xx < p.D; ++xx) kt[xx * W + t] = t < n ? row[xx * p.k_stride.c] : T(0);
+    }
+  }
+
   // Scores of every row for the block's keys, W keys at a time: the W keys
   // are transposed into kt[x][lane] (D x W, small enough for L1), then each
   // row runs the prefill's fused multiply-add chain over x with lanes
@@ -107,13 +119,7 @@ struct DecodeTask {
     const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h +
                  j0 * p.k_stride.r;
     for (int64_t jj = 0; jj < ldt; jj += W) {
-      for (int t = 0; t < W; ++t) {
-        const T* row = k + (jj + t) * p.k_stride.r;
-        if (jj + t < cols)
-          for (int64_t x = 0; x < p.D; ++x) kt[x * W + t] = row[x * p.k_stride.c];
-        else
-          for (int64_t x = 0; x < p.D; ++x) kt[x * W + t] = T(0);
-      }
+      transpose_keys(k + jj * p.k_stride.r, std::min<int64_t>(W, cols - jj));
       for (int64_t r = 0; r < ds.rows; ++r) {
         const T* q = qs + r * p.D;
         reg acc = S::zero();

@@ -43,6 +43,33 @@ template <> struct Simd<float> {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // dst[c][r] = src[r][c] for an 8 x 8 tile (src row stride ld, dst rows of 8).
+  static void transpose_tile(const float* src, int64_t ld, float* dst) {
+    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ld);
+    __m256 r2 = _mm256_loadu_ps(src + 2 * ld), r3 = _mm256_loadu_ps(src + 3 * ld);
+    __m256 r4 = _mm256_loadu_ps(src + 4 * ld), r5 = _mm256_loadu_ps(src + 5 * ld);
+    __m256 r6 = _mm256_loadu_ps(src + 6 * ld), r7 = _mm256_loadu_ps(src + 7 * ld);
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    r0 = _mm256_shuffle_ps(t0, t2, 0x44);
+    r1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    r2 = _mm256_shuffle_ps(t1, t3, 0x44);
+    r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    r4 = _mm256_shuffle_ps(t4, t6, 0x44);
+    r5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    r6 = _mm256_shuffle_ps(t5, t7, 0x44);
+    r7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_store_ps(dst + 0 * 8, _mm256_permute2f128_ps(r0, r4, 0x20));
+    _mm256_store_ps(dst + 1 * 8, _mm256_permute2f128_ps(r1, r5, 0x20));
+    _mm256_store_ps(dst + 2 * 8, _mm256_permute2f128_ps(r2, r6, 0x20));
+    _mm256_store_ps(dst + 3 * 8, _mm256_permute2f128_ps(r3, r7, 0x20));
+    _mm256_store_ps(dst + 4 * 8, _mm256_permute2f128_ps(r0, r4, 0x31));
+    _mm256_store_ps(dst + 5 * 8, _mm256_permute2f128_ps(r1, r5, 0x31));
+    _mm256_store_ps(dst + 6 * 8, _mm256_permute2f128_ps(r2, r6, 0x31));
+    _mm256_store_ps(dst + 7 * 8, _mm256_permute2f128_ps(r3, r7, 0x31));
+  }
   static constexpr float round_magic() { return 12582912.0f; }  // 1.5 * 2^23
   static reg scale_by_pow2(reg p, reg t) {
     const __m256i n = _mm256_sub_epi32(_mm256_castps_si256(t),
@@ -83,6 +110,17 @@ template <> struct Simd<double> {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
     s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
     return _mm_cvtsd_f64(s);
+  }
+  // dst[c][r] = src[r][c] for a 4 x 4 tile (src row stride ld, dst rows of 4).
+  static void transpose_tile(const double* src, int64_t ld, double* dst) {
+    const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + ld);
+    const __m256d r2 = _mm256_loadu_pd(src + 2 * ld), r3 = _mm256_loadu_pd(src + 3 * ld);
+    const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+    const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+    _mm256_store_pd(dst + 0, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_store_pd(dst + 4, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_store_pd(dst + 8, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_store_pd(dst + 12, _mm256_permute2f128_pd(t1, t3, 0x31));
   }
   static constexpr double round_magic() { return 6755399441055744.0; }  // 1.5 * 2^52
   static reg scale_by_pow2(reg p, reg t) {

@@ -39,6 +39,11 @@ template <> struct Simd<float> {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // dst[c][r] = src[r][c] for a W x W tile (src row stride ld, dst rows of W).
+  static void transpose_tile(const float* src, int64_t ld, float* dst) {
+    for (int r = 0; r < W; ++r)
+      for (int c = 0; c < W; ++c) dst[c * W + r] = src[r * ld + c];
+  }
   static constexpr float round_magic() { return 12582912.0f; }
   static reg scale_by_pow2(reg p, reg t) {
     const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(t),
@@ -76,6 +81,10 @@ template <> struct Simd<double> {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
     s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
     return _mm_cvtsd_f64(s);
+  }
+  static void transpose_tile(const double* src, int64_t ld, double* dst) {
+    for (int r = 0; r < W; ++r)
+      for (int c = 0; c < W; ++c) dst[c * W + r] = src[r * ld + c];
   }
   static constexpr double round_magic() { return 6755399441055744.0; }
   static reg scale_by_pow2(reg p, reg t) {

@@ -38,6 +38,11 @@ struct VecExtSimd {
       for (int i = 0; i < half; ++i) a[i] = a[i] + a[i + half];
     return a[0];
   }
+  // dst[c][r] = src[r][c] for a W x W tile (src row stride ld, dst rows of W).
+  static void transpose_tile(const T* src, int64_t ld, T* dst) {
+    for (int r = 0; r < W; ++r)
+      for (int c = 0; c < W; ++c) dst[c * W + r] = src[r * ld + c];
+  }
   static constexpr T round_magic() { return T(1.5) * T(I(1) << Bits); }
   static reg scale_by_pow2(reg p, reg t) {
     ireg ti, mi;
