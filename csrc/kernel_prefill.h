@@ -48,6 +48,7 @@ struct PrefillScratch {
   T *qt, *kbuf, *ktail, *vp, *st;
   T *ot, *m, *l, *alpha;               // state of the chunk being computed
   T *ot_run, *m_run, *l_run, *scale_c;  // state merged over finished chunks
+  T* colmax;                            // per-query max of the block's scores
   uint8_t* visible;
 
   PrefillScratch(Arena& a, const PrefillTiling<T>& t) {
@@ -56,7 +57,7 @@ struct PrefillScratch {
     const size_t n_qt = BR * t.d, n_k = t.k_direct ? 0 : t.bc * t.d;
     const size_t n_v = t.bc * t.dvp, n_st = t.bc * BR, n_o = t.dvp * BR;
     const size_t n_tail = Tl::MR * std::max<int64_t>(t.d, 1);
-    a.reset(sizeof(T) * (n_qt + n_k + n_tail + n_v + n_st + 2 * n_o + 7 * BR) + t.bc);
+    a.reset(sizeof(T) * (n_qt + n_k + n_tail + n_v + n_st + 2 * n_o + 8 * BR) + t.bc);
     qt = a.carve<T>(n_qt);
     kbuf = a.carve<T>(n_k);
     ktail = a.carve<T>(n_tail);
@@ -70,6 +71,7 @@ struct PrefillScratch {
     m_run = a.carve<T>(BR);
     l_run = a.carve<T>(BR);
     scale_c = a.carve<T>(BR);
+    colmax = a.carve<T>(BR);
     visible = a.carve<uint8_t>(t.bc);
   }
 };
@@ -134,10 +136,11 @@ void pack_values(const T* v, int64_t sr, int64_t sc, int64_t cols, int64_t dv, i
 // Micro-kernels: MR broadcast rows by NR = NV * W lanes of queries.
 
 // st[MR][NR] (row stride lds) = k[MR][d] (row stride ldk) . qt[d][NR] (row
-// stride ldq): MR keys against NR queries.
-template <typename T>
+// stride ldq): MR keys against NR queries. With kColMax, also folds the
+// tile's per-query maximum into colmax[NR], sparing the softmax a pass.
+template <typename T, bool kColMax = false>
 inline void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int64_t d, T* st,
-                         int64_t lds) {
+                         int64_t lds, T* colmax = nullptr) {
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int MR = S::MR, NV = S::NV, W = S::W;
@@ -161,6 +164,15 @@ inline void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int6
   for (int r = 0; r < MR; ++r)
     TILEATTN_UNROLL
     for (int c = 0; c < NV; ++c) S::store(st + r * lds + c * W, acc[r][c]);
+  if (kColMax) {
+    TILEATTN_UNROLL
+    for (int c = 0; c < NV; ++c) {
+      reg mx = S::load(colmax + c * W);
+      TILEATTN_UNROLL
+      for (int r = 0; r < MR; ++r) mx = S::max(mx, acc[r][c]);
+      S::store(colmax + c * W, mx);
+    }
+  }
 }
 
 // ot[MR][NR] (row stride ldo) += vp[j][MR]^T . pt[j][NR] (row stride ldp)
@@ -198,16 +210,28 @@ inline void values_micro(const T* vp, const T* pt, int64_t ldp, int64_t n, T* ot
 // stays in L1 while the block's keys stream past it from L2.
 template <typename T>
 void block_scores(const PrefillTiling<T>& t, const T* k, int64_t ldk, int64_t cols,
-                  int64_t qcols, PrefillScratch<T>& sc) {
+                  int64_t qcols, bool col_max, PrefillScratch<T>& sc) {
   using Tl = PrefillTiling<T>;
-  constexpr int MR = Tl::MR, NR = Tl::NR, BR = Tl::BR;
+  using S = Simd<T>;
+  constexpr int MR = Tl::MR, NR = Tl::NR, BR = Tl::BR, W = Tl::W;
   const int64_t full = cols / MR * MR;
   if (full < cols) copy_rows<T>(k + full * ldk, ldk, 1, cols - full, MR, t.d, t.d, sc.ktail);
+  if (col_max) std::fill(sc.colmax, sc.colmax + qcols, -std::numeric_limits<T>::infinity());
   for (int64_t i = 0; i < qcols; i += NR) {
-    for (int64_t j = 0; j < full; j += MR)
-      scores_micro<T>(k + j * ldk, ldk, sc.qt + i, BR, t.d, sc.st + j * BR + i, BR);
-    if (full < cols)
+    for (int64_t j = 0; j < full; j += MR) {
+      if (col_max)
+        scores_micro<T, true>(k + j * ldk, ldk, sc.qt + i, BR, t.d, sc.st + j * BR + i, BR,
+                              sc.colmax + i);
+      else
+        scores_micro<T>(k + j * ldk, ldk, sc.qt + i, BR, t.d, sc.st + j * BR + i, BR);
+    }
+    if (full < cols) {
       scores_micro<T>(sc.ktail, t.d, sc.qt + i, BR, t.d, sc.st + full * BR + i, BR);
+      if (col_max)  // only the real keys of the zero-padded tail tile
+        for (int64_t j = full; j < cols; ++j)
+          for (int64_t c = i; c < i + NR; c += W)
+            S::store(sc.colmax + c, S::max(S::load(sc.colmax + c), S::load(sc.st + j * BR + c)));
+    }
   }
 }
 
@@ -274,16 +298,22 @@ void mask_block(const AttentionParams& p, const KeyBounds& kb, const RowRange& r
 // passes walk st row by row, G registers wide, so each row's cache lines
 // are read once per pass. Each lane's arithmetic does not depend on G.
 template <typename T, int G>
-inline void online_softmax_update(T* st, int64_t ld, int64_t cols, T* m, T* l, T* alpha) {
+inline void online_softmax_update(T* st, int64_t ld, int64_t cols, T* m, T* l, T* alpha,
+                                  const T* colmax) {
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int W = S::W;
   reg mx[G], mu[G], sum0[G], sum1[G];
-  TILEATTN_UNROLL
-  for (int g = 0; g < G; ++g) mx[g] = S::set1(-std::numeric_limits<T>::infinity());
-  for (int64_t j = 0; j < cols; ++j)
+  if (colmax) {  // the maximum came with the scores (max is exact in any order)
     TILEATTN_UNROLL
-    for (int g = 0; g < G; ++g) mx[g] = S::max(mx[g], S::load(st + j * ld + g * W));
+    for (int g = 0; g < G; ++g) mx[g] = S::load(colmax + g * W);
+  } else {
+    TILEATTN_UNROLL
+    for (int g = 0; g < G; ++g) mx[g] = S::set1(-std::numeric_limits<T>::infinity());
+    for (int64_t j = 0; j < cols; ++j)
+      TILEATTN_UNROLL
+      for (int g = 0; g < G; ++g) mx[g] = S::max(mx[g], S::load(st + j * ld + g * W));
+  }
   TILEATTN_UNROLL
   for (int g = 0; g < G; ++g) {
     const reg m_old = S::load(m + g * W);
@@ -324,10 +354,12 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, T* m, T* l, T
 // The update for lanes [0, qcols) of a block, G = NV registers at a time
 // (qcols is a multiple of NV * W).
 template <typename T>
-void block_softmax(T* st, int64_t ld, int64_t cols, int64_t qcols, T* m, T* l, T* alpha) {
+void block_softmax(T* st, int64_t ld, int64_t cols, int64_t qcols, T* m, T* l, T* alpha,
+                   const T* colmax) {
   constexpr int G = Simd<T>::NV, W = Simd<T>::W;
   for (int64_t i = 0; i < qcols; i += G * W)
-    online_softmax_update<T, G>(st + i, ld, cols, m + i, l + i, alpha + i);
+    online_softmax_update<T, G>(st + i, ld, cols, m + i, l + i, alpha + i,
+                                colmax ? colmax + i : nullptr);
 }
 
 // Applies dropout to the block's probabilities (transposed, in st).
@@ -370,7 +402,9 @@ struct PrefillTask {
     v_head = static_cast<const T*>(p.v) + rr.b * p.v_stride.b + rr.hk * p.v_stride.h;
   }
 
-  void scores(int64_t j0, int64_t cols, bool straddles) {
+  // Returns whether sc.colmax holds the block's per-query maxima (only
+  // when no mask changed the scores after they were computed).
+  bool scores(int64_t j0, int64_t cols, bool straddles) {
     const T* k = k_head + j0 * p.k_stride.r;
     int64_t ldk = p.k_stride.r;
     if (!t.k_direct) {
@@ -378,9 +412,10 @@ struct PrefillTask {
       k = sc.kbuf;
       ldk = t.d;
     }
-    block_scores<T>(t, k, ldk, cols, qcols, sc);
-    if (straddles || p.key_padding || p.mask_kind != MaskKind::none)
-      mask_block<T>(p, kb, rr, j0, cols, qcols, straddles, sc.visible, sc.st);
+    const bool masked = straddles || p.key_padding || p.mask_kind != MaskKind::none;
+    block_scores<T>(t, k, ldk, cols, qcols, !masked, sc);
+    if (masked) mask_block<T>(p, kb, rr, j0, cols, qcols, straddles, sc.visible, sc.st);
+    return !masked;
   }
 
   void reset_chunk() {
@@ -412,8 +447,8 @@ struct PrefillTask {
 
   // One block of keys: scores, softmax update, O^T = O^T * alpha + V^T P^T.
   void block(int64_t j0, int64_t cols, bool straddles) {
-    scores(j0, cols, straddles);
-    block_softmax<T>(sc.st, BR, cols, qcols, sc.m, sc.l, sc.alpha);
+    const bool have_max = scores(j0, cols, straddles);
+    block_softmax<T>(sc.st, BR, cols, qcols, sc.m, sc.l, sc.alpha, have_max ? sc.colmax : nullptr);
     for (int64_t e = 0; e < t.dvp; ++e)
       for (int64_t i = 0; i < qcols; i += W) {
         T* o = sc.ot + e * BR + i;
