@@ -11,7 +11,12 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <type_traits>
 #include <utility>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "attention_params.h"
 #include "simd_exp.h"
@@ -27,21 +32,23 @@ namespace TILEATTN_ISA_NS {
 
 // Few queries against the keys (decode) take the decode path unless the
 // weights or dropout are asked for; both paths give a row the same bits.
-template <typename T>
+template <typename T, typename KV>
 void forward_typed(const AttentionParams& p) {
   const bool decode = p.Lq <= kDecodeMaxQueries && !p.weights && p.dropout_p == 0.0;
   if (decode)
-    decode_forward<T>(p);
+    decode_forward<T, KV>(p);
   else
-    prefill_forward<T>(p);
+    prefill_forward<T, KV>(p);
 }
 
 void attention_forward(const AttentionParams& p) {
   if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
-  if (p.dtype == DType::f64)
-    forward_typed<double>(p);
+  if (p.kv_half)
+    forward_typed<float, Half>(p);
+  else if (p.dtype == DType::f64)
+    forward_typed<double, double>(p);
   else
-    forward_typed<float>(p);
+    forward_typed<float, float>(p);
 }
 
 }  // namespace TILEATTN_ISA_NS

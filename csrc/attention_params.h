@@ -27,8 +27,11 @@ struct AttentionParams {
   // out (B, Hq, Lq, Dv). Query head h reads key/value head h / (Hq / Hkv).
   int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, D = 0, Dv = 0;
   const void* q = nullptr;
-  const void* k = nullptr;
+  const void* k = nullptr;  // of the compute dtype, or binary16 when kv_half
   const void* v = nullptr;
+  // K and V stored as IEEE binary16 (a half-size KV cache) and widened to
+  // float32 as the kernel reads them; q and out are float32.
+  bool kv_half = false;
   void* out = nullptr;
   Strides4 q_stride, k_stride, v_stride, out_stride;
 
@@ -45,6 +48,11 @@ struct AttentionParams {
   MaskKind mask_kind = MaskKind::none;
   const void* mask = nullptr;
   Strides4 mask_stride;
+
+  // Ragged batches: batch item b has only keys [0, key_lengths[b]) (<= Lk);
+  // the kernel never reads past them, and causal/window alignment uses each
+  // item's own length (query i sees j <= i + key_lengths[b] - Lq). May be null.
+  const int64_t* key_lengths = nullptr;
 
   // Key padding, (B, Lk) bytes, nonzero = real token. May be null.
   const uint8_t* key_padding = nullptr;

@@ -50,9 +50,12 @@ struct RowRange {
 // outside [0, Lk)). Both bounds grow with i, so a block of rows finds its
 // key span from its first and last row.
 struct KeyBounds {
-  int64_t shift, left, right, lk;
-  explicit KeyBounds(const AttentionParams& p)
-      : shift(p.Lk - p.Lq), left(p.window_left), right(p.window_right), lk(p.Lk) {}
+  int64_t shift, left, right, lk;  // lk: the keys batch item b has
+  KeyBounds(const AttentionParams& p, int64_t b)
+      : left(p.window_left), right(p.window_right),
+        lk(p.key_lengths ? p.key_lengths[b] : p.Lk) {
+    shift = lk - p.Lq;
+  }
   int64_t lo(int64_t i) const { return left < 0 ? 0 : i + shift - left; }
   int64_t hi(int64_t i) const { return right < 0 ? lk - 1 : i + shift + right; }
   // The inverse view: key j is visible to queries [first_query(j), last_query(j)].
@@ -93,7 +96,7 @@ template <typename Fn>
 void for_each_key_block(const AttentionParams& p, int64_t bc, const KeyBounds& kb, int64_t b,
                         int64_t first, int64_t last, uint8_t* visible, Fn&& fn) {
   const int64_t span_lo = std::max<int64_t>(kb.lo(first), 0);
-  const int64_t span_hi = std::min<int64_t>(kb.hi(last), p.Lk - 1);
+  const int64_t span_hi = std::min<int64_t>(kb.hi(last), kb.lk - 1);
   if (span_lo > span_hi) return;
   for (int64_t block = span_lo / bc * bc; block <= span_hi; block += bc) {
     const int64_t j0 = block + std::max<int64_t>(span_lo - block, 0) / 2 * 2;
@@ -120,6 +123,47 @@ struct Dropout {
   }
   bool drop(uint64_t row_key, int64_t j) const { return dropout_uniform(seed, row_key + j) < p; }
 };
+
+// Key/value storage: the compute type itself, or Half (IEEE binary16 bits),
+// widened to float as the kernel reads it.
+struct Half {
+  uint16_t bits;
+};
+
+inline float widen(Half h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.bits);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+  const uint32_t exp = (h.bits >> 10) & 0x1fu, mant = h.bits & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);  // inf, nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else {  // zero or subnormal: mant * 2^-24, exact in float
+    const float f = static_cast<float>(mant) * (1.0f / 16777216.0f);
+    std::memcpy(&bits, &f, sizeof bits);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+
+// dst[0, n) = src[0, n) widened; 8 at a time with F16C where compiled in.
+inline void widen_row(const Half* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = widen(src[i]);
+}
 
 // Loops over a micro-tile's registers must be unrolled completely, or GCC
 // keeps the accumulator arrays on the stack.

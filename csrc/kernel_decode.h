@@ -38,7 +38,7 @@ struct DecodeShape {
     chunks = (p.Lk + chunk - 1) / chunk;
     dvw = Tl::round_up(std::max<int64_t>(p.Dv, 1), W);
     part = dvw + W;  // a multiple of W keeps every o aligned
-    v_direct = p.v_stride.c == 1 && p.Dv % W == 0;
+    v_direct = p.v_stride.c == 1 && p.Dv % W == 0 && !p.kv_half;
   }
 };
 
@@ -59,7 +59,7 @@ inline T lane_max(T a, T b) {
   return S::first(S::max(S::set1(a), S::set1(b)));
 }
 
-template <typename T>
+template <typename T, typename KV>
 struct DecodeTask {
   using S = Simd<T>;
   using reg = typename S::reg;
@@ -71,14 +71,16 @@ struct DecodeTask {
   T* part;  // rows x ds.part: this task's partial states
   Arena& arena;
   T *qs, *kt, *vbuf, *s;  // s: rows x bcw scores of the current block
+  T* krows;               // W widened key rows (half-precision storage only)
   uint8_t* visible;
 
   DecodeTask(const AttentionParams& p_, const DecodeShape<T>& ds_, int64_t b_, int64_t hk_,
              int64_t c_, T* part_, Arena& arena_)
-      : p(p_), ds(ds_), kb(p_), b(b_), hk(hk_), c(c_), part(part_), arena(arena_) {
+      : p(p_), ds(ds_), kb(p_, b_), b(b_), hk(hk_), c(c_), part(part_), arena(arena_) {
     const size_t bcw = PrefillTiling<T>::round_up(ds.bc, W);
-    arena.reset(sizeof(T) * (ds.rows * p.D + p.D * W + bcw * ds.dvw + ds.rows * bcw) + ds.bc +
-                4 * 64);
+    arena.reset(sizeof(T) * (ds.rows * p.D + 2 * p.D * W + bcw * ds.dvw + ds.rows * bcw) +
+                ds.bc + 5 * 64);
+    krows = arena.carve<T>(p.D * W);
     qs = arena.carve<T>(ds.rows * p.D);
     kt = arena.carve<T>(p.D * W);
     vbuf = arena.carve<T>(bcw * ds.dvw);
@@ -101,13 +103,20 @@ struct DecodeTask {
 
   // kt[x][t] = k[t][x] for n <= W keys (zero lanes past n): by W x W
   // register transposes where the keys are whole and unit-stride.
-  void transpose_keys(const T* k, int64_t n) {
+  void transpose_keys(const KV* k, int64_t n) {
     int64_t x = 0;
-    if (n == W && p.k_stride.c == 1)
-      for (; x + W <= p.D; x += W) S::transpose_tile(k + x, p.k_stride.r, kt + x * W);
+    if (n == W && p.k_stride.c == 1) {
+      if constexpr (std::is_same<KV, T>::value) {
+        for (; x + W <= p.D; x += W) S::transpose_tile(k + x, p.k_stride.r, kt + x * W);
+      } else {  // widen the W rows into a float tile first, then transpose
+        for (int t = 0; t < W; ++t) widen_row(k + t * p.k_stride.r, p.D, krows + t * p.D);
+        for (; x + W <= p.D; x += W) S::transpose_tile(krows + x, p.D, kt + x * W);
+      }
+    }
     for (int t = 0; t < W; ++t) {
-      const T* row = k + t * p.k_stride.r;
-      for (int64_t xx = x; xx < p.D; ++xx) kt[xx * W + t] = t < n ? row[xx * p.k_stride.c] : T(0);
+      const KV* row = k + t * p.k_stride.r;
+      for (int64_t xx = x; xx < p.D; ++xx)
+        kt[xx * W + t] = t < n ? static_cast<T>(widen(row[xx * p.k_stride.c])) : T(0);
     }
   }
 
@@ -116,7 +125,7 @@ struct DecodeTask {
   // row runs the prefill's fused multiply-add chain over x with lanes
   // across keys. Lanes past cols score 0 (masked later).
   void block_scores(int64_t j0, int64_t cols, int64_t ldt) {
-    const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h +
+    const KV* k = static_cast<const KV*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h +
                  j0 * p.k_stride.r;
     for (int64_t jj = 0; jj < ldt; jj += W) {
       transpose_keys(k + jj * p.k_stride.r, std::min<int64_t>(W, cols - jj));
@@ -130,15 +139,24 @@ struct DecodeTask {
   }
 
   const T* value_rows(int64_t j0, int64_t cols, int64_t* ldv) {
-    const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h +
-                 j0 * p.v_stride.r;
+    const KV* v = static_cast<const KV*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h +
+                  j0 * p.v_stride.r;
     if (ds.v_direct) {
       *ldv = p.v_stride.r;
-      return v;
+      return reinterpret_cast<const T*>(v);  // KV is T here
     }
-    for (int64_t jj = 0; jj < cols; ++jj)
-      for (int64_t e = 0; e < ds.dvw; ++e)
-        vbuf[jj * ds.dvw + e] = e < p.Dv ? v[jj * p.v_stride.r + e * p.v_stride.c] : T(0);
+    for (int64_t jj = 0; jj < cols; ++jj) {
+      T* dst = vbuf + jj * ds.dvw;
+      const KV* src = v + jj * p.v_stride.r;
+      int64_t e = 0;
+      if constexpr (std::is_same<KV, Half>::value) {
+        if (p.v_stride.c == 1) {
+          widen_row(src, p.Dv, dst);
+          e = p.Dv;
+        }
+      }
+      for (; e < ds.dvw; ++e) dst[e] = e < p.Dv ? static_cast<T>(widen(src[e * p.v_stride.c])) : T(0);
+    }
     *ldv = ds.dvw;
     return vbuf;
   }
@@ -208,13 +226,13 @@ struct DecodeTask {
       st[ds.dvw] = -std::numeric_limits<T>::infinity();
     }
     // The union of the rows' visible keys (queries 0 .. Lq-1), in this chunk.
-    const int64_t c0 = c * ds.chunk, c1 = std::min(p.Lk, c0 + ds.chunk);
+    const int64_t c0 = c * ds.chunk, c1 = std::min(kb.lk, c0 + ds.chunk);
     const int64_t span_lo = std::max({c0, kb.lo(0), int64_t(0)});
-    const int64_t span_hi = std::min({c1 - 1, kb.hi(p.Lq - 1), p.Lk - 1});
+    const int64_t span_hi = std::min({c1 - 1, kb.hi(p.Lq - 1), kb.lk - 1});
     if (span_lo > span_hi) return;
     pack_queries();
     for (int64_t j0 = span_lo / ds.bc * ds.bc; j0 <= span_hi; j0 += ds.bc) {
-      const int64_t cols = std::min(ds.bc, p.Lk - j0);
+      const int64_t cols = std::min(ds.bc, kb.lk - j0);
       cancellation_point();
       if (mark_visible_keys(p, b, j0, cols, visible) == 0) continue;
       block_scores(j0, cols, ldt);
@@ -265,7 +283,7 @@ void decode_merge(const AttentionParams& p, const DecodeShape<T>& ds, int64_t b,
   }
 }
 
-template <typename T>
+template <typename T, typename KV>
 void decode_forward(const AttentionParams& p) {
   const DecodeShape<T> ds(p);
   const int64_t heads = p.B * p.Hkv;
@@ -279,7 +297,7 @@ void decode_forward(const AttentionParams& p) {
   parallel_for(heads * ds.chunks, [&](int64_t task, int) {
     static thread_local Arena arena;
     const int64_t bh = task / ds.chunks, c = task % ds.chunks;
-    DecodeTask<T>(p, ds, bh / p.Hkv, bh % p.Hkv, c, parts + bh * per_head + c * ds.rows * ds.part,
+    DecodeTask<T, KV>(p, ds, bh / p.Hkv, bh % p.Hkv, c, parts + bh * per_head + c * ds.rows * ds.part,
                   arena)
         .run();
   });

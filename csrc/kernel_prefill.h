@@ -38,7 +38,7 @@ struct PrefillTiling {
     const int64_t bytes_per_key = static_cast<int64_t>(sizeof(T)) * (d + dvp);
     const int64_t keys = (192 * 1024) / std::max<int64_t>(bytes_per_key, 1);
     bc = std::max<int64_t>(24, std::min<int64_t>(240, keys) / 24 * 24);
-    k_direct = p.k_stride.c == 1;
+    k_direct = p.k_stride.c == 1 && !p.kv_half;
   }
   static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 };
@@ -98,14 +98,14 @@ void pack_query_transposed(const AttentionParams& p, const PrefillTiling<T>& t,
 
 // Rows [0, n) of a strided (rows, cols) slice into dst (row stride ld),
 // zero-filling rows [n, n_padded) and columns [cols, ld).
-template <typename T>
-void copy_rows(const T* src, int64_t sr, int64_t sc, int64_t n, int64_t n_padded, int64_t cols,
+template <typename T, typename KV>
+void copy_rows(const KV* src, int64_t sr, int64_t sc, int64_t n, int64_t n_padded, int64_t cols,
                int64_t ld, T* dst) {
   for (int64_t j = 0; j < n_padded; ++j) {
     T* row = dst + j * ld;
     int64_t c = 0;
     if (j < n)
-      for (; c < cols; ++c) row[c] = src[j * sr + c * sc];
+      for (; c < cols; ++c) row[c] = widen(src[j * sr + c * sc]);
     for (; c < ld; ++c) row[c] = T(0);
   }
 }
@@ -113,22 +113,23 @@ void copy_rows(const T* src, int64_t sr, int64_t sc, int64_t n, int64_t n_padded
 // vp[panel][j][MR] = v[j][panel * MR + r]: V of a block in panels of MR
 // value columns, zero-padded to dvp columns, the layout values_micro
 // broadcasts from.
-template <typename T>
-void pack_values(const T* v, int64_t sr, int64_t sc, int64_t cols, int64_t dv, int64_t dvp,
+template <typename T, typename KV>
+void pack_values(const KV* v, int64_t sr, int64_t sc, int64_t cols, int64_t dv, int64_t dvp,
                  T* vp) {
   constexpr int MR = PrefillTiling<T>::MR;
   // Row by row: each row of V is read once, contiguously, and scattered to
   // the panels, which are written sequentially.
   const int64_t full = sc == 1 ? dv / MR * MR : 0;  // whole panels of a unit-stride row
   for (int64_t j = 0; j < cols; ++j) {
-    const T* src = v + j * sr;
+    const KV* src = v + j * sr;
     T* dst = vp + j * MR;
     for (int64_t e = 0; e < full; e += MR) {
       TILEATTN_UNROLL
-      for (int r = 0; r < MR; ++r) dst[e * cols + r] = src[e + r];
+      for (int r = 0; r < MR; ++r) dst[e * cols + r] = static_cast<T>(widen(src[e + r]));
     }
     for (int64_t e = full; e < dvp; e += MR)
-      for (int r = 0; r < MR; ++r) dst[e * cols + r] = e + r < dv ? src[(e + r) * sc] : T(0);
+      for (int r = 0; r < MR; ++r)
+        dst[e * cols + r] = e + r < dv ? static_cast<T>(widen(src[(e + r) * sc])) : T(0);
   }
 }
 
@@ -215,7 +216,8 @@ void block_scores(const PrefillTiling<T>& t, const T* k, int64_t ldk, int64_t co
   using S = Simd<T>;
   constexpr int MR = Tl::MR, NR = Tl::NR, BR = Tl::BR, W = Tl::W;
   const int64_t full = cols / MR * MR;
-  if (full < cols) copy_rows<T>(k + full * ldk, ldk, 1, cols - full, MR, t.d, t.d, sc.ktail);
+  if (full < cols)
+    copy_rows<T, T>(k + full * ldk, ldk, 1, cols - full, MR, t.d, t.d, sc.ktail);
   if (col_max) std::fill(sc.colmax, sc.colmax + qcols, -std::numeric_limits<T>::infinity());
   for (int64_t i = 0; i < qcols; i += NR) {
     for (int64_t j = 0; j < full; j += MR) {
@@ -379,7 +381,7 @@ void dropout_block(const Dropout& dr, const RowRange& rr, int64_t j0, int64_t co
 // ---------------------------------------------------------------------------
 // One task.
 
-template <typename T>
+template <typename T, typename KV>
 struct PrefillTask {
   using Tl = PrefillTiling<T>;
   using S = Simd<T>;
@@ -391,26 +393,28 @@ struct PrefillTask {
   KeyBounds kb;
   Dropout dr;
   int64_t qcols;
-  const T* k_head;
-  const T* v_head;
+  const KV* k_head;
+  const KV* v_head;
 
   PrefillTask(const AttentionParams& p_, const Tl& t_, const RowRange& rr_,
               PrefillScratch<T>& sc_)
-      : p(p_), t(t_), rr(rr_), sc(sc_), kb(p_), dr(p_) {
+      : p(p_), t(t_), rr(rr_), sc(sc_), kb(p_, rr_.b), dr(p_) {
     qcols = Tl::round_up(rr.rows, Tl::NR);
-    k_head = static_cast<const T*>(p.k) + rr.b * p.k_stride.b + rr.hk * p.k_stride.h;
-    v_head = static_cast<const T*>(p.v) + rr.b * p.v_stride.b + rr.hk * p.v_stride.h;
+    k_head = static_cast<const KV*>(p.k) + rr.b * p.k_stride.b + rr.hk * p.k_stride.h;
+    v_head = static_cast<const KV*>(p.v) + rr.b * p.v_stride.b + rr.hk * p.v_stride.h;
   }
 
   // Returns whether sc.colmax holds the block's per-query maxima (only
   // when no mask changed the scores after they were computed).
   bool scores(int64_t j0, int64_t cols, bool straddles) {
-    const T* k = k_head + j0 * p.k_stride.r;
-    int64_t ldk = p.k_stride.r;
-    if (!t.k_direct) {
-      copy_rows<T>(k, p.k_stride.r, p.k_stride.c, cols, cols, t.d, t.d, sc.kbuf);
-      k = sc.kbuf;
-      ldk = t.d;
+    const T* k = sc.kbuf;
+    int64_t ldk = t.d;
+    if (t.k_direct) {
+      k = reinterpret_cast<const T*>(k_head + j0 * p.k_stride.r);  // KV is T here
+      ldk = p.k_stride.r;
+    } else {
+      copy_rows<T, KV>(k_head + j0 * p.k_stride.r, p.k_stride.r, p.k_stride.c, cols, cols, t.d,
+                       t.d, sc.kbuf);
     }
     const bool masked = straddles || p.key_padding || p.mask_kind != MaskKind::none;
     block_scores<T>(t, k, ldk, cols, qcols, !masked, sc);
@@ -455,7 +459,7 @@ struct PrefillTask {
         S::store(o, S::mul(S::load(o), S::load(sc.alpha + i)));
       }
     if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);
-    pack_values<T>(v_head + j0 * p.v_stride.r, p.v_stride.r, p.v_stride.c, cols, t.dv, t.dvp,
+    pack_values<T, KV>(v_head + j0 * p.v_stride.r, p.v_stride.r, p.v_stride.c, cols, t.dv, t.dvp,
                    sc.vp);
     block_values<T>(t, cols, qcols, sc);
   }
@@ -528,7 +532,7 @@ struct PrefillTask {
 // Tasks are handed out largest first: with a causal mask the last query
 // blocks see the most keys, and starting them early keeps every core busy
 // to the end (longest-processing-time-first scheduling).
-template <typename T>
+template <typename T, typename KV>
 void prefill_forward(const AttentionParams& p) {
   using Tl = PrefillTiling<T>;
   const Tl t(p);
@@ -546,6 +550,6 @@ void prefill_forward(const AttentionParams& p) {
     rr.hk = rr.h / group;
     rr.i0 = qb * Tl::BR;
     rr.rows = std::min<int64_t>(Tl::BR, p.Lq - rr.i0);
-    PrefillTask<T>(p, t, rr, sc).run();
+    PrefillTask<T, KV>(p, t, rr, sc).run();
   });
 }

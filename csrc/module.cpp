@@ -77,10 +77,26 @@ void set_key_padding(AttentionParams& p, const py::object& kpm_obj) {
   p.key_padding_stride_k = kpm.strides(1);
 }
 
+void set_key_lengths(AttentionParams& p, const py::object& obj) {
+  if (obj.is_none()) return;
+  py::array lengths = obj.cast<py::array>();
+  require_shape(lengths, {p.B}, "key_lengths");
+  require_dtype(lengths, py::dtype::of<int64_t>(), "key_lengths");
+  if (lengths.strides(0) != static_cast<py::ssize_t>(sizeof(int64_t)) && p.B > 1)
+    throw std::invalid_argument("key_lengths: expected a contiguous array");
+  const int64_t* n = static_cast<const int64_t*>(lengths.data());
+  for (int64_t b = 0; b < p.B; ++b)
+    if (n[b] < 0 || n[b] > p.Lk)
+      throw std::invalid_argument("key_lengths: entry " + std::to_string(b) + " is " +
+                                  std::to_string(n[b]) + ", expected 0 <= length <= Lk = " +
+                                  std::to_string(p.Lk));
+  p.key_lengths = n;
+}
+
 void attention_forward_py(py::array q, py::array k, py::array v, py::array out, double scale,
                           int64_t window_left, int64_t window_right, py::object mask,
                           py::object key_padding, double dropout_p, uint64_t seed,
-                          py::object weights, py::object lse) {
+                          py::object weights, py::object lse, py::object key_lengths) {
   AttentionParams p;
   p.dtype = dtype_of(q);
   const py::dtype dt = q.dtype();
@@ -88,8 +104,10 @@ void attention_forward_py(py::array q, py::array k, py::array v, py::array out, 
   p.k_stride = strides_of(k, "k");
   p.v_stride = strides_of(v, "v");
   p.out_stride = strides_of(out, "out");
-  require_dtype(k, dt, "k");
-  require_dtype(v, dt, "v");
+  // K/V share q's dtype, or are float16 (a half-size cache) with float32 q.
+  p.kv_half = p.dtype == DType::f32 && k.dtype().equal(py::dtype("float16"));
+  require_dtype(k, p.kv_half ? py::dtype("float16") : dt, "k");
+  require_dtype(v, p.kv_half ? py::dtype("float16") : dt, "v");
   require_dtype(out, dt, "out");
   require_writeable(out, "out");
   p.B = q.shape(0);
@@ -117,6 +135,7 @@ void attention_forward_py(py::array q, py::array k, py::array v, py::array out, 
   p.window_right = window_right;
   set_mask(p, mask, dt);
   set_key_padding(p, key_padding);
+  set_key_lengths(p, key_lengths);
   p.dropout_p = dropout_p;
   p.seed = seed;
   if (!weights.is_none()) {
@@ -164,7 +183,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("out"), py::kw_only(), py::arg("scale"), py::arg("window_left") = -1,
         py::arg("window_right") = -1, py::arg("mask") = py::none(),
         py::arg("key_padding") = py::none(), py::arg("dropout_p") = 0.0,
-        py::arg("seed") = 0, py::arg("weights") = py::none(), py::arg("lse") = py::none());
+        py::arg("seed") = 0, py::arg("weights") = py::none(), py::arg("lse") = py::none(),
+        py::arg("key_lengths") = py::none());
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw std::invalid_argument("num_threads must be >= 1");
