@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class Shape:
         """4 * B * Hq * (visible pairs) * D: two matrix products per pair."""
         return 4.0 * self.b * self.hq * self.visible_pairs() * self.d
 
-    def inputs(self, dtype=np.float32, seed: int = 0) -> Tuple[np.ndarray, ...]:
+    def inputs(self, dtype: Any = np.float32, seed: int = 0) -> Tuple[np.ndarray, ...]:
         rng = np.random.default_rng(seed)
         q = rng.standard_normal((self.b, self.hq, self.lq, self.d), dtype=np.float32)
         k = rng.standard_normal((self.b, self.kv_heads, self.lk, self.d), dtype=np.float32)
@@ -61,7 +61,8 @@ class Shape:
         return tuple(a.astype(dtype, copy=False) for a in (q, k, v))
 
 
-def numpy_attention(q, k, v, causal=False, window=None):
+def numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False,
+                    window: Optional[int] = None) -> np.ndarray:
     """What a user would write by hand: dense scores, softmax, matmul."""
     group = q.shape[1] // k.shape[1]
     if group > 1:
@@ -79,11 +80,13 @@ def numpy_attention(q, k, v, causal=False, window=None):
     s -= s.max(axis=-1, keepdims=True)
     np.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
-    return np.matmul(s, v)
+    result: np.ndarray = np.matmul(s, v)
+    return result
 
 
-def tileattn_runner(shape: Shape, q, k, v) -> Callable[[], object]:
-    kw = {}
+def tileattn_runner(shape: Shape, q: np.ndarray, k: np.ndarray,
+                    v: np.ndarray) -> Callable[[], object]:
+    kw: Dict[str, Any] = {}
     if shape.window:
         kw["window"] = shape.window
     elif shape.causal:
@@ -92,7 +95,8 @@ def tileattn_runner(shape: Shape, q, k, v) -> Callable[[], object]:
     return lambda: scaled_dot_product_attention(q, k, v, out=out, **kw)
 
 
-def torch_runner(shape: Shape, q, k, v) -> Optional[Callable[[], object]]:
+def torch_runner(shape: Shape, q: np.ndarray, k: np.ndarray,
+                 v: np.ndarray) -> Optional[Callable[[], object]]:
     """PyTorch's SDPA as a torch user would call it (None without torch).
     A window needs the equivalent dense boolean mask in torch."""
     try:
@@ -100,7 +104,7 @@ def torch_runner(shape: Shape, q, k, v) -> Optional[Callable[[], object]]:
     except ImportError:
         return None
     tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
-    kw = {}
+    kw: Dict[str, Any] = {}
     if shape.kv_heads != shape.hq:
         kw["enable_gqa"] = True
     if shape.window:
@@ -114,7 +118,7 @@ def torch_runner(shape: Shape, q, k, v) -> Optional[Callable[[], object]]:
             i = torch.arange(shape.lq)[:, None] + (shape.lk - shape.lq)
             kw["attn_mask"] = torch.arange(shape.lk)[None, :] <= i
 
-    def run():
+    def run() -> object:
         with torch.inference_mode():
             return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, **kw)
 

@@ -15,7 +15,7 @@ def progress(items: Sequence[T], *, enabled: bool = True, desc: str = "") -> Ite
         yield from items
         return
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # optional; untyped
     except ImportError:
         yield from _plain(items, desc)
         return

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union, cast
 
 import numpy as np
 
@@ -110,7 +110,8 @@ def _window_bounds(window: Window, is_causal: bool) -> tuple[int, int]:
             left, right = w - 1, 0
         else:
             try:
-                left, right = (operator.index(x) for x in window)
+                pair = cast(Tuple[Any, Any], window)
+                left, right = (operator.index(x) for x in pair)
             except (TypeError, ValueError):
                 raise InvalidParameterError(
                     f"window: expected an int W >= 1 or a pair of ints (left, right), "
@@ -153,7 +154,8 @@ def _dropout(dropout_p: float, seed: Optional[int]) -> tuple[float, int]:
     return p, seed
 
 
-def _attn_mask(mask: ArrayLike, target: tuple[int, ...], dtype: np.dtype, batched: bool):
+def _attn_mask(mask: ArrayLike, target: tuple[int, ...], dtype: np.dtype[Any],
+               batched: bool) -> np.ndarray:
     m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
     if m.dtype == np.bool_:
         kind = "bool"
@@ -238,7 +240,7 @@ def scaled_dot_product_attention(
     seed: Optional[int] = None,
     return_weights: bool = False,
     out: Optional[np.ndarray] = None,
-):
+) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Multi-head scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
 
     Parameters
@@ -318,7 +320,11 @@ def scaled_dot_product_attention(
         and not any(s % out.itemsize for s in out.strides)
         and not any(np.may_share_memory(out, a) for a in (q, k, v))
     )
-    result = (out if batched else out[np.newaxis]) if direct else np.empty(out_shape4, dtype)
+    if direct:
+        assert out is not None
+        result = out if batched else out[np.newaxis]
+    else:
+        result = np.empty(out_shape4, dtype)
     weights = np.zeros((b, hq, lq, lk), dtype) if return_weights else None
 
     _core.attention_forward(
