@@ -124,6 +124,9 @@ struct Dropout {
   bool drop(uint64_t row_key, int64_t j) const { return dropout_uniform(seed, row_key + j) < p; }
 };
 
+constexpr double kLog2e = 1.44269504088896340736;
+constexpr double kLn2 = 0.69314718055994530942;
+
 // Key/value storage: the compute type itself, or Half (IEEE binary16 bits),
 // widened to float as the kernel reads it.
 struct Half {
@@ -165,12 +168,18 @@ inline void widen_row(const Half* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = widen(src[i]);
 }
 
+// A base-2 score plus an additive mask entry (natural-log units). A -inf
+// entry blocks the key whatever its score, even a NaN one.
+template <typename T>
+inline T add_mask(T score, T mask) {
+  return mask == -std::numeric_limits<T>::infinity() ? mask
+                                                     : score + mask * static_cast<T>(kLog2e);
+}
+
 // Loops over a micro-tile's registers must be unrolled completely, or GCC
 // keeps the accumulator arrays on the stack.
 #define TILEATTN_UNROLL _Pragma("GCC unroll 32")
 
-constexpr double kLog2e = 1.44269504088896340736;
-constexpr double kLn2 = 0.69314718055994530942;
 
 // Keys are processed in chunks of kChunkBlocks key blocks, a property of the
 // data alone. Each chunk yields a softmax state (max m, sum l, output o)

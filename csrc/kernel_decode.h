@@ -170,7 +170,7 @@ struct DecodeTask {
                           j0 * p.mask_stride.c;
       if (p.mask_kind == MaskKind::additive) {
         const T* m = static_cast<const T*>(p.mask) + off;
-        for (int64_t jj = 0; jj < cols; ++jj) s[jj] += m[jj * p.mask_stride.c] * static_cast<T>(kLog2e);
+        for (int64_t jj = 0; jj < cols; ++jj) s[jj] = add_mask(s[jj], m[jj * p.mask_stride.c]);
       } else {
         const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
         for (int64_t jj = 0; jj < cols; ++jj)
@@ -211,6 +211,9 @@ struct DecodeTask {
     const reg va = S::set1(alpha);
     for (int64_t e = 0; e < ds.dvw; e += W) S::store(o + e, S::mul(S::load(o + e), va));
     for (int64_t j = 0; j < cols; ++j) {
+      // p = 0 adds nothing (the prefill's 0 * v, or its NaN-safe skip): skip
+      // it, so a NaN value of a key this row cannot see stays out.
+      if (s[j] == T(0)) continue;
       const reg pj = S::set1(s[j]);
       const T* vr = v + j * ldv;
       for (int64_t e = 0; e < ds.dvw; e += W)

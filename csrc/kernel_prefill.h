@@ -178,7 +178,10 @@ inline void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int6
 
 // ot[MR][NR] (row stride ldo) += vp[j][MR]^T . pt[j][NR] (row stride ldp)
 // over j < n: MR value columns by NR queries (the output, transposed).
-template <typename T>
+// With kSkipZero, lanes whose probability is 0 keep their sum instead of
+// adding 0 * v: identical for finite v, and a NaN or inf in the value of a
+// key a query cannot see stays out of that query's output.
+template <typename T, bool kSkipZero = false>
 inline void values_micro(const T* vp, const T* pt, int64_t ldp, int64_t n, T* ot, int64_t ldo) {
   using S = Simd<T>;
   using reg = typename S::reg;
@@ -196,7 +199,12 @@ inline void values_micro(const T* vp, const T* pt, int64_t ldp, int64_t n, T* ot
     for (int r = 0; r < MR; ++r) {
       const reg a = S::set1(vp[j * MR + r]);
       TILEATTN_UNROLL
-      for (int c = 0; c < NV; ++c) acc[r][c] = S::fmadd(a, b[c], acc[r][c]);
+      for (int c = 0; c < NV; ++c) {
+        if (kSkipZero)
+          acc[r][c] = S::keep_where_zero(b[c], acc[r][c], S::fmadd(a, b[c], acc[r][c]));
+        else
+          acc[r][c] = S::fmadd(a, b[c], acc[r][c]);
+      }
     }
   }
   TILEATTN_UNROLL
@@ -242,13 +250,30 @@ void block_scores(const PrefillTiling<T>& t, const T* k, int64_t ldk, int64_t co
 // while the panels of V stream past it, and each micro-tile's outputs stay
 // in registers over all the block's keys (the blocking of a GEMM).
 template <typename T>
-void block_values(const PrefillTiling<T>& t, int64_t cols, int64_t qcols,
+void block_values(const PrefillTiling<T>& t, int64_t cols, int64_t qcols, bool finite_values,
                   PrefillScratch<T>& sc) {
   using Tl = PrefillTiling<T>;
   constexpr int MR = Tl::MR, NR = Tl::NR, BR = Tl::BR;
   for (int64_t i = 0; i < qcols; i += NR)
-    for (int64_t e = 0; e < t.dvp; e += MR)
-      values_micro<T>(sc.vp + e * cols, sc.st + i, BR, cols, sc.ot + e * BR + i, BR);
+    for (int64_t e = 0; e < t.dvp; e += MR) {
+      if (finite_values)
+        values_micro<T>(sc.vp + e * cols, sc.st + i, BR, cols, sc.ot + e * BR + i, BR);
+      else
+        values_micro<T, true>(sc.vp + e * cols, sc.st + i, BR, cols, sc.ot + e * BR + i, BR);
+    }
+}
+
+// Whether x[0, n) are all finite: x * 0 is 0 for finite x and NaN otherwise.
+template <typename T>
+bool all_finite(const T* x, int64_t n) {
+  using S = Simd<T>;
+  typename S::reg acc = S::zero();
+  const typename S::reg zero = S::zero();
+  int64_t i = 0;
+  for (; i + S::W <= n; i += S::W) acc = S::add(acc, S::mul(S::load(x + i), zero));
+  T tail = T(0);
+  for (; i < n; ++i) tail = tail + x[i] * T(0);
+  return S::hsum(acc) + tail == T(0);
 }
 
 // ---------------------------------------------------------------------------
@@ -267,7 +292,7 @@ void mask_block(const AttentionParams& p, const KeyBounds& kb, const RowRange& r
       if (p.mask_kind == MaskKind::additive) {
         const T* m = static_cast<const T*>(p.mask) + off;
         for (int64_t jj = 0; jj < cols; ++jj)
-          st[jj * BR + i] += m[jj * p.mask_stride.c] * static_cast<T>(kLog2e);
+          st[jj * BR + i] = add_mask(st[jj * BR + i], m[jj * p.mask_stride.c]);
       } else {
         const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
         for (int64_t jj = 0; jj < cols; ++jj)
@@ -461,7 +486,7 @@ struct PrefillTask {
     if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);
     pack_values<T, KV>(v_head + j0 * p.v_stride.r, p.v_stride.r, p.v_stride.c, cols, t.dv, t.dvp,
                    sc.vp);
-    block_values<T>(t, cols, qcols, sc);
+    block_values<T>(t, cols, qcols, all_finite<T>(sc.vp, cols * t.dvp), sc);
   }
 
   void run() {
@@ -499,25 +524,26 @@ struct PrefillTask {
       const T l = sc.l_run[i];
       for (int64_t e = 0; e < t.dv; ++e)
         dst[e * p.out_stride.c] = l > T(0) ? sc.ot_run[e * BR + i] / l : T(0);
-      // Kept in m_run (base 2) for the weights pass.
-      T& lse2 = sc.m_run[i];
-      lse2 = l > T(0) ? lse2 + std::log2(l) : -std::numeric_limits<T>::infinity();
-      if (lse) lse[(rr.i0 + i) * p.lse_stride.r] = lse2 * static_cast<T>(kLn2);
+      if (lse) {
+        const T lse2 = l > T(0) ? sc.m_run[i] + std::log2(l) : -std::numeric_limits<T>::infinity();
+        lse[(rr.i0 + i) * p.lse_stride.r] = lse2 * static_cast<T>(kLn2);
+      }
     }
   }
 
   // Second pass, only when the weights are asked for: recompute each
-  // block's scores and write 2^(s - lse2) (after dropout).
+  // block's scores and write 2^(s - m) / l (after dropout). Not 2^(s - lse):
+  // with large logits lse is large and s - lse would cancel digits.
   void write_weights() {
     T* w = static_cast<T*>(p.weights) + rr.b * p.weights_stride.b + rr.h * p.weights_stride.h;
     for_each_key_block(p, t.bc, kb, rr.b, rr.i0, rr.i0 + rr.rows - 1, sc.visible,
                        [&](int64_t j0, int64_t cols, bool straddles) {
       scores(j0, cols, straddles);
       for (int64_t i = 0; i < rr.rows; ++i) {
-        const T lse2 = sc.m_run[i];
+        const T m = sc.m_run[i], l = sc.l_run[i];
         for (int64_t jj = 0; jj < cols; ++jj) {
           T& s = sc.st[jj * BR + i];
-          s = lse2 == -std::numeric_limits<T>::infinity() ? T(0) : std::exp2(s - lse2);
+          s = l > T(0) ? std::exp2(s - m) / l : T(0);
         }
       }
       if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);

@@ -80,6 +80,10 @@ template <> struct Simd<float> {
   static reg zero_where_less(reg x, reg limit, reg value) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, limit, _CMP_LT_OQ), value);
   }
+  // Lanes of `keep` where p == 0, of `value` elsewhere.
+  static reg keep_where_zero(reg p, reg keep, reg value) {
+    return _mm256_blendv_ps(value, keep, _mm256_cmp_ps(p, zero(), _CMP_EQ_OQ));
+  }
 };
 
 template <> struct Simd<double> {
@@ -131,6 +135,9 @@ template <> struct Simd<double> {
   }
   static reg zero_where_less(reg x, reg limit, reg value) {
     return _mm256_andnot_pd(_mm256_cmp_pd(x, limit, _CMP_LT_OQ), value);
+  }
+  static reg keep_where_zero(reg p, reg keep, reg value) {
+    return _mm256_blendv_pd(value, keep, _mm256_cmp_pd(p, zero(), _CMP_EQ_OQ));
   }
 };
 

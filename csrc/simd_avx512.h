@@ -54,6 +54,10 @@ template <> struct Simd<float> {
   static reg zero_where_less(reg x, reg limit, reg value) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, limit, _CMP_NLT_UQ), value);
   }
+  // Lanes of `keep` where p == 0, of `value` elsewhere.
+  static reg keep_where_zero(reg p, reg keep, reg value) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(p, zero(), _CMP_EQ_OQ), value, keep);
+  }
 };
 
 template <> struct Simd<double> {
@@ -95,6 +99,9 @@ template <> struct Simd<double> {
   }
   static reg zero_where_less(reg x, reg limit, reg value) {
     return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(x, limit, _CMP_NLT_UQ), value);
+  }
+  static reg keep_where_zero(reg p, reg keep, reg value) {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(p, zero(), _CMP_EQ_OQ), value, keep);
   }
 };
 

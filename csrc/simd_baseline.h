@@ -28,8 +28,10 @@ struct VecExtSimd {
   static reg mul(reg a, reg b) { return a * b; }
   static reg fmadd(reg a, reg b, reg c) { return a * b + c; }
   static reg fnmadd(reg a, reg b, reg c) { return c - a * b; }
-  static reg max(reg a, reg b) { for (int i = 0; i < W; ++i) a[i] = a[i] < b[i] ? b[i] : a[i]; return a; }
-  static reg min(reg a, reg b) { for (int i = 0; i < W; ++i) a[i] = b[i] < a[i] ? b[i] : a[i]; return a; }
+  // x86's maxps/minps semantics (a NaN in either gives b), so that every
+  // path treats NaN the same way.
+  static reg max(reg a, reg b) { for (int i = 0; i < W; ++i) a[i] = a[i] > b[i] ? a[i] : b[i]; return a; }
+  static reg min(reg a, reg b) { for (int i = 0; i < W; ++i) a[i] = a[i] < b[i] ? a[i] : b[i]; return a; }
   static T hmax(reg a) { T m = a[0]; for (int i = 1; i < W; ++i) m = m < a[i] ? a[i] : m; return m; }
   static T first(reg a) { return a[0]; }
   static T hsum(reg a) {
@@ -53,6 +55,11 @@ struct VecExtSimd {
     reg scale;
     std::memcpy(&scale, &bits, sizeof bits);
     return p * scale;
+  }
+  // Lanes of `keep` where p == 0, of `value` elsewhere.
+  static reg keep_where_zero(reg p, reg keep, reg value) {
+    for (int i = 0; i < W; ++i) value[i] = p[i] == T(0) ? keep[i] : value[i];
+    return value;
   }
   static reg zero_where_less(reg x, reg limit, reg value) {
     for (int i = 0; i < W; ++i) value[i] = x[i] < limit[i] ? T(0) : value[i];
