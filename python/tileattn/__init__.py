@@ -16,6 +16,7 @@ from .module import Module
 from .linear import Linear
 from .norm import LayerNorm
 from .attention import MultiHeadAttention
+from .cache import KVCache
 from .positional import rope, sinusoidal_positions
 from .io import keras_state_dict, load, load_keras_weights, save
 
@@ -25,6 +26,7 @@ _apply_isa_env()
 __all__ = [
     "DTypeError",
     "InvalidParameterError",
+    "KVCache",
     "LayerNorm",
     "Linear",
     "Module",

@@ -10,6 +10,7 @@ import numpy as np
 
 from ._axes import SequenceLayout, check_attention_axes, layouts
 from ._errors import DTypeError, InvalidParameterError, ShapeError
+from .cache import KVCache, prefix_lengths
 from .functional import scaled_dot_product_attention
 from .linear import Linear, as_2d_rows
 from .module import Module
@@ -135,8 +136,8 @@ class MultiHeadAttention(Module):
         self._pack()
 
     # -- construction ---------------------------------------------------------
-    def _check_sizes(self, embed_dim, num_heads, num_kv_heads, head_dim, value_dim,
-                     kdim, vdim, output_dim) -> None:
+    def _check_sizes(self, embed_dim: Any, num_heads: Any, num_kv_heads: Any, head_dim: Any,
+                     value_dim: Any, kdim: Any, vdim: Any, output_dim: Any) -> None:
         self.embed_dim = _pos_int("embed_dim", embed_dim)
         self.num_heads = _pos_int("num_heads", num_heads)
         self.num_kv_heads = _opt_pos_int("num_kv_heads", num_kv_heads, self.num_heads)
@@ -154,8 +155,8 @@ class MultiHeadAttention(Module):
         self.vdim = _opt_pos_int("vdim", vdim, self.embed_dim)
         self.output_dim = _opt_pos_int("output_dim", output_dim, self.embed_dim)
 
-    def _check_options(self, bias, dropout, rope, rope_theta, qk_norm, attention_axes,
-                       seed) -> None:
+    def _check_options(self, bias: Any, dropout: Any, rope: Any, rope_theta: Any,
+                       qk_norm: Any, attention_axes: Any, seed: Any) -> None:
         _flag("bias", bias)
         if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real) \
                 or not 0.0 <= float(dropout) < 1.0:
@@ -166,7 +167,7 @@ class MultiHeadAttention(Module):
             raise InvalidParameterError(
                 f"rope: head_dim must be even for rotary embeddings, got head_dim={self.head_dim}")
         if isinstance(rope_theta, (bool, np.bool_)) or not isinstance(rope_theta, numbers.Real) \
-                or not (math.isfinite(rope_theta) and rope_theta > 0):
+                or not (math.isfinite(rope_theta) and float(rope_theta) > 0):
             raise InvalidParameterError(f"rope_theta: expected a positive number, got {rope_theta!r}")
         self.rope_theta = float(rope_theta)
         self.qk_norm = _flag("qk_norm", qk_norm)
@@ -188,7 +189,8 @@ class MultiHeadAttention(Module):
     def _pack(self) -> None:
         """Put the Q, K, V weights (and biases) into one buffer and make the
         projections' parameters views of it (see the class notes)."""
-        self._in_weight = self._in_bias = None
+        self._in_weight: Optional[np.ndarray] = None
+        self._in_bias: Optional[np.ndarray] = None
         if not self.packed:
             return
         projs = (self.q_proj, self.k_proj, self.v_proj)
@@ -278,7 +280,7 @@ class MultiHeadAttention(Module):
                 attn_mask: Any = None, key_padding_mask: Any = None, is_causal: bool = False,
                 window: Any = None, need_weights: bool = False,
                 average_attn_weights: bool = True, training: bool = False,
-                cache: Any = None):
+                cache: Any = None) -> Any:
         """Attend from ``query`` to ``key``/``value``.
 
         Parameters
@@ -301,7 +303,17 @@ class MultiHeadAttention(Module):
             Weights averaged over heads (B, Lq, Lk), else (B, Hq, Lq, Lk).
         training : bool
             Apply dropout (only then).
-        cache : reserved for the KV cache; must be None for now.
+        cache : KVCache, optional
+            Incremental decoding (self-attention only): ``query`` holds the
+            new tokens (a prompt chunk or one step), their keys/values are
+            appended to the cache (after QK-norm and RoPE at the cache's
+            positions, per sequence) and the queries attend over everything
+            cached; causal (and window) masks align with each sequence's
+            positions. A ``key_padding_mask`` (B, T) of prefix form then marks
+            how many of the T new tokens each sequence really appends
+            (right padding); their outputs are meaningless. ``attn_mask``,
+            ``need_weights``, separate ``key``/``value`` and
+            ``attention_axes`` are not available with a cache.
 
         Returns
         -------
@@ -313,11 +325,14 @@ class MultiHeadAttention(Module):
         row-major order; the weights are returned in Keras' shape
         (B, *non-attended, [Hq,] *query axes, *key axes).
         """
+        for name, flag in (("need_weights", need_weights), ("training", training),
+                           ("average_attn_weights", average_attn_weights)):
+            _flag(name, flag)
         if cache is not None:
-            raise InvalidParameterError("cache: the KV cache is not implemented yet; pass None")
-        for name, v in (("need_weights", need_weights), ("training", training),
-                        ("average_attn_weights", average_attn_weights)):
-            _flag(name, v)
+            return self._forward_cached(query, key, value, cache, attn_mask=attn_mask,
+                                        key_padding_mask=key_padding_mask, is_causal=is_causal,
+                                        window=window, need_weights=need_weights,
+                                        training=training)
         q_in, k_in, v_in, self_attn, kv_same, out_dtype = self._inputs(query, key, value)
         unbatched = q_in.ndim == 2 and self.attention_axes is None
         if unbatched:
@@ -339,11 +354,84 @@ class MultiHeadAttention(Module):
         y = self.out_proj(y)
         y = q_lay.from_sequence(y)[0] if unbatched else q_lay.from_sequence(y)
         y = y.astype(out_dtype, copy=False)
-        if not need_weights:
+        if w is None:
             return y
         return y, self._shape_weights(w, q_lay, k_lay, unbatched, average_attn_weights, out_dtype)
 
-    def _inputs(self, query, key, value):
+    def _forward_cached(self, query: Any, key: Any, value: Any, cache: Any, *,
+                        attn_mask: Any, key_padding_mask: Any, is_causal: bool, window: Any,
+                        need_weights: bool, training: bool) -> np.ndarray:
+        """Self-attention of new tokens against a KVCache (see ``forward``)."""
+        if not isinstance(cache, KVCache):
+            raise InvalidParameterError(
+                f"cache: expected a tileattn.KVCache, got {type(cache).__name__}")
+        for name, given in (("key", key is not None and key is not query),
+                            ("value", value is not None and value is not query),
+                            ("attn_mask", attn_mask is not None), ("need_weights", need_weights),
+                            ("attention_axes", self.attention_axes is not None)):
+            if given:
+                raise InvalidParameterError(
+                    f"{name}: not supported with cache= (incremental self-attention); "
+                    f"call without the cache for it")
+        want = (self.num_kv_heads, self.head_dim, self.value_dim)
+        got = (cache.num_kv_heads, cache.head_dim, cache.value_dim)
+        if got != want:
+            raise ShapeError(
+                f"cache: expected (num_kv_heads, head_dim, value_dim) = {want} like the "
+                f"module, got {got}")
+        if cache.dtype != self.dtype and not (cache.dtype == np.float16
+                                              and self.dtype == np.float32):
+            raise DTypeError(
+                f"cache: a {self.dtype} module needs a {self.dtype} cache"
+                + (" or a float16 one" if self.dtype == np.float32 else "")
+                + f", got {cache.dtype}")
+        x = _input(query, "query")
+        in_dtype = x.dtype
+        unbatched = x.ndim == 2
+        x3 = x[None] if unbatched else x
+        if x3.ndim != 3 or x3.shape[-1] != self.embed_dim:
+            raise ShapeError(f"query: expected (B, T, {self.embed_dim}) or unbatched "
+                             f"(T, {self.embed_dim}), got shape {x.shape}")
+        b, t = x3.shape[:2]
+        if b != cache.batch:
+            raise ShapeError(f"query: batch {b} does not match the cache's batch "
+                             f"{cache.batch}; got shape {x.shape}")
+        counts = None
+        if key_padding_mask is not None:
+            kpm = np.asarray(key_padding_mask)
+            counts = prefix_lengths(kpm[None] if unbatched else kpm, "key_padding_mask", (b, t))
+        x3 = x3.astype(self.dtype, copy=False)
+        q, k, v = self._project(x3, x3, x3, self.packed, self.packed)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            # Each sequence's new tokens sit at its own positions lengths[b] + i.
+            pos = cache.lengths[:, None] + np.arange(t)
+            q, k = self._rope_at(q, pos), self._rope_at(k, pos)
+        p, seed = 0.0, None
+        if training and self.dropout > 0:
+            p, seed = self.dropout, int(self._dropout_rng.integers(0, 2**63))
+        buf = np.empty((b, t, self.num_heads, self.value_dim), self.dtype)
+        cache.attend(_heads_first(q, False), _heads_first(k, False), _heads_first(v, False),
+                     counts=counts, is_causal=is_causal, window=window, dropout_p=p, seed=seed,
+                     out=_heads_first(buf, False))
+        y: np.ndarray = self.out_proj(buf.reshape(b, t, self.num_heads * self.value_dim))
+        out: np.ndarray = (y[0] if unbatched else y).astype(in_dtype, copy=False)
+        return out
+
+    def _rope_at(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """RoPE of x (B, T, H, D) at positions (B, T): the angles of
+        ``rope_tables`` (same float64 formula, so a position gets the same
+        rotation whether it is decoded alone or in a full pass)."""
+        half = self.head_dim // 2
+        inv_freq = self.rope_theta ** (-np.arange(half, dtype=np.float64) * 2.0 / self.head_dim)
+        angles = positions.astype(np.float64)[..., None] * inv_freq
+        cos = np.cos(angles).astype(self.dtype)[:, :, None, :]
+        sin = np.sin(angles).astype(self.dtype)[:, :, None, :]
+        return apply_rope(x, cos, sin)
+
+    def _inputs(self, query: Any, key: Any, value: Any
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, bool, bool, np.dtype[Any]]:
         """Arrays in the module's dtype, and whether the projection can be
         fused: self-attention (Q, K, V from one input) or K and V from one."""
         self_attn = (key is None or key is query) and (value is None or value is query)
@@ -363,16 +451,17 @@ class MultiHeadAttention(Module):
 
     def _check_features(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         if q.ndim < 3:
-            want = (f"(B, *axes, {self.embed_dim}) with attention_axes" if self.attention_axes
-                    else f"(B, L, {self.embed_dim}) or unbatched (L, {self.embed_dim})")
-            raise ShapeError(f"query: expected {want}, got shape {q.shape}")
+            layout = (f"(B, *axes, {self.embed_dim}) with attention_axes" if self.attention_axes
+                      else f"(B, L, {self.embed_dim}) or unbatched (L, {self.embed_dim})")
+            raise ShapeError(f"query: expected {layout}, got shape {q.shape}")
         for name, a, want in (("query", q, self.embed_dim), ("key", k, self.kdim),
                               ("value", v, self.vdim)):
             if a.shape[-1] != want:
                 what = "embed_dim" if name == "query" else ("kdim" if name == "key" else "vdim")
                 raise ShapeError(f"{name}: expected last axis {want} ({what}), got shape {a.shape}")
 
-    def _project(self, q3, k3, v3, self_attn, kv_same):
+    def _project(self, q3: np.ndarray, k3: np.ndarray, v3: np.ndarray, self_attn: bool,
+                 kv_same: bool) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(B, L, F) inputs -> q (B, Lq, Hq, D), k (B, Lk, Hkv, D),
         v (B, Lk, Hkv, Dv): views of the projections' outputs, fused when
         the inputs allow (one GEMM for all three in self-attention)."""
@@ -394,8 +483,10 @@ class MultiHeadAttention(Module):
     def _packed_matmul(self, x3: np.ndarray, row0: int) -> np.ndarray:
         """x3 @ packed[row0:].T (+ bias): one GEMM over rows row0.. of the
         packed Q/K/V matrix; returns (B, L, rows)."""
-        w = self._in_weight[row0:]
-        y = as_2d_rows(x3) @ w.T
+        packed = self._in_weight
+        assert packed is not None
+        w = packed[row0:]
+        y: np.ndarray = as_2d_rows(x3) @ w.T
         if self._in_bias is not None:
             y += self._in_bias[row0:]
         return y.reshape(x3.shape[:2] + (w.shape[0],))
@@ -405,7 +496,9 @@ class MultiHeadAttention(Module):
         cos, sin = rope_tables(x.shape[1], self.head_dim, self.rope_theta, 0, self.dtype)
         return apply_rope(x, cos[:, None, :], sin[:, None, :])
 
-    def _attend(self, q, k, v, unbatched, *, need_weights, training, **masks):
+    def _attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, unbatched: bool, *,
+                need_weights: bool, training: bool, **masks: Any
+                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """The core on (B, H, L, D) views; the output lands in a (B, Lq, Hq*Dv)
         buffer ready for out_proj (no transposing copy)."""
         b, lq, hq, _ = q.shape
@@ -418,15 +511,16 @@ class MultiHeadAttention(Module):
         q, k, v, out = (_heads_first(a, unbatched) for a in (q, k, v, buf))
         res = scaled_dot_product_attention(q, k, v, out=out, dropout_p=p, seed=seed,
                                            return_weights=need_weights, **masks)
-        w = res[1] if need_weights else None
+        w = res[1] if isinstance(res, tuple) else None
         if w is not None and unbatched:
             w = w[None]
         return buf.reshape(b, lq, hq * self.value_dim), w
 
-    def _shape_weights(self, w, q_lay: SequenceLayout, k_lay: SequenceLayout, unbatched,
-                       average, dtype) -> np.ndarray:
+    def _shape_weights(self, w: np.ndarray, q_lay: SequenceLayout, k_lay: SequenceLayout,
+                       unbatched: bool, average: bool, dtype: np.dtype[Any]) -> np.ndarray:
         if average:
             w = w.mean(axis=1)
-        heads = () if average else (self.num_heads,)
+        heads: Tuple[int, ...] = () if average else (self.num_heads,)
         w = w.reshape(q_lay.weights_shape(k_lay, heads))
-        return (w[0] if unbatched else w).astype(dtype, copy=False)
+        out: np.ndarray = (w[0] if unbatched else w).astype(dtype, copy=False)
+        return out

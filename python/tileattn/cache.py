@@ -1,0 +1,491 @@
+"""``KVCache``: preallocated keys and values for incremental decoding.
+
+A cache holds, for a batch of sequences, the keys and values of every
+position decoded so far, ``(B, Hkv, capacity, D)`` and ``(B, Hkv, capacity,
+Dv)``, and one length per sequence. ``attend`` appends the keys/values of
+new tokens and runs attention of the new queries over everything cached, in
+one kernel call that reads the cache in place: float16 storage is widened by
+the kernel as it reads, so no float32 copy of the cache is ever made.
+
+Layout of the positions
+-----------------------
+Linear cache (``window=None``): position ``p`` of item ``b`` lives in row
+``p``; the kernel gets the rows ``[0, max(lengths))`` and the per-item key
+lengths, so it stops at each sequence's end (ragged batches cost nothing for
+their padding).
+
+Ring buffer (``window=W``): only the last ``W`` positions are kept, position
+``p`` in row ``p % W``, so memory stays fixed however long the stream runs.
+In memory the rows are rotated, which the kernel's causal/window masks (they
+compare key *indices*) cannot see through. Two facts make it work anyway:
+
+* One new query (decoding): after its key is written, the ring holds exactly
+  the ``min(length, W)`` keys its window ``(W - 1, 0)`` lets it see, and
+  nothing else. Softmax attention is invariant under a permutation of the
+  keys (each key's weight depends only on its own score), so attending
+  *unmasked* over the valid rows gives the windowed result directly, with
+  no copy.
+* A chunk of several new queries: each query sees a different set of keys
+  (the later ones see later chunk keys, the earlier ones older ring rows),
+  so visibility is per query and the order matters. The chunk is attended
+  against a scratch buffer holding, in logical order, the ring's last
+  ``min(length, W - 1)`` positions (at most two slices of the ring, one copy
+  of at most ``W - 1`` rows) followed by the chunk, with the ordinary window
+  mask; only then are the chunk's keys written into the ring (so they
+  cannot overwrite rows the chunk still needed).
+
+Ragged chunks (items appending different counts) keep their real tokens
+first (right padding, as tokenizers produce) in the caller's arrays. The
+kernel aligns causal masks bottom-right to each item's own key length, which
+matches the *last* query row; so the real queries are moved to the last rows
+of the query block (left padding) for the call and moved back afterwards.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._errors import DTypeError, InvalidParameterError, ShapeError
+from .functional import _dropout, _scale_value, _window_bounds
+
+_STORAGE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_FLOATS = _STORAGE
+
+
+def _shape(a: np.ndarray) -> str:
+    return "(" + ", ".join(str(s) for s in a.shape) + ("," if a.ndim == 1 else "") + ")"
+
+
+def _pos_int(name: str, value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < 1:
+        raise InvalidParameterError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def _counts(name: str, counts: Any, batch: int, upper: np.ndarray,
+            what: str) -> np.ndarray:
+    """counts as an int64 (batch,) array with 0 <= counts[b] <= upper[b]."""
+    if isinstance(counts, (bool, np.bool_)):
+        raise InvalidParameterError(f"{name}: expected an int or a (B,) int array, got {counts!r}")
+    c = np.asarray(counts)
+    if c.dtype.kind not in "iu":
+        raise DTypeError(f"{name}: expected an int or a ({batch},) int array, got dtype {c.dtype}")
+    if c.ndim == 0:
+        c = np.full(batch, int(c), np.int64)
+    elif c.shape != (batch,):
+        raise ShapeError(f"{name}: expected an int or shape ({batch},), got shape {_shape(c)}")
+    c = c.astype(np.int64)
+    bad = np.flatnonzero((c < 0) | (c > upper))
+    if bad.size:
+        i = int(bad[0])
+        raise InvalidParameterError(
+            f"{name}: entry {i} is {int(c[i])}, expected 0 <= {name} <= {int(upper[i])} ({what})")
+    return c
+
+
+def prefix_lengths(mask: Any, name: str, shape: Tuple[int, int]) -> np.ndarray:
+    """Lengths (B,) int64 of a (B, L) mask of prefix form (True... then False...).
+
+    Raises ShapeError for another shape, DTypeError for a non-bool (and not
+    0/1 integer) mask and InvalidParameterError when a row is not a prefix.
+    """
+    m = np.asarray(mask)
+    if m.dtype != np.bool_:
+        if m.dtype.kind in "iu" and (not m.size or np.all((m == 0) | (m == 1))):
+            m = m.astype(bool)
+        else:
+            raise DTypeError(f"{name}: expected bool (True = real token) or 0/1 integers, "
+                             f"got {m.dtype}")
+    if m.shape != shape:
+        raise ShapeError(f"{name}: expected shape (B, T) = {shape}, got {_shape(m)}")
+    n: np.ndarray = m.sum(axis=1, dtype=np.int64)
+    if not np.array_equal(m, np.arange(shape[1])[None, :] < n[:, None]):
+        bad = int(np.flatnonzero((m != (np.arange(shape[1])[None, :] < n[:, None])).any(1))[0])
+        raise InvalidParameterError(
+            f"{name}: with a cache each row must be real tokens then padding (True... then "
+            f"False...); row {bad} is not")
+    return n
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, for a batch of sequences.
+
+    Parameters
+    ----------
+    batch : int
+        Sequences B decoded together. Each has its own length.
+    num_kv_heads : int
+        Key/value heads Hkv (the module's ``num_kv_heads``).
+    max_len : int
+        Most positions a sequence may reach; appending past it raises
+        ``InvalidParameterError``. A linear cache allocates ``max_len`` rows;
+        a ring buffer only ``min(window, max_len)`` and ``max_len`` just
+        bounds the positions (it may be huge).
+    head_dim : int
+        Key size D per head.
+    value_dim : int, optional
+        Value size Dv per head. Default head_dim.
+    dtype : float32, float16 or float64
+        Storage. float16 halves the memory and the bytes each decoding step
+        reads; the kernel widens it to float32 as it reads (queries and
+        outputs stay float32). New keys/values are rounded to it as they
+        are appended. float64 pairs with float64 modules.
+    window : int, optional
+        Keep only the last ``window`` positions (a ring buffer in fixed
+        memory) and let each query see only the last ``window`` positions
+        including itself (``window=W`` of the attention functions).
+
+    Attributes
+    ----------
+    k : array (B, Hkv, capacity, D) and v : (B, Hkv, capacity, Dv)
+        The storage (row order is rotated in a ring buffer; see ``contents``).
+    lengths : int64 array (B,)
+        Positions appended so far per sequence (a read-only copy).
+
+    Notes
+    -----
+    A cache belongs to one stream of calls: it may be used from any thread,
+    but not from two at once. Pickling stores only the filled rows.
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 value_dim: Optional[int] = None, dtype: Any = np.float32,
+                 window: Optional[int] = None) -> None:
+        self.batch = _pos_int("batch", batch)
+        self.num_kv_heads = _pos_int("num_kv_heads", num_kv_heads)
+        self.max_len = _pos_int("max_len", max_len)
+        self.head_dim = _pos_int("head_dim", head_dim)
+        self.value_dim = self.head_dim if value_dim is None else _pos_int("value_dim", value_dim)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise DTypeError(f"dtype: expected float32, float16 or float64, got {dtype!r}") from None
+        if dt not in _STORAGE:
+            raise DTypeError(f"dtype: expected float32, float16 or float64, got {dt}")
+        self.dtype: np.dtype[Any] = dt
+        self.window = None if window is None else _pos_int("window", window)
+        self.capacity = self.max_len if self.window is None else min(self.window, self.max_len)
+        self._allocate()
+
+    def _allocate(self) -> None:
+        b, h, n = self.batch, self.num_kv_heads, self.capacity
+        self.k = np.zeros((b, h, n, self.head_dim), self.dtype)
+        self.v = np.zeros((b, h, n, self.value_dim), self.dtype)
+        self._lengths = np.zeros(b, np.int64)
+
+    # -- state ----------------------------------------------------------------
+    @property
+    def lengths(self) -> np.ndarray:
+        out: np.ndarray = self._lengths.copy()
+        out.flags.writeable = False
+        return out
+
+    @property
+    def ring(self) -> bool:
+        """True for a sliding-window ring buffer (``window`` < ``max_len``)."""
+        return self.capacity < self.max_len
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes)
+
+    def reset(self) -> None:
+        """Forget every position (all lengths back to 0); the memory is kept."""
+        self._lengths[:] = 0
+
+    def trim(self, n: Any) -> None:
+        """Roll back the last ``n`` positions (speculative decoding, beam search).
+
+        Parameters
+        ----------
+        n : int, or int array (B,)
+            Positions to drop from every sequence, or per sequence;
+            ``0 <= n[b] <= lengths[b]``.
+
+        Raises
+        ------
+        InvalidParameterError
+            n out of range, or a ring buffer whose sequence has already
+            overwritten positions that would be back inside the window after
+            the rollback (possible only while ``lengths[b] <= window``).
+        """
+        c = _counts("n", n, self.batch, self._lengths, "the positions cached")
+        if self.ring:
+            bad = np.flatnonzero((c > 0) & (self._lengths > self.capacity))
+            if bad.size:
+                i = int(bad[0])
+                raise InvalidParameterError(
+                    f"n: sequence {i} has {int(self._lengths[i])} positions in a ring buffer of "
+                    f"window={self.capacity}; the oldest were overwritten, so rolling back would "
+                    f"leave its window incomplete (a ring can roll back only while "
+                    f"length <= window)")
+        self._lengths -= c
+
+    def contents(self, b: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Copies of sequence ``b``'s retained keys and values in position order.
+
+        Returns
+        -------
+        k : (Hkv, n, D), v : (Hkv, n, Dv)
+            n = lengths[b] (linear) or min(lengths[b], window) (ring): the
+            positions ``lengths[b] - n .. lengths[b] - 1``.
+        """
+        if isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Integral) \
+                or not 0 <= b < self.batch:
+            raise InvalidParameterError(f"b: expected an int in [0, {self.batch}), got {b!r}")
+        length = int(self._lengths[b])
+        n = min(length, self.capacity)
+        rows = np.arange(length - n, length) % self.capacity
+        return self.k[b][:, rows], self.v[b][:, rows]
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # Only the rows that hold something: a mostly empty cache pickles small.
+        state = dict(self.__dict__)
+        used = int(min(self._lengths.max(initial=0), self.capacity))
+        state["k"] = self.k[:, :, :used].copy()
+        state["v"] = self.v[:, :, :used].copy()
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        k, v = state.pop("k"), state.pop("v")
+        self.__dict__.update(state)
+        lengths = self._lengths.copy()
+        self._allocate()
+        self._lengths[:] = lengths
+        self.k[:, :, :k.shape[2]] = k
+        self.v[:, :, :v.shape[2]] = v
+
+    def __repr__(self) -> str:
+        win = "" if self.window is None else f", window={self.window}"
+        return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, "
+                f"max_len={self.max_len}, head_dim={self.head_dim}, value_dim={self.value_dim}, "
+                f"dtype={self.dtype.name}{win}; lengths={self._lengths.tolist()})")
+
+    # -- appending --------------------------------------------------------------
+    def _check_new(self, k: Any, v: Any) -> Tuple[np.ndarray, np.ndarray]:
+        arrays = []
+        for name, x, dim, dname in (("k", k, self.head_dim, "head_dim"),
+                                    ("v", v, self.value_dim, "value_dim")):
+            a = x if isinstance(x, np.ndarray) else np.asarray(x)
+            if a.dtype not in _FLOATS:
+                raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype}")
+            want = (self.batch, self.num_kv_heads)
+            if a.ndim != 4 or a.shape[:2] != want or a.shape[3] != dim:
+                raise ShapeError(
+                    f"{name}: expected (B, Hkv, T, {dname}) = ({self.batch}, "
+                    f"{self.num_kv_heads}, T, {dim}), got shape {_shape(a)}")
+            arrays.append(a)
+        if arrays[0].shape[2] != arrays[1].shape[2]:
+            raise ShapeError(f"k and v: expected the same number of new positions T, got "
+                             f"k {_shape(arrays[0])}, v {_shape(arrays[1])}")
+        return arrays[0], arrays[1]
+
+    def _new_counts(self, counts: Any, t: int) -> np.ndarray:
+        if counts is None:
+            c = np.full(self.batch, t, np.int64)
+        else:
+            c = _counts("counts", counts, self.batch, np.full(self.batch, t), "the new positions T")
+        room = self.max_len - self._lengths
+        over = np.flatnonzero(c > room)
+        if over.size:
+            i = int(over[0])
+            raise InvalidParameterError(
+                f"max_len: appending {int(c[i])} positions to sequence {i} (length "
+                f"{int(self._lengths[i])}) overflows the cache's max_len={self.max_len}; "
+                f"reset, trim or use a larger cache")
+        return c
+
+    def _write(self, k: np.ndarray, v: np.ndarray, counts: np.ndarray) -> None:
+        """Store item b's first counts[b] new rows at its next positions (the
+        last `capacity` of them in a ring) and advance the lengths."""
+        cap = self.capacity
+        for b in range(self.batch):
+            n = int(counts[b])
+            if n == 0:
+                continue
+            start = int(self._lengths[b])
+            skip = max(0, n - cap)          # a chunk longer than the ring keeps its tail
+            pos = start + skip
+            left = n - skip
+            while left:
+                row = pos % cap
+                step = min(left, cap - row)
+                src = slice(pos - start, pos - start + step)
+                self.k[b, :, row:row + step] = k[b, :, src]
+                self.v[b, :, row:row + step] = v[b, :, src]
+                pos += step
+                left -= step
+            self._lengths[b] = start + n
+
+    def append(self, k: Any, v: Any, counts: Any = None) -> np.ndarray:
+        """Append new keys and values (cast to the cache's dtype).
+
+        Parameters
+        ----------
+        k : array (B, Hkv, T, D)
+        v : array (B, Hkv, T, Dv)
+        counts : int or int array (B,), optional
+            Sequence b appends its first counts[b] (<= T) rows; the rest is
+            padding. Default: all T.
+
+        Returns
+        -------
+        positions : int64 array (B,)
+            The position of each sequence's first new row (its length before).
+
+        Raises
+        ------
+        ShapeError, DTypeError : k or v.  InvalidParameterError : counts out of
+        range or a sequence would pass ``max_len`` (nothing is written then).
+        """
+        k4, v4 = self._check_new(k, v)
+        c = self._new_counts(counts, k4.shape[2])
+        before: np.ndarray = self._lengths.copy()
+        self._write(k4, v4, c)
+        return before
+
+    # -- attention ----------------------------------------------------------------
+    def _bounds(self, left: int, right: int) -> Tuple[int, int]:
+        """The (left, right) window of the kernel call; a ring implies (W-1, 0)
+        or narrower (it has no older keys to show)."""
+        if self.window is None:
+            return left, right
+        w = self.window
+        if left == -1:
+            left = w - 1
+        elif left > w - 1:
+            raise InvalidParameterError(
+                f"window: the cache keeps only the last {w} positions (window={w}); "
+                f"an attention window reaching {left} positions back needs keys it dropped")
+        return left, (0 if right == -1 else min(right, 0))
+
+    def attend(self, q: Any, k: Any, v: Any, *, counts: Any = None, is_causal: bool = True,
+               window: Any = None, scale: Optional[float] = None, dropout_p: float = 0.0,
+               seed: Optional[int] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Append the new tokens' keys/values and attend their queries over the cache.
+
+        Parameters
+        ----------
+        q : array (B, Hq, T, D), Hq a multiple of Hkv
+            float32 (any storage but float64) or float64 (float64 storage).
+        k : array (B, Hkv, T, D), v : array (B, Hkv, T, Dv)
+            The new tokens' keys and values; appended as by ``append``.
+        counts : int or int array (B,), optional
+            Real new tokens per sequence, first in each row (right padding).
+        is_causal : bool
+            New query i of sequence b (position lengths[b] + i) sees the
+            positions up to its own. False lets it see the whole chunk.
+        window : int W or (left, right), optional
+            As in ``scaled_dot_product_attention``, aligned at each
+            sequence's own positions. A ring cache implies its ``window``.
+        scale : float, optional
+            Default 1/sqrt(D).
+        dropout_p, seed
+            Dropout on the attention weights, as in the functional API.
+        out : array (B, Hq, T, Dv) of q's dtype, optional
+            Where to write (may be a strided view).
+
+        Returns
+        -------
+        out : array (B, Hq, T, Dv)
+            Rows past counts[b] (padding) are zero.
+        """
+        qa = q if isinstance(q, np.ndarray) else np.asarray(q)
+        k4, v4 = self._check_new(k, v)
+        t = k4.shape[2]
+        qdt = np.dtype(np.float64) if self.dtype == np.float64 else np.dtype(np.float32)
+        if qa.dtype != qdt:
+            raise DTypeError(f"q: expected {qdt} for a {self.dtype} cache, got {qa.dtype}")
+        if qa.ndim != 4 or qa.shape[0] != self.batch or qa.shape[2] != t \
+                or qa.shape[3] != self.head_dim or qa.shape[1] % self.num_kv_heads:
+            raise ShapeError(
+                f"q: expected (B, Hq, T, D) = ({self.batch}, a multiple of {self.num_kv_heads}, "
+                f"{t}, {self.head_dim}), got shape {_shape(qa)}")
+        hq = qa.shape[1]
+        left, right = self._bounds(*_window_bounds(window, is_causal))
+        scale_v = _scale_value(scale, self.head_dim)
+        p, seed_v = _dropout(dropout_p, seed)
+        out_shape = (self.batch, hq, t, self.value_dim)
+        if out is None:
+            out = np.empty(out_shape, qdt)
+        elif not isinstance(out, np.ndarray):
+            raise InvalidParameterError(f"out: expected a numpy array, got {type(out).__name__}")
+        elif out.shape != out_shape:
+            raise ShapeError(f"out: expected shape {out_shape}, got {_shape(out)}")
+        elif out.dtype != qdt:
+            raise DTypeError(f"out: expected dtype {qdt} (q's), got {out.dtype}")
+        elif not out.flags.writeable:
+            raise InvalidParameterError("out: array is read-only")
+        c = self._new_counts(counts, t)
+        old = self._lengths.copy()
+        new = old + c
+        cap = self.capacity
+        # Cast the new rows to the storage dtype first: every path must attend
+        # to exactly the values a later step will read back from the cache.
+        k4 = k4.astype(self.dtype, copy=False)
+        v4 = v4.astype(self.dtype, copy=False)
+        run = dict(scale=scale_v, dropout_p=p, seed=seed_v)
+
+        if not self.ring or int(new.max(initial=0)) <= cap:
+            # Nothing wraps: rows are positions. Write, then attend in place.
+            self._write(k4, v4, c)
+            n_keys = int(new.max(initial=0))
+            self._kernel(qa, self.k[:, :, :n_keys], self.v[:, :, :n_keys], out, c, new,
+                         left, right, run)
+        elif t == 1 and left == cap - 1:
+            # One query per sequence whose window is the whole ring: write its
+            # key, then attend unmasked over the valid rows (the ring holds
+            # exactly the keys it may see; order does not matter to softmax).
+            self._write(k4, v4, c)
+            valid = np.minimum(new, cap)
+            n_keys = int(valid.max(initial=0))
+            self._kernel(qa, self.k[:, :, :n_keys], self.v[:, :, :n_keys], out, c, valid,
+                         -1, -1, run)
+        else:
+            # Several queries (or a narrower window): per-query visibility needs
+            # logical order. Scratch = [the last min(old, left) retained
+            # positions, in order | the chunk]; attend with the window mask;
+            # then write the chunk into the ring.
+            m = np.minimum(old, left)
+            mx = int(m.max(initial=0))
+            kb = np.empty((self.batch, self.num_kv_heads, mx + t, self.head_dim), self.dtype)
+            vb = np.empty((self.batch, self.num_kv_heads, mx + t, self.value_dim), self.dtype)
+            for b in range(self.batch):
+                mb, nb = int(m[b]), int(c[b])
+                rows = np.arange(int(old[b]) - mb, int(old[b])) % cap
+                kb[b, :, :mb] = self.k[b][:, rows]
+                vb[b, :, :mb] = self.v[b][:, rows]
+                kb[b, :, mb:mb + nb] = k4[b, :, :nb]
+                vb[b, :, mb:mb + nb] = v4[b, :, :nb]
+            self._kernel(qa, kb, vb, out, c, m + c, left, right, run)
+            self._write(k4, v4, c)
+        return out
+
+    @staticmethod
+    def _kernel(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
+                counts: np.ndarray, key_lengths: np.ndarray, left: int, right: int,
+                run: Dict[str, Any]) -> None:
+        """One kernel call; sequences with fewer than T new tokens get their
+        queries moved to the last rows (see the module notes) and back."""
+        t = q.shape[2]
+        ragged = bool(np.any(counts != t))
+        if not ragged:
+            _core.attention_forward(q, k, v, out, window_left=left, window_right=right,
+                                    key_lengths=key_lengths, **run)
+            return
+        qs = np.zeros(q.shape, q.dtype)
+        res = np.empty(out.shape, out.dtype)
+        for b, n in enumerate(counts.tolist()):
+            if n:
+                qs[b, :, t - n:] = q[b, :, :n]
+        _core.attention_forward(qs, k, v, res, window_left=left, window_right=right,
+                                key_lengths=key_lengths, **run)
+        out[...] = 0
+        for b, n in enumerate(counts.tolist()):
+            if n:
+                out[b, :, :n] = res[b, :, t - n:]
