@@ -214,6 +214,35 @@ def _key_padding(mask: ArrayLike, b: int, lk: int, batched: bool) -> np.ndarray:
     return view if batched else view[np.newaxis]
 
 
+def _key_lengths(lengths: ArrayLike, b: int, lk: int, batched: bool) -> np.ndarray:
+    """Validated key lengths as the kernel takes them: contiguous int64 (B,)."""
+    if isinstance(lengths, (bool, np.bool_)):
+        raise DTypeError(f"key_lengths: expected integers, got {lengths!r}")
+    n = lengths if isinstance(lengths, np.ndarray) else np.asarray(lengths)
+    if n.dtype.kind not in "iu":
+        raise DTypeError(f"key_lengths: expected integers, got dtype {n.dtype}")
+    want = (b,) if batched else ()
+    if n.shape != want:
+        names = "(B,)" if batched else "a scalar (unbatched)"
+        raise ShapeError(f"key_lengths: expected shape {names} = {want}, got {_shape(n)}")
+    n = np.ascontiguousarray(n.reshape(b), dtype=np.int64)
+    bad = np.flatnonzero((n < 0) | (n > lk))
+    if bad.size:
+        i = int(bad[0])
+        raise InvalidParameterError(
+            f"key_lengths: entry {i} is {int(n[i])}, expected 0 <= length <= Lk = {lk}")
+    return n
+
+
+def _prefix_lengths(kpm: np.ndarray) -> Optional[np.ndarray]:
+    """The lengths of a (B, Lk) padding mask of prefix form (real tokens,
+    then padding, in every row), or None when it has another form."""
+    n = kpm.sum(axis=1, dtype=np.int64)
+    if np.array_equal(kpm, np.arange(kpm.shape[1])[None, :] < n[:, None]):
+        return np.ascontiguousarray(n)
+    return None
+
+
 def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if not isinstance(out, np.ndarray):
         raise InvalidParameterError(f"out: expected a numpy array, got {type(out).__name__}")
@@ -233,6 +262,7 @@ def scaled_dot_product_attention(
     *,
     attn_mask: Optional[ArrayLike] = None,
     key_padding_mask: Optional[ArrayLike] = None,
+    key_lengths: Optional[ArrayLike] = None,
     is_causal: bool = False,
     window: Window = None,
     scale: Optional[float] = None,
@@ -256,7 +286,15 @@ def scaled_dot_product_attention(
     key_padding_mask : bool array (B, Lk) (or (Lk,) unbatched), optional
         True marks a real token, False padding. 0/1 integer masks (as
         tokenizers return) are accepted. Note: PyTorch's polarity is the
-        opposite (True = ignore).
+        opposite (True = ignore). A mask of prefix form (each row all True,
+        then all False) without causal/window options is passed to the
+        kernel as key lengths, so it stops at each sequence's end.
+    key_lengths : int array (B,) (a scalar unbatched), optional
+        Ragged batches: item b has only keys ``[0, key_lengths[b])``; the
+        keys past it are never read (no time is spent on padding). Causal
+        and window masks align with each item's own length: query ``i``
+        sees key ``j`` iff ``j <= i + key_lengths[b] - Lq``, as if the item
+        were alone with ``Lk = key_lengths[b]``.
     is_causal : bool
         Bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Lk - Lq``.
     window : int W or (left, right), optional
@@ -306,6 +344,15 @@ def scaled_dot_product_attention(
     kpm = None
     if key_padding_mask is not None:
         kpm = _key_padding(key_padding_mask, b, lk, batched)
+    lengths = None
+    if key_lengths is not None:
+        lengths = _key_lengths(key_lengths, b, lk, batched)
+    elif kpm is not None and left == -1 and right == -1:
+        # Same keys either way, and with lengths the kernel stops reading at
+        # each sequence's end. (With causal/window options the two differ:
+        # lengths also move the diagonal, so the mask is kept as it is.)
+        lengths = _prefix_lengths(kpm)
+        kpm = None if lengths is not None else kpm
     if out is not None:
         out = _check_out(out, user_shape, in_dtype)
 
@@ -331,6 +378,7 @@ def scaled_dot_product_attention(
         q4, k4, v4, result,
         scale=scale_v, window_left=left, window_right=right,
         mask=mask, key_padding=kpm, dropout_p=p, seed=seed_v, weights=weights,
+        key_lengths=lengths,
     )
 
     if not batched:
