@@ -1,0 +1,192 @@
+"""Activations of the feed-forward block: relu, exact gelu, tanh gelu, silu.
+
+They work *in place* on a C-contiguous float32/float64 array the caller owns
+(the first linear layer's fresh output), in cache-sized chunks spread over
+``tileattn.get_num_threads()`` threads. The feed-forward hidden array is the
+largest one a transformer layer touches (B*L x 4E); a dozen whole-array NumPy
+passes over it would run at memory speed on one core, chunks of it stay in
+cache and NumPy's ufuncs release the GIL, so threads help.
+
+NumPy has no ``erf``; the exact GELU ``x * Phi(x)`` is evaluated two ways,
+with coefficients fitted by ``tools/fit_gelu.py`` (see it for the method):
+
+- float32: ``Phi(x) = (1 + tanh(x * G(x**2))) / 2`` with ``G`` a degree-6
+  polynomial (the tanh approximation is the degree-1 case), ``x`` clamped to
+  +-6 inside ``G``: |error| ~7e-8, in 19 NumPy passes with NumPy's SIMD tanh.
+- float64: ``Phi(-|x|) = erfc(z) / 2 = t exp(-z**2 + P(u)) / 2`` with
+  ``z = |x| / sqrt(2)``, ``t = 1 / (1 + z / 2)``, ``u`` affine in ``t`` and
+  ``P`` of degree 24: relative error of erfc below 1e-15; the positive side
+  uses ``x Phi(x) = x - x Phi(-x)`` so both tails keep relative precision.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ._errors import DTypeError, InvalidParameterError
+from ._threads import get_num_threads
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+
+# float64: (scale, shift, coefficients highest power first) of P;
+# log(0.5) (the 0.5 of Phi = erfc / 2) is folded into the constant term.
+_ERFC_FIT: Tuple[float, float, Tuple[float, ...]] = (2.1481481481481484, -1.1481481481481481, (
+        -2.624281331458744e-09, 1.1077638317749811e-09, 2.4219402226598065e-08,
+        -2.8994871280368578e-08, -9.096927094884265e-08, 2.442742032801511e-07,
+        4.0039094777467086e-08, -1.0926222861839547e-06, 1.447134751408579e-06,
+        2.56243480423483e-06, -9.515087695214803e-06, 1.6007522947392615e-06,
+        3.6965000615173354e-05, -4.87435412478421e-05, -9.848967803078982e-05,
+        0.0002990965016716381, 0.00013733777062331407, -0.0014044549226272347,
+        0.0004070716746788545, 0.006518319886702991, -0.005057692508341054,
+        -0.039698260230703594, 0.032409287681125075, 0.6316996845897369,
+        -0.625195311888113 + math.log(0.5)))
+# Beyond z = |x|/sqrt(2) = 27 Phi(-|x|) underflows in float64: clamp there.
+_Z_MAX = 27.0
+# float32: G(s), s = x**2, highest power first; |x| clamped to 6, where
+# tanh(g) is 1 in float32.
+_TANH_FORM = (1.8057371101730898e-09, -1.3345181511402812e-07, 3.9691971355192925e-06,
+              -5.5240798949187177e-05, -3.312787539206396e-05, 0.03633428079089695,
+              0.7978842168710767)
+_TANH_FORM_X_MAX = 6.0
+
+_CHUNK = 16384          # elements per chunk: ~6 temporaries of it fit in L2
+_SQRT_HALF = math.sqrt(0.5)
+_GELU_TANH_C = math.sqrt(2.0 / math.pi)
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_pid = 0
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool (recreated after fork, and when more threads are asked)."""
+    global _pool, _pool_pid
+    if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < n:
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tileattn-act")
+        _pool_pid = os.getpid()
+    return _pool
+
+
+def _gelu_chunk(x: np.ndarray) -> None:
+    if x.dtype == np.float64:
+        _gelu_erfc(x)
+        return
+    f = x.dtype.type
+    s = np.clip(x, f(-_TANH_FORM_X_MAX), f(_TANH_FORM_X_MAX))
+    g = s * s                              # g = G(s^2) by Horner, then * s
+    p = g * f(_TANH_FORM[0])
+    for c in _TANH_FORM[1:-1]:
+        p += f(c)
+        p *= g
+    p += f(_TANH_FORM[-1])
+    p *= s
+    np.tanh(p, out=p)
+    p += f(1.0)
+    p *= f(0.5)
+    x *= p
+
+
+def _gelu_erfc(x: np.ndarray) -> None:
+    scale, shift, coefs = _ERFC_FIT
+    f = x.dtype.type
+    z = np.abs(x)
+    z *= f(_SQRT_HALF)
+    np.minimum(z, f(_Z_MAX), out=z)
+    t = z * f(0.5)
+    t += f(1.0)
+    np.divide(f(1.0), t, out=t)
+    u = t * f(scale)
+    u += f(shift)
+    p = u * f(coefs[0])
+    for c in coefs[1:-1]:
+        p += f(c)
+        p *= u
+    p += f(coefs[-1])
+    z *= z
+    p -= z
+    np.exp(p, out=p)
+    p *= t                       # p = Phi(-|x|)
+    p *= x                       # x * Phi(-|x|): gelu(x) for x <= 0
+    np.subtract(x, p, out=p, where=np.greater(x, 0))   # x - x Phi(-x) for x > 0
+    np.copyto(x, p)
+
+
+def _gelu_tanh_chunk(x: np.ndarray) -> None:
+    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    s = x * x
+    s *= x.dtype.type(0.044715)
+    s += x.dtype.type(1.0)
+    s *= x
+    s *= x.dtype.type(_GELU_TANH_C)
+    np.tanh(s, out=s)
+    s += x.dtype.type(1.0)
+    s *= x.dtype.type(0.5)
+    x *= s
+
+
+def _silu_chunk(x: np.ndarray) -> None:
+    # x * sigmoid(x) with sigmoid(x) = (1 + tanh(x/2)) / 2: no exp overflow.
+    s = x * x.dtype.type(0.5)
+    np.tanh(s, out=s)
+    s += x.dtype.type(1.0)
+    s *= x.dtype.type(0.5)
+    x *= s
+
+
+def _relu_chunk(x: np.ndarray) -> None:
+    np.maximum(x, 0, out=x)
+
+
+_CHUNK_FNS: Dict[str, Callable[[np.ndarray], None]] = {
+    "relu": _relu_chunk, "gelu": _gelu_chunk, "gelu_tanh": _gelu_tanh_chunk,
+    "silu": _silu_chunk,
+}
+
+
+def check_activation(name: object) -> str:
+    if not isinstance(name, str) or name not in _CHUNK_FNS:
+        raise InvalidParameterError(
+            f"activation: expected one of {', '.join(map(repr, ACTIVATIONS))}, got {name!r}")
+    return name
+
+
+def activation_(name: str, x: np.ndarray) -> np.ndarray:
+    """Apply activation ``name`` to ``x`` in place and return ``x``.
+
+    Parameters
+    ----------
+    name : "relu", "gelu" (exact, erf), "gelu_tanh" or "silu"
+    x : C-contiguous float32 or float64 array, any shape
+    """
+    fn = _CHUNK_FNS[check_activation(name)]
+    if x.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise DTypeError(f"x: expected float32 or float64, got {x.dtype}")
+    if not x.flags.c_contiguous:
+        raise InvalidParameterError("x: expected a C-contiguous array (it is updated in place)")
+    flat = x.reshape(-1)
+    chunks: List[np.ndarray] = [flat[i:i + _CHUNK] for i in range(0, flat.size, _CHUNK)]
+    threads = min(get_num_threads(), len(chunks))
+    if threads <= 1:
+        for c in chunks:
+            fn(c)
+    else:
+        # Contiguous runs of chunks per thread: each thread streams its part.
+        per = -(-len(chunks) // threads)
+        runs = [chunks[i:i + per] for i in range(0, len(chunks), per)]
+
+        def work(run: List[np.ndarray]) -> None:
+            for c in run:
+                fn(c)
+
+        for f in [_executor(threads).submit(work, r) for r in runs]:
+            f.result()
+    return x
+
+
+def activation(name: str, x: np.ndarray) -> np.ndarray:
+    """Out-of-place ``activation_``: a new C-contiguous array."""
+    return activation_(name, np.array(x, order="C", copy=True))
