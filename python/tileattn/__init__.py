@@ -17,6 +17,7 @@ from .linear import Linear
 from .norm import LayerNorm
 from .attention import MultiHeadAttention
 from .cache import KVCache
+from .encoder import FeedForward, TransformerEncoder, TransformerEncoderLayer
 from .positional import rope, sinusoidal_positions
 from .io import keras_state_dict, load, load_keras_weights, save
 
@@ -25,6 +26,7 @@ _apply_isa_env()
 
 __all__ = [
     "DTypeError",
+    "FeedForward",
     "InvalidParameterError",
     "KVCache",
     "LayerNorm",
@@ -32,6 +34,8 @@ __all__ = [
     "Module",
     "MultiHeadAttention",
     "ShapeError",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
     "__version__",
     "config",
     "get_num_threads",
