@@ -1,0 +1,316 @@
+"""Ready-made sequence models (after Edifice's ``Edifice.Attention.MultiHead``).
+
+``SlidingWindowModel``
+    input projection -> + sinusoidal positions -> ``num_layers`` pre-norm
+    encoder layers with causal sliding-window attention (each position sees
+    the last ``window_size`` positions) -> final LayerNorm -> last position.
+``HybridLSTMAttention``
+    LSTM -> self-attention over its hidden states (residual, LayerNorm) ->
+    last position -> optional MLP head.
+
+Both map (B, L, embed_dim) frames to one (B, features) vector per sequence
+(the state after the last frame), the shape a policy or value head takes.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._errors import DTypeError, InvalidParameterError, ShapeError
+from .activations import activation_, check_activation
+from .attention import MultiHeadAttention
+from .encoder import (ModuleList, TransformerEncoder, TransformerEncoderLayer, check_dropout,
+                      check_flag, check_pos_int, check_seed, dropout_)
+from .linear import Linear
+from .lstm import LSTM
+from .module import Module
+from .norm import LayerNorm
+from .positional import sinusoidal_positions
+
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _frames(x: Any, embed_dim: int) -> np.ndarray:
+    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if a.dtype not in _FLOATS:
+        raise DTypeError(f"x: expected float16, float32 or float64, got {a.dtype} "
+                         f"with shape {a.shape}")
+    if a.ndim not in (2, 3) or a.shape[-1] != embed_dim or a.shape[-2] == 0:
+        raise ShapeError(f"x: expected (B, L, {embed_dim}) or unbatched (L, {embed_dim}) "
+                         f"with L >= 1, got shape {a.shape}")
+    return a
+
+
+def _seeds(seed: Optional[int], n: int) -> List[int]:
+    """n independent int seeds for the parts of a model (None stays random)."""
+    ss = np.random.SeedSequence(seed)
+    return [int(s) >> 1 for s in ss.generate_state(n, np.uint64)]
+
+
+class MLPHead(Module):
+    """``Linear -> activation`` for each size in ``sizes`` (the last Linear too:
+    Edifice's head is a stack of dense layers with an activation each).
+
+    Parameters (arrays): ``layers.N.weight`` / ``layers.N.bias``.
+    """
+
+    def __init__(self, in_features: int, sizes: Sequence[int], activation: str = "relu",
+                 dtype: Any = np.float32, seed: Optional[int] = None) -> None:
+        super().__init__(dtype)
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
+            raise InvalidParameterError(f"mlp: expected a non-empty sequence of layer sizes, "
+                                        f"got {sizes!r}")
+        self.in_features = check_pos_int("in_features", in_features)
+        self.sizes = [check_pos_int("mlp", s) for s in sizes]
+        self.activation = check_activation(activation)
+        self.seed = check_seed(seed)
+        rng = np.random.default_rng(seed)
+        dims = [self.in_features] + self.sizes
+        self.layers = ModuleList([Linear(dims[i], dims[i + 1], True, self.dtype, rng)
+                                  for i in range(len(self.sizes))], self.dtype)
+
+    @property
+    def out_features(self) -> int:
+        return self.sizes[-1]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        for lin in self.layers:
+            x = activation_(self.activation, np.ascontiguousarray(lin(x)))
+        return x
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"in_features": self.in_features, "sizes": list(self.sizes),
+                "activation": self.activation, "dtype": self.dtype.name, "seed": self.seed}
+
+
+class SlidingWindowModel(Module):
+    """Stacked causal sliding-window attention over a frame sequence.
+
+    Parameters
+    ----------
+    embed_dim : int
+        Features of each input frame.
+    window_size : int
+        Each position attends to itself and the ``window_size - 1`` before it.
+    num_heads, head_dim : int
+        Attention heads and their size; the model width is
+        ``hidden_size = num_heads * head_dim``.
+    num_layers : int
+        Encoder layers (pre-norm: ``x + attn(norm(x))``, ``x + ffn(norm(x))``).
+    ffn_dim : int
+        Hidden features of each feed-forward block (GELU).
+    dropout : float in [0, 1)
+        In the encoder layers, only with ``training=True``.
+    hidden_size : int, optional
+        Overrides ``num_heads * head_dim`` (then ``head_dim = hidden_size // num_heads``).
+    dtype : float32 or float64
+    seed : int, optional
+        Seeds the weights and the dropout masks.
+
+    Parameters (arrays)
+    -------------------
+    ``input_proj.weight (hidden_size, embed_dim)`` (+ bias), then
+    ``encoder.layers.N.…`` (PyTorch's ``nn.TransformerEncoderLayer`` names)
+    and ``encoder.norm.weight`` / ``.bias``.
+    """
+
+    def __init__(self, embed_dim: int, window_size: int = 60, num_heads: int = 4,
+                 head_dim: int = 64, num_layers: int = 2, ffn_dim: int = 256,
+                 dropout: float = 0.1, *, hidden_size: Optional[int] = None,
+                 dtype: Any = np.float32, seed: Optional[int] = None) -> None:
+        super().__init__(dtype)
+        self.embed_dim = check_pos_int("embed_dim", embed_dim)
+        self.window_size = check_pos_int("window_size", window_size)
+        self.num_heads = check_pos_int("num_heads", num_heads)
+        self.head_dim = check_pos_int("head_dim", head_dim)
+        self.num_layers = check_pos_int("num_layers", num_layers)
+        self.ffn_dim = check_pos_int("ffn_dim", ffn_dim)
+        self.dropout = check_dropout(dropout)
+        self.seed = check_seed(seed)
+        if hidden_size is None:
+            self.hidden_size = self.num_heads * self.head_dim
+        else:
+            self.hidden_size = check_pos_int("hidden_size", hidden_size)
+            if self.hidden_size % self.num_heads:
+                raise InvalidParameterError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                    f"({self.num_heads})")
+            self.head_dim = self.hidden_size // self.num_heads
+        self._args = {"head_dim": int(head_dim), "hidden_size": hidden_size}
+        s_proj, s_enc = _seeds(self.seed, 2)
+        self.input_proj = Linear(self.embed_dim, self.hidden_size, True, self.dtype,
+                                 np.random.default_rng(s_proj))
+        layer = TransformerEncoderLayer(
+            self.hidden_size, self.num_heads, self.ffn_dim, self.dropout, activation="gelu",
+            norm_first=True, head_dim=self.head_dim, window=self.window_size,
+            dtype=self.dtype, seed=None if self.seed is None else s_enc)
+        self.encoder = TransformerEncoder(layer, self.num_layers,
+                                          norm=LayerNorm(self.hidden_size, dtype=self.dtype))
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def forward(self, x: Any, *, key_padding_mask: Any = None, return_sequence: bool = False,
+                training: bool = False) -> np.ndarray:
+        """Encode frames.
+
+        Parameters
+        ----------
+        x : (B, L, embed_dim) or unbatched (L, embed_dim)
+        key_padding_mask : bool (B, L), True = real frame, optional
+        return_sequence : bool
+            Return every position (B, L, hidden_size) instead of the last.
+        training : bool
+            Apply dropout (only then).
+
+        Returns
+        -------
+        (B, hidden_size) (unbatched: (hidden_size,)), x's dtype: the
+        representation after the last frame.
+        """
+        a = _frames(x, self.embed_dim)
+        h = self.input_proj(a.astype(self.dtype, copy=False))
+        h += sinusoidal_positions(h.shape[-2], self.hidden_size).astype(self.dtype, copy=False)
+        h = self.encoder(h, key_padding_mask=key_padding_mask, training=training)
+        out = h if check_flag("return_sequence", return_sequence) else h[..., -1, :]
+        return np.ascontiguousarray(out, dtype=a.dtype)
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"embed_dim": self.embed_dim, "window_size": self.window_size,
+                "num_heads": self.num_heads,
+                "head_dim": self._args["head_dim"],
+                "num_layers": self.num_layers, "ffn_dim": self.ffn_dim,
+                "dropout": self.dropout, "hidden_size": self._args["hidden_size"],
+                "dtype": self.dtype.name, "seed": self.seed}
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, hidden_size={self.hidden_size}, "
+                f"window_size={self.window_size}, num_layers={self.num_layers}")
+
+
+class HybridLSTMAttention(Module):
+    """An LSTM over the frames, then self-attention over its hidden states.
+
+    ``h = LSTM(x)``; ``y = norm(h + dropout(attn(h)))`` with causal attention
+    (each state sees itself and the earlier ones); the output is ``y`` at the
+    last position, through the MLP head when ``mlp`` is given. Only the last
+    query is computed unless ``return_sequence``.
+
+    Parameters
+    ----------
+    embed_dim : int
+        Features of each input frame.
+    lstm_hidden : int
+        LSTM hidden size; also the attention's input/output width.
+    lstm_layers : int
+    num_heads, head_dim : int
+        Attention heads and their size (the attention projects
+        lstm_hidden -> num_heads * head_dim per q/k/v and back).
+    dropout : float in [0, 1)
+        On the attention weights and its residual branch, between LSTM
+        layers, only with ``training=True``.
+    mlp : sequence of int, optional
+        Sizes of the dense layers of an MLP head on the output (Edifice's
+        ``build_hybrid_mlp``), each followed by ``mlp_activation``.
+    mlp_activation : "relu", "gelu", "gelu_tanh" or "silu"
+    dtype : float32 or float64
+    seed : int, optional
+
+    Parameters (arrays)
+    -------------------
+    ``lstm.weight_ih_l0`` … (PyTorch's ``nn.LSTM`` names), ``attn.q_proj.weight``
+    … (``MultiHeadAttention``), ``norm.weight`` / ``.bias``,
+    ``mlp.layers.N.weight`` / ``.bias``.
+    """
+
+    def __init__(self, embed_dim: int, lstm_hidden: int = 256, lstm_layers: int = 1,
+                 num_heads: int = 4, head_dim: int = 64, dropout: float = 0.1,
+                 mlp: Optional[Sequence[int]] = None, *, mlp_activation: str = "relu",
+                 dtype: Any = np.float32, seed: Optional[int] = None) -> None:
+        super().__init__(dtype)
+        self.embed_dim = check_pos_int("embed_dim", embed_dim)
+        self.lstm_hidden = check_pos_int("lstm_hidden", lstm_hidden)
+        self.lstm_layers = check_pos_int("lstm_layers", lstm_layers)
+        self.num_heads = check_pos_int("num_heads", num_heads)
+        self.head_dim = check_pos_int("head_dim", head_dim)
+        self.dropout = check_dropout(dropout)
+        self.mlp_activation = check_activation(mlp_activation)
+        self.seed = check_seed(seed)
+        s_lstm, s_attn, s_mlp, s_drop = _seeds(self.seed, 4)
+        self._dropout_rng = np.random.default_rng(None if self.seed is None else s_drop)
+        pick = (lambda s: None) if self.seed is None else (lambda s: s)
+        self.lstm = LSTM(self.embed_dim, self.lstm_hidden, self.lstm_layers,
+                         dropout=self.dropout, dtype=self.dtype, seed=pick(s_lstm))
+        self.attn = MultiHeadAttention(self.lstm_hidden, self.num_heads, head_dim=self.head_dim,
+                                       dropout=self.dropout, dtype=self.dtype, seed=pick(s_attn))
+        self.norm = LayerNorm(self.lstm_hidden, dtype=self.dtype)
+        self.mlp_sizes = None if mlp is None else [int(s) for s in _check_sizes(mlp)]
+        if self.mlp_sizes is not None:
+            self.mlp = MLPHead(self.lstm_hidden, self.mlp_sizes, self.mlp_activation,
+                               self.dtype, pick(s_mlp))
+
+    @property
+    def output_size(self) -> int:
+        return self.lstm_hidden if self.mlp_sizes is None else self.mlp_sizes[-1]
+
+    def forward(self, x: Any, *, key_padding_mask: Any = None, return_sequence: bool = False,
+                training: bool = False) -> np.ndarray:
+        """Encode frames.
+
+        Parameters
+        ----------
+        x : (B, L, embed_dim) or unbatched (L, embed_dim)
+        key_padding_mask : bool (B, L), True = real frame, optional
+            Masks padded states out of the attention (pad at the start, so
+            that the last position is a real frame).
+        return_sequence : bool
+            Every position (B, L, output_size) instead of the last.
+        training : bool
+
+        Returns
+        -------
+        (B, output_size) (unbatched: (output_size,)), x's dtype.
+        """
+        a = _frames(x, self.embed_dim)
+        train = check_flag("training", training)
+        full = check_flag("return_sequence", return_sequence)
+        h, _ = self.lstm(a.astype(self.dtype, copy=False), training=train)
+        # The last query against every state is the last row of the causal
+        # pass: with bottom-right aligned causality it sees all keys.
+        q = h if full else h[..., -1:, :]
+        y = self.attn(q, h, is_causal=True, key_padding_mask=key_padding_mask,
+                      training=train)
+        if train:
+            dropout_(y, self.dropout, self._dropout_rng)
+        y += q
+        y = self.norm(y)
+        if self.mlp_sizes is not None:
+            y = self.mlp(y)
+        out = y if full else y[..., 0, :]
+        return np.ascontiguousarray(out, dtype=a.dtype)
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"embed_dim": self.embed_dim, "lstm_hidden": self.lstm_hidden,
+                "lstm_layers": self.lstm_layers, "num_heads": self.num_heads,
+                "head_dim": self.head_dim, "dropout": self.dropout, "mlp": self.mlp_sizes,
+                "mlp_activation": self.mlp_activation, "dtype": self.dtype.name,
+                "seed": self.seed}
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, lstm_hidden={self.lstm_hidden}, "
+                f"lstm_layers={self.lstm_layers}, mlp={self.mlp_sizes}")
+
+
+def _check_sizes(mlp: Any) -> Tuple[int, ...]:
+    if isinstance(mlp, (str, bytes)) or not isinstance(mlp, Sequence) or not mlp or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) >= 1 for s in mlp):
+        raise InvalidParameterError(f"mlp: expected None or a non-empty sequence of positive "
+                                    f"ints (layer sizes), got {mlp!r}")
+    return tuple(int(s) for s in mlp)
+
+
+__all__: List[str] = ["SlidingWindowModel", "HybridLSTMAttention", "MLPHead"]
