@@ -18,6 +18,8 @@ from .norm import LayerNorm
 from .attention import MultiHeadAttention
 from .cache import KVCache
 from .encoder import FeedForward, TransformerEncoder, TransformerEncoderLayer
+from .lstm import LSTM
+from . import models
 from .positional import rope, sinusoidal_positions
 from .io import keras_state_dict, load, load_keras_weights, save
 
@@ -29,6 +31,7 @@ __all__ = [
     "FeedForward",
     "InvalidParameterError",
     "KVCache",
+    "LSTM",
     "LayerNorm",
     "Linear",
     "Module",
@@ -42,6 +45,7 @@ __all__ = [
     "keras_state_dict",
     "load",
     "load_keras_weights",
+    "models",
     "rope",
     "save",
     "scaled_dot_product_attention",
