@@ -90,8 +90,8 @@ inline int64_t mark_visible_keys(const AttentionParams& p, int64_t b, int64_t j0
 // blocks alone or in a larger batch. A block is trimmed to the keys some row
 // can see: on the right anywhere, on the left by an even count. Neither
 // changes a bit: the trimmed keys would have had probability exactly 0, and
-// an even cut keeps each key in the same one of the softmax's two
-// summation chains (see online_softmax_update).
+// the softmax sums a block in an order anchored at the block's first key
+// (see BlockSum), with trimmed keys counting as zeros.
 template <typename Fn>
 void for_each_key_block(const AttentionParams& p, int64_t bc, const KeyBounds& kb, int64_t b,
                         int64_t first, int64_t last, uint8_t* visible, Fn&& fn) {
@@ -106,6 +106,70 @@ void for_each_key_block(const AttentionParams& p, int64_t bc, const KeyBounds& k
     fn(j0, cols, !inside);
   }
 }
+
+// Score dot products run as fused multiply-add chains over segments of
+// kDotSegment head dimensions, the segment sums then added in order. Why:
+// one chain over all D dimensions made the scores the largest error of the
+// output at small query counts (~1.4x the RMS error of a NumPy softmax,
+// whose matrix-vector products use many partial sums, with tails past 5x);
+// segments bound a chain to 16 terms for one extra add per 16 dimensions.
+constexpr int64_t kDotSegment = 16;
+
+// Keys per block never exceed this (PrefillTiling caps them), so a block
+// has at most kMaxBlockKeys / kSumLeaf leaves.
+constexpr int64_t kMaxBlockKeys = 240;
+constexpr int64_t kSumLeaf = 8;
+constexpr int kMaxSumLeaves = static_cast<int>(kMaxBlockKeys / kSumLeaf);
+
+// The sum of one block's probabilities, in a fixed pairwise order: leaves
+// of kSumLeaf consecutive keys, counted from the block's first key, are
+// summed in order, then neighbouring leaf sums are added level by level.
+// Why: a row's sum l divides every output element, and a sequential float32
+// sum over ~240 keys made it the largest rounding error of the kernel
+// (output RMS error ~2.5x a plain NumPy softmax); pairwise, the error grows
+// with log2(keys) instead. V is a register of lanes (prefill: one query per
+// lane) or a scalar (decode); lanes do not interact, so both give each row
+// the same bits. Keys before `offset` (trimmed away) are zeros: x + 0 == x
+// exactly, so trimming either edge of a block changes no bit.
+template <typename V, int G, typename Add>
+class BlockSum {
+ public:
+  // G independent sums (G registers of lanes), keys from `offset` on.
+  BlockSum(int64_t offset, V zero, Add add) : add_(add), next_(offset), zero_(zero) {
+    for (; n_ < offset / kSumLeaf; ++n_)
+      for (int g = 0; g < G; ++g) leaves_[g][n_] = zero;
+  }
+  // The next leaf covers keys [next(), leaf_end(limit)), relative to the
+  // block's first key: up to the leaf boundary or `limit`, the keys present.
+  int64_t next() const { return next_; }
+  int64_t leaf_end(int64_t limit) const {
+    return std::min(limit, (next_ / kSumLeaf + 1) * kSumLeaf);
+  }
+  // Records the sums acc[0, G) of keys [next(), end), end = leaf_end(...).
+  void push(const V* acc, int64_t end) {
+    for (int g = 0; g < G; ++g) leaves_[g][n_] = acc[g];
+    ++n_;
+    next_ = end;
+  }
+  V total(int g) {
+    V* leaf = leaves_[g];
+    if (n_ == 0) return zero_;
+    for (int n = n_; n > 1;) {
+      int w = 0;
+      for (int i = 0; i + 1 < n; i += 2) leaf[w++] = add_(leaf[i], leaf[i + 1]);
+      if (n % 2) leaf[w++] = leaf[n - 1];
+      n = w;
+    }
+    return leaf[0];
+  }
+
+ private:
+  Add add_;
+  int64_t next_;
+  int n_ = 0;
+  V zero_;
+  V leaves_[G][kMaxSumLeaves];
+};
 
 // Dropout: weight (b, h, i, j) is kept with probability 1 - p and then
 // scaled by 1 / (1 - p), decided by a hash of (seed, flat index), so every

@@ -71,6 +71,7 @@ struct DecodeTask {
   T* part;  // rows x ds.part: this task's partial states
   Arena& arena;
   T *qs, *kt, *vbuf, *s;  // s: rows x bcw scores of the current block
+  T* acc;                 // one segment's P V, ds.dvw values
   T* krows;               // W widened key rows (half-precision storage only)
   uint8_t* visible;
 
@@ -78,13 +79,15 @@ struct DecodeTask {
              int64_t c_, T* part_, Arena& arena_)
       : p(p_), ds(ds_), kb(p_, b_), b(b_), hk(hk_), c(c_), part(part_), arena(arena_) {
     const size_t bcw = PrefillTiling<T>::round_up(ds.bc, W);
-    arena.reset(sizeof(T) * (ds.rows * p.D + 2 * p.D * W + bcw * ds.dvw + ds.rows * bcw) +
-                ds.bc + 5 * 64);
+    arena.reset(sizeof(T) * (ds.rows * p.D + 2 * p.D * W + bcw * ds.dvw + ds.rows * bcw +
+                             ds.dvw) +
+                ds.bc + 6 * 64);
     krows = arena.carve<T>(p.D * W);
     qs = arena.carve<T>(ds.rows * p.D);
     kt = arena.carve<T>(p.D * W);
     vbuf = arena.carve<T>(bcw * ds.dvw);
     s = arena.carve<T>(ds.rows * bcw);
+    acc = arena.carve<T>(ds.dvw);
     visible = arena.carve<uint8_t>(ds.bc);
   }
 
@@ -131,9 +134,16 @@ struct DecodeTask {
       transpose_keys(k + jj * p.k_stride.r, std::min<int64_t>(W, cols - jj));
       for (int64_t r = 0; r < ds.rows; ++r) {
         const T* q = qs + r * p.D;
-        reg acc = S::zero();
-        for (int64_t x = 0; x < p.D; ++x) acc = S::fmadd(S::set1(q[x]), S::load(kt + x * W), acc);
-        S::store(s + r * ldt + jj, acc);
+        // Segments of kDotSegment, summed in the prefill's order.
+        reg total = S::zero();
+        for (int64_t x0 = 0; x0 == 0 || x0 < p.D; x0 += kDotSegment) {
+          const int64_t x1 = std::min(p.D, x0 + kDotSegment);
+          reg acc = S::zero();
+          for (int64_t x = x0; x < x1; ++x)
+            acc = S::fmadd(S::set1(q[x]), S::load(kt + x * W), acc);
+          total = x0 == 0 ? acc : S::add(total, acc);
+        }
+        S::store(s + r * ldt + jj, total);
       }
     }
   }
@@ -199,25 +209,35 @@ struct DecodeTask {
     const reg vmu = S::set1(mu);
     for (int64_t jj = 0; jj < ldt; jj += W)
       S::store(s + jj, vec_exp2<S>(S::sub(S::load(s + jj), vmu)));
-    T sum0 = T(0), sum1 = T(0);
-    int64_t jj = 0;
-    for (; jj + 1 < cols; jj += 2) {
-      sum0 = sum0 + s[jj];
-      sum1 = sum1 + s[jj + 1];
+    // The sum in the prefill's order (BlockSum), so both paths agree bitwise.
+    const auto add = [](T a, T b) { return a + b; };
+    BlockSum<T, 1, decltype(add)> sum(0, T(0), add);
+    while (sum.next() < cols) {
+      const int64_t end = sum.leaf_end(cols);
+      T acc = T(0);
+      for (int64_t jj = sum.next(); jj < end; ++jj) acc = acc + s[jj];
+      sum.push(&acc, end);
     }
-    if (jj < cols) sum0 = sum0 + s[jj];
-    l = lane_fmadd<T>(l, alpha, sum0 + sum1);
+    l = lane_fmadd<T>(l, alpha, sum.total(0));
     m = m_new;
     const reg va = S::set1(alpha);
     for (int64_t e = 0; e < ds.dvw; e += W) S::store(o + e, S::mul(S::load(o + e), va));
-    for (int64_t j = 0; j < cols; ++j) {
-      // p = 0 adds nothing (the prefill's 0 * v, or its NaN-safe skip): skip
-      // it, so a NaN value of a key this row cannot see stays out.
-      if (s[j] == T(0)) continue;
-      const reg pj = S::set1(s[j]);
-      const T* vr = v + j * ldv;
+    // P V in the prefill's segments of kDotSegment keys (values_micro): each
+    // segment summed from zero in acc, then added to o.
+    for (int64_t j0 = 0; j0 < cols; j0 += kDotSegment) {
+      const int64_t j1 = std::min(cols, j0 + kDotSegment);
+      std::fill(acc, acc + ds.dvw, T(0));
+      for (int64_t j = j0; j < j1; ++j) {
+        // p = 0 adds nothing (the prefill's 0 * v, or its NaN-safe skip):
+        // skip it, so a NaN value of a key this row cannot see stays out.
+        if (s[j] == T(0)) continue;
+        const reg pj = S::set1(s[j]);
+        const T* vr = v + j * ldv;
+        for (int64_t e = 0; e < ds.dvw; e += W)
+          S::store(acc + e, S::fmadd(S::loadu(vr + e), pj, S::load(acc + e)));
+      }
       for (int64_t e = 0; e < ds.dvw; e += W)
-        S::store(o + e, S::fmadd(S::loadu(vr + e), pj, S::load(o + e)));
+        S::store(o + e, S::add(S::load(o + e), S::load(acc + e)));
     }
   }
 

@@ -37,7 +37,7 @@ struct PrefillTiling {
     // leaving room in a 512 KiB L2 for Q^T, S^T and O^T.
     const int64_t bytes_per_key = static_cast<int64_t>(sizeof(T)) * (d + dvp);
     const int64_t keys = (192 * 1024) / std::max<int64_t>(bytes_per_key, 1);
-    bc = std::max<int64_t>(24, std::min<int64_t>(240, keys) / 24 * 24);
+    bc = std::max<int64_t>(24, std::min<int64_t>(kMaxBlockKeys, keys) / 24 * 24);
     k_direct = p.k_stride.c == 1 && !p.kv_half;
   }
   static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -146,25 +146,36 @@ inline void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int6
   using reg = typename S::reg;
   constexpr int MR = S::MR, NV = S::NV, W = S::W;
   reg acc[MR][NV];
-  TILEATTN_UNROLL
-  for (int r = 0; r < MR; ++r)
+  // The dot products in segments of kDotSegment (see there): the first is
+  // stored, each later one computed from zero and added to the stored sums.
+  for (int64_t x0 = 0; x0 == 0 || x0 < d; x0 += kDotSegment) {
+    const int64_t x1 = std::min(d, x0 + kDotSegment);
     TILEATTN_UNROLL
-    for (int c = 0; c < NV; ++c) acc[r][c] = S::zero();
-  for (int64_t x = 0; x < d; ++x) {
-    reg b[NV];
-    TILEATTN_UNROLL
-    for (int c = 0; c < NV; ++c) b[c] = S::load(qt + x * ldq + c * W);
-    TILEATTN_UNROLL
-    for (int r = 0; r < MR; ++r) {
-      const reg a = S::set1(k[r * ldk + x]);
+    for (int r = 0; r < MR; ++r)
       TILEATTN_UNROLL
-      for (int c = 0; c < NV; ++c) acc[r][c] = S::fmadd(a, b[c], acc[r][c]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = S::zero();
+    for (int64_t x = x0; x < x1; ++x) {
+      reg b[NV];
+      TILEATTN_UNROLL
+      for (int c = 0; c < NV; ++c) b[c] = S::load(qt + x * ldq + c * W);
+      TILEATTN_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        const reg a = S::set1(k[r * ldk + x]);
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) acc[r][c] = S::fmadd(a, b[c], acc[r][c]);
+      }
     }
-  }
-  TILEATTN_UNROLL
-  for (int r = 0; r < MR; ++r)
+    if (x0 > 0) {
+      TILEATTN_UNROLL
+      for (int r = 0; r < MR; ++r)
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) acc[r][c] = S::add(S::load(st + r * lds + c * W), acc[r][c]);
+    }
     TILEATTN_UNROLL
-    for (int c = 0; c < NV; ++c) S::store(st + r * lds + c * W, acc[r][c]);
+    for (int r = 0; r < MR; ++r)
+      TILEATTN_UNROLL
+      for (int c = 0; c < NV; ++c) S::store(st + r * lds + c * W, acc[r][c]);
+  }
   if (kColMax) {
     TILEATTN_UNROLL
     for (int c = 0; c < NV; ++c) {
@@ -177,40 +188,50 @@ inline void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int6
 }
 
 // ot[MR][NR] (row stride ldo) += vp[j][MR]^T . pt[j][NR] (row stride ldp)
-// over j < n: MR value columns by NR queries (the output, transposed).
+// over j < n: MR value columns by NR queries (the output, transposed). Key
+// j is the block's key offset + j; the sum runs in segments of kDotSegment
+// keys counted from the block's first key, each from zero and then added
+// to ot, so a trimmed block (whose missing keys have p = 0) gives the same
+// bits as the whole one, and the decode path can follow the same order.
 // With kSkipZero, lanes whose probability is 0 keep their sum instead of
 // adding 0 * v: identical for finite v, and a NaN or inf in the value of a
 // key a query cannot see stays out of that query's output.
 template <typename T, bool kSkipZero = false>
-inline void values_micro(const T* vp, const T* pt, int64_t ldp, int64_t n, T* ot, int64_t ldo) {
+inline void values_micro(const T* vp, const T* pt, int64_t ldp, int64_t n, int64_t offset, T* ot,
+                         int64_t ldo) {
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int MR = S::MR, NV = S::NV, W = S::W;
   reg acc[MR][NV];
-  TILEATTN_UNROLL
-  for (int r = 0; r < MR; ++r)
+  for (int64_t j0 = 0; j0 < n;) {
+    const int64_t j1 = std::min(n, ((offset + j0) / kDotSegment + 1) * kDotSegment - offset);
     TILEATTN_UNROLL
-    for (int c = 0; c < NV; ++c) acc[r][c] = S::load(ot + r * ldo + c * W);
-  for (int64_t j = 0; j < n; ++j) {
-    reg b[NV];
-    TILEATTN_UNROLL
-    for (int c = 0; c < NV; ++c) b[c] = S::load(pt + j * ldp + c * W);
-    TILEATTN_UNROLL
-    for (int r = 0; r < MR; ++r) {
-      const reg a = S::set1(vp[j * MR + r]);
+    for (int r = 0; r < MR; ++r)
       TILEATTN_UNROLL
-      for (int c = 0; c < NV; ++c) {
-        if (kSkipZero)
-          acc[r][c] = S::keep_where_zero(b[c], acc[r][c], S::fmadd(a, b[c], acc[r][c]));
-        else
-          acc[r][c] = S::fmadd(a, b[c], acc[r][c]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = S::zero();
+    for (int64_t j = j0; j < j1; ++j) {
+      reg b[NV];
+      TILEATTN_UNROLL
+      for (int c = 0; c < NV; ++c) b[c] = S::load(pt + j * ldp + c * W);
+      TILEATTN_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        const reg a = S::set1(vp[j * MR + r]);
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) {
+          if (kSkipZero)
+            acc[r][c] = S::keep_where_zero(b[c], acc[r][c], S::fmadd(a, b[c], acc[r][c]));
+          else
+            acc[r][c] = S::fmadd(a, b[c], acc[r][c]);
+        }
       }
     }
-  }
-  TILEATTN_UNROLL
-  for (int r = 0; r < MR; ++r)
     TILEATTN_UNROLL
-    for (int c = 0; c < NV; ++c) S::store(ot + r * ldo + c * W, acc[r][c]);
+    for (int r = 0; r < MR; ++r)
+      TILEATTN_UNROLL
+      for (int c = 0; c < NV; ++c)
+        S::store(ot + r * ldo + c * W, S::add(S::load(ot + r * ldo + c * W), acc[r][c]));
+    j0 = j1;
+  }
 }
 
 // S^T (cols x qcols, row stride BR) = K[j0 : j0 + cols] Q^T. Whole
@@ -250,16 +271,17 @@ void block_scores(const PrefillTiling<T>& t, const T* k, int64_t ldk, int64_t co
 // while the panels of V stream past it, and each micro-tile's outputs stay
 // in registers over all the block's keys (the blocking of a GEMM).
 template <typename T>
-void block_values(const PrefillTiling<T>& t, int64_t cols, int64_t qcols, bool finite_values,
-                  PrefillScratch<T>& sc) {
+void block_values(const PrefillTiling<T>& t, int64_t cols, int64_t offset, int64_t qcols,
+                  bool finite_values, PrefillScratch<T>& sc) {
   using Tl = PrefillTiling<T>;
   constexpr int MR = Tl::MR, NR = Tl::NR, BR = Tl::BR;
   for (int64_t i = 0; i < qcols; i += NR)
     for (int64_t e = 0; e < t.dvp; e += MR) {
       if (finite_values)
-        values_micro<T>(sc.vp + e * cols, sc.st + i, BR, cols, sc.ot + e * BR + i, BR);
+        values_micro<T>(sc.vp + e * cols, sc.st + i, BR, cols, offset, sc.ot + e * BR + i, BR);
       else
-        values_micro<T, true>(sc.vp + e * cols, sc.st + i, BR, cols, sc.ot + e * BR + i, BR);
+        values_micro<T, true>(sc.vp + e * cols, sc.st + i, BR, cols, offset,
+                              sc.ot + e * BR + i, BR);
     }
 }
 
@@ -317,16 +339,16 @@ void mask_block(const AttentionParams& p, const KeyBounds& kb, const RowRange& r
 // ---------------------------------------------------------------------------
 // The online softmax update, the one piece every tiled variant is built on,
 // here for G registers of queries at once (G * W lanes). Folds the block's
-// base-2 scores st[j][lanes] (j < cols, row stride ld) into the running max
-// m and sum l of those queries, overwrites st with 2^(s - m_new), and stores
+// base-2 scores st[j][lanes] (j < cols, row stride ld; key j is the block's
+// key offset + j) into the running max m and sum l of those queries, overwrites st with 2^(s - m_new), and stores
 // in alpha the factor by which each query's output so far must be scaled.
 // A query that has seen only -inf keeps m = -inf and l = 0 and gets p = 0
 // (the max with -FLT_MAX below keeps -inf - -inf from making NaN). The
 // passes walk st row by row, G registers wide, so each row's cache lines
 // are read once per pass. Each lane's arithmetic does not depend on G.
 template <typename T, int G>
-inline void online_softmax_update(T* st, int64_t ld, int64_t cols, T* m, T* l, T* alpha,
-                                  const T* colmax) {
+inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offset, T* m, T* l,
+                                  T* alpha, const T* colmax) {
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int W = S::W;
@@ -348,44 +370,40 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, T* m, T* l, T
     mu[g] = S::max(m_new, S::set1(std::numeric_limits<T>::lowest()));
     S::store(alpha + g * W, vec_exp2<S>(S::sub(m_old, mu[g])));
     S::store(m + g * W, m_new);
-    sum0[g] = sum1[g] = S::zero();  // two chains: shorter sums, less rounding
   }
-  int64_t j = 0;
-  for (; j + 1 < cols; j += 2) {
+  // The exponentials, summed leaf by leaf in BlockSum's fixed order.
+  const auto add = [](reg a, reg b) { return S::add(a, b); };
+  BlockSum<reg, G, decltype(add)> sums(offset, S::zero(), add);
+  while (sums.next() < offset + cols) {
+    const int64_t j_begin = sums.next() - offset;
+    const int64_t j_end = sums.leaf_end(offset + cols) - offset;
+    reg acc[G];
     TILEATTN_UNROLL
-    for (int g = 0; g < G; ++g) {
-      T* p0 = st + j * ld + g * W;
-      const reg e0 = vec_exp2<S>(S::sub(S::load(p0), mu[g]));
-      const reg e1 = vec_exp2<S>(S::sub(S::load(p0 + ld), mu[g]));
-      S::store(p0, e0);
-      S::store(p0 + ld, e1);
-      sum0[g] = S::add(sum0[g], e0);
-      sum1[g] = S::add(sum1[g], e1);
+    for (int g = 0; g < G; ++g) acc[g] = S::zero();
+    for (int64_t j = j_begin; j < j_end; ++j) {
+      TILEATTN_UNROLL
+      for (int g = 0; g < G; ++g) {
+        T* p0 = st + j * ld + g * W;
+        const reg e = vec_exp2<S>(S::sub(S::load(p0), mu[g]));
+        S::store(p0, e);
+        acc[g] = S::add(acc[g], e);
+      }
     }
-  }
-  if (j < cols) {
-    TILEATTN_UNROLL
-    for (int g = 0; g < G; ++g) {
-      T* p0 = st + j * ld + g * W;
-      const reg e0 = vec_exp2<S>(S::sub(S::load(p0), mu[g]));
-      S::store(p0, e0);
-      sum0[g] = S::add(sum0[g], e0);
-    }
+    sums.push(acc, offset + j_end);
   }
   TILEATTN_UNROLL
   for (int g = 0; g < G; ++g)
-    S::store(l + g * W, S::fmadd(S::load(l + g * W), S::load(alpha + g * W),
-                                 S::add(sum0[g], sum1[g])));
+    S::store(l + g * W, S::fmadd(S::load(l + g * W), S::load(alpha + g * W), sums.total(g)));
 }
 
 // The update for lanes [0, qcols) of a block, G = NV registers at a time
 // (qcols is a multiple of NV * W).
 template <typename T>
-void block_softmax(T* st, int64_t ld, int64_t cols, int64_t qcols, T* m, T* l, T* alpha,
-                   const T* colmax) {
+void block_softmax(T* st, int64_t ld, int64_t cols, int64_t offset, int64_t qcols, T* m, T* l,
+                   T* alpha, const T* colmax) {
   constexpr int G = Simd<T>::NV, W = Simd<T>::W;
   for (int64_t i = 0; i < qcols; i += G * W)
-    online_softmax_update<T, G>(st + i, ld, cols, m + i, l + i, alpha + i,
+    online_softmax_update<T, G>(st + i, ld, cols, offset, m + i, l + i, alpha + i,
                                 colmax ? colmax + i : nullptr);
 }
 
@@ -477,7 +495,8 @@ struct PrefillTask {
   // One block of keys: scores, softmax update, O^T = O^T * alpha + V^T P^T.
   void block(int64_t j0, int64_t cols, bool straddles) {
     const bool have_max = scores(j0, cols, straddles);
-    block_softmax<T>(sc.st, BR, cols, qcols, sc.m, sc.l, sc.alpha, have_max ? sc.colmax : nullptr);
+    block_softmax<T>(sc.st, BR, cols, j0 % t.bc, qcols, sc.m, sc.l, sc.alpha,
+                     have_max ? sc.colmax : nullptr);
     for (int64_t e = 0; e < t.dvp; ++e)
       for (int64_t i = 0; i < qcols; i += W) {
         T* o = sc.ot + e * BR + i;
@@ -486,7 +505,7 @@ struct PrefillTask {
     if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);
     pack_values<T, KV>(v_head + j0 * p.v_stride.r, p.v_stride.r, p.v_stride.c, cols, t.dv, t.dvp,
                    sc.vp);
-    block_values<T>(t, cols, qcols, all_finite<T>(sc.vp, cols * t.dvp), sc);
+    block_values<T>(t, cols, j0 % t.bc, qcols, all_finite<T>(sc.vp, cols * t.dvp), sc);
   }
 
   void run() {
