@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tileattn
-from tileattn.activations import activation
+from tileattn.activations import activation, activation_
 
 import reference
 
@@ -63,6 +63,34 @@ def test_activation_is_threaded_bitwise_the_same(restore_threads):
     one = activation("gelu", x)
     tileattn.set_num_threads(2)
     assert np.array_equal(activation("gelu", x), one)
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (0, 7), (5,), (3, 40000), (2, 3, 7)])
+def test_activation_in_place_shapes_and_bias(shape):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(np.float32)
+    want = gelu_exact(x.reshape(-1)).reshape(shape)
+    y = x.copy()
+    assert activation_("gelu", y) is y
+    np.testing.assert_allclose(y, want, rtol=0, atol=5e-7 * max(1.0, np.abs(x).max(initial=0)))
+    if len(shape) >= 1 and shape[-1] > 0:
+        bias = rng.standard_normal(shape[-1]).astype(np.float32)
+        y = x.copy()
+        activation_("gelu", y, bias)
+        want = gelu_exact((x + bias).reshape(-1)).reshape(shape)
+        np.testing.assert_allclose(y, want, rtol=0,
+                                   atol=5e-7 * max(1.0, np.abs(x + bias).max(initial=0)))
+
+
+def test_activation_errors():
+    with pytest.raises(tileattn.InvalidParameterError, match="C-contiguous"):
+        activation_("relu", np.zeros((4, 4), np.float32).T)
+    with pytest.raises(tileattn.DTypeError, match="float32 or float64"):
+        activation_("relu", np.zeros(4, np.float16))
+    with pytest.raises(tileattn.InvalidParameterError, match="bias"):
+        activation_("relu", np.zeros((2, 4), np.float32), np.zeros(3, np.float32))
+    with pytest.raises(tileattn.InvalidParameterError, match="activation"):
+        activation_("elu", np.zeros(4, np.float32))
 
 
 # -- a dense float64 reference layer ----------------------------------------------

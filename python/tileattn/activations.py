@@ -154,34 +154,47 @@ def check_activation(name: object) -> str:
     return name
 
 
-def activation_(name: str, x: np.ndarray) -> np.ndarray:
-    """Apply activation ``name`` to ``x`` in place and return ``x``.
+def activation_(name: str, x: np.ndarray, bias: Optional[np.ndarray] = None) -> np.ndarray:
+    """Apply activation ``name`` to ``x`` (+ ``bias``) in place and return ``x``.
 
     Parameters
     ----------
     name : "relu", "gelu" (exact, erf), "gelu_tanh" or "silu"
     x : C-contiguous float32 or float64 array, any shape
+    bias : (x.shape[-1],) array, optional
+        Added first, chunk by chunk (one pass less over memory than a
+        separate ``x += bias``).
     """
     fn = _CHUNK_FNS[check_activation(name)]
     if x.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise DTypeError(f"x: expected float32 or float64, got {x.dtype}")
     if not x.flags.c_contiguous:
         raise InvalidParameterError("x: expected a C-contiguous array (it is updated in place)")
-    flat = x.reshape(-1)
-    chunks: List[np.ndarray] = [flat[i:i + _CHUNK] for i in range(0, flat.size, _CHUNK)]
+    width = x.shape[-1] if x.ndim else 1
+    if bias is not None and (bias.shape != (width,) or x.ndim == 0):
+        raise InvalidParameterError(f"bias: expected shape ({width},), got {bias.shape}")
+    chunks: List[np.ndarray]
+    if bias is None:
+        flat = x.reshape(-1)
+        chunks = [flat[i:i + _CHUNK] for i in range(0, flat.size, _CHUNK)]
+    else:   # whole rows, so that the bias broadcasts; about _CHUNK elements each
+        rows = x.reshape(-1, width)
+        step = max(1, _CHUNK // max(width, 1))
+        chunks = [rows[i:i + step] for i in range(0, rows.shape[0], step)]
+
+    def work(run: List[np.ndarray]) -> None:
+        for c in run:
+            if bias is not None:
+                c += bias
+            fn(c)
+
     threads = min(get_num_threads(), len(chunks))
     if threads <= 1:
-        for c in chunks:
-            fn(c)
+        work(chunks)
     else:
         # Contiguous runs of chunks per thread: each thread streams its part.
         per = -(-len(chunks) // threads)
         runs = [chunks[i:i + per] for i in range(0, len(chunks), per)]
-
-        def work(run: List[np.ndarray]) -> None:
-            for c in run:
-                fn(c)
-
         for f in [_executor(threads).submit(work, r) for r in runs]:
             f.result()
     return x

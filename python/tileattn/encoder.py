@@ -70,6 +70,27 @@ def tokens_input(x: Any, name: str, d_model: int) -> np.ndarray:
     return a
 
 
+def layer_norm_(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
+    """``norm(x)`` computed in place in x (C-contiguous, the layer's dtype,
+    owned by the caller): the row means by one matrix-vector product, the
+    variances by one einsum, then three in-place passes; fewer passes and
+    temporaries than ``LayerNorm.forward``, same formula."""
+    rows = as_2d_rows(x)
+    e = rows.shape[1]
+    mean = rows @ np.full(e, 1.0 / e, rows.dtype)
+    rows -= mean[:, None]
+    inv = np.einsum("ij,ij->i", rows, rows)
+    inv *= rows.dtype.type(1.0 / e)
+    inv += rows.dtype.type(norm.eps)
+    np.sqrt(inv, out=inv)
+    np.divide(rows.dtype.type(1.0), inv, out=inv)
+    rows *= inv[:, None]
+    rows *= norm.weight
+    if norm.bias is not None:
+        rows += norm.bias
+    return x
+
+
 class FeedForward(Module):
     """``linear2(dropout(activation(linear1(x))))``, position-wise.
 
@@ -135,12 +156,10 @@ def feed_forward(x: np.ndarray, linear1: Linear, linear2: Linear, activation: st
                  p: float, rng: np.random.Generator) -> np.ndarray:
     """The feed-forward block on x (..., E) of the layers' dtype. The hidden
     (N, F) array, the largest of a transformer layer, is made once and then
-    updated in place (bias, activation, dropout)."""
+    updated in place (bias and activation in one chunked pass, dropout)."""
     rows = as_2d_rows(x)
     h = rows @ linear1.weight.T
-    if linear1.bias is not None:
-        h += linear1.bias
-    activation_(activation, h)
+    activation_(activation, h, linear1.bias)
     dropout_(h, p, rng)
     y: np.ndarray = h @ linear2.weight.T
     if linear2.bias is not None:
@@ -273,18 +292,21 @@ class TransformerEncoderLayer(Module):
             "is_causal": is_causal, "window": self.window if window is None else window,
             "training": p > 0.0}
         if self.norm_first:
-            x = x + dropout_(self.self_attn(self.norm1(x), **attn_kw), p, self._dropout_rng)
-            y = feed_forward(self.norm2(x), self.linear1, self.linear2, self.activation, p,
-                             self._dropout_rng)
+            a = self.self_attn(layer_norm_(np.array(x, order="C"), self.norm1), **attn_kw)
+            x = x + dropout_(a, p, self._dropout_rng)
+            y = feed_forward(layer_norm_(x.copy(), self.norm2), self.linear1, self.linear2,
+                             self.activation, p, self._dropout_rng)
             x += dropout_(y, p, self._dropout_rng)
         else:
-            a = dropout_(self.self_attn(x, **attn_kw), p, self._dropout_rng)
+            # Post-norm: the residual sums are fresh arrays, normalised in place.
+            a = np.ascontiguousarray(self.self_attn(x, **attn_kw))
+            dropout_(a, p, self._dropout_rng)
             a += x
-            x = self.norm1(a)
+            x = layer_norm_(a, self.norm1)
             y = dropout_(feed_forward(x, self.linear1, self.linear2, self.activation, p,
                                       self._dropout_rng), p, self._dropout_rng)
             y += x
-            x = self.norm2(y)
+            x = layer_norm_(y, self.norm2)
         out: np.ndarray = x.astype(x_in.dtype, copy=False)
         return out
 
