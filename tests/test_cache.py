@@ -358,6 +358,22 @@ def test_call_errors(rng):
     assert cache.lengths.tolist() == [0, 0]
 
 
+def test_concurrent_use_of_one_cache_is_refused(rng):
+    """Two threads on one cache would interleave two streams' positions: the
+    second call is refused while the first holds the cache."""
+    cache = KVCache(1, 2, 8, 4)
+    kv = np.zeros((1, 2, 1, 4), np.float32)
+    q = np.zeros((1, 2, 1, 4), np.float32)
+    with cache._in_use():                     # as if another thread were inside attend
+        for call in (lambda: cache.attend(q, kv, kv), lambda: cache.append(kv, kv),
+                     lambda: cache.trim(0), cache.reset):
+            with pytest.raises(InvalidParameterError, match="cache: already in use"):
+                call()
+    assert cache.lengths.tolist() == [0]
+    cache.attend(q, kv, kv)
+    assert cache.lengths.tolist() == [1]
+
+
 # -- memory and pickling ----------------------------------------------------------
 def test_half_cache_step_makes_no_float32_copy(rng):
     """A float16 decoding step allocates far less than the cache itself: the

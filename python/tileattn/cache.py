@@ -44,7 +44,9 @@ of the query block (left padding) for the call and moved back afterwards.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Optional, Tuple
+import threading
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -170,6 +172,7 @@ class KVCache:
         self.dtype: np.dtype[Any] = dt
         self.window = None if window is None else _pos_int("window", window)
         self.capacity = self.max_len if self.window is None else min(self.window, self.max_len)
+        self._busy = threading.Lock()
         self._allocate()
 
     def _allocate(self) -> None:
@@ -177,6 +180,19 @@ class KVCache:
         self.k = np.zeros((b, h, n, self.head_dim), self.dtype)
         self.v = np.zeros((b, h, n, self.value_dim), self.dtype)
         self._lengths = np.zeros(b, np.int64)
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """Refuse a second concurrent call instead of interleaving two streams'
+        writes (the GIL is released while the kernel runs)."""
+        if not self._busy.acquire(blocking=False):
+            raise InvalidParameterError(
+                "cache: already in use by a call in another thread; a KVCache holds one "
+                "stream of calls at a time (give each thread or request its own)")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     # -- state ----------------------------------------------------------------
     @property
@@ -196,7 +212,8 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget every position (all lengths back to 0); the memory is kept."""
-        self._lengths[:] = 0
+        with self._in_use():
+            self._lengths[:] = 0
 
     def trim(self, n: Any) -> None:
         """Roll back the last ``n`` positions (speculative decoding, beam search).
@@ -214,6 +231,10 @@ class KVCache:
             overwritten positions that would be back inside the window after
             the rollback (possible only while ``lengths[b] <= window``).
         """
+        with self._in_use():
+            self._trim(n)
+
+    def _trim(self, n: Any) -> None:
         c = _counts("n", n, self.batch, self._lengths, "the positions cached")
         if self.ring:
             bad = np.flatnonzero((c > 0) & (self._lengths > self.capacity))
@@ -246,6 +267,7 @@ class KVCache:
     def __getstate__(self) -> Dict[str, Any]:
         # Only the rows that hold something: a mostly empty cache pickles small.
         state = dict(self.__dict__)
+        del state["_busy"]
         used = int(min(self._lengths.max(initial=0), self.capacity))
         state["k"] = self.k[:, :, :used].copy()
         state["v"] = self.v[:, :, :used].copy()
@@ -254,6 +276,7 @@ class KVCache:
     def __setstate__(self, state: Dict[str, Any]) -> None:
         k, v = state.pop("k"), state.pop("v")
         self.__dict__.update(state)
+        self._busy = threading.Lock()
         lengths = self._lengths.copy()
         self._allocate()
         self._lengths[:] = lengths
@@ -344,9 +367,10 @@ class KVCache:
         range or a sequence would pass ``max_len`` (nothing is written then).
         """
         k4, v4 = self._check_new(k, v)
-        c = self._new_counts(counts, k4.shape[2])
-        before: np.ndarray = self._lengths.copy()
-        self._write(k4, v4, c)
+        with self._in_use():
+            c = self._new_counts(counts, k4.shape[2])
+            before: np.ndarray = self._lengths.copy()
+            self._write(k4, v4, c)
         return before
 
     # -- attention ----------------------------------------------------------------
@@ -394,6 +418,14 @@ class KVCache:
         -------
         out : array (B, Hq, T, Dv)
             Rows past counts[b] (padding) are zero.
+
+        Raises
+        ------
+        ShapeError, DTypeError, InvalidParameterError
+            Bad input, or max_len would be passed: nothing is appended.
+        KeyboardInterrupt
+            Ctrl-C during the kernel; the new tokens may or may not have been
+            appended then (``lengths`` says), the cache stays consistent.
         """
         qa = q if isinstance(q, np.ndarray) else np.asarray(q)
         k4, v4 = self._check_new(k, v)
@@ -421,6 +453,13 @@ class KVCache:
             raise DTypeError(f"out: expected dtype {qdt} (q's), got {out.dtype}")
         elif not out.flags.writeable:
             raise InvalidParameterError("out: array is read-only")
+        with self._in_use():
+            return self._attend(qa, k4, v4, out, counts, left, right,
+                                dict(scale=scale_v, dropout_p=p, seed=seed_v))
+
+    def _attend(self, qa: np.ndarray, k4: np.ndarray, v4: np.ndarray, out: np.ndarray,
+                counts: Any, left: int, right: int, run: Dict[str, Any]) -> np.ndarray:
+        t = k4.shape[2]
         c = self._new_counts(counts, t)
         old = self._lengths.copy()
         new = old + c
@@ -429,7 +468,6 @@ class KVCache:
         # to exactly the values a later step will read back from the cache.
         k4 = k4.astype(self.dtype, copy=False)
         v4 = v4.astype(self.dtype, copy=False)
-        run = dict(scale=scale_v, dropout_p=p, seed=seed_v)
 
         if not self.ring or int(new.max(initial=0)) <= cap:
             # Nothing wraps: rows are positions. Write, then attend in place.
