@@ -231,3 +231,37 @@ def test_forked_children_decode_while_parent_threads_compute():
                        timeout=120, env={**os.environ, "TILEATTN_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("fork ok")
+
+
+# -- interpreter shutdown ------------------------------------------------------------
+SHUTDOWN_SCRIPT = r"""
+import sys, threading, time
+import numpy as np, tileattn
+
+q = np.random.default_rng(0).standard_normal((1, 8, 2000, 64)).astype(np.float32)
+cache = tileattn.KVCache(1, 8, 64, 64, dtype=np.float16)
+
+def busy():
+    while True:
+        tileattn.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+for _ in range(2):
+    threading.Thread(target=busy, daemon=True).start()
+cache.attend(q[:, :, :1], q[:, :, :1], q[:, :, :1])
+time.sleep(0.3)
+print("exiting", flush=True)
+sys.exit(0)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "kernel: a daemon thread inside a tileattn call when the interpreter finalizes aborts the "
+    "process (CPython ends it with pthread_exit when it re-takes the GIL; the forced unwind "
+    "meets the noexcept ~gil_scoped_release or ThreadPool::work's catch(...)); see the issue-6 "
+    "report: skip the signal poll and the GIL re-take while finalizing, rethrow "
+    "abi::__forced_unwind"))
+def test_interpreter_exits_cleanly_while_daemon_threads_compute():
+    r = subprocess.run([sys.executable, "-c", SHUTDOWN_SCRIPT], capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.strip() == "exiting"
+    assert r.returncode == 0, r.stderr
