@@ -337,6 +337,9 @@ def test_call_errors(rng):
     m64 = tileattn.MultiHeadAttention(64, 8, num_kv_heads=2, dtype=np.float64)
     with pytest.raises(DTypeError, match="cache: a float64 module"):
         m64(x, is_causal=True, cache=KVCache(2, 2, 8, 8, dtype=np.float16))
+    cross = tileattn.MultiHeadAttention(64, 8, num_kv_heads=2, kdim=32, vdim=32)
+    with pytest.raises(InvalidParameterError, match="cache: incremental self-attention needs"):
+        cross(x, is_causal=True, cache=KVCache(2, 2, 8, 8))
     cache = KVCache(2, 2, 8, 8)
     for kw, name in ((dict(attn_mask=np.ones((3, 3), bool)), "attn_mask"),
                      (dict(need_weights=True), "need_weights")):

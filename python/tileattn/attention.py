@@ -373,6 +373,10 @@ class MultiHeadAttention(Module):
                 raise InvalidParameterError(
                     f"{name}: not supported with cache= (incremental self-attention); "
                     f"call without the cache for it")
+        if not self.packed:
+            raise InvalidParameterError(
+                f"cache: incremental self-attention needs kdim == vdim == embed_dim, got kdim="
+                f"{self.kdim}, vdim={self.vdim}, embed_dim={self.embed_dim}")
         want = (self.num_kv_heads, self.head_dim, self.value_dim)
         got = (cache.num_kv_heads, cache.head_dim, cache.value_dim)
         if got != want:
