@@ -36,6 +36,16 @@ def test_gelu_is_exact_to_round_off(dtype, tol):
     assert err.max() <= tol, (err.max(), x[np.argmax(err)])
 
 
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_huge_inputs_without_warnings(dtype, name):
+    x = np.array([1e30, -1e30, 1e5, -1e5, 3e38 if dtype == np.float32 else 1e300, np.inf],
+                 dtype=dtype)
+    y = activation(name, x)            # filterwarnings=error: an overflow warning fails
+    np.testing.assert_array_equal(y[[0, 2, 4, 5]], x[[0, 2, 4, 5]])
+    np.testing.assert_array_equal(y[[1, 3]], 0.0)
+
+
 def test_gelu_float64_keeps_relative_precision_in_the_tails():
     x = np.linspace(-36, -1, 3501)
     want = gelu_exact(x)
