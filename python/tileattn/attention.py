@@ -410,8 +410,8 @@ class MultiHeadAttention(Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             # Each sequence's new tokens sit at its own positions lengths[b] + i.
-            pos = cache.lengths[:, None] + np.arange(t)
-            q, k = self._rope_at(q, pos), self._rope_at(k, pos)
+            cos, sin = self._rope_tables_at(cache.lengths[:, None] + np.arange(t))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p, seed = 0.0, None
         if training and self.dropout > 0:
             p, seed = self.dropout, int(self._dropout_rng.integers(0, 2**63))
@@ -423,16 +423,15 @@ class MultiHeadAttention(Module):
         out: np.ndarray = (y[0] if unbatched else y).astype(in_dtype, copy=False)
         return out
 
-    def _rope_at(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """RoPE of x (B, T, H, D) at positions (B, T): the angles of
-        ``rope_tables`` (same float64 formula, so a position gets the same
-        rotation whether it is decoded alone or in a full pass)."""
+    def _rope_tables_at(self, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """cos, sin (B, T, 1, D/2) for (B, T, H, D) heads at positions (B, T):
+        the angles of ``rope_tables`` (the same float64 formula, so a position
+        gets the same rotation whether it is decoded alone or in a full pass)."""
         half = self.head_dim // 2
         inv_freq = self.rope_theta ** (-np.arange(half, dtype=np.float64) * 2.0 / self.head_dim)
         angles = positions.astype(np.float64)[..., None] * inv_freq
-        cos = np.cos(angles).astype(self.dtype)[:, :, None, :]
-        sin = np.sin(angles).astype(self.dtype)[:, :, None, :]
-        return apply_rope(x, cos, sin)
+        return (np.cos(angles).astype(self.dtype)[:, :, None, :],
+                np.sin(angles).astype(self.dtype)[:, :, None, :])
 
     def _inputs(self, query: Any, key: Any, value: Any
                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, bool, bool, np.dtype[Any]]:
