@@ -103,6 +103,34 @@ def test_activation_errors():
         activation_("elu", np.zeros(4, np.float32))
 
 
+def test_activation_from_many_threads_and_after_fork(restore_threads):
+    import os
+    import threading
+    tileattn.set_num_threads(2)
+    x = np.random.default_rng(3).standard_normal((50, 20000)).astype(np.float32)
+    want = activation("gelu", x)
+    same = []
+
+    def work():
+        for _ in range(3):
+            same.append(np.array_equal(activation("gelu", x), want))
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert same == [True] * 12
+    if not hasattr(os, "fork"):
+        return
+    import warnings
+    with warnings.catch_warnings():     # 3.12+ warns about fork() with threads alive
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:        # the child's pool must be its own (the parent's threads are gone)
+        os._exit(0 if np.array_equal(activation("gelu", x), want) else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
 # -- a dense float64 reference layer ----------------------------------------------
 def ref_layernorm(x, w, b, eps):
     mu = x.mean(-1, keepdims=True)

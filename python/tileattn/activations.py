@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -61,15 +62,21 @@ _GELU_TANH_C = math.sqrt(2.0 / math.pi)
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_pid = 0
+_pool_lock = threading.Lock()
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
-    """A process-wide pool (recreated after fork, and when more threads are asked)."""
+    """A process-wide pool of at least n threads; recreated after a fork (the
+    parent's threads do not exist in the child) and when more are asked."""
     global _pool, _pool_pid
-    if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < n:
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tileattn-act")
-        _pool_pid = os.getpid()
-    return _pool
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < n:
+            old = _pool if _pool_pid == os.getpid() else None
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tileattn-act")
+            _pool_pid = os.getpid()
+            if old is not None:
+                old.shutdown(wait=False)     # running work finishes; its threads then exit
+        return _pool
 
 
 def _gelu_chunk(x: np.ndarray) -> None:
