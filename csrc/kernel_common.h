@@ -8,6 +8,13 @@
 // baseline copy, so each copy gets its own namespace.
 #pragma once
 
+#ifndef TILEATTN_SCORE_SEGMENT
+#define TILEATTN_SCORE_SEGMENT 16
+#endif
+#ifndef TILEATTN_VALUE_SEGMENT
+#define TILEATTN_VALUE_SEGMENT 16
+#endif
+
 // A per-thread bump allocator over one 64-byte aligned buffer that grows on
 // demand and is reused across calls, so the hot path never allocates.
 class Arena {
@@ -107,13 +114,16 @@ void for_each_key_block(const AttentionParams& p, int64_t bc, const KeyBounds& k
   }
 }
 
-// Score dot products run as fused multiply-add chains over segments of
-// kDotSegment head dimensions, the segment sums then added in order. Why:
-// one chain over all D dimensions made the scores the largest error of the
-// output at small query counts (~1.4x the RMS error of a NumPy softmax,
-// whose matrix-vector products use many partial sums, with tails past 5x);
-// segments bound a chain to 16 terms for one extra add per 16 dimensions.
-constexpr int64_t kDotSegment = 16;
+// Dot products run as fused multiply-add chains over segments of
+// kScoreSegment head dimensions (a score) or kValueSegment keys (an output
+// element), the segment sums then added in order. Why: one chain over all D
+// dimensions and over all of a block's keys made those products the largest
+// error of the output (~1.4-2x the RMS error of a NumPy softmax, whose BLAS
+// products use many partial sums, with tails past 5x). Measured, paired with
+// the unsegmented kernel: 16/16 costs 2-7% of the time; 32/32 costs less but
+// leaves tails at 2-3x NumPy's error at few queries.
+constexpr int64_t kScoreSegment = TILEATTN_SCORE_SEGMENT;
+constexpr int64_t kValueSegment = TILEATTN_VALUE_SEGMENT;
 
 // Keys per block never exceed this (PrefillTiling caps them), so a block
 // has at most kMaxBlockKeys / kSumLeaf leaves.

@@ -134,10 +134,10 @@ struct DecodeTask {
       transpose_keys(k + jj * p.k_stride.r, std::min<int64_t>(W, cols - jj));
       for (int64_t r = 0; r < ds.rows; ++r) {
         const T* q = qs + r * p.D;
-        // Segments of kDotSegment, summed in the prefill's order.
+        // Segments of kScoreSegment, summed in the prefill's order.
         reg total = S::zero();
-        for (int64_t x0 = 0; x0 == 0 || x0 < p.D; x0 += kDotSegment) {
-          const int64_t x1 = std::min(p.D, x0 + kDotSegment);
+        for (int64_t x0 = 0; x0 == 0 || x0 < p.D; x0 += kScoreSegment) {
+          const int64_t x1 = std::min(p.D, x0 + kScoreSegment);
           reg acc = S::zero();
           for (int64_t x = x0; x < x1; ++x)
             acc = S::fmadd(S::set1(q[x]), S::load(kt + x * W), acc);
@@ -222,10 +222,10 @@ struct DecodeTask {
     m = m_new;
     const reg va = S::set1(alpha);
     for (int64_t e = 0; e < ds.dvw; e += W) S::store(o + e, S::mul(S::load(o + e), va));
-    // P V in the prefill's segments of kDotSegment keys (values_micro): each
+    // P V in the prefill's segments of kValueSegment keys (values_micro): each
     // segment summed from zero in acc, then added to o.
-    for (int64_t j0 = 0; j0 < cols; j0 += kDotSegment) {
-      const int64_t j1 = std::min(cols, j0 + kDotSegment);
+    for (int64_t j0 = 0; j0 < cols; j0 += kValueSegment) {
+      const int64_t j1 = std::min(cols, j0 + kValueSegment);
       std::fill(acc, acc + ds.dvw, T(0));
       for (int64_t j = j0; j < j1; ++j) {
         // p = 0 adds nothing (the prefill's 0 * v, or its NaN-safe skip):

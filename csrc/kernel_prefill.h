@@ -146,10 +146,10 @@ inline void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int6
   using reg = typename S::reg;
   constexpr int MR = S::MR, NV = S::NV, W = S::W;
   reg acc[MR][NV];
-  // The dot products in segments of kDotSegment (see there): the first is
+  // The dot products in segments of kScoreSegment (see there): the first is
   // stored, each later one computed from zero and added to the stored sums.
-  for (int64_t x0 = 0; x0 == 0 || x0 < d; x0 += kDotSegment) {
-    const int64_t x1 = std::min(d, x0 + kDotSegment);
+  for (int64_t x0 = 0; x0 == 0 || x0 < d; x0 += kScoreSegment) {
+    const int64_t x1 = std::min(d, x0 + kScoreSegment);
     TILEATTN_UNROLL
     for (int r = 0; r < MR; ++r)
       TILEATTN_UNROLL
@@ -189,7 +189,7 @@ inline void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int6
 
 // ot[MR][NR] (row stride ldo) += vp[j][MR]^T . pt[j][NR] (row stride ldp)
 // over j < n: MR value columns by NR queries (the output, transposed). Key
-// j is the block's key offset + j; the sum runs in segments of kDotSegment
+// j is the block's key offset + j; the sum runs in segments of kValueSegment
 // keys counted from the block's first key, each from zero and then added
 // to ot, so a trimmed block (whose missing keys have p = 0) gives the same
 // bits as the whole one, and the decode path can follow the same order.
@@ -204,7 +204,7 @@ inline void values_micro(const T* vp, const T* pt, int64_t ldp, int64_t n, int64
   constexpr int MR = S::MR, NV = S::NV, W = S::W;
   reg acc[MR][NV];
   for (int64_t j0 = 0; j0 < n;) {
-    const int64_t j1 = std::min(n, ((offset + j0) / kDotSegment + 1) * kDotSegment - offset);
+    const int64_t j1 = std::min(n, ((offset + j0) / kValueSegment + 1) * kValueSegment - offset);
     TILEATTN_UNROLL
     for (int r = 0; r < MR; ++r)
       TILEATTN_UNROLL
