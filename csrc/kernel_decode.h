@@ -17,6 +17,7 @@
 // sequence decoded alone equals the same sequence inside a larger batch.
 
 constexpr int64_t kDecodeMaxQueries = 4;
+constexpr int kKeyTiles = 4;  // W-key tiles scored together (independent chains)
 
 template <typename T>
 struct DecodeShape {
@@ -70,8 +71,9 @@ struct DecodeTask {
   int64_t b, hk, c;
   T* part;  // rows x ds.part: this task's partial states
   Arena& arena;
-  T *qs, *kt, *vbuf, *s;  // s: rows x bcw scores of the current block
-  T* acc;                 // one segment's P V, ds.dvw values
+  // kt: kKeyTiles transposed key tiles, D x W each; s: rows x bcw scores of
+  // the current block.
+  T *qs, *kt, *vbuf, *s;
   T* krows;               // W widened key rows (half-precision storage only)
   uint8_t* visible;
 
@@ -79,15 +81,14 @@ struct DecodeTask {
              int64_t c_, T* part_, Arena& arena_)
       : p(p_), ds(ds_), kb(p_, b_), b(b_), hk(hk_), c(c_), part(part_), arena(arena_) {
     const size_t bcw = PrefillTiling<T>::round_up(ds.bc, W);
-    arena.reset(sizeof(T) * (ds.rows * p.D + 2 * p.D * W + bcw * ds.dvw + ds.rows * bcw +
-                             ds.dvw) +
-                ds.bc + 6 * 64);
+    arena.reset(sizeof(T) * (ds.rows * p.D + (1 + kKeyTiles) * p.D * W + bcw * ds.dvw +
+                             ds.rows * bcw) +
+                ds.bc + 5 * 64);
     krows = arena.carve<T>(p.D * W);
     qs = arena.carve<T>(ds.rows * p.D);
-    kt = arena.carve<T>(p.D * W);
+    kt = arena.carve<T>(kKeyTiles * p.D * W);
     vbuf = arena.carve<T>(bcw * ds.dvw);
     s = arena.carve<T>(ds.rows * bcw);
-    acc = arena.carve<T>(ds.dvw);
     visible = arena.carve<uint8_t>(ds.bc);
   }
 
@@ -104,53 +105,89 @@ struct DecodeTask {
     }
   }
 
-  // kt[x][t] = k[t][x] for n <= W keys (zero lanes past n): by W x W
-  // register transposes where the keys are whole and unit-stride.
-  void transpose_keys(const KV* k, int64_t n) {
+  // dst[x][t] = k[t][x] for n <= W keys (zero lanes past n): by W x W
+  // register transposes where the keys are whole and unit-stride (half
+  // keys widened in the same registers).
+  void transpose_keys(const KV* k, int64_t n, T* dst) {
     int64_t x = 0;
     if (n == W && p.k_stride.c == 1) {
       if constexpr (std::is_same<KV, T>::value) {
-        for (; x + W <= p.D; x += W) S::transpose_tile(k + x, p.k_stride.r, kt + x * W);
+        for (; x + W <= p.D; x += W) S::transpose_tile(k + x, p.k_stride.r, dst + x * W);
+      } else if constexpr (S::kHalfTile) {
+        const uint16_t* kh = reinterpret_cast<const uint16_t*>(k);
+        for (; x + W <= p.D; x += W) S::transpose_tile_half(kh + x, p.k_stride.r, dst + x * W);
       } else {  // widen the W rows into a float tile first, then transpose
         for (int t = 0; t < W; ++t) widen_row(k + t * p.k_stride.r, p.D, krows + t * p.D);
-        for (; x + W <= p.D; x += W) S::transpose_tile(krows + x, p.D, kt + x * W);
+        for (; x + W <= p.D; x += W) S::transpose_tile(krows + x, p.D, dst + x * W);
       }
     }
     for (int t = 0; t < W; ++t) {
       const KV* row = k + t * p.k_stride.r;
       for (int64_t xx = x; xx < p.D; ++xx)
-        kt[xx * W + t] = t < n ? static_cast<T>(widen(row[xx * p.k_stride.c])) : T(0);
+        dst[xx * W + t] = t < n ? static_cast<T>(widen(row[xx * p.k_stride.c])) : T(0);
     }
   }
 
-  // Scores of every row for the block's keys, W keys at a time: the W keys
-  // are transposed into kt[x][lane] (D x W, small enough for L1), then each
-  // row runs the prefill's fused multiply-add chain over x with lanes
-  // across keys. Lanes past cols score 0 (masked later).
-  void block_scores(int64_t j0, int64_t cols, int64_t ldt) {
+  // out[g * W + lane] = q . key (G tiles of W keys in kt): the prefill's
+  // chain per lane (segments of kScoreSegment, added in order); the G
+  // independent chains hide the fused multiply-add latency.
+  template <int G>
+  void score_tiles(const T* q, T* out) const {
+    reg total[G];
+    for (int64_t x0 = 0; x0 == 0 || x0 < p.D; x0 += kScoreSegment) {
+      const int64_t x1 = std::min(p.D, x0 + kScoreSegment);
+      reg acc[G];
+      TILEATTN_UNROLL
+      for (int g = 0; g < G; ++g) acc[g] = S::zero();
+      for (int64_t x = x0; x < x1; ++x) {
+        const reg qx = S::set1(q[x]);
+        TILEATTN_UNROLL
+        for (int g = 0; g < G; ++g) acc[g] = S::fmadd(qx, S::load(kt + (g * p.D + x) * W), acc[g]);
+      }
+      TILEATTN_UNROLL
+      for (int g = 0; g < G; ++g) total[g] = x0 == 0 ? acc[g] : S::add(total[g], acc[g]);
+    }
+    TILEATTN_UNROLL
+    for (int g = 0; g < G; ++g) S::store(out + g * W, total[g]);
+  }
+
+  // Scores of every row for the block's keys, kKeyTiles * W keys at a time:
+  // each W keys are transposed into a tile of kt[x][lane] (D x W, together
+  // small enough for L1), then each row scores them with lanes across keys.
+  // Lanes past cols are overwritten by the mask.
+  void block_scores(int64_t j0, int64_t cols) {
     const KV* k = static_cast<const KV*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h +
                  j0 * p.k_stride.r;
-    for (int64_t jj = 0; jj < ldt; jj += W) {
-      transpose_keys(k + jj * p.k_stride.r, std::min<int64_t>(W, cols - jj));
+    const int64_t ldt = PrefillTiling<T>::round_up(ds.bc, W);
+    for (int64_t jj = 0; jj < cols; jj += kKeyTiles * W) {
+      const int tiles = static_cast<int>(
+          std::min<int64_t>(kKeyTiles, (cols - jj + W - 1) / W));
+      for (int g = 0; g < tiles; ++g)
+        transpose_keys(k + (jj + g * W) * p.k_stride.r,
+                       std::min<int64_t>(W, cols - jj - g * W), kt + g * p.D * W);
       for (int64_t r = 0; r < ds.rows; ++r) {
         const T* q = qs + r * p.D;
-        // Segments of kScoreSegment, summed in the prefill's order.
-        reg total = S::zero();
-        for (int64_t x0 = 0; x0 == 0 || x0 < p.D; x0 += kScoreSegment) {
-          const int64_t x1 = std::min(p.D, x0 + kScoreSegment);
-          reg acc = S::zero();
-          for (int64_t x = x0; x < x1; ++x)
-            acc = S::fmadd(S::set1(q[x]), S::load(kt + x * W), acc);
-          total = x0 == 0 ? acc : S::add(total, acc);
+        T* out = s + r * ldt + jj;
+        switch (tiles) {
+          case 4: score_tiles<4>(q, out); break;
+          case 3: score_tiles<3>(q, out); break;
+          case 2: score_tiles<2>(q, out); break;
+          default: score_tiles<1>(q, out); break;
         }
-        S::store(s + r * ldt + jj, total);
       }
     }
   }
 
+  // Half values whose rows vector loads can widen in place (no vbuf pass).
+  bool half_v_direct() const {
+    return std::is_same<KV, Half>::value && S::kHalfTile && p.v_stride.c == 1 && p.Dv % W == 0;
+  }
+  const KV* value_head(int64_t j0) const {
+    return static_cast<const KV*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + j0 * p.v_stride.r;
+  }
+
   const T* value_rows(int64_t j0, int64_t cols, int64_t* ldv) {
-    const KV* v = static_cast<const KV*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h +
-                  j0 * p.v_stride.r;
+    const KV* v = value_head(j0);
     if (ds.v_direct) {
       *ldv = p.v_stride.r;
       return reinterpret_cast<const T*>(v);  // KV is T here
@@ -197,7 +234,8 @@ struct DecodeTask {
   }
 
   // One block for one row: online softmax update and o = o * alpha + P V.
-  void row_block(T* s, T* st, int64_t cols, int64_t ldt, const T* v, int64_t ldv) {
+  template <typename VT>
+  void row_block(T* s, T* st, int64_t cols, int64_t ldt, const VT* v, int64_t ldv) {
     T* o = st;
     T& m = st[ds.dvw];
     T& l = st[ds.dvw + 1];
@@ -222,23 +260,43 @@ struct DecodeTask {
     m = m_new;
     const reg va = S::set1(alpha);
     for (int64_t e = 0; e < ds.dvw; e += W) S::store(o + e, S::mul(S::load(o + e), va));
-    // P V in the prefill's segments of kValueSegment keys (values_micro): each
-    // segment summed from zero in acc, then added to o.
+    // P V in the prefill's segments of kValueSegment keys (values_micro):
+    // each segment summed from zero in registers, then added to o.
     for (int64_t j0 = 0; j0 < cols; j0 += kValueSegment) {
       const int64_t j1 = std::min(cols, j0 + kValueSegment);
-      std::fill(acc, acc + ds.dvw, T(0));
-      for (int64_t j = j0; j < j1; ++j) {
-        // p = 0 adds nothing (the prefill's 0 * v, or its NaN-safe skip):
-        // skip it, so a NaN value of a key this row cannot see stays out.
-        if (s[j] == T(0)) continue;
-        const reg pj = S::set1(s[j]);
-        const T* vr = v + j * ldv;
-        for (int64_t e = 0; e < ds.dvw; e += W)
-          S::store(acc + e, S::fmadd(S::loadu(vr + e), pj, S::load(acc + e)));
-      }
-      for (int64_t e = 0; e < ds.dvw; e += W)
-        S::store(o + e, S::add(S::load(o + e), S::load(acc + e)));
+      int64_t e = 0;
+      for (; e + 8 * W <= ds.dvw; e += 8 * W) pv_segment<8>(s, j0, j1, v, ldv, e, o);
+      for (; e + 4 * W <= ds.dvw; e += 4 * W) pv_segment<4>(s, j0, j1, v, ldv, e, o);
+      for (; e < ds.dvw; e += W) pv_segment<1>(s, j0, j1, v, ldv, e, o);
     }
+  }
+
+  static reg load_value(const T* x) { return S::loadu(x); }
+  static reg load_value(const Half* x) {
+    if constexpr (S::kHalfTile) return S::loadu_half(reinterpret_cast<const uint16_t*>(x));
+    return S::zero();  // unreachable: half_v_direct() is false without kHalfTile
+  }
+
+  // o[e, e + NE W) += sum over keys j in [j0, j1) of p[j] v[j][e, e + NE W),
+  // chained from zero in NE registers. p = 0 adds nothing (the prefill's
+  // 0 * v, or its NaN-safe skip): skipped, so a NaN value of a key this row
+  // cannot see stays out.
+  template <int NE, typename VT>
+  static void pv_segment(const T* pr, int64_t j0, int64_t j1, const VT* v, int64_t ldv,
+                         int64_t e, T* o) {
+    reg acc[NE];
+    TILEATTN_UNROLL
+    for (int u = 0; u < NE; ++u) acc[u] = S::zero();
+    for (int64_t j = j0; j < j1; ++j) {
+      if (pr[j] == T(0)) continue;
+      const reg pj = S::set1(pr[j]);
+      const VT* vr = v + j * ldv + e;
+      TILEATTN_UNROLL
+      for (int u = 0; u < NE; ++u) acc[u] = S::fmadd(load_value(vr + u * W), pj, acc[u]);
+    }
+    TILEATTN_UNROLL
+    for (int u = 0; u < NE; ++u)
+      S::store(o + e + u * W, S::add(S::load(o + e + u * W), acc[u]));
   }
 
   void run() {
@@ -258,7 +316,15 @@ struct DecodeTask {
       const int64_t cols = std::min(ds.bc, kb.lk - j0);
       cancellation_point();
       if (mark_visible_keys(p, b, j0, cols, visible) == 0) continue;
-      block_scores(j0, cols, ldt);
+      block_scores(j0, cols);
+      if (half_v_direct()) {
+        const KV* v = value_head(j0);
+        for (int64_t r = 0; r < ds.rows; ++r) {
+          mask_row(s + r * ldt, r, j0, cols, ldt);
+          row_block(s + r * ldt, part + r * ds.part, cols, ldt, v, p.v_stride.r);
+        }
+        continue;
+      }
       int64_t ldv;
       const T* v = value_rows(j0, cols, &ldv);
       for (int64_t r = 0; r < ds.rows; ++r) {

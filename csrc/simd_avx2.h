@@ -22,6 +22,9 @@ template <> struct Simd<float> {
   static reg set1(float x) { return _mm256_set1_ps(x); }
   static reg load(const float* p) { return _mm256_load_ps(p); }
   static reg loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static reg loadu_half(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   static void store(float* p, reg a) { _mm256_store_ps(p, a); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
@@ -45,10 +48,21 @@ template <> struct Simd<float> {
   }
   // dst[c][r] = src[r][c] for an 8 x 8 tile (src row stride ld, dst rows of 8).
   static void transpose_tile(const float* src, int64_t ld, float* dst) {
-    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ld);
-    __m256 r2 = _mm256_loadu_ps(src + 2 * ld), r3 = _mm256_loadu_ps(src + 3 * ld);
-    __m256 r4 = _mm256_loadu_ps(src + 4 * ld), r5 = _mm256_loadu_ps(src + 5 * ld);
-    __m256 r6 = _mm256_loadu_ps(src + 6 * ld), r7 = _mm256_loadu_ps(src + 7 * ld);
+    reg r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
+    transpose_registers(r, dst);
+  }
+  // The same for a tile of IEEE binary16 values, widened as they are loaded.
+  static constexpr bool kHalfTile = true;
+  static void transpose_tile_half(const uint16_t* src, int64_t ld, float* dst) {
+    reg r[8];
+    for (int i = 0; i < 8; ++i)
+      r[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld)));
+    transpose_registers(r, dst);
+  }
+  static void transpose_registers(const reg* rows, float* dst) {
+    __m256 r0 = rows[0], r1 = rows[1], r2 = rows[2], r3 = rows[3];
+    __m256 r4 = rows[4], r5 = rows[5], r6 = rows[6], r7 = rows[7];
     const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
     const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
     const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
@@ -116,6 +130,8 @@ template <> struct Simd<double> {
     return _mm_cvtsd_f64(s);
   }
   // dst[c][r] = src[r][c] for a 4 x 4 tile (src row stride ld, dst rows of 4).
+  static constexpr bool kHalfTile = false;
+  static void transpose_tile_half(const uint16_t*, int64_t, double*) {}
   static void transpose_tile(const double* src, int64_t ld, double* dst) {
     const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + ld);
     const __m256d r2 = _mm256_loadu_pd(src + 2 * ld), r3 = _mm256_loadu_pd(src + 3 * ld);

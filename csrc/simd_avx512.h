@@ -21,6 +21,9 @@ template <> struct Simd<float> {
   static reg set1(float x) { return _mm512_set1_ps(x); }
   static reg load(const float* p) { return _mm512_load_ps(p); }
   static reg loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static reg loadu_half(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   static void store(float* p, reg a) { _mm512_store_ps(p, a); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
@@ -41,8 +44,43 @@ template <> struct Simd<float> {
   }
   // dst[c][r] = src[r][c] for a W x W tile (src row stride ld, dst rows of W).
   static void transpose_tile(const float* src, int64_t ld, float* dst) {
-    for (int r = 0; r < W; ++r)
-      for (int c = 0; c < W; ++c) dst[c * W + r] = src[r * ld + c];
+    reg r[16];
+    for (int i = 0; i < 16; ++i) r[i] = loadu(src + i * ld);
+    transpose_registers(r, dst);
+  }
+  // The same for a tile of IEEE binary16 values, widened as they are loaded.
+  static constexpr bool kHalfTile = true;
+  static void transpose_tile_half(const uint16_t* src, int64_t ld, float* dst) {
+    reg r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * ld)));
+    transpose_registers(r, dst);
+  }
+  // 16 x 16 transpose in registers: pairs of rows interleaved within 128-bit
+  // lanes (unpack), then groups of four rows (shuffle), then the 128-bit
+  // lanes of four groups gathered (two rounds of shuffle_f32x4). Register
+  // u[4g + c], lane L holds rows 4g..4g+3 of column 4L + c.
+  static void transpose_registers(const reg* r, float* dst) {
+    reg u[16];
+    for (int g = 0; g < 4; ++g) {
+      const reg* q = r + 4 * g;
+      const reg t0 = _mm512_unpacklo_ps(q[0], q[1]), t1 = _mm512_unpackhi_ps(q[0], q[1]);
+      const reg t2 = _mm512_unpacklo_ps(q[2], q[3]), t3 = _mm512_unpackhi_ps(q[2], q[3]);
+      u[4 * g + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
+      u[4 * g + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
+      u[4 * g + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
+      u[4 * g + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      const reg a02 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);   // g0 L0 L2, g1 L0 L2
+      const reg a13 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);   // g0 L1 L3, g1 L1 L3
+      const reg b02 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+      const reg b13 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+      store(dst + (0 + c) * W, _mm512_shuffle_f32x4(a02, b02, 0x88));
+      store(dst + (8 + c) * W, _mm512_shuffle_f32x4(a02, b02, 0xDD));
+      store(dst + (4 + c) * W, _mm512_shuffle_f32x4(a13, b13, 0x88));
+      store(dst + (12 + c) * W, _mm512_shuffle_f32x4(a13, b13, 0xDD));
+    }
   }
   static constexpr float round_magic() { return 12582912.0f; }
   static reg scale_by_pow2(reg p, reg t) {
@@ -86,6 +124,8 @@ template <> struct Simd<double> {
     s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
     return _mm_cvtsd_f64(s);
   }
+  static constexpr bool kHalfTile = false;
+  static void transpose_tile_half(const uint16_t*, int64_t, double*) {}
   static void transpose_tile(const double* src, int64_t ld, double* dst) {
     for (int r = 0; r < W; ++r)
       for (int c = 0; c < W; ++c) dst[c * W + r] = src[r * ld + c];

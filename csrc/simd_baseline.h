@@ -41,6 +41,8 @@ struct VecExtSimd {
     return a[0];
   }
   // dst[c][r] = src[r][c] for a W x W tile (src row stride ld, dst rows of W).
+  static constexpr bool kHalfTile = false;  // no F16C here: widen_row instead
+  static void transpose_tile_half(const uint16_t*, int64_t, T*) {}
   static void transpose_tile(const T* src, int64_t ld, T* dst) {
     for (int r = 0; r < W; ++r)
       for (int c = 0; c < W; ++c) dst[c * W + r] = src[r * ld + c];
