@@ -11,6 +11,10 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__GLIBCXX__)
+#include <cxxabi.h>
+#endif
+
 #include "array_checks.h"
 #include "attention_params.h"
 #include "cpu_features.h"
@@ -22,15 +26,45 @@ using namespace tileattn;
 
 namespace {
 
-// Runs fn with the GIL released. While it runs, the calling thread checks
-// for Python signals every ~50 ms (taking the GIL briefly), so Ctrl-C stops
-// a long call within a fraction of a second and raises KeyboardInterrupt.
+bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// Runs fn with the GIL released. The GIL is given up and re-taken by hand,
+// not by a scoped guard: when the interpreter finalizes, CPython ends a
+// daemon thread that asks for the GIL with pthread_exit, and that forced
+// unwind must not start inside a destructor (noexcept: std::terminate, the
+// process aborts). It is let through untouched; the thread is ending.
+template <typename Fn>
+void without_gil(Fn&& fn) {
+  PyThreadState* state = PyEval_SaveThread();
+  try {
+    fn();
+#if defined(__GLIBCXX__)
+  } catch (abi::__forced_unwind&) {
+    throw;
+#endif
+  } catch (...) {
+    PyEval_RestoreThread(state);
+    throw;
+  }
+  PyEval_RestoreThread(state);
+}
+
+// Runs fn without the GIL. While it runs, the calling thread checks for
+// Python signals every ~50 ms (taking the GIL briefly, but never while the
+// interpreter finalizes), so Ctrl-C stops a long call within a fraction of
+// a second and raises KeyboardInterrupt.
 template <typename Fn>
 void run_cancellable(Fn&& fn) {
   bool cancelled = false;
-  {
-    py::gil_scoped_release release;
+  without_gil([&] {
     ScopedPoll poll([] {
+      if (interpreter_finalizing()) return false;
       py::gil_scoped_acquire gil;
       return PyErr_CheckSignals() != 0;
     });
@@ -39,7 +73,7 @@ void run_cancellable(Fn&& fn) {
     } catch (const Cancelled&) {
       cancelled = true;
     }
-  }
+  });
   if (cancelled) {
     if (PyErr_Occurred()) throw py::error_already_set();
     throw std::runtime_error("tileattn: computation cancelled");
@@ -188,8 +222,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw std::invalid_argument("num_threads must be >= 1");
-    py::gil_scoped_release release;  // may wait for a running job
-    set_num_threads(n);
+    without_gil([n] { set_num_threads(n); });  // may wait for a running job
   });
   m.def("default_num_threads", &default_num_threads);
   m.def("isa", [] { return std::string(isa_name(active_isa())); });
@@ -215,13 +248,12 @@ PYBIND11_MODULE(_core, m) {
   // throws, and the exception must reach Python after the workers stop.
   m.def("_parallel_probe", [](int64_t num_tasks, int64_t fail_at) {
     std::atomic<int64_t> ran{0};
-    {
-      py::gil_scoped_release release;
+    without_gil([&] {
       parallel_for(num_tasks, [&](int64_t t, int) {
         if (t == fail_at) throw std::runtime_error("task " + std::to_string(t) + " failed");
         ran.fetch_add(1, std::memory_order_relaxed);
       });
-    }
+    });
     return ran.load();
   });
   // For the tests: tasks that spin for `seconds` each, with cancellation

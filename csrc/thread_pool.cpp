@@ -12,6 +12,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__GLIBCXX__)
+#include <cxxabi.h>
+#endif
+
 #if defined(__linux__)
 #include <pthread.h>
 #include <sched.h>
@@ -58,6 +62,18 @@ struct JobScope {
   }
 };
 
+// One parallel_for on the pool. It lives on the caller's stack; a worker
+// may touch it only after joining it (users, under the pool's mutex), and
+// the caller returns only once every joined worker has left.
+struct Job {
+  const TaskFn* fn;
+  JobContext* ctx;
+  int64_t num_tasks;
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;  // the first task's exception, under the mutex
+  int users = 0;             // workers inside work(), under the mutex
+};
+
 class ThreadPool {
  public:
   explicit ThreadPool(int threads) : size_(std::max(1, threads)) {
@@ -75,62 +91,72 @@ class ThreadPool {
 
   int size() const { return size_; }
 
+  // Why the caller waits only for workers that joined: a worker's wake-up
+  // can take a scheduler slice on a loaded machine, and small calls (a
+  // decode step) used to wait ~1-2 ms for workers that then found nothing
+  // left to do. A late worker finds the job withdrawn and sleeps again.
   void run(int64_t num_tasks, const TaskFn& fn, JobContext& ctx) {
     // One job at a time; concurrent callers queue here. The caller always
     // takes part, so a job finishes even if every worker is slow to wake.
     std::lock_guard<std::mutex> job_lock(job_mutex_);
+    Job job;
+    job.fn = &fn;
+    job.ctx = &ctx;
+    job.num_tasks = num_tasks;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &fn;
-      ctx_ = &ctx;
-      num_tasks_ = num_tasks;
-      next_.store(0, std::memory_order_relaxed);
-      error_ = nullptr;
-      active_ = size_ - 1;
+      job_ = &job;
       ++generation_;
     }
     wake_.notify_all();
-    work(0, true);
+    work(job, 0, true);
     std::unique_lock<std::mutex> lock(mutex_);
-    // While the workers finish, keep polling so a cancel request is seen.
-    while (!done_.wait_for(lock, kPollInterval, [this] { return active_ == 0; })) {
+    job_ = nullptr;  // no worker joins from here on
+    // While the joined workers finish, keep polling so a cancel is seen.
+    while (!done_.wait_for(lock, kPollInterval, [&] { return job.users == 0; })) {
       lock.unlock();
-      if (ctx.poll_now()) next_.store(num_tasks_, std::memory_order_relaxed);
+      if (ctx.poll_now()) job.next.store(num_tasks, std::memory_order_relaxed);
       lock.lock();
     }
-    job_ = nullptr;
-    ctx_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
+    if (job.error) std::rethrow_exception(job.error);
   }
 
  private:
   void worker_loop(int w) {
     uint64_t seen = 0;
     for (;;) {
+      Job* job;
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
         if (stopping_) return;
         seen = generation_;
+        job = job_;
+        if (!job) continue;  // woke after its job was withdrawn
+        ++job->users;
       }
-      work(w, false);
+      work(*job, w, false);
       std::lock_guard<std::mutex> lock(mutex_);
-      if (--active_ == 0) done_.notify_one();
+      if (--job->users == 0) done_.notify_one();
     }
   }
 
-  void work(int w, bool caller) {
-    JobScope scope(ctx_, caller);
+  void work(Job& job, int w, bool caller) {
+    JobScope scope(job.ctx, caller);
     for (;;) {
-      const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
-      if (t >= num_tasks_) return;
+      const int64_t t = job.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= job.num_tasks) return;
       try {
         cancellation_point();
-        (*job_)(t, w);
+        (*job.fn)(t, w);
+#if defined(__GLIBCXX__)
+      } catch (abi::__forced_unwind&) {
+        throw;  // a thread ended by pthread_exit (interpreter shutdown) must unwind
+#endif
       } catch (...) {
         std::lock_guard<std::mutex> lock(mutex_);
-        if (!error_) error_ = std::current_exception();
-        next_.store(num_tasks_, std::memory_order_relaxed);  // stop handing out
+        if (!job.error) job.error = std::current_exception();
+        job.next.store(job.num_tasks, std::memory_order_relaxed);  // stop handing out
       }
     }
   }
@@ -140,12 +166,7 @@ class ThreadPool {
   std::mutex job_mutex_;
   std::mutex mutex_;
   std::condition_variable wake_, done_;
-  const TaskFn* job_ = nullptr;
-  JobContext* ctx_ = nullptr;
-  int64_t num_tasks_ = 0;
-  std::atomic<int64_t> next_{0};
-  std::exception_ptr error_;
-  int active_ = 0;
+  Job* job_ = nullptr;
   uint64_t generation_ = 0;
   bool stopping_ = false;
 };

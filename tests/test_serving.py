@@ -254,12 +254,6 @@ sys.exit(0)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kernel: a daemon thread inside a tileattn call when the interpreter finalizes aborts the "
-    "process (CPython ends it with pthread_exit when it re-takes the GIL; the forced unwind "
-    "meets the noexcept ~gil_scoped_release or ThreadPool::work's catch(...)); see the issue-6 "
-    "report: skip the signal poll and the GIL re-take while finalizing, rethrow "
-    "abi::__forced_unwind"))
 def test_interpreter_exits_cleanly_while_daemon_threads_compute():
     r = subprocess.run([sys.executable, "-c", SHUTDOWN_SCRIPT], capture_output=True, text=True,
                        timeout=120)
