@@ -149,10 +149,13 @@ def assert_close_to_reference(got, q, k, v, *, weights=None, **kw):
     want, want_w = attention(q, k, v, **kw)
     plain, plain_w = attention(q, k, v, dtype=np.float32, **kw)
     assert got.shape == want.shape, (got.shape, want.shape)
+    # The output's scale: a convex combination of v's rows, times the dropout
+    # keep factor 1 / (1 - p) (as for the weights below).
+    p = kw.get("dropout_p", 0.0)
+    keep = 1.0 / (1.0 - p) if p < 1 else 1.0
     vscale = float(np.max(np.abs(v))) if np.size(v) else 1.0
-    err = _check("output", got, want, plain, vscale)
+    err = _check("output", got, want, plain, vscale * keep)
     if weights is not None:
         assert weights.shape == want_w.shape, (weights.shape, want_w.shape)
-        p = kw.get("dropout_p", 0.0)
-        _check("weights", weights, want_w, plain_w, 1.0 / (1.0 - p) if p < 1 else 1.0)
+        _check("weights", weights, want_w, plain_w, keep)
     return err
