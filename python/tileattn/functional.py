@@ -93,6 +93,9 @@ def _check_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         )
 
 
+_WINDOW_MAX = 2**62  # more keys than any array can hold
+
+
 def _window_bounds(window: Window, is_causal: bool) -> tuple[int, int]:
     """(left, right) key offsets around the aligned query; -1 = unbounded."""
     if not isinstance(is_causal, (bool, np.bool_)):
@@ -122,6 +125,10 @@ def _window_bounds(window: Window, is_causal: bool) -> tuple[int, int]:
                     f"window: (left, right) must each be >= 0, or -1 for unbounded; "
                     f"got ({left}, {right})"
                 )
+    # A bound past any sequence length is no bound at all; clamping keeps the
+    # kernel's int64 index arithmetic (i + Lk - Lq + right) from overflowing
+    # and lets windows >= 2**63 pass to it at all.
+    left, right = min(left, _WINDOW_MAX), min(right, _WINDOW_MAX)
     if is_causal:
         right = 0 if right == -1 else min(right, 0)
     return left, right
