@@ -24,7 +24,7 @@ def _format(path: str) -> str:
     return ext[1:]
 
 
-def _safetensors_numpy():
+def _safetensors_numpy() -> Any:
     try:
         import safetensors.numpy as st
     except ImportError:
@@ -55,12 +55,14 @@ def save(module: Module, path: PathLike) -> None:
     arrays = {k: np.ascontiguousarray(v) for k, v in module.state_dict().items()}
     if fmt == "npz":
         with open(path, "wb") as f:   # a file object: numpy would append .npz to a name
-            np.savez(f, **{_META_KEY: np.array(meta)}, **arrays)
+            # Any-typed: NumPy's stub lets ** keys collide with allow_pickle.
+            savez: Any = np.savez
+            savez(f, **{_META_KEY: np.array(meta)}, **arrays)
     else:
         _safetensors_numpy().save_file(arrays, path, metadata={_META_KEY: meta})
 
 
-def _read(path: str) -> Tuple[Dict[str, np.ndarray], Optional[dict]]:
+def _read(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
     if _format(path) == "npz":
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -94,7 +96,7 @@ def load(path: PathLike, module: Optional[Module] = None) -> Module:
         if meta is None:
             raise InvalidParameterError(
                 f"load: {path!r} holds no tileattn config; pass the module to load into")
-        cls = MODULE_CLASSES.get(meta.get("class"))
+        cls = MODULE_CLASSES.get(str(meta.get("class")))
         if cls is None:
             raise InvalidParameterError(f"load: unknown module class {meta.get('class')!r} in {path!r}")
         module = cls(**meta["config"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, cast
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class Linear(Module):
         y = as_2d_rows(x) @ self.weight.T
         if self.bias is not None:
             y += self.bias
-        return y.reshape(x.shape[:-1] + (self.out_features,))
+        return cast(np.ndarray, y.reshape(x.shape[:-1] + (self.out_features,)))
 
     def get_config(self) -> Dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,

@@ -13,7 +13,7 @@ edits and attribute assignment.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, cast
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def module_dtype(dtype: Any) -> np.dtype:
         raise DTypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
     if dt not in _MODULE_DTYPES:
         raise DTypeError(f"dtype: expected float32 or float64, got {dt}")
-    return dt
+    return cast(np.dtype, dt)
 
 
 def _shape_str(shape: Tuple[int, ...]) -> str:

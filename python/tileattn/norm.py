@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, cast
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class LayerNorm(Module):
         y *= self.weight
         if self.bias is not None:
             y += self.bias
-        return y
+        return cast(np.ndarray, y)
 
     def get_config(self) -> Dict[str, Any]:
         return {"normalized_shape": self.normalized_shape, "eps": self.eps,
