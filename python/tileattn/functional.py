@@ -56,6 +56,8 @@ def _dense_rows(a: np.ndarray) -> np.ndarray:
     item = a.itemsize
     if a.strides[-1] == item and a.strides[-2] == a.shape[-1] * item:
         return a
+    if a.strides[-2] == 0:
+        return a  # a broadcast: every row is the same memory (a copy could be huge)
     return np.ascontiguousarray(a)
 
 
@@ -363,6 +365,9 @@ def scaled_dot_product_attention(
     if out is not None:
         out = _check_out(out, user_shape, in_dtype)
 
+    # The weights first: when they cannot be had (MemoryError), nothing else
+    # has been allocated or copied yet.
+    weights = np.zeros((b, hq, lq, lk), dtype) if return_weights else None
     q4, k4, v4 = (_kernel_array(a, dtype) for a in (q4, k4, v4))
     if lq >= _DENSE_COPY_MIN_QUERIES:
         k4, v4 = _dense_rows(k4), _dense_rows(v4)
@@ -379,7 +384,6 @@ def scaled_dot_product_attention(
         result = out if batched else out[np.newaxis]
     else:
         result = np.empty(out_shape4, dtype)
-    weights = np.zeros((b, hq, lq, lk), dtype) if return_weights else None
 
     _core.attention_forward(
         q4, k4, v4, result,
