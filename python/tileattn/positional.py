@@ -144,6 +144,9 @@ def sinusoidal_positions(length: int, dim: int, *, base: float = 10000.0,
     """
     n = _int("length", length, 0)
     d = _int("dim", dim, 1)
+    if max(n * d, n, d) * 8 > np.iinfo(np.intp).max:
+        # NumPy refuses such shapes with a ValueError; it is a size no memory holds.
+        raise MemoryError(f"sinusoidal_positions: a ({n}, {dim}) table does not fit in memory")
     base_v = _positive_real("base", base)
     try:
         dt = np.dtype(dtype)
