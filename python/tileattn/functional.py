@@ -395,9 +395,10 @@ def scaled_dot_product_attention(
     if not batched:
         result = result[0]
         weights = weights[0] if weights is not None else None
-    if out is not None and not direct:
-        out[...] = result
-        result = out
+    if out is not None:
+        if not direct:
+            out[...] = result
+        result = out  # (unbatched, direct: result was a view of it)
     elif result.dtype != in_dtype:
         result = result.astype(in_dtype)
     if weights is not None:
