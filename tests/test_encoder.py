@@ -207,6 +207,33 @@ def test_layer_options_match_reference(rng, norm_first, opts):
     close(m(x), want)
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("opts, call", [
+    (dict(), dict()), (dict(num_kv_heads=2), dict(is_causal=True)),
+    (dict(window=(3, 2)), dict()), (dict(), dict(window=4))])
+def test_real_token_path_equals_the_padded_path(rng, norm_first, opts, call):
+    """A bool (B, L) key padding mask runs the layers on the real tokens only;
+    the same mask as 0/1 ints takes the padded path. Real rows agree, padded
+    rows are zeros on the first."""
+    layer = randomised(tileattn.TransformerEncoderLayer(
+        E, H, F, dropout=0.0, activation="gelu", norm_first=norm_first, seed=6, **opts))
+    enc = tileattn.TransformerEncoder(layer, 2, norm=tileattn.LayerNorm(E))
+    x = rng.standard_normal((3, 17, E)).astype(np.float32)
+    pad = np.zeros((3, 17), bool)
+    pad[0, :17] = pad[1, :5] = True            # item 2 has no real token at all
+    pad[2, [3, 9]] = True                      # and a non-prefix mask
+    for m in (layer, enc):
+        fast = m(x, key_padding_mask=pad, **call)
+        slow = m(x, key_padding_mask=pad.astype(np.int8), **call)
+        close(fast[pad], slow[pad].astype(np.float64))    # float32 round-off apart
+        assert np.all(fast[~pad] == 0)
+        assert not np.all(slow[~pad] == 0)
+    if not norm_first and not opts and not call:   # and against the float64 reference
+        want = ref_layer(layer.state_dict(), x, nhead=H, nkv=H, norm_first=False,
+                         key_padding_mask=pad)
+        close(layer(x, key_padding_mask=pad)[pad], want[pad])
+
+
 def test_call_window_overrides_and_masks(rng):
     m = randomised(tileattn.TransformerEncoderLayer(E, H, F, dropout=0.0, activation="gelu",
                                                     window=3, seed=2))

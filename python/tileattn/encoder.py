@@ -6,14 +6,14 @@ their state dicts move across with ``load_state_dict``.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union, cast
 
 import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from .activations import activation_, check_activation
 from .attention import MultiHeadAttention
-from .functional import Window, _window_bounds
+from .functional import Window, _window_bounds, scaled_dot_product_attention
 from .linear import Linear, as_2d_rows
 from .module import Module
 from .norm import LayerNorm
@@ -89,6 +89,29 @@ def layer_norm_(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
     if norm.bias is not None:
         rows += norm.bias
     return x
+
+
+def padding_rows(x: np.ndarray, attn_mask: Any, key_padding_mask: Any, p: float,
+                 layers: List["TransformerEncoderLayer"]) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(mask, flat indices of the real tokens) when the layers may run on the
+    real tokens only (a (B, L) bool key padding mask, nothing else that looks
+    at positions, no dropout), else None."""
+    if key_padding_mask is None or attn_mask is not None or p > 0.0 or x.ndim != 3:
+        return None
+    mask = key_padding_mask if isinstance(key_padding_mask, np.ndarray) else None
+    if mask is None or mask.dtype != np.bool_ or mask.shape != x.shape[:2]:
+        return None
+    if not all(layer.unpaddable() for layer in layers):
+        return None
+    return mask, np.flatnonzero(mask)
+
+
+def scatter_rows(rows: np.ndarray, idx: np.ndarray, shape: Tuple[int, ...],
+                 dtype: np.dtype) -> np.ndarray:
+    """(N, E) real-token rows back into a (B, L, E) array, zeros at the padding."""
+    out = np.zeros((shape[0] * shape[1], shape[2]), dtype)
+    out[idx] = rows
+    return out.reshape(shape)
 
 
 class FeedForward(Module):
@@ -281,16 +304,23 @@ class TransformerEncoderLayer(Module):
         -------
         (B, L, d_model) (unbatched: (L, d_model)), src's dtype.
 
-        Padded positions get outputs too (they attend to the real tokens);
-        only the real positions are meaningful.
+        With a (B, L) bool ``key_padding_mask`` (and no ``attn_mask``, RoPE,
+        QK-norm or dropout) only the real tokens are computed and the padded
+        positions output zeros, as PyTorch's nested-tensor path does; the
+        real positions are the same either way.
         """
         x_in = tokens_input(src, "src", self.d_model)
         p = self.dropout if check_flag("training", training) else 0.0
         x = x_in.astype(self.dtype, copy=False)
+        win = self.window if window is None else window
+        real = padding_rows(x, attn_mask, key_padding_mask, p, [self])
+        if real is not None:
+            mask, idx = real
+            rows = self.forward_rows(as_2d_rows(x)[idx], idx, mask, is_causal, win)
+            return scatter_rows(rows, idx, x.shape, x_in.dtype)
         attn_kw: Dict[str, Any] = {
             "attn_mask": attn_mask, "key_padding_mask": key_padding_mask,
-            "is_causal": is_causal, "window": self.window if window is None else window,
-            "training": p > 0.0}
+            "is_causal": is_causal, "window": win, "training": p > 0.0}
         if self.norm_first:
             a = self.self_attn(layer_norm_(np.array(x, order="C"), self.norm1), **attn_kw)
             x = x + dropout_(a, p, self._dropout_rng)
@@ -309,6 +339,57 @@ class TransformerEncoderLayer(Module):
             x = layer_norm_(y, self.norm2)
         out: np.ndarray = x.astype(x_in.dtype, copy=False)
         return out
+
+    def unpaddable(self) -> bool:
+        """Whether ``forward_rows`` applies: everything but the attention is
+        position-wise (no RoPE, no QK-norm), Q/K/V packed."""
+        a = self.self_attn
+        return a.packed and not a.rope and not a.qk_norm
+
+    def forward_rows(self, rows: np.ndarray, idx: np.ndarray, mask: np.ndarray,
+                     is_causal: bool, window: Window) -> np.ndarray:
+        """Inference on the real tokens only.
+
+        rows (N, E) are the real tokens of a (B, L) batch, at flat positions
+        ``idx`` (``mask.reshape(-1)`` True). Everything position-wise (the
+        projections, the feed-forward block, the norms: most of the work)
+        runs on the N rows; Q/K/V are scattered into a zeroed (B, L) layout
+        for the attention, and its output gathered back. Returns (N, E).
+        """
+        a = self.self_attn
+        b, length = mask.shape
+        h = layer_norm_(rows.copy(), self.norm1) if self.norm_first else rows
+        w_in = cast(np.ndarray, a._in_weight)      # packed: see unpaddable()
+        qkv_rows = h @ w_in.T
+        if a._in_bias is not None:
+            qkv_rows += a._in_bias
+        # Zeros, not garbage, at the padding: masked keys' values still meet
+        # zero weights (0 * NaN would not be 0).
+        qkv = np.zeros((b * length, qkv_rows.shape[1]), self.dtype)
+        qkv[idx] = qkv_rows
+        qkv = qkv.reshape(b, length, -1)
+        nq, nk = a.q_proj.out_features, a.k_proj.out_features
+        hq, hkv, d, dv = a.num_heads, a.num_kv_heads, a.head_dim, a.value_dim
+        q = qkv[..., :nq].reshape(b, length, hq, d).transpose(0, 2, 1, 3)
+        k = qkv[..., nq:nq + nk].reshape(b, length, hkv, d).transpose(0, 2, 1, 3)
+        v = qkv[..., nq + nk:].reshape(b, length, hkv, dv).transpose(0, 2, 1, 3)
+        out = np.empty((b, length, hq, dv), self.dtype)
+        scaled_dot_product_attention(q, k, v, key_padding_mask=mask, is_causal=is_causal,
+                                     window=window, out=out.transpose(0, 2, 1, 3))
+        att = out.reshape(b * length, hq * dv)[idx] @ a.out_proj.weight.T
+        if a.out_proj.bias is not None:
+            att += a.out_proj.bias
+        if self.norm_first:
+            att += rows
+            y = feed_forward(layer_norm_(att.copy(), self.norm2), self.linear1, self.linear2,
+                             self.activation, 0.0, self._dropout_rng)
+            y += att
+            return y
+        att += rows
+        x = layer_norm_(att, self.norm1)
+        y = feed_forward(x, self.linear1, self.linear2, self.activation, 0.0, self._dropout_rng)
+        y += x
+        return layer_norm_(y, self.norm2)
 
     def get_config(self) -> Dict[str, Any]:
         a = self.self_attn
@@ -401,6 +482,20 @@ class TransformerEncoder(Module):
         """Run every layer (same arguments as ``TransformerEncoderLayer``), then the norm."""
         x_in = tokens_input(src, "src", self._template["d_model"])
         x = x_in.astype(self.dtype, copy=False)
+        layers: List[TransformerEncoderLayer] = list(self.layers)  # type: ignore[arg-type]
+        p = self._template["dropout"] if check_flag("training", training) else 0.0
+        real = padding_rows(x, attn_mask, key_padding_mask, p, layers)
+        if real is not None:
+            # Gather the real tokens once for the whole stack.
+            mask, idx = real
+            rows = as_2d_rows(x)[idx]
+            for lay in layers:
+                rows = lay.forward_rows(rows, idx, mask, is_causal,
+                                        lay.window if window is None else window)
+            norm = self._modules.get("norm")
+            if norm is not None:
+                rows = layer_norm_(np.ascontiguousarray(rows), norm)
+            return scatter_rows(rows, idx, x.shape, x_in.dtype)
         for layer in self.layers:
             x = layer(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                       is_causal=is_causal, window=window, training=training)
