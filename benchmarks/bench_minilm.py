@@ -78,9 +78,11 @@ def torch_runner(model_dir: Path, batches: List[se.Tokens], torch: Any) -> Calla
 
 
 def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
-    """Time the pieces of one batch's forward, as the encoder layer runs them."""
+    """Time the pieces of one batch's forward, as the encoder runs them with a
+    padding mask (real tokens only, see TransformerEncoderLayer.forward_rows);
+    pooling is left out."""
     from tileattn.activations import activation_
-    from tileattn.encoder import layer_norm_
+    from tileattn.encoder import layer_norm_, scatter_rows
 
     acc: Dict[str, float] = {}
 
@@ -95,31 +97,38 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
             np.take(model.word_embeddings, tokens.ids, axis=0)
             + model.position_embeddings[:tokens.ids.shape[1]] + model.token_type_embeddings[0]))
         b, length, e = x.shape
-        for layer in model.encoder.layers:
+        mask = tokens.mask
+        real = (mask, np.flatnonzero(mask), np.flatnonzero(~mask))
+        idx = real[1]
+        rows = timed("gather/scatter rows", lambda: x.reshape(-1, e)[idx])
+        for layer in model.encoder.layers:   # TransformerEncoderLayer.forward_rows, step by step
             a = layer.self_attn
-            rows = x.reshape(-1, e)
-            qkv = timed("GEMM qkv", lambda: rows @ a._in_weight.T)
-            timed("bias/residual adds", lambda: qkv.__iadd__(a._in_bias))
+            qkv_rows = timed("GEMM qkv", lambda: rows @ a._in_weight.T)
+            timed("bias/residual adds", lambda: qkv_rows.__iadd__(a._in_bias))
+            qkv = timed("gather/scatter rows", lambda: scatter_rows(
+                qkv_rows, real, (b, length, qkv_rows.shape[1]), np.float32))
             hd, nh = a.head_dim, a.num_heads
             q, k, v = (qkv.reshape(b, length, 3, nh, hd)[:, :, i].transpose(0, 2, 1, 3)
                        for i in range(3))
             buf = np.empty((b, length, nh, hd), np.float32)
             timed("attention core", lambda: tileattn.scaled_dot_product_attention(
-                q, k, v, key_padding_mask=tokens.mask, out=buf.transpose(0, 2, 1, 3)))
-            y = timed("GEMM out_proj", lambda: buf.reshape(-1, e) @ a.out_proj.weight.T)
+                q, k, v, key_padding_mask=mask, out=buf.transpose(0, 2, 1, 3)))
+            o = timed("gather/scatter rows", lambda: buf.reshape(b * length, e)[idx])
+            y = timed("GEMM out_proj", lambda: o @ a.out_proj.weight.T)
             timed("bias/residual adds", lambda: (y.__iadd__(a.out_proj.bias), y.__iadd__(rows)))
             x1 = timed("layernorm", lambda: layer_norm_(y, layer.norm1))
             h = timed("GEMM linear1", lambda: x1 @ layer.linear1.weight.T)
             timed("gelu (+bias)", lambda: activation_("gelu", h, layer.linear1.bias))
             z = timed("GEMM linear2", lambda: h @ layer.linear2.weight.T)
             timed("bias/residual adds", lambda: (z.__iadd__(layer.linear2.bias), z.__iadd__(x1)))
-            x = timed("layernorm", lambda: layer_norm_(z, layer.norm2)).reshape(b, length, e)
-        timed("pooling", lambda: se.pool(x, tokens.mask))
+            rows = timed("layernorm", lambda: layer_norm_(z, layer.norm2))
+        timed("gather/scatter rows", lambda: scatter_rows(rows, real, x.shape, np.float32))
     total = sum(acc.values())
     t_full = statistics.median(paired_times({"f": lambda: se.pool(model.hidden_states(tokens),
                                                                    tokens.mask)},
                                             rounds=rounds, warmup=1)["f"])
-    print(f"\nprofile of one batch {tokens.ids.shape} (median forward {t_full * 1e3:.1f} ms):")
+    print(f"\nprofile of one batch {tokens.ids.shape}, {int(tokens.mask.sum())} real tokens "
+          f"(median forward {t_full * 1e3:.1f} ms):")
     for name, t in sorted(acc.items(), key=lambda kv: -kv[1]):
         print(f"  {name:20s} {t / rounds * 1e3:8.2f} ms  {100 * t / total:5.1f}%")
 

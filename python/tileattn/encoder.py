@@ -91,11 +91,14 @@ def layer_norm_(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
     return x
 
 
+RealTokens = Tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def padding_rows(x: np.ndarray, attn_mask: Any, key_padding_mask: Any, p: float,
-                 layers: List["TransformerEncoderLayer"]) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """(mask, flat indices of the real tokens) when the layers may run on the
-    real tokens only (a (B, L) bool key padding mask, nothing else that looks
-    at positions, no dropout), else None."""
+                 layers: List["TransformerEncoderLayer"]) -> Optional[RealTokens]:
+    """(mask, flat indices of the real tokens, of the padding) when the layers
+    may run on the real tokens only (a (B, L) bool key padding mask, nothing
+    else that looks at positions, no dropout), else None."""
     if key_padding_mask is None or attn_mask is not None or p > 0.0 or x.ndim != 3:
         return None
     mask = key_padding_mask if isinstance(key_padding_mask, np.ndarray) else None
@@ -103,14 +106,19 @@ def padding_rows(x: np.ndarray, attn_mask: Any, key_padding_mask: Any, p: float,
         return None
     if not all(layer.unpaddable() for layer in layers):
         return None
-    return mask, np.flatnonzero(mask)
+    flat = mask.reshape(-1)
+    return mask, np.flatnonzero(flat), np.flatnonzero(~flat)
 
 
-def scatter_rows(rows: np.ndarray, idx: np.ndarray, shape: Tuple[int, ...],
-                 dtype: np.dtype) -> np.ndarray:
-    """(N, E) real-token rows back into a (B, L, E) array, zeros at the padding."""
-    out = np.zeros((shape[0] * shape[1], shape[2]), dtype)
+def scatter_rows(rows: np.ndarray, real: RealTokens, shape: Tuple[int, ...],
+                 dtype: Any) -> np.ndarray:
+    """(N, F) real-token rows into a (B * L, F) array (or ``shape``), zeros at
+    the padding. (np.empty and zeroing the padded rows: np.zeros of a large
+    array maps fresh pages, and faulting them in cost 2x here.)"""
+    _, idx, pad = real
+    out = np.empty((shape[0] * shape[1], rows.shape[1]), dtype)
     out[idx] = rows
+    out[pad] = 0
     return out.reshape(shape)
 
 
@@ -315,9 +323,8 @@ class TransformerEncoderLayer(Module):
         win = self.window if window is None else window
         real = padding_rows(x, attn_mask, key_padding_mask, p, [self])
         if real is not None:
-            mask, idx = real
-            rows = self.forward_rows(as_2d_rows(x)[idx], idx, mask, is_causal, win)
-            return scatter_rows(rows, idx, x.shape, x_in.dtype)
+            rows = self.forward_rows(as_2d_rows(x)[real[1]], real, is_causal, win)
+            return scatter_rows(rows, real, x.shape, x_in.dtype)
         attn_kw: Dict[str, Any] = {
             "attn_mask": attn_mask, "key_padding_mask": key_padding_mask,
             "is_causal": is_causal, "window": win, "training": p > 0.0}
@@ -346,17 +353,18 @@ class TransformerEncoderLayer(Module):
         a = self.self_attn
         return a.packed and not a.rope and not a.qk_norm
 
-    def forward_rows(self, rows: np.ndarray, idx: np.ndarray, mask: np.ndarray,
-                     is_causal: bool, window: Window) -> np.ndarray:
+    def forward_rows(self, rows: np.ndarray, real: RealTokens, is_causal: bool,
+                     window: Window) -> np.ndarray:
         """Inference on the real tokens only.
 
-        rows (N, E) are the real tokens of a (B, L) batch, at flat positions
-        ``idx`` (``mask.reshape(-1)`` True). Everything position-wise (the
+        rows (N, E) are the real tokens of a (B, L) batch; ``real`` is
+        (mask, their flat positions, the padding's) from ``padding_rows``. Everything position-wise (the
         projections, the feed-forward block, the norms: most of the work)
         runs on the N rows; Q/K/V are scattered into a zeroed (B, L) layout
         for the attention, and its output gathered back. Returns (N, E).
         """
         a = self.self_attn
+        mask, idx, _ = real
         b, length = mask.shape
         h = layer_norm_(rows.copy(), self.norm1) if self.norm_first else rows
         w_in = cast(np.ndarray, a._in_weight)      # packed: see unpaddable()
@@ -365,9 +373,7 @@ class TransformerEncoderLayer(Module):
             qkv_rows += a._in_bias
         # Zeros, not garbage, at the padding: masked keys' values still meet
         # zero weights (0 * NaN would not be 0).
-        qkv = np.zeros((b * length, qkv_rows.shape[1]), self.dtype)
-        qkv[idx] = qkv_rows
-        qkv = qkv.reshape(b, length, -1)
+        qkv = scatter_rows(qkv_rows, real, (b, length, qkv_rows.shape[1]), self.dtype)
         nq, nk = a.q_proj.out_features, a.k_proj.out_features
         hq, hkv, d, dv = a.num_heads, a.num_kv_heads, a.head_dim, a.value_dim
         q = qkv[..., :nq].reshape(b, length, hq, d).transpose(0, 2, 1, 3)
@@ -487,15 +493,14 @@ class TransformerEncoder(Module):
         real = padding_rows(x, attn_mask, key_padding_mask, p, layers)
         if real is not None:
             # Gather the real tokens once for the whole stack.
-            mask, idx = real
-            rows = as_2d_rows(x)[idx]
+            rows = as_2d_rows(x)[real[1]]
             for lay in layers:
-                rows = lay.forward_rows(rows, idx, mask, is_causal,
+                rows = lay.forward_rows(rows, real, is_causal,
                                         lay.window if window is None else window)
             norm = self._modules.get("norm")
             if norm is not None:
                 rows = layer_norm_(np.ascontiguousarray(rows), norm)
-            return scatter_rows(rows, idx, x.shape, x_in.dtype)
+            return scatter_rows(rows, real, x.shape, x_in.dtype)
         for layer in self.layers:
             x = layer(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                       is_causal=is_causal, window=window, training=training)
