@@ -99,8 +99,8 @@ class MiniLM:
                       mask.reshape(len(texts), -1))
 
     def hidden_states(self, tokens: Tokens) -> np.ndarray:
-        """The last layer's states (B, L, E) float32; rows of padding are
-        not meaningful."""
+        """The last layer's states (B, L, E) float32, zeros at the padding
+        (the encoder computes the real tokens only)."""
         b, length = tokens.ids.shape
         x = np.take(self.word_embeddings, tokens.ids, axis=0)          # (B, L, E), fresh
         x += self.position_embeddings[:length]
