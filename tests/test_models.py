@@ -175,6 +175,20 @@ def test_padding_mask_reaches_the_attention(rng):
     np.testing.assert_array_equal(m(x, key_padding_mask=pad)[1], m(x)[1])
 
 
+def test_sliding_window_left_padding(rng):
+    m = small_sliding()
+    x = frames(rng, 2, 9, EMB)
+    pad = np.ones((2, 9), bool)
+    pad[0, :4] = False
+    got = m(x, key_padding_mask=pad)
+    np.testing.assert_allclose(got[1], m(x)[1], rtol=0, atol=1e-6)
+    assert not np.allclose(got[0], m(x)[0], atol=1e-3)
+    # The padded frames' contents do not matter.
+    y = x.copy()
+    y[0, :4] = 100.0
+    np.testing.assert_allclose(m(y, key_padding_mask=pad), got, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("make, kw, match", [
     (SlidingWindowModel, dict(window_size=0), "window_size"),
     (SlidingWindowModel, dict(hidden_size=10, num_heads=4), "hidden_size"),

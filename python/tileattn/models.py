@@ -162,6 +162,8 @@ class SlidingWindowModel(Module):
         ----------
         x : (B, L, embed_dim) or unbatched (L, embed_dim)
         key_padding_mask : bool (B, L), True = real frame, optional
+            Pad at the start, so that the last position is a real frame
+            (padded positions output zeros).
         return_sequence : bool
             Return every position (B, L, hidden_size) instead of the last.
         training : bool
