@@ -171,3 +171,34 @@ def test_keyboard_interrupt_stops_a_long_call_within_a_second(threads):
     assert float(lines["spin"]) < 1.5  # signal at 0.5 s, honoured within 1 s
     assert float(lines["attention"]) < 1.5
     assert lines["after"] == "(1, 16, 10, 64)"
+
+
+@pytest.mark.parametrize("how", ["padding_mask", "key_lengths", "scattered_padding"])
+def test_sequence_alone_equals_inside_a_padded_batch_for_any_threads(each_isa, rng,
+                                                                     restore_threads, how):
+    """One sequence gives the same bits alone as at any position of a larger
+    batch of other sequences padded to a common length, for 1..4 threads."""
+    lens = [37, 300, 5, 251]
+    lmax = max(lens)
+    d = 32
+    seqs = [make_qkv(rng, 1, 4, 2, n, n, d) for n in lens]
+    batch = [np.zeros((4, h, lmax, d), np.float32) for h in (4, 2, 2)]
+    kpm = np.zeros((4, lmax), bool)
+    for b, (n, arrays) in enumerate(zip(lens, seqs)):
+        for big, a in zip(batch, arrays):
+            big[b, :, :n] = a[0]
+            big[b, :, n:] = rng.standard_normal(big[b, :, n:].shape)  # padding holds junk
+        kpm[b, :n] = True
+    kw = {"key_lengths": np.array(lens)} if how == "key_lengths" else {"key_padding_mask": kpm}
+    if how == "scattered_padding":
+        # not of prefix form (no key-lengths shortcut): a hidden key inside each row
+        for b, n in enumerate(lens):
+            if n > 2:
+                kpm[b, 1] = False
+    for n_threads in (1, 2, 3, 4):
+        tileattn.set_num_threads(n_threads)
+        out = sdpa(*batch, **kw)
+        for b, (n, (q, k, v)) in enumerate(zip(lens, seqs)):
+            alone_kpm = kpm[b:b + 1, :n] if how == "scattered_padding" else None
+            alone = sdpa(q, k, v, key_padding_mask=alone_kpm)
+            np.testing.assert_array_equal(out[b:b + 1, :, :n], alone)
