@@ -210,7 +210,9 @@ def test_layer_options_match_reference(rng, norm_first, opts):
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("opts, call", [
     (dict(), dict()), (dict(num_kv_heads=2), dict(is_causal=True)),
-    (dict(window=(3, 2)), dict()), (dict(), dict(window=4))])
+    (dict(window=(3, 2)), dict()), (dict(), dict(window=4)),
+    (dict(rope=True, num_kv_heads=1), dict(is_causal=True)), (dict(qk_norm=True), dict()),
+    (dict(rope=True, qk_norm=True), dict())])
 def test_real_token_path_equals_the_padded_path(rng, norm_first, opts, call):
     """A bool (B, L) key padding mask runs the layers on the real tokens only;
     the same mask as 0/1 ints takes the padded path. Real rows agree, padded

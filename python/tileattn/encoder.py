@@ -312,8 +312,8 @@ class TransformerEncoderLayer(Module):
         -------
         (B, L, d_model) (unbatched: (L, d_model)), src's dtype.
 
-        With a (B, L) bool ``key_padding_mask`` (and no ``attn_mask``, RoPE,
-        QK-norm or dropout) only the real tokens are computed and the padded
+        With a (B, L) bool ``key_padding_mask`` (and no ``attn_mask`` or
+        dropout) only the real tokens are computed and the padded
         positions output zeros, as PyTorch's nested-tensor path does; the
         real positions are the same either way.
         """
@@ -348,20 +348,20 @@ class TransformerEncoderLayer(Module):
         return out
 
     def unpaddable(self) -> bool:
-        """Whether ``forward_rows`` applies: everything but the attention is
-        position-wise (no RoPE, no QK-norm), Q/K/V packed."""
-        a = self.self_attn
-        return a.packed and not a.rope and not a.qk_norm
+        """Whether ``forward_rows`` applies: Q/K/V packed in one matrix."""
+        return bool(self.self_attn.packed)
 
     def forward_rows(self, rows: np.ndarray, real: RealTokens, is_causal: bool,
                      window: Window) -> np.ndarray:
         """Inference on the real tokens only.
 
         rows (N, E) are the real tokens of a (B, L) batch; ``real`` is
-        (mask, their flat positions, the padding's) from ``padding_rows``. Everything position-wise (the
-        projections, the feed-forward block, the norms: most of the work)
-        runs on the N rows; Q/K/V are scattered into a zeroed (B, L) layout
-        for the attention, and its output gathered back. Returns (N, E).
+        (mask, their flat positions, the padding's) from ``padding_rows``.
+        Everything position-wise (the projections, the feed-forward block,
+        the norms: most of the work) runs on the N rows; Q/K/V are scattered
+        into a zeroed (B, L) layout for the QK-norms, RoPE (positions are
+        those of the layout) and the attention, and its output gathered back.
+        Returns (N, E).
         """
         a = self.self_attn
         mask, idx, _ = real
@@ -376,9 +376,14 @@ class TransformerEncoderLayer(Module):
         qkv = scatter_rows(qkv_rows, real, (b, length, qkv_rows.shape[1]), self.dtype)
         nq, nk = a.q_proj.out_features, a.k_proj.out_features
         hq, hkv, d, dv = a.num_heads, a.num_kv_heads, a.head_dim, a.value_dim
-        q = qkv[..., :nq].reshape(b, length, hq, d).transpose(0, 2, 1, 3)
-        k = qkv[..., nq:nq + nk].reshape(b, length, hkv, d).transpose(0, 2, 1, 3)
+        q = qkv[..., :nq].reshape(b, length, hq, d)
+        k = qkv[..., nq:nq + nk].reshape(b, length, hkv, d)
         v = qkv[..., nq + nk:].reshape(b, length, hkv, dv).transpose(0, 2, 1, 3)
+        if a.qk_norm:             # as MultiHeadAttention: norms, then RoPE
+            q, k = a.q_norm(q), a.k_norm(k)
+        if a.rope:
+            q, k = a._rope(q), a._rope(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         out = np.empty((b, length, hq, dv), self.dtype)
         scaled_dot_product_attention(q, k, v, key_padding_mask=mask, is_causal=is_causal,
                                      window=window, out=out.transpose(0, 2, 1, 3))
