@@ -74,7 +74,10 @@ def layer_norm_(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
     """``norm(x)`` computed in place in x (C-contiguous, the layer's dtype,
     owned by the caller): the row means by one matrix-vector product, the
     variances by one einsum, then three in-place passes; fewer passes and
-    temporaries than ``LayerNorm.forward``, same formula."""
+    temporaries than ``LayerNorm.forward``, same formula. Use the returned
+    array (x itself unless x was not C-contiguous)."""
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
     rows = as_2d_rows(x)
     e = rows.shape[1]
     mean = rows @ np.full(e, 1.0 / e, rows.dtype)
