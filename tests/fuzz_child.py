@@ -442,6 +442,9 @@ def build_sdpa(c):
         if not isinstance(rw, bool):
             e.add(BAD, "return_weights", (InvalidParameterError,))
     o = c["out"]
+    seen_dt = np.asarray(inputs["q"]).dtype  # a list is float64
+    if seen_dt.kind == "f":
+        dtype = seen_dt
     out_shape = (b_eff, shapes["q"][1], lq, shapes["v"][3])
     if not batched:
         out_shape = out_shape[1:]
@@ -1280,13 +1283,12 @@ def target_state_dict(c):
         return
     must_have_raised(e)
     want = dict(sd)
-    if "in_proj_weight" in want:
-        sizes = [mha.q_proj.out_features, mha.k_proj.out_features, mha.v_proj.out_features]
-        for attr in ("weight", "bias"):
-            if f"in_proj_{attr}" in want:
-                parts = np.split(np.asarray(want.pop(f"in_proj_{attr}")), np.cumsum(sizes)[:-1])
-                for n, part in zip("qkv", parts):
-                    want[f"{n}_proj.{attr}"] = part
+    sizes = [mha.q_proj.out_features, mha.k_proj.out_features, mha.v_proj.out_features]
+    for attr in ("weight", "bias"):
+        if f"in_proj_{attr}" in want:
+            parts = np.split(np.asarray(want.pop(f"in_proj_{attr}")), np.cumsum(sizes)[:-1])
+            for n, part in zip("qkv", parts):
+                want[f"{n}_proj.{attr}"] = part
     for n, p in after.items():
         if n in want:
             exp = np.asarray(want[n]).astype(p.dtype)

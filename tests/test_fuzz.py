@@ -38,15 +38,26 @@ def read_case(path: str) -> str:
         return f.read().strip()
 
 
-def run_target(target: str, examples: int, tmp_path, timeout: float = 600.0):
-    """Runs one target in a child; returns (ok, report, cases)."""
+def run_target(target: str, examples: int, tmp_path, timeout: float = 600.0,
+               own_sanitizer_logs: bool = False):
+    """Runs one target in a child; returns (ok, report, cases).
+
+    own_sanitizer_logs: under .ci/sanitize.sh, the child's ASan/UBSan reports
+    go to tmp_path instead of the job's log directory (for the self-tests,
+    whose crash is deliberate)."""
+    env = dict(os.environ)
+    if own_sanitizer_logs:
+        for var in ("ASAN_OPTIONS", "UBSAN_OPTIONS"):
+            if var in env:
+                env[var] += f":log_path={tmp_path}/{var[:-8].lower()}"
     case_file = str(tmp_path / f"{target}.case")
     cmd = [sys.executable, CHILD, target, str(examples), case_file]
     if os.environ.get("TILEATTN_FUZZ_SEED"):
         cmd.append(os.environ["TILEATTN_FUZZ_SEED"])
     start = time.monotonic()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE,
+                           env=env)
     except subprocess.TimeoutExpired as e:
         last = read_case(case_file)
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) \
@@ -75,13 +86,15 @@ def test_fuzz(target, tmp_path):
 
 
 def test_a_crash_is_reported_with_its_case(tmp_path):
-    ok, report, _ = run_target("selftest_crash", 200, tmp_path, timeout=120)
+    ok, report, _ = run_target("selftest_crash", 200, tmp_path, timeout=120,
+                              own_sanitizer_logs=True)
     assert not ok
     assert "killed by signal 11" in report or "exit" in report
     assert "'n': 3" in report, report
 
 
 def test_an_untyped_error_fails_the_target(tmp_path):
-    ok, report, _ = run_target("selftest_untyped", 5, tmp_path, timeout=120)
+    ok, report, _ = run_target("selftest_untyped", 5, tmp_path, timeout=120,
+                              own_sanitizer_logs=True)
     assert not ok
     assert "untyped error ValueError" in report, report
