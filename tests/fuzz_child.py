@@ -164,7 +164,7 @@ def laid_out(values: np.ndarray, layout: str):
         r.flags.writeable = False
         return r
     if layout == "unaligned":
-        if a.dtype.itemsize == 1:
+        if a.dtype.itemsize == 1 or a.dtype.hasobject:
             return np.array(a)
         raw = np.zeros(a.nbytes + 1, np.uint8)
         u = raw[1:].view(a.dtype).reshape(a.shape)
