@@ -97,7 +97,11 @@ for isa in $isas; do
   first=0
 done
 
-reports=$(ls "$logs" | grep -E '^(asan|ubsan)' || true)
+# Report files holding only warnings (e.g. "failed to allocate" for the
+# MemoryError tests) are counted, not shown.
+reports=$(cd "$logs" && grep -lE 'ERROR: |runtime error:' asan* ubsan* 2>/dev/null || true)
+warnings=$(ls "$logs" | grep -cE '^(asan|ubsan)' || true)
+echo "== sanitizer log files: $warnings (with a report: $(echo $reports | wc -w))"
 if [ -n "$reports" ]; then
   echo "== sanitizer reports:"
   for f in $reports; do echo "--- $f"; cat "$logs/$f"; done | tee -a "$out"
