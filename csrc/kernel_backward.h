@@ -1,0 +1,467 @@
+// The fused attention backward, flash-attention style. A fragment included
+// inside tileattn::<isa> after kernel_common.h and kernel_gemm.h.
+//
+// With P = softmax(scale * Q K^T + mask) (per row, from the forward's lse),
+// Pd = dropout(P), O = Pd V and the incoming dO:
+//   Di = rowsum(dO_i * O_i)
+//   dV = Pd^T dO            dPd = dO V^T          dP = dropout'(dPd)
+//   dS = P * (dP - D)       dQ = scale dS K       dK = scale dS^T Q
+// P is recomputed tile by tile (BR queries x BC keys) from Q, K and lse;
+// the Lq x Lk matrix never exists. Key blocks a causal mask, a window or
+// the padding hides are skipped exactly as in the forward.
+//
+// Work split and determinism (no floating-point atomics anywhere):
+// dK/dV of a key block sum over every query (and every query head of the
+// GQA group); dQ of a query block sums over every key. A task is one
+// (batch, KV head, key segment): it owns the dK/dV of its keys and sums
+// them over the group's heads and the query blocks in a fixed order. Its
+// contribution to dQ goes to a buffer of its own (one per segment), and a
+// second pass adds the segments' buffers in segment order. So every sum
+// has an order fixed by the shapes, never by the scheduling, and each
+// product S, dP is computed once (a separate dQ pass would recompute both:
+// 7 tile products instead of 5). Segments are at most kMaxSegments per
+// head, so the dQ buffers are a few times the size of dQ: O(L) memory.
+// The segmentation depends only on Lk, not on the thread count or B.
+
+constexpr int64_t kBackwardMaxSegments = 4;
+constexpr int64_t kBackwardMinSegmentKeys = 256;
+
+template <typename T>
+struct BackwardTiling {
+  using S = Simd<T>;
+  static constexpr int W = S::W, MR = S::MR;
+  static constexpr int64_t BR = 64;  // query rows per tile
+  static constexpr int64_t BC = 64;  // keys per tile (a multiple of every W and MR)
+  static_assert(BC % W == 0 && BC % MR == 0 && BR % MR == 0, "tiles must hold whole registers");
+
+  int64_t d, dv, dp, dvp;  // head sizes, and rounded up to W
+  int64_t seg_keys, nseg;  // keys per segment, segments per head
+  int64_t lq_pad;          // Lq rounded up to BR (rows of a dQ buffer)
+
+  explicit BackwardTiling(const AttentionParams& p) : d(p.D), dv(p.Dv) {
+    dp = round_up(std::max<int64_t>(d, 1), W);
+    dvp = round_up(std::max<int64_t>(dv, 1), W);
+    const int64_t want = std::clamp<int64_t>((p.Lk + kBackwardMinSegmentKeys - 1) /
+                                                 kBackwardMinSegmentKeys,
+                                             1, kBackwardMaxSegments);
+    seg_keys = round_up(std::max<int64_t>((p.Lk + want - 1) / want, 1), BC);
+    nseg = std::max<int64_t>((p.Lk + seg_keys - 1) / seg_keys, 1);
+    lq_pad = round_up(p.Lq, BR);
+  }
+  static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+};
+
+// Query rows of one segment's keys [k_lo, k_hi) that see any of them, as
+// whole query blocks [qb_lo, qb_hi); empty when qb_lo >= qb_hi. The task
+// that computes a segment and the pass that adds the segments' dQ buffers
+// both use this, so they agree on which rows a buffer holds.
+struct SegmentRows {
+  int64_t k_lo, k_hi, qb_lo, qb_hi;
+};
+
+template <typename T>
+SegmentRows segment_rows(const AttentionParams& p, const BackwardTiling<T>& t,
+                         const KeyBounds& kb, int64_t seg) {
+  using Tl = BackwardTiling<T>;
+  SegmentRows r;
+  r.k_lo = seg * t.seg_keys;
+  r.k_hi = std::min(r.k_lo + t.seg_keys, kb.lk);
+  r.qb_lo = r.qb_hi = 0;
+  if (r.k_lo >= r.k_hi || p.Lq == 0) return r;
+  const int64_t qa = std::max<int64_t>(kb.first_query(r.k_lo), 0);
+  const int64_t qz = std::min<int64_t>(kb.last_query(r.k_hi - 1), p.Lq - 1);
+  if (qa > qz) return r;
+  r.qb_lo = qa / Tl::BR;
+  r.qb_hi = qz / Tl::BR + 1;
+  return r;
+}
+
+template <typename T>
+struct BackwardScratch {
+  T *kt, *vt, *kbuf, *dk, *dv;  // one key block: K^T, V^T, K, and the dK, dV sums
+  T *q, *dout, *lse2, *dsum;    // one query block
+  T *s, *pd, *dp;               // one tile: P, dropped P, dP then dS
+  uint8_t* visible;
+
+  BackwardScratch(Arena& a, const BackwardTiling<T>& t) {
+    using Tl = BackwardTiling<T>;
+    constexpr size_t BR = Tl::BR, BC = Tl::BC;
+    const size_t n = BC * (t.d + t.dv + 2 * t.dp + t.dvp) + BR * (t.dp + t.dvp + 2) +
+                     3 * BR * BC;
+    a.reset(sizeof(T) * n + BC);
+    kt = a.carve<T>(BC * t.d);
+    vt = a.carve<T>(BC * t.dv);
+    kbuf = a.carve<T>(BC * t.dp);
+    dk = a.carve<T>(BC * t.dp);
+    dv = a.carve<T>(BC * t.dvp);
+    q = a.carve<T>(BR * t.dp);
+    dout = a.carve<T>(BR * t.dvp);
+    lse2 = a.carve<T>(BR);
+    dsum = a.carve<T>(BR);
+    s = a.carve<T>(BR * BC);
+    pd = a.carve<T>(BR * BC);
+    dp = a.carve<T>(BR * BC);
+    visible = a.carve<uint8_t>(BC);
+  }
+};
+
+// dst[r][c] (row stride ld) = src[r][c] for r < n, c < cols; zero for
+// columns [cols, ld) and rows [n, n_pad). The padding makes the tile
+// products' extra lanes and rows exact zeros.
+template <typename T>
+void pack_rows(const T* src, int64_t sr, int64_t sc, int64_t n, int64_t n_pad, int64_t cols,
+               int64_t ld, T* dst) {
+  for (int64_t r = 0; r < n_pad; ++r) {
+    T* row = dst + r * ld;
+    int64_t c = 0;
+    if (r < n)
+      for (; c < cols; ++c) row[c] = src[r * sr + c * sc];
+    for (; c < ld; ++c) row[c] = T(0);
+  }
+}
+
+// dst[c][r] (row stride ld) = src[r][c] for r < n, c < cols; zero for
+// r in [n, ld).
+template <typename T>
+void pack_transposed(const T* src, int64_t sr, int64_t sc, int64_t n, int64_t cols, int64_t ld,
+                     T* dst) {
+  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + n, dst + (c + 1) * ld, T(0));
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = src + r * sr;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = row[c * sc];
+  }
+}
+
+template <typename T>
+struct BackwardTask {
+  using Tl = BackwardTiling<T>;
+  using S = Simd<T>;
+  using reg = typename S::reg;
+  static constexpr int64_t BR = Tl::BR, BC = Tl::BC;
+  static constexpr int W = Tl::W, MR = Tl::MR;
+
+  const BackwardParams& bp;
+  const AttentionParams& p;
+  const Tl& t;
+  BackwardScratch<T>& sc;
+  const T* dsum_all;  // (B, Hq, Lq) row sums dO . O
+  T* dq_part;         // this task's dQ buffer: (Hq, lq_pad, dp) of batch item b
+  KeyBounds kb;
+  Dropout dr;
+  int64_t b, hk, seg;
+  T factor;  // scale * log2(e): scores in base 2, as the forward
+
+  BackwardTask(const BackwardParams& bp_, const Tl& t_, BackwardScratch<T>& sc_, const T* dsum_,
+               T* part, int64_t b_, int64_t hk_, int64_t seg_)
+      : bp(bp_), p(bp_.fwd), t(t_), sc(sc_), dsum_all(dsum_), dq_part(part), kb(bp_.fwd, b_),
+        dr(bp_.fwd), b(b_), hk(hk_), seg(seg_) {
+    factor = static_cast<T>(p.scale * kLog2e);
+  }
+
+  T* part_rows(int64_t h, int64_t i0) const { return dq_part + (h * t.lq_pad + i0) * t.dp; }
+
+  void run() {
+    const SegmentRows sr = segment_rows<T>(p, t, kb, seg);
+    const int64_t group = p.group_size();
+    // Zero the dQ rows this segment may touch (and the adding pass reads).
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hk * group + g;
+      std::fill(part_rows(h, sr.qb_lo * BR), part_rows(h, sr.qb_hi * BR), T(0));
+    }
+    const int64_t own_hi = std::min(seg * t.seg_keys + t.seg_keys, p.Lk);
+    for (int64_t j0 = seg * t.seg_keys; j0 < own_hi; j0 += BC) {
+      cancellation_point();
+      const int64_t cols = std::min(BC, own_hi - j0);
+      // Keys past this item's key_lengths are in the array but not read.
+      const int64_t seen = std::clamp<int64_t>(sr.k_hi - j0, 0, cols);
+      if (!key_block(sr, j0, seen))
+        write_key_grads(j0, cols, false);
+      else if (seen < cols)
+        write_key_grads(j0 + seen, cols - seen, false);
+    }
+  }
+
+  // One block of keys [j0, j0 + cols) (cols may be 0: past key_lengths).
+  // Returns false when no query sees any of them (their gradients are 0).
+  bool key_block(const SegmentRows& sr, int64_t j0, int64_t cols) {
+    if (cols <= 0 || sr.qb_lo >= sr.qb_hi) return false;
+    if (mark_visible_keys(p, b, j0, cols, sc.visible) == 0) return false;
+    const int64_t qa = std::max<int64_t>(kb.first_query(j0), 0);
+    const int64_t qz = std::min<int64_t>(kb.last_query(j0 + cols - 1), p.Lq - 1);
+    if (qa > qz) return false;
+    const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h +
+                 j0 * p.k_stride.r;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h +
+                 j0 * p.v_stride.r;
+    pack_transposed<T>(k, p.k_stride.r, p.k_stride.c, cols, t.d, BC, sc.kt);
+    pack_transposed<T>(v, p.v_stride.r, p.v_stride.c, cols, t.dv, BC, sc.vt);
+    pack_rows<T>(k, p.k_stride.r, p.k_stride.c, cols, BC, t.d, t.dp, sc.kbuf);
+    std::fill(sc.dk, sc.dk + BC * t.dp, T(0));
+    std::fill(sc.dv, sc.dv + BC * t.dvp, T(0));
+    const int64_t group = p.group_size();
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t qb = qa / BR; qb <= qz / BR; ++qb) {
+        const int64_t i0 = qb * BR;
+        tile(hk * group + g, i0, std::min(BR, p.Lq - i0), j0, cols);
+      }
+    write_key_grads(j0, cols, true);
+    return true;
+  }
+
+  // dK = scale * (sum of dS^T Q), dV = sum of Pd^T dO for keys [j0, j0 + cols),
+  // or zeros.
+  void write_key_grads(int64_t j0, int64_t cols, bool computed) {
+    const T scale = static_cast<T>(p.scale);
+    T* dk = static_cast<T*>(bp.dk) + b * bp.dk_stride.b + hk * bp.dk_stride.h;
+    T* dv = static_cast<T*>(bp.dv) + b * bp.dv_stride.b + hk * bp.dv_stride.h;
+    for (int64_t jj = 0; jj < cols; ++jj) {
+      T* rk = dk + (j0 + jj) * bp.dk_stride.r;
+      T* rv = dv + (j0 + jj) * bp.dv_stride.r;
+      for (int64_t x = 0; x < t.d; ++x)
+        rk[x * bp.dk_stride.c] = computed ? sc.dk[jj * t.dp + x] * scale : T(0);
+      for (int64_t e = 0; e < t.dv; ++e)
+        rv[e * bp.dv_stride.c] = computed ? sc.dv[jj * t.dvp + e] : T(0);
+    }
+  }
+
+  void pack_query_block(int64_t h, int64_t i0, int64_t rows) {
+    const int64_t m = Tl::round_up(rows, MR);
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + h * p.q_stride.h +
+                 i0 * p.q_stride.r;
+    const T* dout = static_cast<const T*>(bp.dout) + b * bp.dout_stride.b +
+                    h * bp.dout_stride.h + i0 * bp.dout_stride.r;
+    pack_rows<T>(q, p.q_stride.r, p.q_stride.c, rows, m, t.d, t.dp, sc.q);
+    pack_rows<T>(dout, bp.dout_stride.r, bp.dout_stride.c, rows, m, t.dv, t.dvp, sc.dout);
+    const T* lse = static_cast<const T*>(p.lse) + b * p.lse_stride.b + h * p.lse_stride.h;
+    const T* dsum = dsum_all + (b * p.Hq + h) * p.Lq;
+    for (int64_t i = 0; i < BR; ++i) {
+      const bool real = i < rows;
+      sc.lse2[i] = real ? lse[(i0 + i) * p.lse_stride.r] * static_cast<T>(kLog2e)
+                        : -std::numeric_limits<T>::infinity();
+      sc.dsum[i] = real ? dsum[i0 + i] : T(0);
+    }
+  }
+
+  // The forward's masks on base-2 scores s[i][jj] (row stride BC) of query
+  // rows i0 + i and keys j0 + jj.
+  void mask_tile(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                 bool straddles) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    T* s = sc.s;
+    if (p.mask_kind != MaskKind::none) {
+      const int64_t base = b * p.mask_stride.b + h * p.mask_stride.h + j0 * p.mask_stride.c;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t off = base + (i0 + i) * p.mask_stride.r;
+        T* row = s + i * BC;
+        if (p.mask_kind == MaskKind::additive) {
+          const T* m = static_cast<const T*>(p.mask) + off;
+          for (int64_t jj = 0; jj < cols; ++jj) row[jj] = add_mask(row[jj], m[jj * p.mask_stride.c]);
+        } else {
+          const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
+          for (int64_t jj = 0; jj < cols; ++jj)
+            if (!m[jj * p.mask_stride.c]) row[jj] = ninf;
+        }
+      }
+    }
+    if (p.key_padding)
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t jj = 0; jj < cols; ++jj)
+          if (!sc.visible[jj]) s[i * BC + jj] = ninf;
+    if (straddles)
+      for (int64_t i = 0; i < rows; ++i) {
+        T* row = s + i * BC;
+        const int64_t lo = std::clamp<int64_t>(kb.lo(i0 + i) - j0, 0, cols);
+        const int64_t hi = std::clamp<int64_t>(kb.hi(i0 + i) - j0 + 1, lo, cols);
+        std::fill(row, row + lo, ninf);
+        std::fill(row + hi, row + cols, ninf);
+      }
+  }
+
+  // s (m x n tile of raw scores) -> P = 2^(s * factor (+ mask) - lse2).
+  // Rows with lse = -inf (no visible key, or padding rows) and columns past
+  // cols get exact zeros.
+  void probabilities(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, int64_t m,
+                     int64_t n, bool straddles) {
+    const bool masked = straddles || p.key_padding || p.mask_kind != MaskKind::none;
+    const reg f = S::set1(factor);
+    if (masked) {
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t jj = 0; jj < n; jj += W)
+          S::store(sc.s + i * BC + jj, S::mul(S::load(sc.s + i * BC + jj), f));
+      mask_tile(h, i0, rows, j0, cols, straddles);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      T* row = sc.s + i * BC;
+      const T l2 = sc.lse2[i];
+      if (l2 == -std::numeric_limits<T>::infinity()) {
+        std::fill(row, row + n, T(0));
+        continue;
+      }
+      const reg vl = S::set1(l2);
+      for (int64_t jj = 0; jj < n; jj += W) {
+        const reg x = masked ? S::sub(S::load(row + jj), vl)
+                             : S::fmadd(S::load(row + jj), f, S::sub(S::zero(), vl));
+        S::store(row + jj, vec_exp2<S>(x));
+      }
+      std::fill(row + cols, row + n, T(0));
+    }
+  }
+
+  // Pd = P with the forward's dropout mask applied (kept weights / (1 - p)).
+  void apply_dropout(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, int64_t m,
+                     int64_t n) {
+    const T keep = static_cast<T>(dr.keep_scale());
+    for (int64_t i = 0; i < m; ++i) {
+      const T* ps = sc.s + i * BC;
+      T* pd = sc.pd + i * BC;
+      if (i >= rows) {
+        std::fill(pd, pd + n, T(0));
+        continue;
+      }
+      const uint64_t key = dr.row_key(b, h, i0 + i);
+      for (int64_t jj = 0; jj < cols; ++jj) pd[jj] = dr.drop(key, j0 + jj) ? T(0) : ps[jj] * keep;
+      std::fill(pd + cols, pd + n, T(0));
+    }
+  }
+
+  // dP (in sc.dp) -> dS = P * (dP' - Di), where dP' is dP through the
+  // dropout (x keep scale where kept, 0 where dropped). Where P = 0 the
+  // result is an exact 0 (a NaN or inf in dP of a hidden key stays out).
+  void score_grads(int64_t m, int64_t n) {
+    const reg zero = S::zero();
+    const reg keep = S::set1(static_cast<T>(dr.keep_scale()));
+    for (int64_t i = 0; i < m; ++i) {
+      const reg di = S::set1(sc.dsum[i]);
+      for (int64_t jj = 0; jj < n; jj += W) {
+        const int64_t o = i * BC + jj;
+        const reg pv = S::load(sc.s + o);
+        reg g = S::load(sc.dp + o);
+        if (dr.active()) g = S::keep_where_zero(S::load(sc.pd + o), zero, S::mul(g, keep));
+        S::store(sc.dp + o, S::keep_where_zero(pv, zero, S::mul(pv, S::sub(g, di))));
+      }
+    }
+  }
+
+  // One tile: query rows [i0, i0 + rows) of head h against the packed keys.
+  void tile(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+    const bool inside = kb.lo(i0 + rows - 1) <= j0 && kb.hi(i0) >= j0 + cols - 1;
+    const int64_t m = Tl::round_up(rows, MR);  // query rows, padded
+    // Keys as lanes (n) and as rows of the transposed products (mk <= n):
+    // every lane or row past cols holds an exact 0.
+    const int64_t n = Tl::round_up(cols, std::max(W, MR));
+    const int64_t mk = Tl::round_up(cols, MR);
+    pack_query_block(h, i0, rows);
+    // S = Q K^T (queries x keys), then P.
+    gemm_tile<T>(m, n, t.d, sc.q, t.dp, 1, sc.kt, BC, sc.s, BC, false);
+    probabilities(h, i0, rows, j0, cols, m, n, !inside);
+    const T* pd = sc.s;
+    if (dr.active()) {
+      apply_dropout(h, i0, rows, j0, cols, m, n);
+      pd = sc.pd;
+    }
+    // dP = dO V^T; dV += Pd^T dO.
+    gemm_tile<T>(m, n, t.dv, sc.dout, t.dvp, 1, sc.vt, BC, sc.dp, BC, false);
+    gemm_tile<T>(mk, t.dvp, rows, pd, 1, BC, sc.dout, t.dvp, sc.dv, t.dvp, true);
+    score_grads(m, n);
+    if (bp.dscores) write_score_grads(h, i0, rows, j0, cols);
+    // dK += dS^T Q; dQ += dS K (into this segment's buffer).
+    gemm_tile<T>(mk, t.dp, rows, sc.dp, 1, BC, sc.q, t.dp, sc.dk, t.dp, true);
+    gemm_tile<T>(m, t.dp, cols, sc.dp, BC, 1, sc.kbuf, t.dp, part_rows(h, i0), t.dp, true);
+  }
+
+  void write_score_grads(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+    T* ds = static_cast<T*>(bp.dscores) + b * bp.dscores_stride.b + h * bp.dscores_stride.h +
+            j0 * bp.dscores_stride.c;
+    for (int64_t i = 0; i < rows; ++i) {
+      T* row = ds + (i0 + i) * bp.dscores_stride.r;
+      for (int64_t jj = 0; jj < cols; ++jj) row[jj * bp.dscores_stride.c] = sc.dp[i * BC + jj];
+    }
+  }
+};
+
+// Di = sum_e dO[i][e] * O[i][e] for the rows of one (batch, head).
+template <typename T>
+void row_dot_products(const BackwardParams& bp, int64_t b, int64_t h, T* dsum) {
+  const AttentionParams& p = bp.fwd;
+  const T* o = static_cast<const T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h;
+  const T* g = static_cast<const T*>(bp.dout) + b * bp.dout_stride.b + h * bp.dout_stride.h;
+  for (int64_t i = 0; i < p.Lq; ++i) {
+    const T* oi = o + i * p.out_stride.r;
+    const T* gi = g + i * bp.dout_stride.r;
+    T acc = T(0);
+    for (int64_t e = 0; e < p.Dv; ++e) acc += oi[e * p.out_stride.c] * gi[e * bp.dout_stride.c];
+    dsum[i] = acc;
+  }
+}
+
+// dQ rows of one query block = scale * (the segments' buffers added in
+// segment order); rows no segment touched are 0.
+template <typename T>
+void reduce_query_grads(const BackwardParams& bp, const BackwardTiling<T>& t, const T* parts,
+                        int64_t b, int64_t h, int64_t qb) {
+  using Tl = BackwardTiling<T>;
+  const AttentionParams& p = bp.fwd;
+  const KeyBounds kb(p, b);
+  const int64_t i0 = qb * Tl::BR, rows = std::min<int64_t>(Tl::BR, p.Lq - i0);
+  const T scale = static_cast<T>(p.scale);
+  const size_t seg_stride = static_cast<size_t>(p.B) * p.Hq * t.lq_pad * t.dp;
+  T* dq = static_cast<T*>(bp.dq) + b * bp.dq_stride.b + h * bp.dq_stride.h;
+  // Segments whose rows include this block, in order.
+  int64_t used[kBackwardMaxSegments];
+  int64_t n_used = 0;
+  for (int64_t s = 0; s < t.nseg; ++s) {
+    const SegmentRows sr = segment_rows<T>(p, t, kb, s);
+    if (sr.qb_lo <= qb && qb < sr.qb_hi) used[n_used++] = s;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    T* dst = dq + (i0 + i) * bp.dq_stride.r;
+    for (int64_t x = 0; x < t.d; ++x) {
+      T acc = T(0);
+      for (int64_t u = 0; u < n_used; ++u) {
+        const T* src = parts + used[u] * seg_stride + ((b * p.Hq + h) * t.lq_pad + i0 + i) * t.dp;
+        acc = u == 0 ? src[x] : acc + src[x];
+      }
+      dst[x * bp.dq_stride.c] = acc * scale;
+    }
+  }
+}
+
+template <typename T>
+void backward_typed(const BackwardParams& bp) {
+  using Tl = BackwardTiling<T>;
+  const AttentionParams& p = bp.fwd;
+  const Tl t(p);
+  // Scratch shared by the passes: the row dot products Di (B * Hq * Lq) and
+  // one dQ buffer per segment (nseg x (B, Hq, lq_pad, dp)), O(L) in all.
+  const size_t n_dsum = Tl::round_up(std::max<int64_t>(p.B * p.Hq * p.Lq, 1), 16);
+  const size_t seg_stride = static_cast<size_t>(p.B) * p.Hq * t.lq_pad * t.dp;
+  const size_t bytes = sizeof(T) * (n_dsum + t.nseg * seg_stride);
+  T* mem = static_cast<T*>(std::aligned_alloc(64, Tl::round_up(std::max<size_t>(bytes, 64), 64)));
+  if (!mem) throw std::bad_alloc();
+  struct Free { T* p; ~Free() { std::free(p); } } free_mem{mem};
+  T* dsum = mem;
+  T* parts = mem + n_dsum;
+
+  parallel_for(p.B * p.Hq, [&](int64_t bh, int) {
+    row_dot_products<T>(bp, bh / p.Hq, bh % p.Hq, dsum + bh * p.Lq);
+  });
+  // Segment-major task order: with a causal mask the first segments' keys
+  // are seen by the most queries, so the longest tasks start first.
+  const int64_t heads = p.B * p.Hkv;
+  if (p.Lk > 0 && heads > 0) {
+    parallel_for(t.nseg * heads, [&](int64_t task, int) {
+      static thread_local Arena arena;
+      BackwardScratch<T> sc(arena, t);
+      const int64_t seg = task / heads, bh = task % heads;
+      const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
+      BackwardTask<T>(bp, t, sc, dsum, parts + seg * seg_stride + b * p.Hq * t.lq_pad * t.dp, b,
+                      hk, seg)
+          .run();
+    });
+  }
+  const int64_t qblocks = t.lq_pad / Tl::BR;
+  parallel_for(p.B * p.Hq * qblocks, [&](int64_t task, int) {
+    const int64_t bh = task / qblocks;
+    reduce_query_grads<T>(bp, t, parts, bh / p.Hq, bh % p.Hq, task % qblocks);
+  });
+}
