@@ -11,8 +11,8 @@ namespace tileattn {
 struct BackwardParams {
   // q, k, v, masks, key_lengths, dropout and scale as in the forward that
   // produced `out`. fwd.out (B, Hq, Lq, Dv) is the forward's output (after
-  // dropout) and fwd.lse (B, Hq, Lq) its natural-log log-sum-exp (-inf for a
-  // row that saw no key); both are inputs here. kv_half is not supported.
+  // dropout) and fwd.lse (B, Hq, Lq, float64) its natural-log log-sum-exp
+  // (-inf for a row that saw no key); both are inputs here. kv_half is not supported.
   AttentionParams fwd;
 
   // dL/d(out), (B, Hq, Lq, Dv).

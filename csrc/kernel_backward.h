@@ -79,14 +79,15 @@ SegmentRows segment_rows(const AttentionParams& p, const BackwardTiling<T>& t,
 template <typename T>
 struct BackwardScratch {
   T *kt, *vt, *kbuf, *dk, *dv;  // one key block: K^T, V^T, K, and the dK, dV sums
-  T *q, *dout, *lse2, *dsum;    // one query block
+  T *q, *qf, *dout, *dsum;      // one query block (qf: q * scale * log2 e)
+  T *lse_hi, *lse_lo;           // its base-2 lse as an unevaluated sum hi + lo
   T *s, *pd, *dp;               // one tile: P, dropped P, dP then dS
   uint8_t* visible;
 
   BackwardScratch(Arena& a, const BackwardTiling<T>& t) {
     using Tl = BackwardTiling<T>;
     constexpr size_t BR = Tl::BR, BC = Tl::BC;
-    const size_t n = BC * (t.d + t.dv + 2 * t.dp + t.dvp) + BR * (t.dp + t.dvp + 2) +
+    const size_t n = BC * (t.d + t.dv + 2 * t.dp + t.dvp) + BR * (2 * t.dp + t.dvp + 3) +
                      3 * BR * BC;
     a.reset(sizeof(T) * n + BC);
     kt = a.carve<T>(BC * t.d);
@@ -95,9 +96,11 @@ struct BackwardScratch {
     dk = a.carve<T>(BC * t.dp);
     dv = a.carve<T>(BC * t.dvp);
     q = a.carve<T>(BR * t.dp);
+    qf = a.carve<T>(BR * t.dp);
     dout = a.carve<T>(BR * t.dvp);
-    lse2 = a.carve<T>(BR);
     dsum = a.carve<T>(BR);
+    lse_hi = a.carve<T>(BR);
+    lse_lo = a.carve<T>(BR);
     s = a.carve<T>(BR * BC);
     pd = a.carve<T>(BR * BC);
     dp = a.carve<T>(BR * BC);
@@ -231,14 +234,22 @@ struct BackwardTask {
     const T* dout = static_cast<const T*>(bp.dout) + b * bp.dout_stride.b +
                     h * bp.dout_stride.h + i0 * bp.dout_stride.r;
     pack_rows<T>(q, p.q_stride.r, p.q_stride.c, rows, m, t.d, t.dp, sc.q);
+    // The scores' query operand rounded exactly as the forward packs it, so
+    // that S (a fused multiply-add chain in the same order) has its bits.
+    for (int64_t i = 0; i < m * t.dp; ++i) sc.qf[i] = sc.q[i] * factor;
     pack_rows<T>(dout, bp.dout_stride.r, bp.dout_stride.c, rows, m, t.dv, t.dvp, sc.dout);
-    const T* lse = static_cast<const T*>(p.lse) + b * p.lse_stride.b + h * p.lse_stride.h;
+    const double* lse = p.lse + b * p.lse_stride.b + h * p.lse_stride.h;
     const T* dsum = dsum_all + (b * p.Hq + h) * p.Lq;
     for (int64_t i = 0; i < BR; ++i) {
-      const bool real = i < rows;
-      sc.lse2[i] = real ? lse[(i0 + i) * p.lse_stride.r] * static_cast<T>(kLog2e)
-                        : -std::numeric_limits<T>::infinity();
-      sc.dsum[i] = real ? dsum[i0 + i] : T(0);
+      const double l2 = i < rows ? lse[(i0 + i) * p.lse_stride.r] * kLog2e
+                                 : -std::numeric_limits<double>::infinity();
+      // s - lse2 = (s - hi) - lo: the first difference is exact for the
+      // scores near the row's maximum (the weights that matter), so the
+      // weights keep the digits of lse's float64 even when T is float.
+      sc.lse_hi[i] = static_cast<T>(l2);
+      sc.lse_lo[i] = std::isfinite(l2) ? static_cast<T>(l2 - static_cast<double>(sc.lse_hi[i]))
+                                       : T(0);
+      sc.dsum[i] = i < rows ? dsum[i0 + i] : T(0);
     }
   }
 
@@ -277,33 +288,23 @@ struct BackwardTask {
       }
   }
 
-  // s (m x n tile of raw scores) -> P = 2^(s * factor (+ mask) - lse2).
-  // Rows with lse = -inf (no visible key, or padding rows) and columns past
-  // cols get exact zeros.
+  // s (m x n tile of base-2 scores) -> P = 2^(s (+ mask) - lse2). Rows
+  // with lse = -inf (no visible key, or padding rows) and columns past cols
+  // get exact zeros.
   void probabilities(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, int64_t m,
                      int64_t n, bool straddles) {
-    const bool masked = straddles || p.key_padding || p.mask_kind != MaskKind::none;
-    const reg f = S::set1(factor);
-    if (masked) {
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t jj = 0; jj < n; jj += W)
-          S::store(sc.s + i * BC + jj, S::mul(S::load(sc.s + i * BC + jj), f));
+    if (straddles || p.key_padding || p.mask_kind != MaskKind::none)
       mask_tile(h, i0, rows, j0, cols, straddles);
-    }
     for (int64_t i = 0; i < m; ++i) {
       T* row = sc.s + i * BC;
-      const T l2 = sc.lse2[i];
-      if (l2 == -std::numeric_limits<T>::infinity()) {
-        std::fill(row, row + n, T(0));
+      if (sc.lse_hi[i] == -std::numeric_limits<T>::infinity()) {
+        std::fill(row, row + BC, T(0));
         continue;
       }
-      const reg vl = S::set1(l2);
-      for (int64_t jj = 0; jj < n; jj += W) {
-        const reg x = masked ? S::sub(S::load(row + jj), vl)
-                             : S::fmadd(S::load(row + jj), f, S::sub(S::zero(), vl));
-        S::store(row + jj, vec_exp2<S>(x));
-      }
-      std::fill(row + cols, row + n, T(0));
+      const reg hi = S::set1(sc.lse_hi[i]), lo = S::set1(sc.lse_lo[i]);
+      for (int64_t jj = 0; jj < n; jj += W)
+        S::store(row + jj, vec_exp2<S>(S::sub(S::sub(S::load(row + jj), hi), lo)));
+      std::fill(row + cols, row + BC, T(0));
     }
   }
 
@@ -315,12 +316,12 @@ struct BackwardTask {
       const T* ps = sc.s + i * BC;
       T* pd = sc.pd + i * BC;
       if (i >= rows) {
-        std::fill(pd, pd + n, T(0));
+        std::fill(pd, pd + BC, T(0));
         continue;
       }
       const uint64_t key = dr.row_key(b, h, i0 + i);
       for (int64_t jj = 0; jj < cols; ++jj) pd[jj] = dr.drop(key, j0 + jj) ? T(0) : ps[jj] * keep;
-      std::fill(pd + cols, pd + n, T(0));
+      std::fill(pd + cols, pd + BC, T(0));
     }
   }
 
@@ -351,8 +352,8 @@ struct BackwardTask {
     const int64_t n = Tl::round_up(cols, std::max(W, MR));
     const int64_t mk = Tl::round_up(cols, MR);
     pack_query_block(h, i0, rows);
-    // S = Q K^T (queries x keys), then P.
-    gemm_tile<T>(m, n, t.d, sc.q, t.dp, 1, sc.kt, BC, sc.s, BC, false);
+    // S = Q K^T (queries x keys, base 2), then P.
+    gemm_tile<T>(m, n, t.d, sc.qf, t.dp, 1, sc.kt, BC, sc.s, BC, false);
     probabilities(h, i0, rows, j0, cols, m, n, !inside);
     const T* pd = sc.s;
     if (dr.active()) {
@@ -379,7 +380,10 @@ struct BackwardTask {
   }
 };
 
-// Di = sum_e dO[i][e] * O[i][e] for the rows of one (batch, head).
+// Di = sum_e dO[i][e] * O[i][e] for the rows of one (batch, head), as the
+// same multiply-add chain (in the same order) that forms dP_ij = dO_i . V_j:
+// when a row sees one key, O_i = V_j exactly and dP_ij - Di is an exact 0,
+// not a rounding error that dS = P (dP - D) would pass on to dQ and dK.
 template <typename T>
 void row_dot_products(const BackwardParams& bp, int64_t b, int64_t h, T* dsum) {
   const AttentionParams& p = bp.fwd;
@@ -389,7 +393,8 @@ void row_dot_products(const BackwardParams& bp, int64_t b, int64_t h, T* dsum) {
     const T* oi = o + i * p.out_stride.r;
     const T* gi = g + i * bp.dout_stride.r;
     T acc = T(0);
-    for (int64_t e = 0; e < p.Dv; ++e) acc += oi[e * p.out_stride.c] * gi[e * bp.dout_stride.c];
+    for (int64_t e = 0; e < p.Dv; ++e)
+      acc = lane_fmadd<T>(gi[e * bp.dout_stride.c], oi[e * p.out_stride.c], acc);
     dsum[i] = acc;
   }
 }

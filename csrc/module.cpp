@@ -163,9 +163,9 @@ void attention_forward_py(py::array q, py::array k, py::array v, py::array out, 
   if (!lse.is_none()) {
     py::array l = lse.cast<py::array>();
     require_shape(l, {p.B, p.Hq, p.Lq, 1}, "lse");
-    require_dtype(l, dt, "lse");
+    require_dtype(l, py::dtype::of<double>(), "lse");
     require_writeable(l, "lse");
-    p.lse = l.mutable_data();
+    p.lse = static_cast<double*>(l.mutable_data());
     p.lse_stride = strides_of(l, "lse");
   }
   run_cancellable([&] { attention_forward(p); });
@@ -192,8 +192,8 @@ void attention_backward_py(py::array q, py::array k, py::array v, py::array out,
   const py::dtype dt = q.dtype();
   if (p.kv_half) throw std::invalid_argument("k: the backward needs k and v in q's dtype");
   require_shape(lse, {p.B, p.Hq, p.Lq, 1}, "lse");
-  require_dtype(lse, dt, "lse");
-  p.lse = const_cast<void*>(lse.data());
+  require_dtype(lse, py::dtype::of<double>(), "lse");
+  p.lse = const_cast<double*>(static_cast<const double*>(lse.data()));
   p.lse_stride = strides_of(lse, "lse");
   require_shape(dout, {p.B, p.Hq, p.Lq, p.Dv}, "dout");
   require_dtype(dout, dt, "dout");

@@ -91,7 +91,7 @@ def scaled_dot_product_attention_backward(
     out : array (B, Hq, Lq, Dv)
         The forward's output (after dropout).
     lse : array (B, Hq, Lq)
-        The forward's log-sum-exp (``return_lse=True``).
+        The forward's log-sum-exp (``return_lse=True``, float64).
     attn_mask, key_padding_mask, is_causal, window, scale
         As in the forward; they must be the ones it used.
     dropout_p, seed : float, int
@@ -167,7 +167,8 @@ def scaled_dot_product_attention_backward(
 
     o4, g4 = (a if batched else a[np.newaxis] for a in (out_a, dout_a))
     l4 = (lse_a if batched else lse_a[np.newaxis])[..., np.newaxis]
-    q4, k4, v4, o4, g4, l4 = (_kernel_array(a, dtype) for a in (q4, k4, v4, o4, g4, l4))
+    q4, k4, v4, o4, g4 = (_kernel_array(a, dtype) for a in (q4, k4, v4, o4, g4))
+    l4 = _kernel_array(l4, np.dtype(np.float64))
     dq = np.empty((b, hq, lq, d), dtype)
     dk = np.empty((b, k4.shape[1], lk, d), dtype)
     dv = np.empty((b, k4.shape[1], lk, dv_), dtype)

@@ -277,7 +277,8 @@ def scaled_dot_product_attention(
         Also return the per-row log-sum-exp of the scaled, masked scores
         (natural log; ``-inf`` for a row that sees no key), shape (B, Hq, Lq).
         It is what ``scaled_dot_product_attention_backward`` needs to
-        recompute the weights; float32 for float16 inputs.
+        recompute the weights. Always float64: rounded to float32 it would
+        cost the recomputed weights digits when the scores are large.
     out : array (B, Hq, Lq, Dv), optional
         Preallocated output of the inputs' dtype; may be a strided view.
 
@@ -335,7 +336,7 @@ def scaled_dot_product_attention(
     else:
         result = np.empty(out_shape4, dtype)
     weights = np.zeros((b, hq, lq, lk), dtype) if return_weights else None
-    lse = np.full((b, hq, lq, 1), -np.inf, dtype) if return_lse else None
+    lse = np.full((b, hq, lq, 1), -np.inf, np.float64) if return_lse else None
 
     _core.attention_forward(
         q4, k4, v4, result,
