@@ -117,8 +117,12 @@ void pack_rows(const T* src, int64_t sr, int64_t sc, int64_t n, int64_t n_pad, i
   for (int64_t r = 0; r < n_pad; ++r) {
     T* row = dst + r * ld;
     int64_t c = 0;
-    if (r < n)
+    if (r < n && sc == 1) {  // the common layout: one copy per row
+      std::memcpy(row, src + r * sr, sizeof(T) * cols);
+      c = cols;
+    } else if (r < n) {
       for (; c < cols; ++c) row[c] = src[r * sr + c * sc];
+    }
     for (; c < ld; ++c) row[c] = T(0);
   }
 }
@@ -147,6 +151,7 @@ struct BackwardTask {
   const AttentionParams& p;
   const Tl& t;
   BackwardScratch<T>& sc;
+  bool finite_keys;   // the packed key block holds no NaN or inf
   const T* dsum_all;  // (B, Hq, Lq) row sums dO . O
   T* dq_part;         // this task's dQ buffer: (Hq, lq_pad, dp) of batch item b
   KeyBounds kb;
@@ -199,6 +204,7 @@ struct BackwardTask {
     pack_transposed<T>(k, p.k_stride.r, p.k_stride.c, cols, t.d, BC, sc.kt);
     pack_transposed<T>(v, p.v_stride.r, p.v_stride.c, cols, t.dv, BC, sc.vt);
     pack_rows<T>(k, p.k_stride.r, p.k_stride.c, cols, BC, t.d, t.dp, sc.kbuf);
+    finite_keys = all_finite<T>(sc.kbuf, BC * t.dp);
     std::fill(sc.dk, sc.dk + BC * t.dp, T(0));
     std::fill(sc.dv, sc.dv + BC * t.dvp, T(0));
     const int64_t group = p.group_size();
@@ -236,7 +242,8 @@ struct BackwardTask {
     pack_rows<T>(q, p.q_stride.r, p.q_stride.c, rows, m, t.d, t.dp, sc.q);
     // The scores' query operand rounded exactly as the forward packs it, so
     // that S (a fused multiply-add chain in the same order) has its bits.
-    for (int64_t i = 0; i < m * t.dp; ++i) sc.qf[i] = sc.q[i] * factor;
+    const reg f = S::set1(factor);
+    for (int64_t i = 0; i < m * t.dp; i += W) S::store(sc.qf + i, S::mul(S::load(sc.q + i), f));
     pack_rows<T>(dout, bp.dout_stride.r, bp.dout_stride.c, rows, m, t.dv, t.dvp, sc.dout);
     const double* lse = p.lse + b * p.lse_stride.b + h * p.lse_stride.h;
     const T* dsum = dsum_all + (b * p.Hq + h) * p.Lq;
@@ -367,7 +374,13 @@ struct BackwardTask {
     if (bp.dscores) write_score_grads(h, i0, rows, j0, cols);
     // dK += dS^T Q; dQ += dS K (into this segment's buffer).
     gemm_tile<T>(mk, t.dp, rows, sc.dp, 1, BC, sc.q, t.dp, sc.dk, t.dp, true);
-    gemm_tile<T>(m, t.dp, cols, sc.dp, BC, 1, sc.kbuf, t.dp, part_rows(h, i0), t.dp, true);
+    // A non-finite key (e.g. garbage in a padding slot) must not reach the
+    // rows that cannot see it through 0 * inf: skip zero terms then.
+    if (finite_keys)
+      gemm_tile<T>(m, t.dp, cols, sc.dp, BC, 1, sc.kbuf, t.dp, part_rows(h, i0), t.dp, true);
+    else
+      gemm_tile<T, true>(m, t.dp, cols, sc.dp, BC, 1, sc.kbuf, t.dp, part_rows(h, i0), t.dp,
+                         true);
   }
 
   void write_score_grads(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {

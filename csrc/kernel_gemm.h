@@ -12,8 +12,10 @@
 
 // c[MR][NV * W] (row stride ldc) (+)= sum over x < kd of
 // a[r * a_rs + x * a_cs] * b[x * ldb + lane]. b and c are 64-byte aligned,
-// ldb and ldc multiples of W.
-template <typename T, int NV>
+// ldb and ldc multiples of W. With kSkipZero, a term whose a is 0 is left
+// out instead of adding 0 * b: the same sum for finite b, and a NaN or inf
+// in a row of b that a row of a does not use (a hidden key) stays out.
+template <typename T, int NV, bool kSkipZero = false>
 inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb,
                        int64_t kd, T* c, int64_t ldc, bool accumulate) {
   using S = Simd<T>;
@@ -33,7 +35,12 @@ inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64
     for (int r = 0; r < MR; ++r) {
       const reg ar = S::set1(ax[r * a_rs]);
       TILEATTN_UNROLL
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::fmadd(ar, bx[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) {
+        if (kSkipZero)
+          acc[r][v] = S::keep_where_zero(ar, acc[r][v], S::fmadd(ar, bx[v], acc[r][v]));
+        else
+          acc[r][v] = S::fmadd(ar, bx[v], acc[r][v]);
+      }
     }
   }
   TILEATTN_UNROLL
@@ -45,7 +52,7 @@ inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64
 // C (m x n) (+)= A (m x kd) B (kd x n), with m a multiple of MR and n a
 // multiple of W (callers pad their tiles). Column strips of C are the outer
 // loop, so a strip of B (kd x NV * W) stays in L1 while A streams past it.
-template <typename T>
+template <typename T, bool kSkipZero = false>
 void gemm_tile(int64_t m, int64_t n, int64_t kd, const T* a, int64_t a_rs, int64_t a_cs,
                const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   using S = Simd<T>;
@@ -54,15 +61,15 @@ void gemm_tile(int64_t m, int64_t n, int64_t kd, const T* a, int64_t a_rs, int64
   int64_t j = 0;
   for (; j + NV * W <= n; j += NV * W)
     for (int64_t i = 0; i < m; i += MR)
-      gemm_micro<T, NV>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
+      gemm_micro<T, NV, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
                         accumulate);
   if (n - j == 2 * W) {
     for (int64_t i = 0; i < m; i += MR)
-      gemm_micro<T, 2>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
+      gemm_micro<T, 2, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
                        accumulate);
   } else if (n - j == W) {
     for (int64_t i = 0; i < m; i += MR)
-      gemm_micro<T, 1>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
+      gemm_micro<T, 1, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
                        accumulate);
   }
 }

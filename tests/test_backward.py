@@ -324,3 +324,21 @@ def test_forward_lse_is_the_log_sum_exp(each_isa, rng):
         want = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
         np.testing.assert_allclose(lse, want, rtol=1e-12, atol=1e-12)
         np.testing.assert_array_equal(out, sdpa(q, k, v, is_causal=True))
+
+
+def test_garbage_in_hidden_keys_stays_out(each_isa, rng):
+    """NaN/inf in the K/V rows of padding keys (e.g. an unfilled cache slot)
+    do not reach any gradient, as they do not reach the forward's output."""
+    q, k, v = make_qkv(rng, 2, 2, 2, 70, 150, 16)
+    kpm = np.ones((2, 150), bool)
+    kpm[0, 100:] = False
+    kpm[1, 3] = False
+    clean = run(q, k, v, rng=rng, key_padding_mask=kpm, is_causal=True)
+    kg, vg = k.copy(), v.copy()
+    kg[0, :, 100:] = np.nan
+    kg[1, :, 3] = np.inf
+    vg[0, :, 120:] = -np.inf
+    vg[1, :, 3] = np.nan
+    _, _, grads = run(q, kg, vg, dout=clean[1], key_padding_mask=kpm, is_causal=True)
+    for g, want in zip(grads, clean[2]):
+        np.testing.assert_array_equal(g, want)
