@@ -25,6 +25,10 @@
 
 constexpr int64_t kBackwardMaxSegments = 4;
 constexpr int64_t kBackwardMinSegmentKeys = 256;
+// Key blocks are taken kBackwardPanel at a time, and each query block is
+// packed once per panel and run against its blocks; the sums keep the
+// order of one block at a time (see BackwardTask::run).
+constexpr int64_t kBackwardPanel = 4;
 
 template <typename T>
 struct BackwardTiling {
@@ -76,25 +80,38 @@ SegmentRows segment_rows(const AttentionParams& p, const BackwardTiling<T>& t,
   return r;
 }
 
+// One key block of a panel: its packed keys and values, its dK/dV sums,
+// which of its keys the padding keeps and which query blocks see it.
+template <typename T>
+struct KeyBlock {
+  T *kt, *vt, *kbuf, *dk, *dv;  // K^T, V^T, K, and the dK, dV sums
+  uint8_t* visible;
+  int64_t j0, cols;             // keys [j0, j0 + cols) that are read
+  int64_t qb_lo, qb_hi;         // query blocks that see some of them
+  bool active, finite;          // any query sees it; K holds no NaN or inf
+};
+
 template <typename T>
 struct BackwardScratch {
-  T *kt, *vt, *kbuf, *dk, *dv;  // one key block: K^T, V^T, K, and the dK, dV sums
+  KeyBlock<T> blocks[kBackwardPanel];
   T *q, *qf, *dout, *dsum;      // one query block (qf: q * scale * log2 e)
   T *lse_hi, *lse_lo;           // its base-2 lse as an unevaluated sum hi + lo
   T *s, *pd, *dp;               // one tile: P, dropped P, dP then dS
-  uint8_t* visible;
 
   BackwardScratch(Arena& a, const BackwardTiling<T>& t) {
     using Tl = BackwardTiling<T>;
     constexpr size_t BR = Tl::BR, BC = Tl::BC;
-    const size_t n = BC * (t.d + t.dv + 2 * t.dp + t.dvp) + BR * (2 * t.dp + t.dvp + 3) +
-                     3 * BR * BC;
-    a.reset(sizeof(T) * n + BC);
-    kt = a.carve<T>(BC * t.d);
-    vt = a.carve<T>(BC * t.dv);
-    kbuf = a.carve<T>(BC * t.dp);
-    dk = a.carve<T>(BC * t.dp);
-    dv = a.carve<T>(BC * t.dvp);
+    const size_t n = kBackwardPanel * BC * (t.d + t.dv + 2 * t.dp + t.dvp) +
+                     BR * (2 * t.dp + t.dvp + 3) + 3 * BR * BC;
+    a.reset(sizeof(T) * n + kBackwardPanel * (BC + 6 * 64));
+    for (KeyBlock<T>& kbk : blocks) {
+      kbk.kt = a.carve<T>(BC * t.d);
+      kbk.vt = a.carve<T>(BC * t.dv);
+      kbk.kbuf = a.carve<T>(BC * t.dp);
+      kbk.dk = a.carve<T>(BC * t.dp);
+      kbk.dv = a.carve<T>(BC * t.dvp);
+      kbk.visible = a.carve<uint8_t>(BC);
+    }
     q = a.carve<T>(BR * t.dp);
     qf = a.carve<T>(BR * t.dp);
     dout = a.carve<T>(BR * t.dvp);
@@ -104,7 +121,6 @@ struct BackwardScratch {
     s = a.carve<T>(BR * BC);
     pd = a.carve<T>(BR * BC);
     dp = a.carve<T>(BR * BC);
-    visible = a.carve<uint8_t>(BC);
   }
 };
 
@@ -151,7 +167,6 @@ struct BackwardTask {
   const AttentionParams& p;
   const Tl& t;
   BackwardScratch<T>& sc;
-  bool finite_keys;   // the packed key block holds no NaN or inf
   const T* dsum_all;  // (B, Hq, Lq) row sums dO . O
   T* dq_part;         // this task's dQ buffer: (Hq, lq_pad, dp) of batch item b
   KeyBounds kb;
@@ -168,6 +183,12 @@ struct BackwardTask {
 
   T* part_rows(int64_t h, int64_t i0) const { return dq_part + (h * t.lq_pad + i0) * t.dp; }
 
+  // Key blocks go in panels of kBackwardPanel: each panel's blocks are
+  // packed, then every query block of every head of the group is packed
+  // once and run against the panel's blocks that it sees. The sums keep
+  // the order of one key block at a time: a block's dK/dV over (head,
+  // query block) in increasing order, a query block's dQ over key blocks
+  // in increasing order.
   void run() {
     const SegmentRows sr = segment_rows<T>(p, t, kb, seg);
     const int64_t group = p.group_size();
@@ -177,49 +198,71 @@ struct BackwardTask {
       std::fill(part_rows(h, sr.qb_lo * BR), part_rows(h, sr.qb_hi * BR), T(0));
     }
     const int64_t own_hi = std::min(seg * t.seg_keys + t.seg_keys, p.Lk);
-    for (int64_t j0 = seg * t.seg_keys; j0 < own_hi; j0 += BC) {
+    for (int64_t p0 = seg * t.seg_keys; p0 < own_hi; p0 += BC * kBackwardPanel) {
       cancellation_point();
-      const int64_t cols = std::min(BC, own_hi - j0);
-      // Keys past this item's key_lengths are in the array but not read.
-      const int64_t seen = std::clamp<int64_t>(sr.k_hi - j0, 0, cols);
-      if (!key_block(sr, j0, seen))
-        write_key_grads(j0, cols, false);
-      else if (seen < cols)
-        write_key_grads(j0 + seen, cols - seen, false);
+      int64_t n_blocks = 0, qb_lo = std::numeric_limits<int64_t>::max(), qb_hi = 0;
+      for (int64_t j0 = p0; j0 < std::min(own_hi, p0 + BC * kBackwardPanel); j0 += BC) {
+        KeyBlock<T>& kbk = sc.blocks[n_blocks++];
+        kbk.j0 = j0;
+        // Keys past this item's key_lengths are in the array but not read.
+        kbk.cols = std::clamp<int64_t>(sr.k_hi - j0, 0, std::min(BC, own_hi - j0));
+        prepare_block(sr, kbk);
+        if (kbk.active) {
+          qb_lo = std::min(qb_lo, kbk.qb_lo);
+          qb_hi = std::max(qb_hi, kbk.qb_hi);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t qb = qb_lo; qb < qb_hi; ++qb) {
+          const int64_t i0 = qb * BR, rows = std::min(BR, p.Lq - i0);
+          bool packed = false;
+          for (int64_t n = 0; n < n_blocks; ++n) {
+            const KeyBlock<T>& kbk = sc.blocks[n];
+            if (!kbk.active || qb < kbk.qb_lo || qb >= kbk.qb_hi) continue;
+            if (!packed) pack_query_block(hk * group + g, i0, rows);
+            packed = true;
+            tile(kbk, hk * group + g, i0, rows);
+          }
+        }
+      for (int64_t n = 0; n < n_blocks; ++n) {
+        const KeyBlock<T>& kbk = sc.blocks[n];
+        const int64_t all = std::min(BC, own_hi - kbk.j0);
+        if (kbk.active) write_key_grads(kbk, kbk.j0, kbk.cols, true);
+        const int64_t done = kbk.active ? kbk.cols : 0;
+        if (done < all) write_key_grads(kbk, kbk.j0 + done, all - done, false);
+      }
     }
   }
 
-  // One block of keys [j0, j0 + cols) (cols may be 0: past key_lengths).
-  // Returns false when no query sees any of them (their gradients are 0).
-  bool key_block(const SegmentRows& sr, int64_t j0, int64_t cols) {
-    if (cols <= 0 || sr.qb_lo >= sr.qb_hi) return false;
-    if (mark_visible_keys(p, b, j0, cols, sc.visible) == 0) return false;
+  // Packs one block of keys [j0, j0 + cols) (cols may be 0: past
+  // key_lengths) and zeroes its sums; inactive when no query sees any of
+  // them (their gradients are 0).
+  void prepare_block(const SegmentRows& sr, KeyBlock<T>& kbk) {
+    const int64_t j0 = kbk.j0, cols = kbk.cols;
+    kbk.active = false;
+    if (cols <= 0 || sr.qb_lo >= sr.qb_hi) return;
+    if (mark_visible_keys(p, b, j0, cols, kbk.visible) == 0) return;
     const int64_t qa = std::max<int64_t>(kb.first_query(j0), 0);
     const int64_t qz = std::min<int64_t>(kb.last_query(j0 + cols - 1), p.Lq - 1);
-    if (qa > qz) return false;
+    if (qa > qz) return;
+    kbk.active = true;
+    kbk.qb_lo = qa / BR;
+    kbk.qb_hi = qz / BR + 1;
     const T* k = static_cast<const T*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h +
                  j0 * p.k_stride.r;
     const T* v = static_cast<const T*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h +
                  j0 * p.v_stride.r;
-    pack_transposed<T>(k, p.k_stride.r, p.k_stride.c, cols, t.d, BC, sc.kt);
-    pack_transposed<T>(v, p.v_stride.r, p.v_stride.c, cols, t.dv, BC, sc.vt);
-    pack_rows<T>(k, p.k_stride.r, p.k_stride.c, cols, BC, t.d, t.dp, sc.kbuf);
-    finite_keys = all_finite<T>(sc.kbuf, BC * t.dp);
-    std::fill(sc.dk, sc.dk + BC * t.dp, T(0));
-    std::fill(sc.dv, sc.dv + BC * t.dvp, T(0));
-    const int64_t group = p.group_size();
-    for (int64_t g = 0; g < group; ++g)
-      for (int64_t qb = qa / BR; qb <= qz / BR; ++qb) {
-        const int64_t i0 = qb * BR;
-        tile(hk * group + g, i0, std::min(BR, p.Lq - i0), j0, cols);
-      }
-    write_key_grads(j0, cols, true);
-    return true;
+    pack_transposed<T>(k, p.k_stride.r, p.k_stride.c, cols, t.d, BC, kbk.kt);
+    pack_transposed<T>(v, p.v_stride.r, p.v_stride.c, cols, t.dv, BC, kbk.vt);
+    pack_rows<T>(k, p.k_stride.r, p.k_stride.c, cols, BC, t.d, t.dp, kbk.kbuf);
+    kbk.finite = all_finite<T>(kbk.kbuf, BC * t.dp);
+    std::fill(kbk.dk, kbk.dk + BC * t.dp, T(0));
+    std::fill(kbk.dv, kbk.dv + BC * t.dvp, T(0));
   }
 
-  // dK = scale * (sum of dS^T Q), dV = sum of Pd^T dO for keys [j0, j0 + cols),
-  // or zeros.
-  void write_key_grads(int64_t j0, int64_t cols, bool computed) {
+  // dK = scale * (sum of dS^T Q), dV = sum of Pd^T dO for keys [j0, j0 + cols)
+  // of the block, or zeros.
+  void write_key_grads(const KeyBlock<T>& kbk, int64_t j0, int64_t cols, bool computed) {
     const T scale = static_cast<T>(p.scale);
     T* dk = static_cast<T*>(bp.dk) + b * bp.dk_stride.b + hk * bp.dk_stride.h;
     T* dv = static_cast<T*>(bp.dv) + b * bp.dv_stride.b + hk * bp.dv_stride.h;
@@ -227,9 +270,9 @@ struct BackwardTask {
       T* rk = dk + (j0 + jj) * bp.dk_stride.r;
       T* rv = dv + (j0 + jj) * bp.dv_stride.r;
       for (int64_t x = 0; x < t.d; ++x)
-        rk[x * bp.dk_stride.c] = computed ? sc.dk[jj * t.dp + x] * scale : T(0);
+        rk[x * bp.dk_stride.c] = computed ? kbk.dk[(j0 - kbk.j0 + jj) * t.dp + x] * scale : T(0);
       for (int64_t e = 0; e < t.dv; ++e)
-        rv[e * bp.dv_stride.c] = computed ? sc.dv[jj * t.dvp + e] : T(0);
+        rv[e * bp.dv_stride.c] = computed ? kbk.dv[(j0 - kbk.j0 + jj) * t.dvp + e] : T(0);
     }
   }
 
@@ -262,8 +305,8 @@ struct BackwardTask {
 
   // The forward's masks on base-2 scores s[i][jj] (row stride BC) of query
   // rows i0 + i and keys j0 + jj.
-  void mask_tile(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                 bool straddles) {
+  void mask_tile(const uint8_t* visible, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                 int64_t cols, bool straddles) {
     const T ninf = -std::numeric_limits<T>::infinity();
     T* s = sc.s;
     if (p.mask_kind != MaskKind::none) {
@@ -284,7 +327,7 @@ struct BackwardTask {
     if (p.key_padding)
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t jj = 0; jj < cols; ++jj)
-          if (!sc.visible[jj]) s[i * BC + jj] = ninf;
+          if (!visible[jj]) s[i * BC + jj] = ninf;
     if (straddles)
       for (int64_t i = 0; i < rows; ++i) {
         T* row = s + i * BC;
@@ -298,10 +341,11 @@ struct BackwardTask {
   // s (m x n tile of base-2 scores) -> P = 2^(s (+ mask) - lse2). Rows
   // with lse = -inf (no visible key, or padding rows) and columns past cols
   // get exact zeros.
-  void probabilities(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, int64_t m,
-                     int64_t n, bool straddles) {
+  void probabilities(const uint8_t* visible, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                     int64_t cols, int64_t m, bool straddles) {
+    const int64_t n = Tl::round_up(cols, std::max(W, MR));
     if (straddles || p.key_padding || p.mask_kind != MaskKind::none)
-      mask_tile(h, i0, rows, j0, cols, straddles);
+      mask_tile(visible, h, i0, rows, j0, cols, straddles);
     for (int64_t i = 0; i < m; ++i) {
       T* row = sc.s + i * BC;
       if (sc.lse_hi[i] == -std::numeric_limits<T>::infinity()) {
@@ -350,36 +394,36 @@ struct BackwardTask {
     }
   }
 
-  // One tile: query rows [i0, i0 + rows) of head h against the packed keys.
-  void tile(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+  // One tile: query rows [i0, i0 + rows) of head h (packed) against a key block.
+  void tile(const KeyBlock<T>& kbk, int64_t h, int64_t i0, int64_t rows) {
+    const int64_t j0 = kbk.j0, cols = kbk.cols;
     const bool inside = kb.lo(i0 + rows - 1) <= j0 && kb.hi(i0) >= j0 + cols - 1;
     const int64_t m = Tl::round_up(rows, MR);  // query rows, padded
     // Keys as lanes (n) and as rows of the transposed products (mk <= n):
     // every lane or row past cols holds an exact 0.
     const int64_t n = Tl::round_up(cols, std::max(W, MR));
     const int64_t mk = Tl::round_up(cols, MR);
-    pack_query_block(h, i0, rows);
     // S = Q K^T (queries x keys, base 2), then P.
-    gemm_tile<T>(m, n, t.d, sc.qf, t.dp, 1, sc.kt, BC, sc.s, BC, false);
-    probabilities(h, i0, rows, j0, cols, m, n, !inside);
+    gemm_tile<T>(m, n, t.d, sc.qf, t.dp, 1, kbk.kt, BC, sc.s, BC, false);
+    probabilities(kbk.visible, h, i0, rows, j0, cols, m, !inside);
     const T* pd = sc.s;
     if (dr.active()) {
       apply_dropout(h, i0, rows, j0, cols, m, n);
       pd = sc.pd;
     }
     // dP = dO V^T; dV += Pd^T dO.
-    gemm_tile<T>(m, n, t.dv, sc.dout, t.dvp, 1, sc.vt, BC, sc.dp, BC, false);
-    gemm_tile<T>(mk, t.dvp, rows, pd, 1, BC, sc.dout, t.dvp, sc.dv, t.dvp, true);
+    gemm_tile<T>(m, n, t.dv, sc.dout, t.dvp, 1, kbk.vt, BC, sc.dp, BC, false);
+    gemm_tile<T>(mk, t.dvp, rows, pd, 1, BC, sc.dout, t.dvp, kbk.dv, t.dvp, true);
     score_grads(m, n);
     if (bp.dscores) write_score_grads(h, i0, rows, j0, cols);
-    // dK += dS^T Q; dQ += dS K (into this segment's buffer).
-    gemm_tile<T>(mk, t.dp, rows, sc.dp, 1, BC, sc.q, t.dp, sc.dk, t.dp, true);
-    // A non-finite key (e.g. garbage in a padding slot) must not reach the
-    // rows that cannot see it through 0 * inf: skip zero terms then.
-    if (finite_keys)
-      gemm_tile<T>(m, t.dp, cols, sc.dp, BC, 1, sc.kbuf, t.dp, part_rows(h, i0), t.dp, true);
+    // dK += dS^T Q; dQ += dS K (into this segment's buffer). A non-finite
+    // key (e.g. garbage in a padding slot) must not reach the rows that
+    // cannot see it through 0 * inf: skip zero terms then.
+    gemm_tile<T>(mk, t.dp, rows, sc.dp, 1, BC, sc.q, t.dp, kbk.dk, t.dp, true);
+    if (kbk.finite)
+      gemm_tile<T>(m, t.dp, cols, sc.dp, BC, 1, kbk.kbuf, t.dp, part_rows(h, i0), t.dp, true);
     else
-      gemm_tile<T, true>(m, t.dp, cols, sc.dp, BC, 1, sc.kbuf, t.dp, part_rows(h, i0), t.dp,
+      gemm_tile<T, true>(m, t.dp, cols, sc.dp, BC, 1, kbk.kbuf, t.dp, part_rows(h, i0), t.dp,
                          true);
   }
 
