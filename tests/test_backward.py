@@ -342,3 +342,28 @@ def test_garbage_in_hidden_keys_stays_out(each_isa, rng):
     _, _, grads = run(q, kg, vg, dout=clean[1], key_padding_mask=kpm, is_causal=True)
     for g, want in zip(grads, clean[2]):
         np.testing.assert_array_equal(g, want)
+
+
+def test_grads_out_writes_into_strided_views(rng):
+    """The gradients can land in views of one fused (B, L, 3, H, D) buffer,
+    as a fused QKV projection's backward wants them."""
+    b, h, l, d = 2, 3, 70, 16
+    q, k, v = make_qkv(rng, b, h, h, l, l, d)
+    _, dout, want = run(q, k, v, rng=rng, is_causal=True)
+    fused = np.full((b, l, 3, h, d), np.nan, np.float32)
+    views = tuple(fused[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    out, lse = sdpa(q, k, v, is_causal=True, return_lse=True)
+    got = sdpa_bwd(dout, q, k, v, out, lse, is_causal=True, grads_out=views)
+    for g, view, w in zip(got, views, want):
+        assert g is view
+        np.testing.assert_array_equal(view, w)
+    # float16 arrays are filled from the float32 computation.
+    h16 = [a.astype(np.float16) for a in (q, k, v)]
+    out16, lse16 = sdpa(*h16, is_causal=True, return_lse=True)
+    bufs = tuple(np.empty_like(a) for a in h16)
+    got16 = sdpa_bwd(dout.astype(np.float16), *h16, out16, lse16, is_causal=True, grads_out=bufs)
+    assert all(g is u for g, u in zip(got16, bufs)) and all(np.isfinite(u).all() for u in bufs)
+    with pytest.raises(tileattn.ShapeError, match="dk"):
+        sdpa_bwd(dout, q, k, v, out, lse, grads_out=(views[0], views[0][:, :1], views[2]))
+    with pytest.raises(tileattn.DTypeError, match="dv"):
+        sdpa_bwd(dout, q, k, v, out, lse, grads_out=(views[0], views[1], views[2].astype(float)))

@@ -39,6 +39,27 @@ def _check_like(a: ArrayLike, name: str, shape: Tuple[int, ...], dtype: np.dtype
     return arr
 
 
+def _check_grads_out(grads_out: Any, like: Tuple[np.ndarray, ...]) -> Tuple[Any, ...]:
+    if grads_out is None:
+        return (None, None, None)
+    if not isinstance(grads_out, (tuple, list)) or len(grads_out) != 3:
+        raise InvalidParameterError(
+            f"grads_out: expected a tuple (dq, dk, dv) of arrays, got {type(grads_out).__name__}"
+        )
+    for name, u, a in zip(("dq", "dk", "dv"), grads_out, like):
+        if not isinstance(u, np.ndarray):
+            raise InvalidParameterError(
+                f"grads_out: {name} must be a numpy array, got {type(u).__name__}"
+            )
+        if u.shape != a.shape:
+            raise ShapeError(f"grads_out: {name} must have shape {a.shape}, got {_shape(u)}")
+        if u.dtype != a.dtype:
+            raise DTypeError(f"grads_out: {name} must have dtype {a.dtype}, got {u.dtype}")
+        if not u.flags.writeable:
+            raise InvalidParameterError(f"grads_out: {name} is read-only")
+    return tuple(grads_out)
+
+
 def _unbroadcast(grad: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
     """Sums grad over the axes along which an array of `shape` was broadcast."""
     lead = grad.ndim - len(shape)
@@ -66,6 +87,7 @@ def scaled_dot_product_attention_backward(
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
     return_mask_grad: bool = False,
+    grads_out: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
 ) -> Grads:
     """Gradients of ``scaled_dot_product_attention`` with respect to its inputs.
 
@@ -101,6 +123,10 @@ def scaled_dot_product_attention_backward(
         Also return the gradient of a float ``attn_mask``, summed over the
         axes it was broadcast along (so it has the mask's own shape and
         dtype). This materialises a (B, Hq, Lq, Lk) buffer while it computes.
+    grads_out : (dq, dk, dv) arrays, optional
+        Preallocated outputs shaped and typed like q, k, v (they may be
+        strided views, e.g. into the gradient of a fused QKV projection);
+        they are overwritten and returned.
 
     Returns
     -------
@@ -167,11 +193,18 @@ def scaled_dot_product_attention_backward(
 
     o4, g4 = (a if batched else a[np.newaxis] for a in (out_a, dout_a))
     l4 = (lse_a if batched else lse_a[np.newaxis])[..., np.newaxis]
+    user_out = _check_grads_out(grads_out, (q, k, v))
     q4, k4, v4, o4, g4 = (_kernel_array(a, dtype) for a in (q4, k4, v4, o4, g4))
     l4 = _kernel_array(l4, np.dtype(np.float64))
-    dq = np.empty((b, hq, lq, d), dtype)
-    dk = np.empty((b, k4.shape[1], lk, d), dtype)
-    dv = np.empty((b, k4.shape[1], lk, dv_), dtype)
+    inputs = (q, k, v, out_a, dout_a)
+    shapes = ((b, hq, lq, d), (b, k4.shape[1], lk, d), (b, k4.shape[1], lk, dv_))
+    # Write straight into the caller's arrays when the kernel can.
+    direct = [u is not None and u.dtype == dtype and u.flags.aligned
+              and not any(s % u.itemsize for s in u.strides)
+              and not any(np.may_share_memory(u, a) for a in inputs) for u in user_out]
+    dq, dk, dv = (
+        (u if batched else u[np.newaxis]) if ok and u is not None else np.empty(shape, dtype)
+        for u, ok, shape in zip(user_out, direct, shapes))
     dscores = np.zeros((b, hq, lq, lk), dtype) if return_mask_grad else None
 
     _core.attention_backward(
@@ -182,6 +215,11 @@ def scaled_dot_product_attention_backward(
 
     grads = [a if batched else a[0] for a in (dq, dk, dv)]
     grads = [a if a.dtype == in_dtype else a.astype(in_dtype) for a in grads]
+    for i, (u, ok) in enumerate(zip(user_out, direct)):
+        if u is not None and not ok:
+            u[...] = grads[i]
+        if u is not None:
+            grads[i] = u
     if dscores is not None:
         ds = dscores if batched else dscores[0]
         grads.append(_unbroadcast(ds, mask_shape).astype(mask_dtype, copy=False))
