@@ -266,13 +266,25 @@ struct BackwardTask {
     const T scale = static_cast<T>(p.scale);
     T* dk = static_cast<T*>(bp.dk) + b * bp.dk_stride.b + hk * bp.dk_stride.h;
     T* dv = static_cast<T*>(bp.dv) + b * bp.dv_stride.b + hk * bp.dv_stride.h;
+    const int64_t sk = bp.dk_stride.c, sv = bp.dv_stride.c;
     for (int64_t jj = 0; jj < cols; ++jj) {
       T* rk = dk + (j0 + jj) * bp.dk_stride.r;
       T* rv = dv + (j0 + jj) * bp.dv_stride.r;
-      for (int64_t x = 0; x < t.d; ++x)
-        rk[x * bp.dk_stride.c] = computed ? kbk.dk[(j0 - kbk.j0 + jj) * t.dp + x] * scale : T(0);
-      for (int64_t e = 0; e < t.dv; ++e)
-        rv[e * bp.dv_stride.c] = computed ? kbk.dv[(j0 - kbk.j0 + jj) * t.dvp + e] : T(0);
+      if (!computed) {
+        for (int64_t x = 0; x < t.d; ++x) rk[x * sk] = T(0);
+        for (int64_t e = 0; e < t.dv; ++e) rv[e * sv] = T(0);
+        continue;
+      }
+      const T* ak = kbk.dk + (j0 - kbk.j0 + jj) * t.dp;
+      const T* av = kbk.dv + (j0 - kbk.j0 + jj) * t.dvp;
+      if (sk == 1)  // unit stride: a loop the compiler vectorises
+        for (int64_t x = 0; x < t.d; ++x) rk[x] = ak[x] * scale;
+      else
+        for (int64_t x = 0; x < t.d; ++x) rk[x * sk] = ak[x] * scale;
+      if (sv == 1)
+        std::memcpy(rv, av, sizeof(T) * t.dv);
+      else
+        for (int64_t e = 0; e < t.dv; ++e) rv[e * sv] = av[e];
     }
   }
 
@@ -475,15 +487,22 @@ void reduce_query_grads(const BackwardParams& bp, const BackwardTiling<T>& t, co
     const SegmentRows sr = segment_rows<T>(p, t, kb, s);
     if (sr.qb_lo <= qb && qb < sr.qb_hi) used[n_used++] = s;
   }
-  for (int64_t i = 0; i < rows; ++i) {
-    T* dst = dq + (i0 + i) * bp.dq_stride.r;
-    for (int64_t x = 0; x < t.d; ++x) {
-      T acc = T(0);
+  // Row by row into a scratch row (vectorisable), then scaled out.
+  T acc[1024];
+  for (int64_t x0 = 0; x0 < t.d; x0 += 1024) {
+    const int64_t nx = std::min<int64_t>(1024, t.d - x0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t row = (b * p.Hq + h) * t.lq_pad + i0 + i;
+      std::fill(acc, acc + nx, T(0));
       for (int64_t u = 0; u < n_used; ++u) {
-        const T* src = parts + used[u] * seg_stride + ((b * p.Hq + h) * t.lq_pad + i0 + i) * t.dp;
-        acc = u == 0 ? src[x] : acc + src[x];
+        const T* src = parts + used[u] * seg_stride + row * t.dp + x0;
+        if (u == 0)
+          std::memcpy(acc, src, sizeof(T) * nx);
+        else
+          for (int64_t x = 0; x < nx; ++x) acc[x] = acc[x] + src[x];
       }
-      dst[x * bp.dq_stride.c] = acc * scale;
+      T* dst = dq + (i0 + i) * bp.dq_stride.r + x0 * bp.dq_stride.c;
+      for (int64_t x = 0; x < nx; ++x) dst[x * bp.dq_stride.c] = acc[x] * scale;
     }
   }
 }
