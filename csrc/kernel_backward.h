@@ -19,7 +19,7 @@
 // second pass adds the segments' buffers in segment order. So every sum
 // has an order fixed by the shapes, never by the scheduling, and each
 // product S, dP is computed once (a separate dQ pass would recompute both:
-// 7 tile products instead of 5). Segments are at most kMaxSegments per
+// 7 tile products instead of 5). Segments are at most kBackwardMaxSegments per
 // head, so the dQ buffers are a few times the size of dQ: O(L) memory.
 // The segmentation depends only on Lk, not on the thread count or B.
 
