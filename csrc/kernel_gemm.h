@@ -59,15 +59,18 @@ void gemm_tile(int64_t m, int64_t n, int64_t kd, const T* a, int64_t a_rs, int64
   constexpr int MR = S::MR, W = S::W, NV = S::NV;
   static_assert(NV == 3, "the remainder strips below assume three registers per strip");
   int64_t j = 0;
-  for (; j + NV * W <= n; j += NV * W)
+  // Four registers wide (e.g. a head size of 64 floats on AVX-512): two
+  // strips of two, not three and one, so no strip is load-bound.
+  const int64_t wide = n == 4 * W ? 0 : n;
+  for (; j + NV * W <= wide; j += NV * W)
     for (int64_t i = 0; i < m; i += MR)
       gemm_micro<T, NV, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
                         accumulate);
-  if (n - j == 2 * W) {
+  for (; n - j >= 2 * W; j += 2 * W)
     for (int64_t i = 0; i < m; i += MR)
       gemm_micro<T, 2, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
                        accumulate);
-  } else if (n - j == W) {
+  if (n - j == W) {
     for (int64_t i = 0; i < m; i += MR)
       gemm_micro<T, 1, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
                        accumulate);
