@@ -29,6 +29,11 @@ constexpr int64_t kBackwardMinSegmentKeys = 256;
 // packed once per panel and run against its blocks; the sums keep the
 // order of one block at a time (see BackwardTask::run).
 constexpr int64_t kBackwardPanel = 4;
+// dP sums over the value size in blocks of kSumBlock terms, each block a
+// multiply-add chain added to the running sum (fewer roundings per term
+// than one chain over the whole head).
+constexpr int64_t kSumBlock = 16;
+constexpr long double kLog2eLong = 1.442695040888963407359924681001892137L;
 
 template <typename T>
 struct BackwardTiling {
@@ -303,14 +308,17 @@ struct BackwardTask {
     const double* lse = p.lse + b * p.lse_stride.b + h * p.lse_stride.h;
     const T* dsum = dsum_all + (b * p.Hq + h) * p.Lq;
     for (int64_t i = 0; i < BR; ++i) {
-      const double l2 = i < rows ? lse[(i0 + i) * p.lse_stride.r] * kLog2e
-                                 : -std::numeric_limits<double>::infinity();
+      // The base-2 lse in extended precision (where long double has it),
+      // so that float64 weights lose no more than lse's own rounding.
+      const long double l2 = i < rows ? lse[(i0 + i) * p.lse_stride.r] * kLog2eLong
+                                      : -std::numeric_limits<long double>::infinity();
       // s - lse2 = (s - hi) - lo: the first difference is exact for the
       // scores near the row's maximum (the weights that matter), so the
       // weights keep the digits of lse's float64 even when T is float.
       sc.lse_hi[i] = static_cast<T>(l2);
-      sc.lse_lo[i] = std::isfinite(l2) ? static_cast<T>(l2 - static_cast<double>(sc.lse_hi[i]))
-                                       : T(0);
+      sc.lse_lo[i] = std::isfinite(static_cast<double>(l2))
+                         ? static_cast<T>(l2 - static_cast<long double>(sc.lse_hi[i]))
+                         : T(0);
       sc.dsum[i] = i < rows ? dsum[i0 + i] : T(0);
     }
   }
@@ -415,7 +423,9 @@ struct BackwardTask {
     // every lane or row past cols holds an exact 0.
     const int64_t n = Tl::round_up(cols, std::max(W, MR));
     const int64_t mk = Tl::round_up(cols, MR);
-    // S = Q K^T (queries x keys, base 2), then P.
+    // S = Q K^T (queries x keys, base 2), then P. One multiply-add chain
+    // over the head, as the forward forms its scores: S has the forward's
+    // bits, so a row that sees one key gets P = 2^(s - lse2) = 1 exactly.
     gemm_tile<T>(m, n, t.d, sc.qf, t.dp, 1, kbk.kt, BC, sc.s, BC, false);
     probabilities(kbk.visible, h, i0, rows, j0, cols, m, !inside);
     const T* pd = sc.s;
@@ -424,7 +434,9 @@ struct BackwardTask {
       pd = sc.pd;
     }
     // dP = dO V^T; dV += Pd^T dO.
-    gemm_tile<T>(m, n, t.dv, sc.dout, t.dvp, 1, kbk.vt, BC, sc.dp, BC, false);
+    for (int64_t e0 = 0; e0 < std::max<int64_t>(t.dv, 1); e0 += kSumBlock)
+      gemm_tile<T>(m, n, std::min<int64_t>(kSumBlock, t.dv - e0), sc.dout + e0, t.dvp, 1,
+                   kbk.vt + e0 * BC, BC, sc.dp, BC, e0 > 0);
     gemm_tile<T>(mk, t.dvp, rows, pd, 1, BC, sc.dout, t.dvp, kbk.dv, t.dvp, true);
     score_grads(m, n);
     if (bp.dscores) write_score_grads(h, i0, rows, j0, cols);
@@ -449,22 +461,24 @@ struct BackwardTask {
   }
 };
 
-// Di = sum_e dO[i][e] * O[i][e] for the rows of one (batch, head), as the
-// same multiply-add chain (in the same order) that forms dP_ij = dO_i . V_j:
-// when a row sees one key, O_i = V_j exactly and dP_ij - Di is an exact 0,
-// not a rounding error that dS = P (dP - D) would pass on to dQ and dK.
+// Di = sum_e dO[i][e] * O[i][e] for the rows of one (batch, head), summed
+// in extended precision (double for float, long double for double) and
+// rounded once: Di is subtracted from every dP_ij of its row, so its error
+// would shift every dS_ij of the row alike.
 template <typename T>
 void row_dot_products(const BackwardParams& bp, int64_t b, int64_t h, T* dsum) {
+  using Wide = typename std::conditional<std::is_same<T, float>::value, double,
+                                         long double>::type;
   const AttentionParams& p = bp.fwd;
   const T* o = static_cast<const T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h;
   const T* g = static_cast<const T*>(bp.dout) + b * bp.dout_stride.b + h * bp.dout_stride.h;
   for (int64_t i = 0; i < p.Lq; ++i) {
     const T* oi = o + i * p.out_stride.r;
     const T* gi = g + i * bp.dout_stride.r;
-    T acc = T(0);
+    Wide acc = 0;
     for (int64_t e = 0; e < p.Dv; ++e)
-      acc = lane_fmadd<T>(gi[e * bp.dout_stride.c], oi[e * p.out_stride.c], acc);
-    dsum[i] = acc;
+      acc += static_cast<Wide>(gi[e * bp.dout_stride.c]) * static_cast<Wide>(oi[e * p.out_stride.c]);
+    dsum[i] = static_cast<T>(acc);
   }
 }
 

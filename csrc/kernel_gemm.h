@@ -12,7 +12,11 @@
 
 // c[MR][NV * W] (row stride ldc) (+)= sum over x < kd of
 // a[r * a_rs + x * a_cs] * b[x * ldb + lane]. b and c are 64-byte aligned,
-// ldb and ldc multiples of W. With kSkipZero, a term whose a is 0 is left
+// ldb and ldc multiples of W. The sum over x is formed on its own and then
+// added to c (c + (a b), not one chain continuing from c): sums that run
+// over many calls (dK over every query block) are then blocked, with
+// rounding errors growing with the block length plus the number of
+// blocks rather than with the whole length. With kSkipZero, a term whose a is 0 is left
 // out instead of adding 0 * b: the same sum for finite b, and a NaN or inf
 // in a row of b that a row of a does not use (a hidden key) stays out.
 template <typename T, int NV, bool kSkipZero = false>
@@ -25,7 +29,7 @@ inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64
   TILEATTN_UNROLL
   for (int r = 0; r < MR; ++r)
     TILEATTN_UNROLL
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? S::load(c + r * ldc + v * W) : S::zero();
+    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
   for (int64_t x = 0; x < kd; ++x) {
     reg bx[NV];
     TILEATTN_UNROLL
@@ -46,7 +50,10 @@ inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64
   TILEATTN_UNROLL
   for (int r = 0; r < MR; ++r)
     TILEATTN_UNROLL
-    for (int v = 0; v < NV; ++v) S::store(c + r * ldc + v * W, acc[r][v]);
+    for (int v = 0; v < NV; ++v) {
+      T* cv = c + r * ldc + v * W;
+      S::store(cv, accumulate ? S::add(S::load(cv), acc[r][v]) : acc[r][v]);
+    }
 }
 
 // C (m x n) (+)= A (m x kd) B (kd x n), with m a multiple of MR and n a
