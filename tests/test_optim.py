@@ -129,3 +129,22 @@ def test_errors_name_the_problem(rng):
         opt.step({"nope": np.zeros(3)})
     with pytest.raises(tileattn.ShapeError, match="expected 2"):
         opt.step([np.zeros((5, 7))])
+
+
+def test_fitting_attention_inputs_lowers_the_loss():
+    """The backward and AdamW together: fit q, k, v of a causal attention to
+    a target output; the loss must fall clearly."""
+    rng = np.random.default_rng(0)
+    params = {n: rng.standard_normal((2, 4, 48, 16)).astype(np.float32) for n in "qkv"}
+    target = rng.standard_normal((2, 4, 48, 16)).astype(np.float32)
+    opt = AdamW(params, lr=0.05, weight_decay=0.0)
+    losses = []
+    for _ in range(60):
+        out, lse = tileattn.scaled_dot_product_attention(
+            params["q"], params["k"], params["v"], is_causal=True, return_lse=True)
+        diff = out - target
+        losses.append(float(0.5 * np.sum(diff * diff)))
+        dq, dk, dv = tileattn.scaled_dot_product_attention_backward(
+            diff, params["q"], params["k"], params["v"], out, lse, is_causal=True)
+        opt.step({"q": dq, "k": dk, "v": dv})
+    assert losses[-1] < 0.2 * losses[0], losses[::10]
