@@ -173,7 +173,7 @@ struct BackwardTask {
   const Tl& t;
   BackwardScratch<T>& sc;
   const T* dsum_all;  // (B, Hq, Lq) row sums dO . O
-  T* dq_part;         // this task's dQ buffer: (Hq, lq_pad, dp) of batch item b
+  T* dq_part;         // this task's dQ buffer: (group, lq_pad, dp), its query heads
   KeyBounds kb;
   Dropout dr;
   int64_t b, hk, seg;
@@ -186,7 +186,9 @@ struct BackwardTask {
     factor = static_cast<T>(p.scale * kLog2e);
   }
 
-  T* part_rows(int64_t h, int64_t i0) const { return dq_part + (h * t.lq_pad + i0) * t.dp; }
+  T* part_rows(int64_t h, int64_t i0) const {
+    return dq_part + ((h - hk * p.group_size()) * t.lq_pad + i0) * t.dp;
+  }
 
   // Key blocks go in panels of kBackwardPanel: each panel's blocks are
   // packed, then every query block of every head of the group is packed
@@ -482,17 +484,18 @@ void row_dot_products(const BackwardParams& bp, int64_t b, int64_t h, T* dsum) {
   }
 }
 
-// dQ rows of one query block = scale * (the segments' buffers added in
-// segment order); rows no segment touched are 0.
-template <typename T>
-void reduce_query_grads(const BackwardParams& bp, const BackwardTiling<T>& t, const T* parts,
+// dQ rows of one query block of head h = scale * (the segments' buffers
+// added in segment order); rows no segment touched are 0. slab(s) is
+// segment s's buffer (group, lq_pad, dp) of h's key/value head.
+template <typename T, typename Slab>
+void reduce_query_grads(const BackwardParams& bp, const BackwardTiling<T>& t, Slab slab,
                         int64_t b, int64_t h, int64_t qb) {
   using Tl = BackwardTiling<T>;
   const AttentionParams& p = bp.fwd;
   const KeyBounds kb(p, b);
   const int64_t i0 = qb * Tl::BR, rows = std::min<int64_t>(Tl::BR, p.Lq - i0);
+  const int64_t g = h % p.group_size();
   const T scale = static_cast<T>(p.scale);
-  const size_t seg_stride = static_cast<size_t>(p.B) * p.Hq * t.lq_pad * t.dp;
   T* dq = static_cast<T*>(bp.dq) + b * bp.dq_stride.b + h * bp.dq_stride.h;
   // Segments whose rows include this block, in order.
   int64_t used[kBackwardMaxSegments];
@@ -506,10 +509,10 @@ void reduce_query_grads(const BackwardParams& bp, const BackwardTiling<T>& t, co
   for (int64_t x0 = 0; x0 < t.d; x0 += 1024) {
     const int64_t nx = std::min<int64_t>(1024, t.d - x0);
     for (int64_t i = 0; i < rows; ++i) {
-      const int64_t row = (b * p.Hq + h) * t.lq_pad + i0 + i;
+      const int64_t row = g * t.lq_pad + i0 + i;
       std::fill(acc, acc + nx, T(0));
       for (int64_t u = 0; u < n_used; ++u) {
-        const T* src = parts + used[u] * seg_stride + row * t.dp + x0;
+        const T* src = slab(used[u]) + row * t.dp + x0;
         if (u == 0)
           std::memcpy(acc, src, sizeof(T) * nx);
         else
@@ -521,42 +524,55 @@ void reduce_query_grads(const BackwardParams& bp, const BackwardTiling<T>& t, co
   }
 }
 
+// The dQ buffers of at most this many bytes exist at once: key/value heads
+// are taken in chunks that fit (at least one), so a large batch does not
+// need nseg copies of its whole dQ. Chunks change no arithmetic.
+constexpr size_t kBackwardPartsBudget = size_t(64) << 20;
+
 template <typename T>
 void backward_typed(const BackwardParams& bp) {
   using Tl = BackwardTiling<T>;
   const AttentionParams& p = bp.fwd;
   const Tl t(p);
-  // Scratch shared by the passes: the row dot products Di (B * Hq * Lq) and
-  // one dQ buffer per segment (nseg x (B, Hq, lq_pad, dp)), O(L) in all.
+  const int64_t group = p.group_size();
+  const int64_t heads = p.B * p.Hkv;  // (batch, key/value head) pairs
+  // Scratch: the row dot products Di (B * Hq * Lq), and per segment and
+  // (batch, key/value head) of the current chunk one dQ buffer of its query
+  // heads (group, lq_pad, dp). O(L) in all.
+  const size_t per_head = static_cast<size_t>(group) * t.lq_pad * t.dp;
+  const int64_t chunk = std::clamp<int64_t>(
+      static_cast<int64_t>(kBackwardPartsBudget / std::max<size_t>(sizeof(T) * t.nseg * per_head, 1)),
+      1, std::max<int64_t>(heads, 1));
   const size_t n_dsum = Tl::round_up(std::max<int64_t>(p.B * p.Hq * p.Lq, 1), 16);
-  const size_t seg_stride = static_cast<size_t>(p.B) * p.Hq * t.lq_pad * t.dp;
-  const size_t bytes = sizeof(T) * (n_dsum + t.nseg * seg_stride);
+  const size_t bytes = sizeof(T) * (n_dsum + t.nseg * chunk * per_head);
   T* mem = static_cast<T*>(std::aligned_alloc(64, Tl::round_up(std::max<size_t>(bytes, 64), 64)));
   if (!mem) throw std::bad_alloc();
   struct Free { T* p; ~Free() { std::free(p); } } free_mem{mem};
   T* dsum = mem;
   T* parts = mem + n_dsum;
+  auto slab = [&](int64_t seg, int64_t local) { return parts + (seg * chunk + local) * per_head; };
 
   parallel_for(p.B * p.Hq, [&](int64_t bh, int) {
     row_dot_products<T>(bp, bh / p.Hq, bh % p.Hq, dsum + bh * p.Lq);
   });
-  // Segment-major task order: with a causal mask the first segments' keys
-  // are seen by the most queries, so the longest tasks start first.
-  const int64_t heads = p.B * p.Hkv;
-  if (p.Lk > 0 && heads > 0) {
-    parallel_for(t.nseg * heads, [&](int64_t task, int) {
-      static thread_local Arena arena;
-      BackwardScratch<T> sc(arena, t);
-      const int64_t seg = task / heads, bh = task % heads;
-      const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
-      BackwardTask<T>(bp, t, sc, dsum, parts + seg * seg_stride + b * p.Hq * t.lq_pad * t.dp, b,
-                      hk, seg)
-          .run();
+  const int64_t qblocks = t.lq_pad / Tl::BR;
+  for (int64_t c0 = 0; c0 < heads; c0 += chunk) {
+    const int64_t nc = std::min(chunk, heads - c0);
+    // Segment-major task order: with a causal mask the first segments' keys
+    // are seen by the most queries, so the longest tasks start first.
+    if (p.Lk > 0) {
+      parallel_for(t.nseg * nc, [&](int64_t task, int) {
+        static thread_local Arena arena;
+        BackwardScratch<T> sc(arena, t);
+        const int64_t seg = task / nc, local = task % nc, bh = c0 + local;
+        BackwardTask<T>(bp, t, sc, dsum, slab(seg, local), bh / p.Hkv, bh % p.Hkv, seg).run();
+      });
+    }
+    parallel_for(nc * group * qblocks, [&](int64_t task, int) {
+      const int64_t local = task / (group * qblocks), bh = c0 + local;
+      const int64_t h = (bh % p.Hkv) * group + (task / qblocks) % group;
+      reduce_query_grads<T>(bp, t, [&](int64_t s) { return slab(s, local); }, bh / p.Hkv, h,
+                            task % qblocks);
     });
   }
-  const int64_t qblocks = t.lq_pad / Tl::BR;
-  parallel_for(p.B * p.Hq * qblocks, [&](int64_t task, int) {
-    const int64_t bh = task / qblocks;
-    reduce_query_grads<T>(bp, t, parts, bh / p.Hq, bh % p.Hq, task % qblocks);
-  });
 }

@@ -367,3 +367,15 @@ def test_grads_out_writes_into_strided_views(rng):
         sdpa_bwd(dout, q, k, v, out, lse, grads_out=(views[0], views[0][:, :1], views[2]))
     with pytest.raises(tileattn.DTypeError, match="dv"):
         sdpa_bwd(dout, q, k, v, out, lse, grads_out=(views[0], views[1], views[2].astype(float)))
+
+
+def test_large_batches_go_in_chunks_with_the_same_bits(rng):
+    """A batch whose dQ buffers exceed the scratch budget is computed in
+    chunks of heads; each item gets the bits it gets alone."""
+    b, h, lq, lk, d = 5, 4, 4096, 1024, 64  # 10 KV heads x 8 MB of dQ buffers > 64 MB
+    q, k, v = make_qkv(rng, b, h, 2, lq, lk, d)
+    _, dout, grads = run(q, k, v, rng=rng, is_causal=True)
+    for i in (0, 3, 4):
+        _, _, alone = run(q[i:i + 1], k[i:i + 1], v[i:i + 1], dout=dout[i:i + 1], is_causal=True)
+        for g, a in zip(grads, alone):
+            np.testing.assert_array_equal(g[i:i + 1], a)
