@@ -20,8 +20,16 @@
 // has an order fixed by the shapes, never by the scheduling, and each
 // product S, dP is computed once (a separate dQ pass would recompute both:
 // 7 tile products instead of 5). Segments are at most kBackwardMaxSegments per
-// head, so the dQ buffers are a few times the size of dQ: O(L) memory.
+// head, and the buffers exist for a chunk of heads at a time (at most
+// kBackwardPartsBudget bytes): O(L) memory per head, bounded in all.
 // The segmentation depends only on Lk, not on the thread count or B.
+//
+// Accuracy: S keeps the forward's bits (the same rounded q * scale * log2 e,
+// the same multiply-add chain), and lse comes in float64 and is split into
+// hi + lo, so P = 2^(s - lse2) matches the forward's weights to its lse's
+// rounding (a row that sees one key gets exactly 1); D_i is summed in
+// extended precision; long sums (dP over the value size, dK/dV over query
+// blocks, dQ over key blocks) are blocked.
 
 constexpr int64_t kBackwardMaxSegments = 4;
 constexpr int64_t kBackwardMinSegmentKeys = 256;
