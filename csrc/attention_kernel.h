@@ -19,6 +19,7 @@
 #endif
 
 #include "attention_params.h"
+#include "backward_params.h"
 #include "simd_exp.h"
 #include "thread_pool.h"
 
@@ -29,6 +30,8 @@ namespace TILEATTN_ISA_NS {
 #include "kernel_common.h"
 #include "kernel_prefill.h"
 #include "kernel_decode.h"
+#include "kernel_gemm.h"
+#include "kernel_backward.h"
 
 // Few queries against the keys (decode) take the decode path unless the
 // weights or dropout are asked for; both paths give a row the same bits.
@@ -49,6 +52,15 @@ void attention_forward(const AttentionParams& p) {
     forward_typed<double, double>(p);
   else
     forward_typed<float, float>(p);
+}
+
+// The backward reads K and V in the compute dtype only (no binary16 cache).
+void attention_backward(const BackwardParams& bp) {
+  if (bp.fwd.B == 0 || bp.fwd.Hq == 0) return;
+  if (bp.fwd.dtype == DType::f64)
+    backward_typed<double>(bp);
+  else
+    backward_typed<float>(bp);
 }
 
 }  // namespace TILEATTN_ISA_NS

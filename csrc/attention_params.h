@@ -65,10 +65,12 @@ struct AttentionParams {
   // Optional outputs. weights: (B, Hq, Lq, Lk), zero-filled by the caller
   // (blocks the mask hides are never written). lse: (B, Hq, Lq) per-row
   // log-sum-exp of the scaled, masked scores (-inf for a row that sees no
-  // key), kept for the backward pass.
+  // key), kept for the backward pass. The lse is float64 whatever the
+  // compute dtype: rounded to float32 it would carry an error of
+  // eps * |lse| into every weight the backward recomputes from it.
   void* weights = nullptr;
   Strides4 weights_stride;
-  void* lse = nullptr;
+  double* lse = nullptr;
   Strides4 lse_stride;  // c unused
 
   int64_t group_size() const { return Hkv > 0 ? Hq / Hkv : 1; }

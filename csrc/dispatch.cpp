@@ -40,4 +40,14 @@ void attention_forward(const AttentionParams& p) {
   }
 }
 
+void attention_backward(const BackwardParams& bp) {
+  switch (active_isa()) {
+#if defined(TILEATTN_HAVE_X86)
+    case Isa::avx512: return avx512::attention_backward(bp);
+    case Isa::avx2: return avx2::attention_backward(bp);
+#endif
+    default: return baseline::attention_backward(bp);
+  }
+}
+
 }  // namespace tileattn

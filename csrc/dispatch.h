@@ -3,18 +3,29 @@
 #pragma once
 
 #include "attention_params.h"
+#include "backward_params.h"
 #include "cpu_features.h"
 
 namespace tileattn {
 
 // Declared once per compiled path, defined in kernel_<isa>.cpp.
-namespace baseline { void attention_forward(const AttentionParams& p); }
-namespace avx2 { void attention_forward(const AttentionParams& p); }
-namespace avx512 { void attention_forward(const AttentionParams& p); }
+namespace baseline {
+void attention_forward(const AttentionParams& p);
+void attention_backward(const BackwardParams& bp);
+}
+namespace avx2 {
+void attention_forward(const AttentionParams& p);
+void attention_backward(const BackwardParams& bp);
+}
+namespace avx512 {
+void attention_forward(const AttentionParams& p);
+void attention_backward(const BackwardParams& bp);
+}
 
 Isa active_isa();
 // Throws std::invalid_argument when the path is not built or the CPU lacks it.
 void set_active_isa(Isa isa);
 void attention_forward(const AttentionParams& p);
+void attention_backward(const BackwardParams& bp);
 
 }  // namespace tileattn

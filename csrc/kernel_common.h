@@ -242,6 +242,16 @@ inline void widen_row(const Half* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = widen(src[i]);
 }
 
+// The natural-log log-sum-exp of a row from its base-2 running max m and
+// sum l: ln 2 * (m + log2 l), or -inf for a row that saw no key. Computed
+// and kept in double whatever T, so that a backward recomputing the
+// weights as 2^(s - lse * log2 e) loses no digits of float32 scores.
+template <typename T>
+inline double natural_lse(T m, T l) {
+  if (!(l > T(0))) return -std::numeric_limits<double>::infinity();
+  return (static_cast<double>(m) + std::log2(static_cast<double>(l))) * kLn2;
+}
+
 // A base-2 score plus an additive mask entry (natural-log units). A -inf
 // entry blocks the key whatever its score, even a NaN one.
 template <typename T>

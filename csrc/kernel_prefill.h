@@ -533,20 +533,17 @@ struct PrefillTask {
   }
 
   // out = O / l (one rounding: divide rather than multiply by 1/l); the
-  // natural-log LSE = ln 2 * (m + log2 l). Rows that saw no key give zeros.
+  // natural-log LSE = ln 2 * (m + log2 l), in double (see attention_params.h).
+  // Rows that saw no key give zeros.
   void write_output() {
     T* out = static_cast<T*>(p.out) + rr.b * p.out_stride.b + rr.h * p.out_stride.h;
-    T* lse = p.lse ? static_cast<T*>(p.lse) + rr.b * p.lse_stride.b + rr.h * p.lse_stride.h
-                   : nullptr;
+    double* lse = p.lse ? p.lse + rr.b * p.lse_stride.b + rr.h * p.lse_stride.h : nullptr;
     for (int64_t i = 0; i < rr.rows; ++i) {
       T* dst = out + (rr.i0 + i) * p.out_stride.r;
       const T l = sc.l_run[i];
       for (int64_t e = 0; e < t.dv; ++e)
         dst[e * p.out_stride.c] = l > T(0) ? sc.ot_run[e * BR + i] / l : T(0);
-      if (lse) {
-        const T lse2 = l > T(0) ? sc.m_run[i] + std::log2(l) : -std::numeric_limits<T>::infinity();
-        lse[(rr.i0 + i) * p.lse_stride.r] = lse2 * static_cast<T>(kLn2);
-      }
+      if (lse) lse[(rr.i0 + i) * p.lse_stride.r] = natural_lse(sc.m_run[i], l);
     }
   }
 

@@ -17,6 +17,7 @@
 
 #include "array_checks.h"
 #include "attention_params.h"
+#include "backward_params.h"
 #include "cpu_features.h"
 #include "dispatch.h"
 #include "thread_pool.h"
@@ -127,10 +128,13 @@ void set_key_lengths(AttentionParams& p, const py::object& obj) {
   p.key_lengths = n;
 }
 
-void attention_forward_py(py::array q, py::array k, py::array v, py::array out, double scale,
-                          int64_t window_left, int64_t window_right, py::object mask,
-                          py::object key_padding, double dropout_p, uint64_t seed,
-                          py::object weights, py::object lse, py::object key_lengths) {
+// The description of a call from q, k, v, out (B, Hq, Lq, Dv) and the mask
+// and dropout options; shared by the forward and the backward (which reads
+// `out` instead of writing it).
+AttentionParams params_from(py::array q, py::array k, py::array v, py::array out, double scale,
+                            int64_t window_left, int64_t window_right, py::object mask,
+                            py::object key_padding, double dropout_p, uint64_t seed,
+                            py::object key_lengths) {
   AttentionParams p;
   p.dtype = dtype_of(q);
   const py::dtype dt = q.dtype();
@@ -143,7 +147,6 @@ void attention_forward_py(py::array q, py::array k, py::array v, py::array out, 
   require_dtype(k, p.kv_half ? py::dtype("float16") : dt, "k");
   require_dtype(v, p.kv_half ? py::dtype("float16") : dt, "v");
   require_dtype(out, dt, "out");
-  require_writeable(out, "out");
   p.B = q.shape(0);
   p.Hq = q.shape(1);
   p.Lq = q.shape(2);
@@ -172,6 +175,17 @@ void attention_forward_py(py::array q, py::array k, py::array v, py::array out, 
   set_key_lengths(p, key_lengths);
   p.dropout_p = dropout_p;
   p.seed = seed;
+  return p;
+}
+
+void attention_forward_py(py::array q, py::array k, py::array v, py::array out, double scale,
+                          int64_t window_left, int64_t window_right, py::object mask,
+                          py::object key_padding, double dropout_p, uint64_t seed,
+                          py::object weights, py::object lse, py::object key_lengths) {
+  require_writeable(out, "out");
+  AttentionParams p = params_from(q, k, v, out, scale, window_left, window_right, mask,
+                                  key_padding, dropout_p, seed, key_lengths);
+  const py::dtype dt = q.dtype();
   if (!weights.is_none()) {
     py::array w = weights.cast<py::array>();
     require_shape(w, {p.B, p.Hq, p.Lq, p.Lk}, "weights");
@@ -183,12 +197,54 @@ void attention_forward_py(py::array q, py::array k, py::array v, py::array out, 
   if (!lse.is_none()) {
     py::array l = lse.cast<py::array>();
     require_shape(l, {p.B, p.Hq, p.Lq, 1}, "lse");
-    require_dtype(l, dt, "lse");
+    require_dtype(l, py::dtype::of<double>(), "lse");
     require_writeable(l, "lse");
-    p.lse = l.mutable_data();
+    p.lse = static_cast<double*>(l.mutable_data());
     p.lse_stride = strides_of(l, "lse");
   }
   run_cancellable([&] { attention_forward(p); });
+}
+
+// One gradient output: `name` of `shape` in the compute dtype, writeable.
+Strides4 grad_output(const py::array& a, const std::vector<int64_t>& shape, const py::dtype& dt,
+                     const char* name) {
+  require_shape(a, shape, name);
+  require_dtype(a, dt, name);
+  require_writeable(a, name);
+  return strides_of(a, name);
+}
+
+void attention_backward_py(py::array q, py::array k, py::array v, py::array out, py::array lse,
+                           py::array dout, py::array dq, py::array dk, py::array dv,
+                           double scale, int64_t window_left, int64_t window_right,
+                           py::object mask, py::object key_padding, double dropout_p,
+                           uint64_t seed, py::object key_lengths, py::object dscores) {
+  BackwardParams bp;
+  bp.fwd = params_from(q, k, v, out, scale, window_left, window_right, mask, key_padding,
+                       dropout_p, seed, key_lengths);
+  AttentionParams& p = bp.fwd;
+  const py::dtype dt = q.dtype();
+  if (p.kv_half) throw std::invalid_argument("k: the backward needs k and v in q's dtype");
+  require_shape(lse, {p.B, p.Hq, p.Lq, 1}, "lse");
+  require_dtype(lse, py::dtype::of<double>(), "lse");
+  p.lse = const_cast<double*>(static_cast<const double*>(lse.data()));
+  p.lse_stride = strides_of(lse, "lse");
+  require_shape(dout, {p.B, p.Hq, p.Lq, p.Dv}, "dout");
+  require_dtype(dout, dt, "dout");
+  bp.dout = dout.data();
+  bp.dout_stride = strides_of(dout, "dout");
+  bp.dq_stride = grad_output(dq, {p.B, p.Hq, p.Lq, p.D}, dt, "dq");
+  bp.dk_stride = grad_output(dk, {p.B, p.Hkv, p.Lk, p.D}, dt, "dk");
+  bp.dv_stride = grad_output(dv, {p.B, p.Hkv, p.Lk, p.Dv}, dt, "dv");
+  bp.dq = dq.mutable_data();
+  bp.dk = dk.mutable_data();
+  bp.dv = dv.mutable_data();
+  if (!dscores.is_none()) {
+    py::array ds = dscores.cast<py::array>();
+    bp.dscores_stride = grad_output(ds, {p.B, p.Hq, p.Lq, p.Lk}, dt, "dscores");
+    bp.dscores = ds.mutable_data();
+  }
+  run_cancellable([&] { attention_backward(bp); });
 }
 
 Isa isa_from_name(const std::string& name) {
@@ -219,6 +275,13 @@ PYBIND11_MODULE(_core, m) {
         py::arg("key_padding") = py::none(), py::arg("dropout_p") = 0.0,
         py::arg("seed") = 0, py::arg("weights") = py::none(), py::arg("lse") = py::none(),
         py::arg("key_lengths") = py::none());
+  m.def("attention_backward", &attention_backward_py, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::kw_only(), py::arg("scale"), py::arg("window_left") = -1,
+        py::arg("window_right") = -1, py::arg("mask") = py::none(),
+        py::arg("key_padding") = py::none(), py::arg("dropout_p") = 0.0,
+        py::arg("seed") = 0, py::arg("key_lengths") = py::none(),
+        py::arg("dscores") = py::none());
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw std::invalid_argument("num_threads must be >= 1");

@@ -12,6 +12,8 @@ from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._threads import _check_env, get_num_threads, set_num_threads
 from ._version import __version__
 from .functional import scaled_dot_product_attention
+from .backward import scaled_dot_product_attention_backward
+from . import optim
 from .module import Module
 from .linear import Linear
 from .norm import LayerNorm
@@ -48,7 +50,9 @@ __all__ = [
     "models",
     "rope",
     "save",
+    "optim",
     "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
     "set_num_threads",
     "show_config",
     "sinusoidal_positions",

@@ -22,6 +22,27 @@ def attention_forward(
     lse: Optional[npt.NDArray[np.floating[Any]]] = None,
     key_lengths: Optional[npt.NDArray[np.int64]] = None,
 ) -> None: ...
+def attention_backward(
+    q: npt.NDArray[np.floating[Any]],
+    k: npt.NDArray[np.floating[Any]],
+    v: npt.NDArray[np.floating[Any]],
+    out: npt.NDArray[np.floating[Any]],
+    lse: npt.NDArray[np.floating[Any]],
+    dout: npt.NDArray[np.floating[Any]],
+    dq: npt.NDArray[np.floating[Any]],
+    dk: npt.NDArray[np.floating[Any]],
+    dv: npt.NDArray[np.floating[Any]],
+    *,
+    scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    mask: Optional[npt.NDArray[Any]] = None,
+    key_padding: Optional[npt.NDArray[np.bool_]] = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    key_lengths: Optional[npt.NDArray[np.int64]] = None,
+    dscores: Optional[npt.NDArray[np.floating[Any]]] = None,
+) -> None: ...
 def num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
 def default_num_threads() -> int: ...

@@ -278,8 +278,9 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
     return_weights: bool = False,
+    return_lse: bool = False,
     out: Optional[np.ndarray] = None,
-) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Multi-head scaled dot-product attention, ``softmax(q k^T * scale + mask) v``.
 
     Parameters
@@ -319,6 +320,12 @@ def scaled_dot_product_attention(
     return_weights : bool
         Also return the (B, Hq, Lq, Lk) attention weights (after dropout).
         This materialises the full matrix; the output alone never does.
+    return_lse : bool
+        Also return the per-row log-sum-exp of the scaled, masked scores
+        (natural log; ``-inf`` for a row that sees no key), shape (B, Hq, Lq).
+        It is what ``scaled_dot_product_attention_backward`` needs to
+        recompute the weights. Always float64: rounded to float32 it would
+        cost the recomputed weights digits when the scores are large.
     out : array (B, Hq, Lq, Dv), optional
         Preallocated output of the inputs' dtype; may be a strided view.
 
@@ -326,6 +333,7 @@ def scaled_dot_product_attention(
     -------
     out : array (B, Hq, Lq, Dv), the inputs' dtype
     weights : array (B, Hq, Lq, Lk), only with ``return_weights=True``
+    lse : array (B, Hq, Lq), only with ``return_lse=True`` (always last)
 
     A query row that can see no key gives zeros (and zero weights).
     float16 inputs are computed in float32 and returned as float16.
@@ -346,6 +354,8 @@ def scaled_dot_product_attention(
     p, seed_v = _dropout(dropout_p, seed)
     if not isinstance(return_weights, (bool, np.bool_)):
         raise InvalidParameterError(f"return_weights: expected a bool, got {return_weights!r}")
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise InvalidParameterError(f"return_lse: expected a bool, got {return_lse!r}")
 
     mask = None
     if attn_mask is not None:
@@ -384,11 +394,12 @@ def scaled_dot_product_attention(
         result = out if batched else out[np.newaxis]
     else:
         result = np.empty(out_shape4, dtype)
+    lse = np.full((b, hq, lq, 1), -np.inf, np.float64) if return_lse else None
 
     _core.attention_forward(
         q4, k4, v4, result,
         scale=scale_v, window_left=left, window_right=right,
-        mask=mask, key_padding=kpm, dropout_p=p, seed=seed_v, weights=weights,
+        mask=mask, key_padding=kpm, dropout_p=p, seed=seed_v, weights=weights, lse=lse,
         key_lengths=lengths,
     )
 
@@ -401,8 +412,11 @@ def scaled_dot_product_attention(
         result = out  # (unbatched, direct: result was a view of it)
     elif result.dtype != in_dtype:
         result = result.astype(in_dtype)
+    extra: list[np.ndarray] = []
     if weights is not None:
-        if weights.dtype != in_dtype:
-            weights = weights.astype(in_dtype)
-        return result, weights
+        extra.append(weights if weights.dtype == in_dtype else weights.astype(in_dtype))
+    if lse is not None:
+        extra.append(lse[..., 0] if batched else lse[0, ..., 0])
+    if extra:
+        return (result, *extra)
     return result

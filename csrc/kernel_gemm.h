@@ -1,0 +1,85 @@
+// A small register-blocked matrix product for the backward's tiles. A
+// fragment included inside tileattn::<isa> (see kernel_common.h); Simd<T>
+// comes from that ISA's simd_<isa>.h.
+//
+// The backward needs five products per tile, with the small operand on
+// either side and transposed or not. One kernel serves them all: the left
+// operand A is read by scalar broadcasts through two strides (so A or A^T
+// costs the same), the right operand B and the result C are row-major with
+// rows of whole SIMD registers. Every element of C is one fused
+// multiply-add chain in increasing order of the inner index, whatever the
+// tile sizes, so the products are bitwise reproducible.
+
+// c[MR][NV * W] (row stride ldc) (+)= sum over x < kd of
+// a[r * a_rs + x * a_cs] * b[x * ldb + lane]. b and c are 64-byte aligned,
+// ldb and ldc multiples of W. The sum over x is formed on its own and then
+// added to c (c + (a b), not one chain continuing from c): sums that run
+// over many calls (dK over every query block) are then blocked, with
+// rounding errors growing with the block length plus the number of
+// blocks rather than with the whole length. With kSkipZero, a term whose a is 0 is left
+// out instead of adding 0 * b: the same sum for finite b, and a NaN or inf
+// in a row of b that a row of a does not use (a hidden key) stays out.
+template <typename T, int NV, bool kSkipZero = false>
+inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb,
+                       int64_t kd, T* c, int64_t ldc, bool accumulate) {
+  using S = Simd<T>;
+  using reg = typename S::reg;
+  constexpr int MR = S::MR, W = S::W;
+  reg acc[MR][NV];
+  TILEATTN_UNROLL
+  for (int r = 0; r < MR; ++r)
+    TILEATTN_UNROLL
+    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
+  for (int64_t x = 0; x < kd; ++x) {
+    reg bx[NV];
+    TILEATTN_UNROLL
+    for (int v = 0; v < NV; ++v) bx[v] = S::load(b + x * ldb + v * W);
+    const T* ax = a + x * a_cs;
+    TILEATTN_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const reg ar = S::set1(ax[r * a_rs]);
+      TILEATTN_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        if (kSkipZero)
+          acc[r][v] = S::keep_where_zero(ar, acc[r][v], S::fmadd(ar, bx[v], acc[r][v]));
+        else
+          acc[r][v] = S::fmadd(ar, bx[v], acc[r][v]);
+      }
+    }
+  }
+  TILEATTN_UNROLL
+  for (int r = 0; r < MR; ++r)
+    TILEATTN_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      T* cv = c + r * ldc + v * W;
+      S::store(cv, accumulate ? S::add(S::load(cv), acc[r][v]) : acc[r][v]);
+    }
+}
+
+// C (m x n) (+)= A (m x kd) B (kd x n), with m a multiple of MR and n a
+// multiple of W (callers pad their tiles). Column strips of C are the outer
+// loop, so a strip of B (kd x NV * W) stays in L1 while A streams past it.
+template <typename T, bool kSkipZero = false>
+void gemm_tile(int64_t m, int64_t n, int64_t kd, const T* a, int64_t a_rs, int64_t a_cs,
+               const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  using S = Simd<T>;
+  constexpr int MR = S::MR, W = S::W, NV = S::NV;
+  static_assert(NV == 3, "the remainder strips below assume three registers per strip");
+  int64_t j = 0;
+  // Four registers wide (e.g. a head size of 64 floats on AVX-512): two
+  // strips of two, not three and one, so no strip is load-bound.
+  const int64_t wide = n == 4 * W ? 0 : n;
+  for (; j + NV * W <= wide; j += NV * W)
+    for (int64_t i = 0; i < m; i += MR)
+      gemm_micro<T, NV, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
+                        accumulate);
+  for (; n - j >= 2 * W; j += 2 * W)
+    for (int64_t i = 0; i < m; i += MR)
+      gemm_micro<T, 2, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
+                       accumulate);
+  if (n - j == W) {
+    for (int64_t i = 0; i < m; i += MR)
+      gemm_micro<T, 1, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
+                       accumulate);
+  }
+}

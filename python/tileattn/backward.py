@@ -1,0 +1,226 @@
+"""The backward of scaled dot-product attention: gradients of q, k, v (and of
+a float attn_mask) from the forward's output and log-sum-exp, computed by the
+fused C++ kernel without ever forming the (Lq, Lk) weights."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from ._errors import DTypeError, InvalidParameterError, ShapeError
+from .functional import (
+    _NATIVE,
+    ArrayLike,
+    Window,
+    _as_input,
+    _attn_mask,
+    _check_qkv,
+    _dropout,
+    _key_padding,
+    _kernel_array,
+    _scale_value,
+    _shape,
+    _window_bounds,
+)
+
+Grads = Union[Tuple[np.ndarray, np.ndarray, np.ndarray],
+              Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _check_like(a: ArrayLike, name: str, shape: Tuple[int, ...], dtype: np.dtype[Any],
+                what: str) -> np.ndarray:
+    arr = _as_input(a, name)
+    if arr.shape != shape:
+        raise ShapeError(f"{name}: expected shape {shape} ({what}), got {_shape(arr)}")
+    if arr.dtype != dtype:
+        raise DTypeError(f"{name}: expected dtype {dtype} (q's dtype), got {arr.dtype}")
+    return arr
+
+
+def _check_grads_out(grads_out: Any, like: Tuple[np.ndarray, ...]) -> Tuple[Any, ...]:
+    if grads_out is None:
+        return (None, None, None)
+    if not isinstance(grads_out, (tuple, list)) or len(grads_out) != 3:
+        raise InvalidParameterError(
+            f"grads_out: expected a tuple (dq, dk, dv) of arrays, got {type(grads_out).__name__}"
+        )
+    for name, u, a in zip(("dq", "dk", "dv"), grads_out, like):
+        if not isinstance(u, np.ndarray):
+            raise InvalidParameterError(
+                f"grads_out: {name} must be a numpy array, got {type(u).__name__}"
+            )
+        if u.shape != a.shape:
+            raise ShapeError(f"grads_out: {name} must have shape {a.shape}, got {_shape(u)}")
+        if u.dtype != a.dtype:
+            raise DTypeError(f"grads_out: {name} must have dtype {a.dtype}, got {u.dtype}")
+        if not u.flags.writeable:
+            raise InvalidParameterError(f"grads_out: {name} is read-only")
+    return tuple(grads_out)
+
+
+def _unbroadcast(grad: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+    """Sums grad over the axes along which an array of `shape` was broadcast."""
+    lead = grad.ndim - len(shape)
+    if lead:
+        grad = grad.sum(axis=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)
+
+
+def scaled_dot_product_attention_backward(
+    dout: ArrayLike,
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    out: ArrayLike,
+    lse: ArrayLike,
+    *,
+    attn_mask: Optional[ArrayLike] = None,
+    key_padding_mask: Optional[ArrayLike] = None,
+    is_causal: bool = False,
+    window: Window = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    return_mask_grad: bool = False,
+    grads_out: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
+) -> Grads:
+    """Gradients of ``scaled_dot_product_attention`` with respect to its inputs.
+
+    Pass the incoming gradient, the forward's inputs, its output and the
+    log-sum-exp it returned with ``return_lse=True``, and the same options the
+    forward was called with::
+
+        out, lse = tileattn.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                         return_lse=True)
+        dq, dk, dv = tileattn.scaled_dot_product_attention_backward(
+            dout, q, k, v, out, lse, is_causal=True)
+
+    The weights are recomputed block by block from ``q``, ``k`` and ``lse``
+    (the (Lq, Lk) matrix is never formed); key blocks that the causal mask or
+    the window hide are skipped as in the forward.
+
+    Parameters
+    ----------
+    dout : array (B, Hq, Lq, Dv) or unbatched (Hq, Lq, Dv)
+        Gradient of the loss with respect to the output.
+    q, k, v : arrays (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv)
+        The forward's inputs (unbatched without the leading axis).
+    out : array (B, Hq, Lq, Dv)
+        The forward's output (after dropout).
+    lse : array (B, Hq, Lq)
+        The forward's log-sum-exp (``return_lse=True``, float64).
+    attn_mask, key_padding_mask, is_causal, window, scale
+        As in the forward; they must be the ones it used.
+    dropout_p, seed : float, int
+        As in the forward: the dropout mask is regenerated from the seed, so
+        ``seed`` is required when ``dropout_p > 0``.
+    return_mask_grad : bool
+        Also return the gradient of a float ``attn_mask``, summed over the
+        axes it was broadcast along (so it has the mask's own shape and
+        dtype). This materialises a (B, Hq, Lq, Lk) buffer while it computes.
+    grads_out : (dq, dk, dv) arrays, optional
+        Preallocated outputs shaped and typed like q, k, v (they may be
+        strided views, e.g. into the gradient of a fused QKV projection);
+        they are overwritten and returned.
+
+    Returns
+    -------
+    dq : array (B, Hq, Lq, D)
+    dk : array (B, Hkv, Lk, D)
+        With grouped-query attention, the sum over the query heads that share
+        each key/value head (likewise ``dv``).
+    dv : array (B, Hkv, Lk, Dv)
+    dmask : array of attn_mask's shape, only with ``return_mask_grad=True``
+
+    Gradients have the inputs' dtype (float16 is computed in float32). Rows
+    that see no key contribute zero gradient; keys no query sees get zero.
+    Results are bitwise identical for any number of threads.
+    """
+    q, k, v = _as_input(q, "q"), _as_input(k, "k"), _as_input(v, "v")
+    _check_qkv(q, k, v)
+    batched = q.ndim == 4
+    in_dtype = q.dtype
+    dtype = in_dtype if in_dtype in _NATIVE else np.dtype(np.float32)
+    q4, k4, v4 = (a if batched else a[np.newaxis] for a in (q, k, v))
+    b, hq, lq, d = q4.shape
+    lk, dv_ = k4.shape[2], v4.shape[3]
+    out_shape = (b, hq, lq, dv_) if batched else (hq, lq, dv_)
+    out_a = _check_like(out, "out", out_shape, in_dtype, "the forward's output")
+    dout_a = _check_like(dout, "dout", out_shape, in_dtype, "like the forward's output")
+    lse_a = lse if isinstance(lse, np.ndarray) else np.asarray(lse)
+    if lse_a.dtype.kind != "f":
+        raise DTypeError(f"lse: expected a float array (the forward's lse), got {lse_a.dtype}")
+    if lse_a.shape != out_shape[:-1]:
+        raise ShapeError(
+            f"lse: expected shape {out_shape[:-1]} (the forward's lse, one value per query "
+            f"row), got {_shape(lse_a)}"
+        )
+
+    left, right = _window_bounds(window, is_causal)
+    scale_v = _scale_value(scale, d)
+    p, _ = _dropout(dropout_p, 0 if seed is None else seed)
+    if p > 0 and seed is None:
+        raise InvalidParameterError(
+            "seed: the backward of dropout regenerates the forward's dropout mask, so pass "
+            "the seed the forward used"
+        )
+    seed_v = 0 if seed is None else int(seed)
+    if not isinstance(return_mask_grad, (bool, np.bool_)):
+        raise InvalidParameterError(
+            f"return_mask_grad: expected a bool, got {return_mask_grad!r}"
+        )
+
+    mask = None
+    mask_shape: Tuple[int, ...] = ()
+    mask_dtype = dtype
+    if attn_mask is not None:
+        m = attn_mask if isinstance(attn_mask, np.ndarray) else np.asarray(attn_mask)
+        mask_shape, mask_dtype = m.shape, m.dtype
+        mask = _attn_mask(m, (b, hq, lq, lk), dtype, batched)
+    if return_mask_grad and (mask is None or mask.dtype == np.bool_):
+        raise InvalidParameterError(
+            "return_mask_grad: only a float attn_mask has a gradient; "
+            + ("none was given" if mask is None else "this one is bool")
+        )
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = _key_padding(key_padding_mask, b, lk, batched)
+
+    o4, g4 = (a if batched else a[np.newaxis] for a in (out_a, dout_a))
+    l4 = (lse_a if batched else lse_a[np.newaxis])[..., np.newaxis]
+    user_out = _check_grads_out(grads_out, (q, k, v))
+    q4, k4, v4, o4, g4 = (_kernel_array(a, dtype) for a in (q4, k4, v4, o4, g4))
+    l4 = _kernel_array(l4, np.dtype(np.float64))
+    inputs = (q, k, v, out_a, dout_a)
+    shapes = ((b, hq, lq, d), (b, k4.shape[1], lk, d), (b, k4.shape[1], lk, dv_))
+    # Write straight into the caller's arrays when the kernel can.
+    direct = [u is not None and u.dtype == dtype and u.flags.aligned
+              and not any(s % u.itemsize for s in u.strides)
+              and not any(np.may_share_memory(u, a) for a in inputs) for u in user_out]
+    dq, dk, dv = (
+        (u if batched else u[np.newaxis]) if ok and u is not None else np.empty(shape, dtype)
+        for u, ok, shape in zip(user_out, direct, shapes))
+    dscores = np.zeros((b, hq, lq, lk), dtype) if return_mask_grad else None
+
+    _core.attention_backward(
+        q4, k4, v4, o4, l4, g4, dq, dk, dv,
+        scale=scale_v, window_left=left, window_right=right,
+        mask=mask, key_padding=kpm, dropout_p=p, seed=seed_v, dscores=dscores,
+    )
+
+    grads = [a if batched else a[0] for a in (dq, dk, dv)]
+    grads = [a if a.dtype == in_dtype else a.astype(in_dtype) for a in grads]
+    for i, (u, ok) in enumerate(zip(user_out, direct)):
+        if u is not None and not ok:
+            u[...] = grads[i]
+        if u is not None:
+            grads[i] = u
+    if dscores is not None:
+        ds = dscores if batched else dscores[0]
+        grads.append(_unbroadcast(ds, mask_shape).astype(mask_dtype, copy=False))
+    return tuple(grads)  # type: ignore[return-value]
