@@ -541,7 +541,7 @@ def check_sdpa_result(res, inputs, kw, values, c):
         kpm = np.asarray(kpm).astype(bool)
         kpm = kpm if batched else kpm[None]
     dropout = bool(ref.get("dropout_p"))
-    if dropout and (ref.get("seed") is None or lengths is not None):
+    if dropout and (ref.get("seed") is None or lengths is not None or _nonfinite(c)):
         # Random masks (no seed), or the oracle's per-item split (key_lengths)
         # changes the flat weight index the dropout hash is keyed on.
         if not np.isfinite(out).all() and all(np.isfinite(a).all() for a in (q, k, v)):
@@ -945,7 +945,11 @@ def target_mha(c):
         if isinstance(bad, int) and not isinstance(bad, bool) and bad >= 10**12:
             e.add(HUGE, {c["bad"], "embed_dim", "num_heads", "num_kv_heads", "head_dim"})
         elif c["bad"] == "num_heads" and bad == 3:
-            e.add(BAD, {"num_heads", "num_kv_heads", "embed_dim"}, (InvalidParameterError,))
+            hd = ctor["head_dim"]
+            if 3 % ctor["num_kv_heads"] or (hd is None and args[0] % 3):
+                e.add(BAD, {"num_heads", "num_kv_heads", "embed_dim"}, (InvalidParameterError,))
+            elif ctor.get("rope") and (hd or args[0] // 3) % 2:
+                e.add(BAD, {"rope", "head_dim"}, (InvalidParameterError,))
         elif c["bad"] == "num_kv_heads" and bad == 3:
             e.add(BAD, {"num_heads", "num_kv_heads"}, (InvalidParameterError,))
         else:
