@@ -433,10 +433,13 @@ struct BackwardTask {
     // every lane or row past cols holds an exact 0.
     const int64_t n = Tl::round_up(cols, std::max(W, MR));
     const int64_t mk = Tl::round_up(cols, MR);
-    // S = Q K^T (queries x keys, base 2), then P. One multiply-add chain
-    // over the head, as the forward forms its scores: S has the forward's
-    // bits, so a row that sees one key gets P = 2^(s - lse2) = 1 exactly.
-    gemm_tile<T>(m, n, t.d, sc.qf, t.dp, 1, kbk.kt, BC, sc.s, BC, false);
+    // S = Q K^T (queries x keys, base 2), then P. Segments of kScoreSegment
+    // of the head, each its own chain and added in order, as the forward
+    // forms its scores: S has the forward's bits, so a row that sees one
+    // key gets P = 2^(s - lse2) = 1 exactly.
+    for (int64_t x0 = 0; x0 == 0 || x0 < t.d; x0 += kScoreSegment)
+      gemm_tile<T>(m, n, std::min<int64_t>(kScoreSegment, t.d - x0), sc.qf + x0, t.dp, 1,
+                   kbk.kt + x0 * BC, BC, sc.s, BC, x0 > 0);
     probabilities(kbk.visible, h, i0, rows, j0, cols, m, !inside);
     const T* pd = sc.s;
     if (dr.active()) {
