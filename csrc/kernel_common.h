@@ -248,7 +248,7 @@ inline void widen_row(const Half* src, int64_t n, float* dst) {
 // weights as 2^(s - lse * log2 e) loses no digits of float32 scores.
 template <typename T>
 inline double natural_lse(T m, T l) {
-  if (!(l > T(0))) return -std::numeric_limits<double>::infinity();
+  if (l == T(0)) return -std::numeric_limits<double>::infinity();
   return (static_cast<double>(m) + std::log2(static_cast<double>(l))) * kLn2;
 }
 

@@ -363,7 +363,7 @@ void decode_merge(const AttentionParams& p, const DecodeShape<T>& ds, int64_t b,
     }
     const int64_t h = hk * group + r / p.Lq, i = r % p.Lq;
     T* dst = static_cast<T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h + i * p.out_stride.r;
-    for (int64_t e = 0; e < p.Dv; ++e) dst[e * p.out_stride.c] = l > T(0) ? o[e] / l : T(0);
+    for (int64_t e = 0; e < p.Dv; ++e) dst[e * p.out_stride.c] = l != T(0) ? o[e] / l : T(0);
     if (p.lse) p.lse[b * p.lse_stride.b + h * p.lse_stride.h + i * p.lse_stride.r] = natural_lse(m, l);
   }
 }

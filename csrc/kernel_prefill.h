@@ -542,7 +542,7 @@ struct PrefillTask {
       T* dst = out + (rr.i0 + i) * p.out_stride.r;
       const T l = sc.l_run[i];
       for (int64_t e = 0; e < t.dv; ++e)
-        dst[e * p.out_stride.c] = l > T(0) ? sc.ot_run[e * BR + i] / l : T(0);
+        dst[e * p.out_stride.c] = l != T(0) ? sc.ot_run[e * BR + i] / l : T(0);
       if (lse) lse[(rr.i0 + i) * p.lse_stride.r] = natural_lse(sc.m_run[i], l);
     }
   }
@@ -559,7 +559,7 @@ struct PrefillTask {
         const T m = sc.m_run[i], l = sc.l_run[i];
         for (int64_t jj = 0; jj < cols; ++jj) {
           T& s = sc.st[jj * BR + i];
-          s = l > T(0) ? std::exp2(s - m) / l : T(0);
+          s = l != T(0) ? std::exp2(s - m) / l : T(0);
         }
       }
       if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);

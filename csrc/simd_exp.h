@@ -50,7 +50,9 @@ inline typename S::reg vec_exp2(typename S::reg x) {
   using T = typename S::scalar;
   using C = Exp2Constants<T>;
   using reg = typename S::reg;
-  const reg xc = S::min(x, S::set1(C::overflow));
+  // min(limit, x), not min(x, limit): the SIMD min returns its second operand
+  // when either is NaN, and a NaN x must stay NaN (not become 2^overflow).
+  const reg xc = S::min(S::set1(C::overflow), x);
   const reg magic = S::set1(S::round_magic());
   const reg t = S::add(xc, magic);  // low mantissa bits of t = n
   const reg r = S::sub(xc, S::sub(t, magic));

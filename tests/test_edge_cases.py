@@ -162,13 +162,8 @@ def test_sinusoidal_positions_beyond_numpy_sizes():
 
 
 # -- known C++ bugs: strict xfails, to be removed with the fix --------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "C++ bug: a NaN in a query row (or in a visible key) is not propagated: the "
-    "decode path (Lq <= 4) returns zeros for the row (NaN max taken as 'no visible "
-    "key'), the blocked path returns v (Lk = 1), zeros or finite values (Lk = 2) "
-    "depending on where the SIMD max meets the NaN"))
 @pytest.mark.parametrize("lq", [1, 200])
-def test_nan_in_q_or_k_propagates(lq):
+def test_nan_in_q_or_k_propagates(each_isa, lq):
     rng = np.random.default_rng(0)
     q, k, v = make_qkv(rng, 1, 1, 1, lq, 2, 4)
     qn = q.copy()
