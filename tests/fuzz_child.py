@@ -847,7 +847,10 @@ def target_sinusoidal(c):
 
 # -- MultiHeadAttention ------------------------------------------------------------
 MHA_BAD = {
-    "embed_dim": [0, -8, 8.0, "8", True, None, 10**12],
+    # (no huge embed_dim: 10**12 is a known bug (E*E past NumPy's index type,
+    # tests/test_resources.py::test_module_past_numpy_sizes_raises_memory_error),
+    # and 10**7 with a small head_dim is a legal module of gigabytes)
+    "embed_dim": [0, -8, 8.0, "8", True, None],
     "num_heads": [0, -1, 2.0, "2", True, 3, 10**12],
     "num_kv_heads": [0, 3, 2.0, -2, 10**12],
     "head_dim": [0, -4, 3.5, 10**12],

@@ -84,6 +84,10 @@ def test_impossible_weights_raise_memory_error():
 def test_impossible_sizes_elsewhere_raise_memory_error():
     with pytest.raises(MemoryError):
         tileattn.KVCache(2**10, 64, 2**30, 128)      # 32 TiB
+    with pytest.raises(MemoryError):
+        tileattn.MultiHeadAttention(10**6, 1)         # 7 TiB of weights
+    with pytest.raises(MemoryError):
+        tileattn.sinusoidal_positions(10**12, 64)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -92,10 +96,15 @@ def test_impossible_sizes_elsewhere_raise_memory_error():
 def test_kv_cache_past_numpy_sizes_raises_memory_error():
     with pytest.raises(MemoryError):
         tileattn.KVCache(2**20, 64, 2**30, 128)      # 2**65 bytes
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "linear.py bug: glorot_uniform of a weight whose size overflows NumPy's index "
+    "type (MultiHeadAttention(10**12, 1): 10**24 elements) raises NumPy's untyped "
+    "ValueError ('array is too big') instead of MemoryError"))
+def test_module_past_numpy_sizes_raises_memory_error():
     with pytest.raises(MemoryError):
         tileattn.MultiHeadAttention(10**12, 1)
-    with pytest.raises(MemoryError):
-        tileattn.sinusoidal_positions(10**12, 64)
 
 
 INTERRUPT = r"""
