@@ -418,5 +418,5 @@ def scaled_dot_product_attention(
     if lse is not None:
         extra.append(lse[..., 0] if batched else lse[0, ..., 0])
     if extra:
-        return (result, *extra)
+        return cast(Tuple[np.ndarray, np.ndarray], (result, *extra))
     return result
