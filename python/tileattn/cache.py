@@ -52,7 +52,7 @@ import numpy as np
 
 from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from .functional import _dropout, _scale_value, _window_bounds
+from .functional import _check_out, _dropout, _scale_value, _window_bounds
 
 _STORAGE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _FLOATS = _STORAGE
@@ -443,16 +443,7 @@ class KVCache:
         scale_v = _scale_value(scale, self.head_dim)
         p, seed_v = _dropout(dropout_p, seed)
         out_shape = (self.batch, hq, t, self.value_dim)
-        if out is None:
-            out = np.empty(out_shape, qdt)
-        elif not isinstance(out, np.ndarray):
-            raise InvalidParameterError(f"out: expected a numpy array, got {type(out).__name__}")
-        elif out.shape != out_shape:
-            raise ShapeError(f"out: expected shape {out_shape}, got {_shape(out)}")
-        elif out.dtype != qdt:
-            raise DTypeError(f"out: expected dtype {qdt} (q's), got {out.dtype}")
-        elif not out.flags.writeable:
-            raise InvalidParameterError("out: array is read-only")
+        out = np.empty(out_shape, qdt) if out is None else _check_out(out, out_shape, qdt)
         with self._in_use():
             return self._attend(qa, k4, v4, out, counts, left, right,
                                 dict(scale=scale_v, dropout_p=p, seed=seed_v))
