@@ -90,9 +90,6 @@ def test_impossible_sizes_elsewhere_raise_memory_error():
         tileattn.sinusoidal_positions(10**12, 64)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cache.py bug: a KVCache whose size overflows NumPy's index type raises "
-    "NumPy's untyped ValueError ('array is too big') from np.zeros"))
 def test_kv_cache_past_numpy_sizes_raises_memory_error():
     with pytest.raises(MemoryError):
         tileattn.KVCache(2**20, 64, 2**30, 128)      # 2**65 bytes

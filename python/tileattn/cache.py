@@ -52,6 +52,7 @@ import numpy as np
 
 from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
+from ._memory import check_fits
 from .functional import _check_out, _dropout, _scale_value, _window_bounds
 
 _STORAGE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -177,6 +178,8 @@ class KVCache:
 
     def _allocate(self) -> None:
         b, h, n = self.batch, self.num_kv_heads, self.capacity
+        check_fits("KVCache", (b, h, n, max(self.head_dim, self.value_dim)),
+                   self.dtype.itemsize)
         self.k = np.zeros((b, h, n, self.head_dim), self.dtype)
         self.v = np.zeros((b, h, n, self.value_dim), self.dtype)
         self._lengths = np.zeros(b, np.int64)

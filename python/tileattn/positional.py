@@ -10,6 +10,7 @@ from typing import Any, Tuple
 import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError, ShapeError
+from ._memory import check_fits
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -144,9 +145,7 @@ def sinusoidal_positions(length: int, dim: int, *, base: float = 10000.0,
     """
     n = _int("length", length, 0)
     d = _int("dim", dim, 1)
-    if max(n * d, n, d) * 8 > np.iinfo(np.intp).max:
-        # NumPy refuses such shapes with a ValueError; it is a size no memory holds.
-        raise MemoryError(f"sinusoidal_positions: a ({n}, {dim}) table does not fit in memory")
+    check_fits("sinusoidal_positions", (n, d), 8)  # built in float64
     base_v = _positive_real("base", base)
     try:
         dt = np.dtype(dtype)
