@@ -168,8 +168,12 @@ AttentionParams params_from(py::array q, py::array k, py::array v, py::array out
   p.v = v.data();
   p.out = out.mutable_data();
   p.scale = scale;
-  p.window_left = window_left;
-  p.window_right = window_right;
+  // A bound of Lq + Lk or more hides no key on its side: it is the same as
+  // unbounded, and stored as -1 so the kernel's index arithmetic
+  // (i + shift + right, j - shift + left) cannot overflow near INT64_MAX.
+  const int64_t unbounded_from = p.Lq + p.Lk;
+  p.window_left = window_left >= unbounded_from ? -1 : window_left;
+  p.window_right = window_right >= unbounded_from ? -1 : window_right;
   set_mask(p, mask, dt);
   set_key_padding(p, key_padding);
   set_key_lengths(p, key_lengths);

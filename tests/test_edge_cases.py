@@ -161,7 +161,7 @@ def test_sinusoidal_positions_beyond_numpy_sizes():
         tileattn.sinusoidal_positions(1, 2**70)
 
 
-# -- known C++ bugs: strict xfails, to be removed with the fix --------------------------
+# -- C++ bugs once caught here (their fixes keep these tests) ---------------------------
 @pytest.mark.parametrize("lq", [1, 200])
 def test_nan_in_q_or_k_propagates(each_isa, lq):
     rng = np.random.default_rng(0)
@@ -178,11 +178,6 @@ SANITIZED = os.environ.get("TILEATTN_SANITIZED") == "1"
 
 
 @pytest.mark.skipif(not SANITIZED, reason="signed overflow is only seen by UBSan (.ci/sanitize.sh)")
-@pytest.mark.xfail(strict=True, reason=(
-    "C++ bug: KeyBounds (kernel_common.h, hi(): i + shift + right; "
-    "kernel_prefill.h, first_query(j) - i0 / last_query(j) - i0 + 1) overflows int64 "
-    "for window bounds near 2**63 passed to _core.attention_forward (the Python "
-    "layer now clamps them to 2**62)"))
 def test_core_window_bounds_near_int64_max_do_not_overflow(tmp_path):
     code = (
         "import numpy as np, tileattn\n"
@@ -197,3 +192,16 @@ def test_core_window_bounds_near_int64_max_do_not_overflow(tmp_path):
                        timeout=120)
     reports = "".join(p.read_text() for p in tmp_path.glob("ubsan*"))
     assert r.returncode == 0 and "runtime error" not in reports + r.stderr, reports + r.stderr
+
+
+@pytest.mark.parametrize("left,right", [(2**63 - 1, 0), (0, 2**63 - 1), (2**63 - 1, 2**63 - 1),
+                                        (700, 300)])
+def test_core_window_bounds_past_the_keys_mean_unbounded(each_isa, left, right):
+    # The core stores a bound of Lq + Lk or more as "unbounded" (-1): same result.
+    rng = np.random.default_rng(3)
+    q, k, v = make_qkv(rng, 1, 2, 2, 300, 400, 8)
+    out = np.empty_like(q)
+    tileattn._core.attention_forward(q, k, v, out, scale=0.35, window_left=left,
+                                     window_right=right)
+    assert_close_to_reference(out, q, k, v, scale=0.35,
+                              window=(min(left, 2**40), min(right, 2**40)))
