@@ -220,3 +220,85 @@ def activation_(name: str, x: np.ndarray, bias: Optional[np.ndarray] = None) -> 
 def activation(name: str, x: np.ndarray) -> np.ndarray:
     """Out-of-place ``activation_``: a new C-contiguous array."""
     return activation_(name, np.array(x, order="C", copy=True))
+
+
+# -- derivatives (the backward passes) -----------------------------------------
+def _poly(coefs: Tuple[float, ...], t: np.ndarray) -> np.ndarray:
+    """Horner's rule, highest power first, in t's dtype."""
+    f = t.dtype.type
+    p = np.full(t.shape, f(coefs[0]), t.dtype)
+    for c in coefs[1:]:
+        p *= t
+        p += f(c)
+    return p
+
+
+def normal_cdf(x: np.ndarray) -> np.ndarray:
+    """Phi(x) (a new array of x's float dtype) with the fits the exact GELU
+    uses: float64 through erfc, float32 through the tanh form."""
+    f = x.dtype.type
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        if x.dtype == np.float64:
+            scale, shift, coefs = _ERFC_FIT
+            z = np.abs(x) * f(_SQRT_HALF)
+            t = f(1.0) / (z * f(0.5) + f(1.0))
+            p = _poly(coefs, t * f(scale) + f(shift))
+            p -= z * z
+            p = np.exp(p) * t                   # Phi(-|x|), full relative precision
+            cdf: np.ndarray = np.where(x > 0, f(1.0) - p, p)
+            return cdf
+        y = x * f(0.5)
+        g = _poly(_HALF_FORM, y * y) * y
+        cdf = (np.tanh(g) + f(1.0)) * f(0.5)
+        return cdf
+
+
+def _gelu_grad(x: np.ndarray) -> np.ndarray:
+    # d/dx x Phi(x) = Phi(x) + x phi(x)
+    f = x.dtype.type
+    with np.errstate(over="ignore", under="ignore"):
+        pdf = np.exp(x * x * f(-0.5)) * f(1.0 / math.sqrt(2.0 * math.pi))
+    d: np.ndarray = normal_cdf(x) + x * pdf
+    return d
+
+
+def _gelu_tanh_grad(x: np.ndarray) -> np.ndarray:
+    # 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2), t = tanh(c (x + a x^3))
+    f = x.dtype.type
+    with np.errstate(over="ignore", invalid="ignore"):
+        x2 = x * x
+        t = np.tanh(x * (x2 * f(0.044715) + f(1.0)) * f(_GELU_TANH_C))
+        inner = (x2 * f(3 * 0.044715) + f(1.0)) * f(_GELU_TANH_C)
+        flat = f(1.0) - t * t
+        # Huge |x|: inner overflows where tanh is flat (0 * inf); the slope is 0.
+        d: np.ndarray = np.where(flat == 0, f(0.0), x * flat * inner)
+        d += t
+        d += f(1.0)
+        d *= f(0.5)
+        return d
+
+
+def _silu_grad(x: np.ndarray) -> np.ndarray:
+    # sigmoid(x) (1 + x (1 - sigmoid(x))), sigmoid via tanh (no exp overflow)
+    f = x.dtype.type
+    s = (np.tanh(x * f(0.5)) + f(1.0)) * f(0.5)
+    d: np.ndarray = s * (x * (f(1.0) - s) + f(1.0))
+    return d
+
+
+def _relu_grad(x: np.ndarray) -> np.ndarray:
+    return (x > 0).astype(x.dtype)      # 0 at x == 0, as PyTorch
+
+
+_GRAD_FNS: Dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "relu": _relu_grad, "gelu": _gelu_grad, "gelu_tanh": _gelu_tanh_grad,
+    "silu": _silu_grad,
+}
+
+
+def activation_backward(name: str, pre: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """dL/d(pre) = grad * f'(pre) for ``activation_(name, pre)``; pre and
+    grad are same-shaped float arrays; returns a new array of pre's dtype."""
+    d = _GRAD_FNS[check_activation(name)](pre)
+    d *= grad
+    return d

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, cast
+from typing import Any, Dict, Optional, Tuple, cast
 
 import numpy as np
 
-from ._errors import ShapeError
+from ._errors import DTypeError, ShapeError
 from .module import Module
 
 
@@ -23,6 +23,30 @@ def as_2d_rows(x: np.ndarray) -> np.ndarray:
     """(..., F) -> (N, F): one GEMM instead of a batch of small ones (a free
     reshape when x is contiguous)."""
     return x.reshape(-1, x.shape[-1])
+
+
+def grad_input(grad: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A backward's incoming gradient as an array of the forward output's
+    ``shape``, in the module's compute ``dtype``."""
+    g = grad if isinstance(grad, np.ndarray) else np.asarray(grad)
+    if g.dtype.kind != "f":
+        raise DTypeError(f"grad_output: expected a float array, got dtype {g.dtype}")
+    if g.shape != shape:
+        raise ShapeError(f"grad_output: expected shape {shape} (the forward's output), "
+                         f"got {g.shape}")
+    return g.astype(dtype, copy=False)
+
+
+def linear_backward(lin: "Linear", x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """For y = x W^T + b with x (..., in), g = dL/dy (..., out): adds
+    g^T x into lin's weight gradient and sum(g) into its bias gradient, and
+    returns dL/dx = g W (..., in) in lin's dtype."""
+    rows, grows = as_2d_rows(x), as_2d_rows(g)
+    lin._accumulate("weight", grows.T @ rows.astype(lin.dtype, copy=False))
+    if lin.bias is not None:
+        lin._accumulate("bias", grows.sum(axis=0))
+    dx: np.ndarray = grows @ lin.weight
+    return dx.reshape(x.shape)
 
 
 class Linear(Module):
@@ -52,15 +76,27 @@ class Linear(Module):
                                                           self.in_features, self.dtype))
         self.register_parameter("bias", np.zeros(self.out_features, self.dtype) if bias else None)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """x (..., in_features) -> (..., out_features), in the module's dtype."""
+    def forward(self, x: np.ndarray, *, training: bool = False) -> np.ndarray:
+        """x (..., in_features) -> (..., out_features), in the module's dtype.
+        With ``training=True`` x is kept (not copied: leave it unchanged) for
+        ``backward``."""
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"x: expected last axis {self.in_features} (in_features), "
                              f"got shape {x.shape}")
         y = as_2d_rows(x) @ self.weight.T
         if self.bias is not None:
             y += self.bias
+        if training:
+            self._save(x)
         return cast(np.ndarray, y.reshape(x.shape[:-1] + (self.out_features,)))
+
+    def backward(self, grad_output: Any) -> np.ndarray:
+        """grad_output (..., out_features) -> dL/dx (..., in_features) in x's
+        dtype; adds dL/dweight and dL/dbias into ``grads``."""
+        x = self._take_saved()
+        g = grad_input(grad_output, x.shape[:-1] + (self.out_features,), self.dtype)
+        dx = linear_backward(self, x, g)
+        return dx.astype(x.dtype, copy=False)
 
     def get_config(self) -> Dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,

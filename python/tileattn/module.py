@@ -82,6 +82,7 @@ class Module:
         d["_params"] = {}
         d["_modules"] = {}
         d["_grads"] = {}
+        d["_saved"] = None
         d["dtype"] = module_dtype(dtype)
 
     # -- registration -------------------------------------------------------
@@ -165,7 +166,7 @@ class Module:
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
 
-    # -- gradients (storage for the backward passes to come) ------------------
+    # -- gradients --------------------------------------------------------------
     def named_grads(self) -> Iterator[Tuple[str, np.ndarray]]:
         """(name, gradient array) for every parameter, allocated on first use."""
         for mod_name, mod in self.named_modules():
@@ -176,9 +177,46 @@ class Module:
                         g = mod._grads[name] = np.zeros_like(p)
                     yield (f"{mod_name}.{name}" if mod_name else name), g
 
+    @property
+    def grads(self) -> Dict[str, np.ndarray]:
+        """{name: gradient array}, the names of ``named_parameters()``. The
+        arrays are the ones ``backward`` accumulates into (not copies)."""
+        return dict(self.named_grads())
+
     def zero_grad(self) -> None:
         for _, g in self.named_grads():
             g.fill(0)
+
+    # -- backward plumbing ----------------------------------------------------
+    def backward(self, grad_output: Any) -> Any:
+        """Gradient of the input(s) from the gradient of the last training
+        forward's output; parameter gradients are accumulated (see ``grads``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define backward")
+
+    def _accumulate(self, name: str, value: np.ndarray) -> None:
+        """Add ``value`` into the gradient of this module's parameter ``name``."""
+        p = self._params[name]
+        assert p is not None
+        g = self._grads.get(name)
+        if g is None or g.shape != p.shape:
+            g = self._grads[name] = np.zeros_like(p)
+        g += value
+
+    def _save(self, state: Any) -> None:
+        """Keep what ``backward`` needs (only training forwards call this)."""
+        self.__dict__["_saved"] = state
+
+    def _take_saved(self) -> Any:
+        """The state of the last training forward, released (one backward per
+        forward, as PyTorch frees its graph); a typed error if there is none."""
+        state = self.__dict__.get("_saved")
+        if state is None:
+            raise InvalidParameterError(
+                f"{type(self).__name__}.backward: nothing to differentiate; call the module "
+                f"with training=True first (inference calls keep no activations), and call "
+                f"backward once per training forward")
+        self.__dict__["_saved"] = None
+        return state
 
     # -- state dicts ----------------------------------------------------------
     def state_dict(self) -> Dict[str, np.ndarray]:
@@ -273,10 +311,13 @@ class Module:
         return self.forward(*args, **kwargs)
 
     def __getstate__(self) -> Dict[str, Any]:
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        state.pop("_saved", None)      # activations of a training forward: not weights
+        return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # Bypass __setattr__: the parameter dicts are restored wholesale.
+        self.__dict__["_saved"] = None
         self.__dict__.update(state)
 
     def extra_repr(self) -> str:

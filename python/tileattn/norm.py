@@ -7,6 +7,7 @@ from typing import Any, Dict, cast
 import numpy as np
 
 from ._errors import InvalidParameterError, ShapeError
+from .linear import as_2d_rows, grad_input
 from .module import Module
 
 
@@ -38,18 +39,45 @@ class LayerNorm(Module):
         self.register_parameter("weight", np.ones(self.normalized_shape, self.dtype))
         self.register_parameter("bias", np.zeros(self.normalized_shape, self.dtype) if bias else None)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """x (..., normalized_shape) -> same shape, a new array."""
+    def forward(self, x: np.ndarray, *, training: bool = False) -> np.ndarray:
+        """x (..., normalized_shape) -> same shape, a new array. With
+        ``training=True`` the normalised x and 1/std are kept for ``backward``."""
         if x.shape[-1] != self.normalized_shape:
             raise ShapeError(f"x: expected last axis {self.normalized_shape}, got shape {x.shape}")
         mean = x.mean(axis=-1, keepdims=True)
         y = x - mean
         var = np.mean(np.square(y), axis=-1, keepdims=True)
-        y *= (1.0 / np.sqrt(var + self.eps)).astype(y.dtype, copy=False)
+        inv = (1.0 / np.sqrt(var + self.eps)).astype(y.dtype, copy=False)
+        y *= inv
+        if training:
+            self.save_stats(y.copy(), inv, x.dtype)
         y *= self.weight
         if self.bias is not None:
             y += self.bias
         return cast(np.ndarray, y)
+
+    def save_stats(self, xhat: np.ndarray, inv: np.ndarray, dtype: np.dtype) -> None:
+        """Keep xhat = (x - mean) * inv (..., E) and inv = 1/std (..., 1) for
+        ``backward`` (also used by the encoder's in-place norm); ``dtype`` is
+        the input's."""
+        self._save((xhat, inv, dtype))
+
+    def backward(self, grad_output: Any) -> np.ndarray:
+        """grad_output (..., E) -> dL/dx (..., E) in x's dtype; adds dL/dweight
+        and dL/dbias into ``grads``."""
+        xhat, inv, dtype = self._take_saved()
+        g = grad_input(grad_output, xhat.shape, xhat.dtype)
+        rows, grows = as_2d_rows(xhat), as_2d_rows(g)
+        self._accumulate("weight", np.einsum("ij,ij->j", grows, rows))
+        if self.bias is not None:
+            self._accumulate("bias", grows.sum(axis=0))
+        # dx = inv * (gh - mean(gh) - xhat * mean(gh * xhat)), gh = g * weight
+        gh = g * self.weight.astype(g.dtype, copy=False)
+        dx = gh - gh.mean(axis=-1, keepdims=True)
+        dx -= xhat * np.mean(gh * xhat, axis=-1, keepdims=True)
+        dx *= inv
+        out: np.ndarray = dx.astype(dtype, copy=False)
+        return out
 
     def get_config(self) -> Dict[str, Any]:
         return {"normalized_shape": self.normalized_shape, "eps": self.eps,
