@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from ._axes import SequenceLayout, check_attention_axes, layouts
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from .cache import KVCache, prefix_lengths
+from .backward import scaled_dot_product_attention_backward
 from .functional import scaled_dot_product_attention
-from .linear import Linear, as_2d_rows
+from .linear import Linear, as_2d_rows, grad_input, linear_backward
 from .module import Module
 from .norm import LayerNorm
 from .positional import apply_rope, rope_tables
@@ -45,6 +46,59 @@ def _input(x: Any, name: str) -> np.ndarray:
         raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype} "
                          f"with shape {a.shape}")
     return a
+
+
+class CoreSaved(NamedTuple):
+    """The core's inputs as it got them ((B, H, L, D) views), its output, its
+    log-sum-exp and the dropout it drew: what its backward takes."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    out: np.ndarray
+    lse: np.ndarray
+    dropout_p: float
+    seed: Optional[int]
+
+
+class AttentionSaved(NamedTuple):
+    """What a training forward of ``MultiHeadAttention`` keeps for ``backward``."""
+
+    inputs: Tuple[np.ndarray, np.ndarray, np.ndarray]   # q3, k3, v3 (B', L, F)
+    layouts: Tuple[SequenceLayout, SequenceLayout]      # query's, key/value's
+    dtypes: Tuple[np.dtype[Any], np.dtype[Any], np.dtype[Any]]   # of the user's inputs
+    same: Tuple[int, int, int]          # same[i]: first argument that is input i's object
+    fused: Tuple[bool, bool]            # (self_attn, kv_same) projections of the forward
+    unbatched: bool
+    core: Optional[CoreSaved]
+    masks: Dict[str, Any]
+    attn_out: np.ndarray                # out_proj's input (B', Lq, Hq*Dv)
+
+
+def _resolved(query: Any, key: Any, value: Any) -> Tuple[Any, Any, Any]:
+    """(query, key, value) with the forward's defaults: key = value = query
+    when both are None, value = key when only value is None."""
+    if key is None:
+        key = value if value is not None else query
+    return query, key, key if value is None else value
+
+
+def _same_inputs(query: Any, key: Any, value: Any) -> Tuple[int, int, int]:
+    objs = _resolved(query, key, value)
+    first = [next(j for j in range(i + 1) if objs[j] is objs[i]) for i in range(3)]
+    return first[0], first[1], first[2]
+
+
+def _dtypes(query: Any, key: Any, value: Any
+            ) -> Tuple[np.dtype[Any], np.dtype[Any], np.dtype[Any]]:
+    q, k, v = (np.asarray(a).dtype for a in _resolved(query, key, value))
+    return q, k, v
+
+
+def _seq_shape(lay: SequenceLayout, features: int) -> Tuple[int, ...]:
+    """Shape of ``lay.from_sequence`` of a (B', L, features) array."""
+    shape = lay.batch_shape + lay.pos_shape + (features,)
+    return tuple(shape[i] for i in np.argsort(lay.perm))
 
 
 def _heads_first(a: np.ndarray, unbatched: bool) -> np.ndarray:
@@ -329,6 +383,8 @@ class MultiHeadAttention(Module):
                            ("average_attn_weights", average_attn_weights)):
             _flag(name, flag)
         if cache is not None:
+            if training:
+                self._save(None)     # a cached forward keeps nothing to differentiate
             return self._forward_cached(query, key, value, cache, attn_mask=attn_mask,
                                         key_padding_mask=key_padding_mask, is_causal=is_causal,
                                         window=window, need_weights=need_weights,
@@ -345,12 +401,18 @@ class MultiHeadAttention(Module):
 
         q, k, v = self._project(q3, k3, v3, self_attn, kv_same)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, training=training), self.k_norm(k, training=training)
         if self.rope:
             q, k = self._rope(q), self._rope(k)
-        y, w = self._attend(q, k, v, unbatched, attn_mask=attn_mask,
-                            key_padding_mask=key_padding_mask, is_causal=is_causal,
-                            window=window, need_weights=need_weights, training=training)
+        masks = {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask,
+                 "is_causal": is_causal, "window": window}
+        y, w, core = self._attend(q, k, v, unbatched, need_weights=need_weights,
+                                  training=training, **masks)
+        if training:
+            self._save(AttentionSaved(
+                inputs=(q3, k3, v3), layouts=(q_lay, k_lay), dtypes=_dtypes(query, key, value),
+                same=_same_inputs(query, key, value), fused=(self_attn, kv_same),
+                unbatched=unbatched, core=core, masks=masks, attn_out=y))
         y = self.out_proj(y)
         y = q_lay.from_sequence(y)[0] if unbatched else q_lay.from_sequence(y)
         y = y.astype(out_dtype, copy=False)
@@ -494,14 +556,15 @@ class MultiHeadAttention(Module):
             y += self._in_bias[row0:]
         return y.reshape(x3.shape[:2] + (w.shape[0],))
 
-    def _rope(self, x: np.ndarray) -> np.ndarray:
-        """RoPE of x (B, L, H, D) along L, positions 0..L-1."""
+    def _rope(self, x: np.ndarray, inverse: bool = False) -> np.ndarray:
+        """RoPE of x (B, L, H, D) along L, positions 0..L-1. ``inverse``
+        rotates back (the backward: a rotation's transpose is its inverse)."""
         cos, sin = rope_tables(x.shape[1], self.head_dim, self.rope_theta, 0, self.dtype)
-        return apply_rope(x, cos[:, None, :], sin[:, None, :])
+        return apply_rope(x, cos[:, None, :], -sin[:, None, :] if inverse else sin[:, None, :])
 
     def _attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, unbatched: bool, *,
                 need_weights: bool, training: bool, **masks: Any
-                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+                ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional["CoreSaved"]]:
         """The core on (B, H, L, D) views; the output lands in a (B, Lq, Hq*Dv)
         buffer ready for out_proj (no transposing copy)."""
         b, lq, hq, _ = q.shape
@@ -513,11 +576,14 @@ class MultiHeadAttention(Module):
         # (and error messages) are the ones the user's shapes call for.
         q, k, v, out = (_heads_first(a, unbatched) for a in (q, k, v, buf))
         res = scaled_dot_product_attention(q, k, v, out=out, dropout_p=p, seed=seed,
-                                           return_weights=need_weights, **masks)
-        w = res[1] if isinstance(res, tuple) else None
+                                           return_weights=need_weights, return_lse=training,
+                                           **masks)
+        w = res[1] if need_weights else None
         if w is not None and unbatched:
             w = w[None]
-        return buf.reshape(b, lq, hq * self.value_dim), w
+        # What the core's backward takes (only kept by training forwards).
+        core = CoreSaved(q, k, v, out, res[-1], p, seed) if training else None
+        return buf.reshape(b, lq, hq * self.value_dim), w, core
 
     def _shape_weights(self, w: np.ndarray, q_lay: SequenceLayout, k_lay: SequenceLayout,
                        unbatched: bool, average: bool, dtype: np.dtype[Any]) -> np.ndarray:
@@ -527,3 +593,105 @@ class MultiHeadAttention(Module):
         w = w.reshape(q_lay.weights_shape(k_lay, heads))
         out: np.ndarray = (w[0] if unbatched else w).astype(dtype, copy=False)
         return out
+
+    # -- backward -------------------------------------------------------------
+    def backward(self, grad_output: Any) -> Any:
+        """Gradients of the inputs of the last ``training=True`` forward.
+
+        Parameters
+        ----------
+        grad_output : dL/dy, shaped like the forward's ``y``
+
+        Returns
+        -------
+        Self-attention (``mha(x)``, or key and value the query array
+        itself): dL/dx, one array shaped like x. Otherwise the tuple
+        ``(d_query, d_key, d_value)``, each shaped like its input; when two
+        arguments are the same array (``mha(q, kv)`` or ``mha(q, kv, kv)``)
+        its whole gradient is at the first of them and the other is None.
+        Gradients have the inputs' dtypes. Every parameter's gradient
+        (projections, QK-norms) is added into ``grads``; the attention's comes
+        from the fused core backward (same masks, the forward's dropout).
+        """
+        s: AttentionSaved = self._take_saved()
+        q_lay, k_lay = s.layouts
+        q3, k3, v3 = s.inputs
+        shape = _seq_shape(q_lay, self.output_dim)
+        g = grad_input(grad_output, shape[1:] if s.unbatched else shape, self.dtype)
+        g3 = q_lay.to_sequence(g[None] if s.unbatched else g)
+        d_attn = linear_backward(self.out_proj, s.attn_out, g3)      # (B', Lq, Hq*Dv)
+        dq, dk, dv = self._core_backward(s, d_attn, k3.shape[1])     # (B', L, H, D)
+        if self.rope:
+            dq, dk = self._rope(dq, inverse=True), self._rope(dk, inverse=True)
+        if self.qk_norm:
+            dq, dk = self.q_norm.backward(dq), self.k_norm.backward(dk)
+        grads = self._project_backward(s, dq, dk, dv)
+        for i in (1, 2):                   # one gradient per distinct input array
+            j = s.same[i]
+            if j != i and grads[i] is not None:
+                gj, gi = grads[j], grads[i]
+                grads[j] = gi if gj is None else gj + gi
+                grads[i] = None
+        out: List[Optional[np.ndarray]] = []
+        for i, gr in enumerate(grads):
+            if gr is not None:
+                gr = (q_lay if i == 0 else k_lay).from_sequence(gr)
+                gr = (gr[0] if s.unbatched else gr).astype(s.dtypes[i], copy=False)
+            out.append(gr)
+        if s.same == (0, 0, 0):
+            return out[0]
+        return tuple(out)
+
+    def _core_backward(self, s: AttentionSaved, d_attn: np.ndarray, lk: int
+                       ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """dL/d(attention output) (B', Lq, Hq*Dv) -> dq (B', Lq, Hq, D),
+        dk (B', Lk, Hkv, D), dv (B', Lk, Hkv, Dv) by the fused core backward."""
+        c = s.core
+        assert c is not None
+        b, lq = d_attn.shape[:2]
+        hq, hkv, d, dv_ = self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim
+        dq = np.empty((b, lq, hq, d), self.dtype)
+        dk = np.empty((b, lk, hkv, d), self.dtype)
+        dv = np.empty((b, lk, hkv, dv_), self.dtype)
+        u = s.unbatched
+        dout = _heads_first(d_attn.reshape(b, lq, hq, dv_), u)
+        scaled_dot_product_attention_backward(
+            dout, c.q, c.k, c.v, c.out, c.lse, dropout_p=c.dropout_p, seed=c.seed,
+            grads_out=(_heads_first(dq, u), _heads_first(dk, u), _heads_first(dv, u)),
+            **s.masks)
+        return dq, dk, dv
+
+    def _project_backward(self, s: AttentionSaved, dq: np.ndarray, dk: np.ndarray,
+                          dv: np.ndarray) -> List[Optional[np.ndarray]]:
+        """Through the in-projections: gradients of q3, k3, v3 (None where the
+        forward fused an input into an earlier one) and the weights'."""
+        q3, k3, v3 = s.inputs
+        self_attn, kv_same = s.fused
+        flat = [a.reshape(a.shape[:2] + (-1,)) for a in (dq, dk, dv)]
+        if self_attn:
+            return [self._packed_backward(q3, np.concatenate(flat, axis=-1), 0), None, None]
+        gq = linear_backward(self.q_proj, q3, flat[0])
+        if kv_same:
+            nq = self.q_proj.out_features
+            return [gq, self._packed_backward(k3, np.concatenate(flat[1:], axis=-1), nq), None]
+        return [gq, linear_backward(self.k_proj, k3, flat[1]),
+                linear_backward(self.v_proj, v3, flat[2])]
+
+    def _packed_backward(self, x3: np.ndarray, d: np.ndarray, row0: int) -> np.ndarray:
+        """The backward of ``_packed_matmul(x3, row0)``: d (B, L, rows) ->
+        dL/dx3 (B, L, E) with one GEMM per direction; the weight gradient is
+        split among the projections the rows belong to."""
+        packed = self._in_weight
+        assert packed is not None
+        rows, drows = as_2d_rows(x3), as_2d_rows(d)
+        dw = drows.T @ rows
+        db = drows.sum(axis=0) if self._in_bias is not None else None
+        start = 0
+        for proj in (self.q_proj, self.k_proj, self.v_proj)[1 if row0 else 0:]:
+            n = proj.out_features
+            proj._accumulate("weight", dw[start:start + n])
+            if db is not None:
+                proj._accumulate("bias", db[start:start + n])
+            start += n
+        dx: np.ndarray = drows @ packed[row0:]
+        return dx.reshape(x3.shape)

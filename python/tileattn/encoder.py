@@ -11,10 +11,10 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union, c
 import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from .activations import activation_, check_activation
+from .activations import activation_, activation_backward, check_activation
 from .attention import MultiHeadAttention
 from .functional import Window, _window_bounds, scaled_dot_product_attention
-from .linear import Linear, as_2d_rows
+from .linear import Linear, as_2d_rows, grad_input
 from .module import Module
 from .norm import LayerNorm
 
@@ -58,6 +58,26 @@ def dropout_(x: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
     return x
 
 
+def dropout_keep_(x: np.ndarray, p: float, rng: np.random.Generator) -> Optional[np.ndarray]:
+    """``dropout_(x, p, rng)`` (the same draws, the same result) that returns
+    the bool keep mask for the backward (None when p == 0)."""
+    if p <= 0.0:
+        return None
+    keep = rng.random(x.shape, dtype=np.float32 if x.dtype == np.float32 else np.float64) >= p
+    x *= keep
+    x *= x.dtype.type(1.0 / (1.0 - p))
+    return keep
+
+
+def dropout_backward(g: np.ndarray, keep: Optional[np.ndarray], p: float) -> np.ndarray:
+    """dL/dx of inverted dropout from dL/dy: g * keep / (1 - p) (g when p == 0)."""
+    if keep is None:
+        return g
+    out: np.ndarray = g * keep
+    out *= out.dtype.type(1.0 / (1.0 - p))
+    return out
+
+
 def tokens_input(x: Any, name: str, d_model: int) -> np.ndarray:
     """A (B, L, d_model) or (L, d_model) float array (not yet cast)."""
     a = x if isinstance(x, np.ndarray) else np.asarray(x)
@@ -92,6 +112,27 @@ def layer_norm_(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
     if norm.bias is not None:
         rows += norm.bias
     return x
+
+
+def layer_norm_train(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
+    """``layer_norm_(copy of x, norm)`` (the same arithmetic, so training and
+    inference forwards agree bitwise) that keeps xhat and 1/std in ``norm``
+    for ``norm.backward``. x (..., E) of the layer's dtype; a new array."""
+    rows = as_2d_rows(np.array(x, order="C"))
+    e = rows.shape[1]
+    mean = rows @ np.full(e, 1.0 / e, rows.dtype)
+    rows -= mean[:, None]
+    inv = np.einsum("ij,ij->i", rows, rows)
+    inv *= rows.dtype.type(1.0 / e)
+    inv += rows.dtype.type(norm.eps)
+    np.sqrt(inv, out=inv)
+    np.divide(rows.dtype.type(1.0), inv, out=inv)
+    rows *= inv[:, None]
+    norm.save_stats(rows.reshape(x.shape).copy(), inv.reshape(x.shape[:-1] + (1,)), x.dtype)
+    rows *= norm.weight
+    if norm.bias is not None:
+        rows += norm.bias
+    return rows.reshape(x.shape)
 
 
 RealTokens = Tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -171,10 +212,24 @@ class FeedForward(Module):
             raise DTypeError(f"x: expected float16, float32 or float64, got {a.dtype}")
         if a.ndim < 1 or a.shape[-1] != self.d_model:
             raise ShapeError(f"x: expected last axis {self.d_model} (d_model), got shape {a.shape}")
-        p = self.dropout if check_flag("training", training) else 0.0
-        y = feed_forward(a.astype(self.dtype, copy=False), self.linear1, self.linear2,
-                         self.activation, p, self._dropout_rng)
+        train = check_flag("training", training)
+        p = self.dropout if train else 0.0
+        x = a.astype(self.dtype, copy=False)
+        if train:
+            y, saved = feed_forward_train(x, self.linear1, self.linear2, self.activation, p,
+                                          self._dropout_rng)
+            self._save((saved, a.dtype))
+        else:
+            y = feed_forward(x, self.linear1, self.linear2, self.activation, p,
+                             self._dropout_rng)
         return y.astype(a.dtype, copy=False)
+
+    def backward(self, grad_output: Any) -> np.ndarray:
+        """grad_output (..., d_model) -> dL/dx (..., d_model) in x's dtype;
+        adds the linear layers' gradients into ``grads``."""
+        saved, dtype = self._take_saved()
+        g = grad_input(grad_output, saved[0].shape[:-1] + (self.d_model,), self.dtype)
+        return feed_forward_backward(saved, g, self.linear1, self.linear2).astype(dtype, copy=False)
 
     def get_config(self) -> Dict[str, Any]:
         return {"d_model": self.d_model, "dim_feedforward": self.dim_feedforward,
@@ -199,6 +254,34 @@ def feed_forward(x: np.ndarray, linear1: Linear, linear2: Linear, activation: st
     if linear2.bias is not None:
         y += linear2.bias
     return y.reshape(x.shape)
+
+
+FFSaved = Tuple[np.ndarray, Optional[np.ndarray], str, float]
+
+
+def feed_forward_train(x: np.ndarray, linear1: Linear, linear2: Linear, activation: str,
+                       p: float, rng: np.random.Generator) -> Tuple[np.ndarray, FFSaved]:
+    """``feed_forward`` (the same arithmetic and dropout draws) that keeps, for
+    ``feed_forward_backward``, the pre-activation (..., F) and the dropout
+    mask; the linear layers keep their inputs."""
+    h = linear1(x, training=True)
+    pre = h.copy()
+    activation_(activation, h)
+    keep = dropout_keep_(h, p, rng)
+    y = linear2(h, training=True)
+    return y, (pre, keep, activation, p)
+
+
+def feed_forward_backward(saved: FFSaved, g: np.ndarray, linear1: Linear,
+                          linear2: Linear) -> np.ndarray:
+    """dL/dx (..., E) of the feed-forward block from g = dL/dy (..., E)."""
+    pre, keep, activation, p = saved
+    dh = dropout_backward(linear2.backward(g), keep, p)
+    return linear1.backward(activation_backward(activation, pre, dh))
+
+
+# (dropout1's mask, dropout2's, the feed-forward block's state, p)
+LayerSaved = Tuple[Optional[np.ndarray], Optional[np.ndarray], FFSaved, float]
 
 
 class TransformerEncoderLayer(Module):
@@ -321,16 +404,23 @@ class TransformerEncoderLayer(Module):
         real positions are the same either way.
         """
         x_in = tokens_input(src, "src", self.d_model)
-        p = self.dropout if check_flag("training", training) else 0.0
+        train = check_flag("training", training)
+        p = self.dropout if train else 0.0
         x = x_in.astype(self.dtype, copy=False)
         win = self.window if window is None else window
+        attn_kw: Dict[str, Any] = {
+            "attn_mask": attn_mask, "key_padding_mask": key_padding_mask,
+            "is_causal": is_causal, "window": win, "training": train}
+        if train:
+            # The plain path (every position computed, as PyTorch in training
+            # mode), keeping what backward needs.
+            out_t, parts = self._forward_train(x, attn_kw, p)
+            self._save((parts, x_in.dtype))
+            return out_t.astype(x_in.dtype, copy=False)
         real = padding_rows(x, attn_mask, key_padding_mask, p, [self])
         if real is not None:
             rows = self.forward_rows(as_2d_rows(x)[real[1]], real, is_causal, win)
             return scatter_rows(rows, real, x.shape, x_in.dtype)
-        attn_kw: Dict[str, Any] = {
-            "attn_mask": attn_mask, "key_padding_mask": key_padding_mask,
-            "is_causal": is_causal, "window": win, "training": p > 0.0}
         if self.norm_first:
             a = self.self_attn(layer_norm_(np.array(x, order="C"), self.norm1), **attn_kw)
             x = x + dropout_(a, p, self._dropout_rng)
@@ -348,6 +438,55 @@ class TransformerEncoderLayer(Module):
             y += x
             x = layer_norm_(y, self.norm2)
         out: np.ndarray = x.astype(x_in.dtype, copy=False)
+        return out
+
+    def _forward_train(self, x: np.ndarray, attn_kw: Dict[str, Any], p: float
+                       ) -> Tuple[np.ndarray, "LayerSaved"]:
+        """The forward above (the same arithmetic and dropout draws) with the
+        children keeping their activations; returns the output and the
+        layer's own part (dropout masks, the feed-forward block's)."""
+        rng = self._dropout_rng
+        if self.norm_first:
+            a = np.ascontiguousarray(self.self_attn(layer_norm_train(x, self.norm1), **attn_kw))
+            keep1 = dropout_keep_(a, p, rng)
+            x1 = x + a
+            y, ff = feed_forward_train(layer_norm_train(x1, self.norm2), self.linear1,
+                                       self.linear2, self.activation, p, rng)
+            keep2 = dropout_keep_(y, p, rng)
+            x1 += y
+            out = x1
+        else:
+            a = np.ascontiguousarray(self.self_attn(x, **attn_kw))
+            keep1 = dropout_keep_(a, p, rng)
+            a += x
+            x1 = layer_norm_train(a, self.norm1)
+            y, ff = feed_forward_train(x1, self.linear1, self.linear2, self.activation, p, rng)
+            keep2 = dropout_keep_(y, p, rng)
+            y += x1
+            out = layer_norm_train(y, self.norm2)
+        return out, (keep1, keep2, ff, p)
+
+    def backward(self, grad_output: Any) -> np.ndarray:
+        """Gradient of ``src`` (its shape and dtype) from dL/d(output) of the
+        last ``training=True`` forward; adds every parameter's gradient into
+        ``grads`` (the attention's through ``self_attn.backward``)."""
+        (keep1, keep2, ff, p), dtype = self._take_saved()
+        g = grad_input(grad_output, ff[0].shape[:-1] + (self.d_model,), self.dtype)
+
+        def ffn_back(gy: np.ndarray) -> np.ndarray:
+            return feed_forward_backward(ff, gy, self.linear1, self.linear2)
+        if self.norm_first:
+            # out = x1 + drop2(ffn(norm2(x1))), x1 = x + drop1(attn(norm1(x)))
+            gx1 = g + self.norm2.backward(ffn_back(dropout_backward(g, keep2, p)))
+            ga = self.self_attn.backward(dropout_backward(gx1, keep1, p))
+            gx = gx1 + self.norm1.backward(ga)
+        else:
+            # out = norm2(x1 + drop2(ffn(x1))), x1 = norm1(x + drop1(attn(x)))
+            gs = self.norm2.backward(g)
+            gx1 = gs + ffn_back(dropout_backward(gs, keep2, p))
+            gs1 = self.norm1.backward(gx1)
+            gx = gs1 + self.self_attn.backward(dropout_backward(gs1, keep1, p))
+        out: np.ndarray = gx.astype(dtype, copy=False)
         return out
 
     def unpaddable(self) -> bool:
@@ -497,8 +636,9 @@ class TransformerEncoder(Module):
         x_in = tokens_input(src, "src", self._template["d_model"])
         x = x_in.astype(self.dtype, copy=False)
         layers: List[TransformerEncoderLayer] = list(self.layers)  # type: ignore[arg-type]
-        p = self._template["dropout"] if check_flag("training", training) else 0.0
-        real = padding_rows(x, attn_mask, key_padding_mask, p, layers)
+        train = check_flag("training", training)
+        p = self._template["dropout"] if train else 0.0
+        real = None if train else padding_rows(x, attn_mask, key_padding_mask, p, layers)
         if real is not None:
             # Gather the real tokens once for the whole stack.
             rows = as_2d_rows(x)[real[1]]
@@ -514,8 +654,24 @@ class TransformerEncoder(Module):
                       is_causal=is_causal, window=window, training=training)
         norm = self._modules.get("norm")
         if norm is not None:
-            x = norm(x)
+            x = norm(x, training=train)
+        if train:
+            self._save(x_in.dtype)
         return x.astype(x_in.dtype, copy=False)
+
+    def backward(self, grad_output: Any) -> np.ndarray:
+        """Gradient of ``src`` from dL/d(output) of the last ``training=True``
+        forward, through the norm and the layers in reverse; adds every
+        parameter's gradient into ``grads``."""
+        dtype = self._take_saved()
+        g = grad_output
+        norm = self._modules.get("norm")
+        if norm is not None:
+            g = norm.backward(g)
+        for layer in reversed(list(self.layers)):
+            g = layer.backward(g)
+        out: np.ndarray = np.asarray(g).astype(dtype, copy=False)
+        return out
 
     def get_config(self) -> Dict[str, Any]:
         norm = self._modules.get("norm")
