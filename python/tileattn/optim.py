@@ -10,6 +10,13 @@ mapping with the same names connect directly::
 
 A plain dict ``{name: array}`` or a list of arrays (named "0", "1", ...) works
 too; with a list, ``step`` also takes the gradients as a list in the same order.
+
+Given a module itself, the optimiser reads the gradients its ``backward``
+accumulated, so ``step()`` and ``zero_grad()`` need no arguments::
+
+    opt = tileattn.optim.AdamW(model, lr=1e-3)
+    model(x, training=True); model.backward(dy)
+    opt.step(); opt.zero_grad()
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError, ShapeError
+from .module import Module
 
-Params = Union[Mapping[str, np.ndarray], Iterable[Tuple[str, np.ndarray]], Iterable[np.ndarray]]
+Params = Union[Module, Mapping[str, np.ndarray], Iterable[Tuple[str, np.ndarray]],
+               Iterable[np.ndarray]]
 GradsArg = Union[Mapping[str, Optional[np.ndarray]], Sequence[Optional[np.ndarray]]]
 
 __all__ = ["Optimizer", "SGD", "AdamW"]
@@ -73,11 +82,27 @@ class Optimizer:
     """Base class: named parameters, per-parameter state, ``step(grads)``."""
 
     def __init__(self, params: Params) -> None:
-        self.params: List[Tuple[str, np.ndarray]] = _named(params)
+        # A module: its parameters, and its gradients when step() gets none.
+        self.module: Optional[Module] = params if isinstance(params, Module) else None
+        named = params.named_parameters() if isinstance(params, Module) else params
+        self.params: List[Tuple[str, np.ndarray]] = _named(named)
         self.state: Dict[str, Dict[str, Any]] = {}
 
-    def _pairs(self, grads: GradsArg) -> List[Tuple[str, np.ndarray, np.ndarray]]:
+    def _own_module(self, what: str) -> Module:
+        if self.module is None:
+            raise InvalidParameterError(
+                f"{what}: the optimiser was built from parameters, not a module, so it has "
+                f"no gradients of its own; pass grads to step(), or build it from the module")
+        return self.module
+
+    def zero_grad(self) -> None:
+        """Reset the module's gradients (an optimiser built from a module)."""
+        self._own_module("zero_grad").zero_grad()
+
+    def _pairs(self, grads: Optional[GradsArg]) -> List[Tuple[str, np.ndarray, np.ndarray]]:
         """(name, param, grad) for each parameter that has a gradient."""
+        if grads is None:
+            grads = self._own_module("grads").grads
         if isinstance(grads, Mapping):
             unknown = set(grads) - {n for n, _ in self.params}
             if unknown:
@@ -106,7 +131,9 @@ class Optimizer:
             out.append((name, p, g.astype(p.dtype, copy=False)))
         return out
 
-    def step(self, grads: GradsArg) -> None:
+    def step(self, grads: Optional[GradsArg] = None) -> None:
+        """Update the parameters in place from ``grads`` (default: the
+        module's ``grads``, when built from a module)."""
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
@@ -149,7 +176,7 @@ class SGD(Optimizer):
             )
         self.nesterov = bool(nesterov)
 
-    def step(self, grads: GradsArg) -> None:
+    def step(self, grads: Optional[GradsArg] = None) -> None:
         for name, p, g in self._pairs(grads):
             if self.weight_decay:
                 g = g + p * p.dtype.type(self.weight_decay)
@@ -191,7 +218,7 @@ class AdamW(Optimizer):
             raise InvalidParameterError(f"amsgrad: expected a bool, got {amsgrad!r}")
         self.amsgrad = bool(amsgrad)
 
-    def step(self, grads: GradsArg) -> None:
+    def step(self, grads: Optional[GradsArg] = None) -> None:
         beta1, beta2 = self.betas
         for name, p, g in self._pairs(grads):
             t = p.dtype.type
