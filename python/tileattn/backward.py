@@ -11,18 +11,15 @@ import numpy as np
 from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from .functional import (
-    _NATIVE,
     ArrayLike,
     Window,
     _as_input,
-    _attn_mask,
-    _check_qkv,
-    _dropout,
-    _key_padding,
+    _check_bool,
     _kernel_array,
-    _scale_value,
+    _kernel_can_write,
+    _options,
+    _qkv,
     _shape,
-    _window_bounds,
 )
 
 Grads = Union[Tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -37,6 +34,18 @@ def _check_like(a: ArrayLike, name: str, shape: Tuple[int, ...], dtype: np.dtype
     if arr.dtype != dtype:
         raise DTypeError(f"{name}: expected dtype {dtype} (q's dtype), got {arr.dtype}")
     return arr
+
+
+def _check_lse(lse: ArrayLike, shape: Tuple[int, ...]) -> np.ndarray:
+    lse_a = lse if isinstance(lse, np.ndarray) else np.asarray(lse)
+    if lse_a.dtype.kind != "f":
+        raise DTypeError(f"lse: expected a float array (the forward's lse), got {lse_a.dtype}")
+    if lse_a.shape != shape:
+        raise ShapeError(
+            f"lse: expected shape {shape} (the forward's lse, one value per query "
+            f"row), got {_shape(lse_a)}"
+        )
+    return lse_a
 
 
 def _check_grads_out(grads_out: Any, like: Tuple[np.ndarray, ...]) -> Tuple[Any, ...]:
@@ -141,86 +150,65 @@ def scaled_dot_product_attention_backward(
     that see no key contribute zero gradient; keys no query sees get zero.
     Results are bitwise identical for any number of threads.
     """
-    q, k, v = _as_input(q, "q"), _as_input(k, "k"), _as_input(v, "v")
-    _check_qkv(q, k, v)
-    batched = q.ndim == 4
-    in_dtype = q.dtype
-    dtype = in_dtype if in_dtype in _NATIVE else np.dtype(np.float32)
-    q4, k4, v4 = (a if batched else a[np.newaxis] for a in (q, k, v))
-    b, hq, lq, d = q4.shape
-    lk, dv_ = k4.shape[2], v4.shape[3]
-    out_shape = (b, hq, lq, dv_) if batched else (hq, lq, dv_)
-    out_a = _check_like(out, "out", out_shape, in_dtype, "the forward's output")
-    dout_a = _check_like(dout, "dout", out_shape, in_dtype, "like the forward's output")
-    lse_a = lse if isinstance(lse, np.ndarray) else np.asarray(lse)
-    if lse_a.dtype.kind != "f":
-        raise DTypeError(f"lse: expected a float array (the forward's lse), got {lse_a.dtype}")
-    if lse_a.shape != out_shape[:-1]:
-        raise ShapeError(
-            f"lse: expected shape {out_shape[:-1]} (the forward's lse, one value per query "
-            f"row), got {_shape(lse_a)}"
-        )
+    qkv = _qkv(q, k, v)
+    b, hq, lq, lk = qkv.scores_shape
+    out_shape = qkv.out_shape
+    out_a = _check_like(out, "out", out_shape, qkv.in_dtype, "the forward's output")
+    dout_a = _check_like(dout, "dout", out_shape, qkv.in_dtype, "like the forward's output")
+    lse_a = _check_lse(lse, out_shape[:-1])
 
-    left, right = _window_bounds(window, is_causal)
-    scale_v = _scale_value(scale, d)
-    p, _ = _dropout(dropout_p, 0 if seed is None else seed)
-    if p > 0 and seed is None:
+    # No seed is drawn here: the forward's one must be passed back (below).
+    opts = _options(window, is_causal, scale, qkv.q.shape[-1], dropout_p,
+                    0 if seed is None else seed)
+    if opts.dropout_p > 0 and seed is None:
         raise InvalidParameterError(
             "seed: the backward of dropout regenerates the forward's dropout mask, so pass "
             "the seed the forward used"
         )
-    seed_v = 0 if seed is None else int(seed)
-    if not isinstance(return_mask_grad, (bool, np.bool_)):
-        raise InvalidParameterError(
-            f"return_mask_grad: expected a bool, got {return_mask_grad!r}"
-        )
+    _check_bool("return_mask_grad", return_mask_grad)
 
-    mask = None
-    mask_shape: Tuple[int, ...] = ()
-    mask_dtype = dtype
-    if attn_mask is not None:
-        m = attn_mask if isinstance(attn_mask, np.ndarray) else np.asarray(attn_mask)
-        mask_shape, mask_dtype = m.shape, m.dtype
-        mask = _attn_mask(m, (b, hq, lq, lk), dtype, batched)
+    # The gradient of the mask is summed back to its own shape and dtype.
+    m = (attn_mask if attn_mask is None or isinstance(attn_mask, np.ndarray)
+         else np.asarray(attn_mask))
+    mask = qkv.attn_mask(m)
     if return_mask_grad and (mask is None or mask.dtype == np.bool_):
         raise InvalidParameterError(
             "return_mask_grad: only a float attn_mask has a gradient; "
             + ("none was given" if mask is None else "this one is bool")
         )
-    kpm = None
-    if key_padding_mask is not None:
-        kpm = _key_padding(key_padding_mask, b, lk, batched)
+    kpm = qkv.key_padding(key_padding_mask)
 
-    o4, g4 = (a if batched else a[np.newaxis] for a in (out_a, dout_a))
-    l4 = (lse_a if batched else lse_a[np.newaxis])[..., np.newaxis]
-    user_out = _check_grads_out(grads_out, (q, k, v))
-    q4, k4, v4, o4, g4 = (_kernel_array(a, dtype) for a in (q4, k4, v4, o4, g4))
+    o4, g4 = (a if qkv.batched else a[np.newaxis] for a in (out_a, dout_a))
+    l4 = (lse_a if qkv.batched else lse_a[np.newaxis])[..., np.newaxis]
+    user_out = _check_grads_out(grads_out, (qkv.q, qkv.k, qkv.v))
+    dtype = qkv.dtype
+    q4, k4, v4, o4, g4 = (_kernel_array(a, dtype) for a in (qkv.q4, qkv.k4, qkv.v4, o4, g4))
     l4 = _kernel_array(l4, np.dtype(np.float64))
-    inputs = (q, k, v, out_a, dout_a)
-    shapes = ((b, hq, lq, d), (b, k4.shape[1], lk, d), (b, k4.shape[1], lk, dv_))
+    inputs = (qkv.q, qkv.k, qkv.v, out_a, dout_a)
+    shapes = (q4.shape, k4.shape, v4.shape)
     # Write straight into the caller's arrays when the kernel can.
-    direct = [u is not None and u.dtype == dtype and u.flags.aligned
-              and not any(s % u.itemsize for s in u.strides)
-              and not any(np.may_share_memory(u, a) for a in inputs) for u in user_out]
+    direct = [u is not None and _kernel_can_write(u, dtype, inputs) for u in user_out]
     dq, dk, dv = (
-        (u if batched else u[np.newaxis]) if ok and u is not None else np.empty(shape, dtype)
+        (u if qkv.batched else u[np.newaxis]) if ok and u is not None
+        else np.empty(shape, dtype)
         for u, ok, shape in zip(user_out, direct, shapes))
     dscores = np.zeros((b, hq, lq, lk), dtype) if return_mask_grad else None
 
     _core.attention_backward(
         q4, k4, v4, o4, l4, g4, dq, dk, dv,
-        scale=scale_v, window_left=left, window_right=right,
-        mask=mask, key_padding=kpm, dropout_p=p, seed=seed_v, dscores=dscores,
+        scale=opts.scale, window_left=opts.left, window_right=opts.right,
+        mask=mask, key_padding=kpm, dropout_p=opts.dropout_p, seed=opts.seed, dscores=dscores,
     )
 
-    grads = [a if batched else a[0] for a in (dq, dk, dv)]
-    grads = [a if a.dtype == in_dtype else a.astype(in_dtype) for a in grads]
+    grads = [a if qkv.batched else a[0] for a in (dq, dk, dv)]
+    grads = [a if a.dtype == qkv.in_dtype else a.astype(qkv.in_dtype) for a in grads]
     for i, (u, ok) in enumerate(zip(user_out, direct)):
         if u is not None and not ok:
             u[...] = grads[i]
         if u is not None:
             grads[i] = u
     if dscores is not None:
-        ds = dscores if batched else dscores[0]
-        grads.append(_unbroadcast(ds, mask_shape).astype(mask_dtype, copy=False))
+        assert m is not None  # return_mask_grad needs a float attn_mask (checked above)
+        ds = dscores if qkv.batched else dscores[0]
+        grads.append(_unbroadcast(ds, m.shape).astype(m.dtype, copy=False))
     return tuple(grads)  # type: ignore[return-value]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union, cast
 
 import numpy as np
@@ -95,13 +96,73 @@ def _check_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _QKV:
+    """q, k, v checked, with what the forward and the backward derive from
+    them: one place, so that both passes accept exactly the same inputs."""
+
+    q: np.ndarray  # as given (unbatched: 3-D)
+    k: np.ndarray
+    v: np.ndarray
+    q4: np.ndarray  # with the batch axis, as the kernel takes them
+    k4: np.ndarray
+    v4: np.ndarray
+    batched: bool
+    in_dtype: np.dtype[Any]
+    dtype: np.dtype[Any]  # the kernel's: float16 is computed in float32
+
+    @property
+    def scores_shape(self) -> tuple[int, int, int, int]:
+        """(B, Hq, Lq, Lk), with B = 1 for unbatched inputs."""
+        b, hq, lq, _ = self.q4.shape
+        return b, hq, lq, self.k4.shape[2]
+
+    @property
+    def out_shape4(self) -> tuple[int, int, int, int]:
+        """(B, Hq, Lq, Dv), with B = 1 for unbatched inputs."""
+        b, hq, lq, _ = self.scores_shape
+        return b, hq, lq, self.v4.shape[3]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The output's shape as the caller sees it (no B when unbatched)."""
+        return self.out_shape4 if self.batched else self.out_shape4[1:]
+
+    def attn_mask(self, mask: Optional[ArrayLike]) -> Optional[np.ndarray]:
+        """The checked mask broadcast to the scores, or None without one."""
+        if mask is None:
+            return None
+        return _attn_mask(mask, self.scores_shape, self.dtype, self.batched)
+
+    def key_padding(self, mask: Optional[ArrayLike]) -> Optional[np.ndarray]:
+        """The checked (B, Lk) padding mask, or None without one."""
+        if mask is None:
+            return None
+        b, _, _, lk = self.scores_shape
+        return _key_padding(mask, b, lk, self.batched)
+
+
+def _qkv(q: ArrayLike, k: ArrayLike, v: ArrayLike) -> _QKV:
+    """Checks q, k, v (dtypes, ranks, matching shapes) as both passes take them."""
+    qa, ka, va = _as_input(q, "q"), _as_input(k, "k"), _as_input(v, "v")
+    _check_qkv(qa, ka, va)
+    batched = qa.ndim == 4
+    q4, k4, v4 = (a if batched else a[np.newaxis] for a in (qa, ka, va))
+    dtype = qa.dtype if qa.dtype in _NATIVE else np.dtype(np.float32)
+    return _QKV(qa, ka, va, q4, k4, v4, batched, qa.dtype, dtype)
+
+
 _WINDOW_MAX = 2**62  # more keys than any array can hold
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidParameterError(f"{name}: expected a bool, got {value!r}")
 
 
 def _window_bounds(window: Window, is_causal: bool) -> tuple[int, int]:
     """(left, right) key offsets around the aligned query; -1 = unbounded."""
-    if not isinstance(is_causal, (bool, np.bool_)):
-        raise InvalidParameterError(f"is_causal: expected a bool, got {is_causal!r}")
+    _check_bool("is_causal", is_causal)
     left, right = -1, -1
     if window is not None:
         if isinstance(window, (bool, np.bool_)):
@@ -161,6 +222,27 @@ def _dropout(dropout_p: float, seed: Optional[int]) -> tuple[float, int]:
     if not 0 <= seed < 2**64:
         raise InvalidParameterError(f"seed: expected an int in [0, 2**64), got {seed}")
     return p, seed
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The checked scalar options, in the form the kernel takes them."""
+
+    left: int  # window bounds; -1 = unbounded
+    right: int
+    scale: float
+    dropout_p: float
+    seed: int
+
+
+def _options(window: Window, is_causal: bool, scale: Optional[float], d: int,
+             dropout_p: float, seed: Optional[int]) -> _Options:
+    """Checks the options that the forward and the backward share, in the
+    order both report them (window and is_causal, scale, dropout_p and seed)."""
+    left, right = _window_bounds(window, is_causal)
+    scale_v = _scale_value(scale, d)
+    p, seed_v = _dropout(dropout_p, seed)
+    return _Options(left, right, scale_v, p, seed_v)
 
 
 def _attn_mask(mask: ArrayLike, target: tuple[int, ...], dtype: np.dtype[Any],
@@ -252,6 +334,19 @@ def _prefix_lengths(kpm: np.ndarray) -> Optional[np.ndarray]:
     return None
 
 
+def _kernel_can_write(out: np.ndarray, dtype: np.dtype[Any],
+                      inputs: Tuple[np.ndarray, ...]) -> bool:
+    """Whether the kernel may write into a caller's (checked) array as it is:
+    its compute dtype, aligned whole-element strides, and no overlap with an
+    input (the kernel reads those while it writes)."""
+    return (
+        out.dtype == dtype
+        and out.flags.aligned
+        and not any(s % out.itemsize for s in out.strides)
+        and not any(np.may_share_memory(out, a) for a in inputs)
+    )
+
+
 def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if not isinstance(out, np.ndarray):
         raise InvalidParameterError(f"out: expected a numpy array, got {type(out).__name__}")
@@ -338,85 +433,63 @@ def scaled_dot_product_attention(
     A query row that can see no key gives zeros (and zero weights).
     float16 inputs are computed in float32 and returned as float16.
     """
-    q, k, v = _as_input(q, "q"), _as_input(k, "k"), _as_input(v, "v")
-    _check_qkv(q, k, v)
-    batched = q.ndim == 4
-    in_dtype = q.dtype
-    dtype = in_dtype if in_dtype in _NATIVE else np.dtype(np.float32)
-    q4, k4, v4 = (a if batched else a[np.newaxis] for a in (q, k, v))
-    b, hq, lq, d = q4.shape
-    lk, dv = k4.shape[2], v4.shape[3]
-    out_shape4 = (b, hq, lq, dv)
-    user_shape = out_shape4 if batched else out_shape4[1:]
+    qkv = _qkv(q, k, v)
+    b, hq, lq, lk = qkv.scores_shape
 
-    left, right = _window_bounds(window, is_causal)
-    scale_v = _scale_value(scale, d)
-    p, seed_v = _dropout(dropout_p, seed)
-    if not isinstance(return_weights, (bool, np.bool_)):
-        raise InvalidParameterError(f"return_weights: expected a bool, got {return_weights!r}")
-    if not isinstance(return_lse, (bool, np.bool_)):
-        raise InvalidParameterError(f"return_lse: expected a bool, got {return_lse!r}")
+    opts = _options(window, is_causal, scale, qkv.q.shape[-1], dropout_p, seed)
+    _check_bool("return_weights", return_weights)
+    _check_bool("return_lse", return_lse)
 
-    mask = None
-    if attn_mask is not None:
-        mask = _attn_mask(attn_mask, (b, hq, lq, lk), dtype, batched)
-    kpm = None
-    if key_padding_mask is not None:
-        kpm = _key_padding(key_padding_mask, b, lk, batched)
+    mask = qkv.attn_mask(attn_mask)
+    kpm = qkv.key_padding(key_padding_mask)
     lengths = None
     if key_lengths is not None:
-        lengths = _key_lengths(key_lengths, b, lk, batched)
-    elif kpm is not None and left == -1 and right == -1:
+        lengths = _key_lengths(key_lengths, b, lk, qkv.batched)
+    elif kpm is not None and opts.left == -1 and opts.right == -1:
         # Same keys either way, and with lengths the kernel stops reading at
         # each sequence's end. (With causal/window options the two differ:
         # lengths also move the diagonal, so the mask is kept as it is.)
         lengths = _prefix_lengths(kpm)
         kpm = None if lengths is not None else kpm
     if out is not None:
-        out = _check_out(out, user_shape, in_dtype)
+        out = _check_out(out, qkv.out_shape, qkv.in_dtype)
 
     # The weights first: when they cannot be had (MemoryError), nothing else
     # has been allocated or copied yet.
-    weights = np.zeros((b, hq, lq, lk), dtype) if return_weights else None
-    q4, k4, v4 = (_kernel_array(a, dtype) for a in (q4, k4, v4))
+    weights = np.zeros((b, hq, lq, lk), qkv.dtype) if return_weights else None
+    q4, k4, v4 = (_kernel_array(a, qkv.dtype) for a in (qkv.q4, qkv.k4, qkv.v4))
     if lq >= _DENSE_COPY_MIN_QUERIES:
         k4, v4 = _dense_rows(k4), _dense_rows(v4)
     # Compute into `out` directly when we can; otherwise into a fresh array.
-    direct = (
-        out is not None
-        and out.dtype == dtype
-        and out.flags.aligned
-        and not any(s % out.itemsize for s in out.strides)
-        and not any(np.may_share_memory(out, a) for a in (q, k, v))
-    )
+    direct = out is not None and _kernel_can_write(out, qkv.dtype, (qkv.q, qkv.k, qkv.v))
     if direct:
         assert out is not None
-        result = out if batched else out[np.newaxis]
+        result = out if qkv.batched else out[np.newaxis]
     else:
-        result = np.empty(out_shape4, dtype)
+        result = np.empty(qkv.out_shape4, qkv.dtype)
     lse = np.full((b, hq, lq, 1), -np.inf, np.float64) if return_lse else None
 
     _core.attention_forward(
         q4, k4, v4, result,
-        scale=scale_v, window_left=left, window_right=right,
-        mask=mask, key_padding=kpm, dropout_p=p, seed=seed_v, weights=weights, lse=lse,
-        key_lengths=lengths,
+        scale=opts.scale, window_left=opts.left, window_right=opts.right,
+        mask=mask, key_padding=kpm, dropout_p=opts.dropout_p, seed=opts.seed,
+        weights=weights, lse=lse, key_lengths=lengths,
     )
 
-    if not batched:
+    if not qkv.batched:
         result = result[0]
         weights = weights[0] if weights is not None else None
     if out is not None:
         if not direct:
             out[...] = result
         result = out  # (unbatched, direct: result was a view of it)
-    elif result.dtype != in_dtype:
-        result = result.astype(in_dtype)
+    elif result.dtype != qkv.in_dtype:
+        result = result.astype(qkv.in_dtype)
     extra: list[np.ndarray] = []
     if weights is not None:
-        extra.append(weights if weights.dtype == in_dtype else weights.astype(in_dtype))
+        extra.append(weights if weights.dtype == qkv.in_dtype else weights.astype(qkv.in_dtype))
     if lse is not None:
-        extra.append(lse[..., 0] if batched else lse[0, ..., 0])
+        extra.append(lse[..., 0] if qkv.batched else lse[0, ..., 0])
     if extra:
         return cast(Tuple[np.ndarray, np.ndarray], (result, *extra))
     return result
