@@ -44,6 +44,12 @@ def _frames(x: Any, embed_dim: int) -> np.ndarray:
     return a
 
 
+def _positive_ints(**values: Any) -> Tuple[int, ...]:
+    """Each keyword argument checked as a positive int, in the order given:
+    the error names the first bad one, as the caller spelled it."""
+    return tuple(check_pos_int(name, value) for name, value in values.items())
+
+
 def _seeds(seed: Optional[int], n: int) -> List[int]:
     """n independent int seeds for the parts of a model (None stays random)."""
     ss = np.random.SeedSequence(seed)
@@ -122,12 +128,10 @@ class SlidingWindowModel(Module):
                  dropout: float = 0.1, *, hidden_size: Optional[int] = None,
                  dtype: Any = np.float32, seed: Optional[int] = None) -> None:
         super().__init__(dtype)
-        self.embed_dim = check_pos_int("embed_dim", embed_dim)
-        self.window_size = check_pos_int("window_size", window_size)
-        self.num_heads = check_pos_int("num_heads", num_heads)
-        self.head_dim = check_pos_int("head_dim", head_dim)
-        self.num_layers = check_pos_int("num_layers", num_layers)
-        self.ffn_dim = check_pos_int("ffn_dim", ffn_dim)
+        (self.embed_dim, self.window_size, self.num_heads, self.head_dim, self.num_layers,
+         self.ffn_dim) = _positive_ints(embed_dim=embed_dim, window_size=window_size,
+                                        num_heads=num_heads, head_dim=head_dim,
+                                        num_layers=num_layers, ffn_dim=ffn_dim)
         self.dropout = check_dropout(dropout)
         self.seed = check_seed(seed)
         if hidden_size is None:
@@ -234,11 +238,9 @@ class HybridLSTMAttention(Module):
                  mlp: Optional[Sequence[int]] = None, *, mlp_activation: str = "relu",
                  dtype: Any = np.float32, seed: Optional[int] = None) -> None:
         super().__init__(dtype)
-        self.embed_dim = check_pos_int("embed_dim", embed_dim)
-        self.lstm_hidden = check_pos_int("lstm_hidden", lstm_hidden)
-        self.lstm_layers = check_pos_int("lstm_layers", lstm_layers)
-        self.num_heads = check_pos_int("num_heads", num_heads)
-        self.head_dim = check_pos_int("head_dim", head_dim)
+        self.embed_dim, self.lstm_hidden, self.lstm_layers, self.num_heads, self.head_dim = \
+            _positive_ints(embed_dim=embed_dim, lstm_hidden=lstm_hidden,
+                           lstm_layers=lstm_layers, num_heads=num_heads, head_dim=head_dim)
         self.dropout = check_dropout(dropout)
         self.mlp_activation = check_activation(mlp_activation)
         self.seed = check_seed(seed)
