@@ -1,47 +1,50 @@
 """Type stub of the private C++ extension (see csrc/module.cpp)."""
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, TypedDict
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Required, Unpack
+
+_Floats = npt.NDArray[np.floating[Any]]
+
+# The keyword-only options the forward and the backward kernel share (same
+# names and defaults in csrc/module.cpp): one list, so the two cannot drift.
+# Defaults: window_left = window_right = -1 (unbounded), dropout_p = 0.0,
+# seed = 0, the arrays None.
+class _KernelOptions(TypedDict, total=False):
+    scale: Required[float]
+    window_left: int
+    window_right: int
+    mask: Optional[npt.NDArray[Any]]
+    key_padding: Optional[npt.NDArray[np.bool_]]
+    dropout_p: float
+    seed: int
+    key_lengths: Optional[npt.NDArray[np.int64]]
 
 def attention_forward(
-    q: npt.NDArray[np.floating[Any]],
-    k: npt.NDArray[np.floating[Any]],
-    v: npt.NDArray[np.floating[Any]],
-    out: npt.NDArray[np.floating[Any]],
+    q: _Floats,
+    k: _Floats,
+    v: _Floats,
+    out: _Floats,
     *,
-    scale: float,
-    window_left: int = -1,
-    window_right: int = -1,
-    mask: Optional[npt.NDArray[Any]] = None,
-    key_padding: Optional[npt.NDArray[np.bool_]] = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
-    weights: Optional[npt.NDArray[np.floating[Any]]] = None,
-    lse: Optional[npt.NDArray[np.floating[Any]]] = None,
-    key_lengths: Optional[npt.NDArray[np.int64]] = None,
+    weights: Optional[_Floats] = None,
+    lse: Optional[_Floats] = None,
+    **options: Unpack[_KernelOptions],
 ) -> None: ...
 def attention_backward(
-    q: npt.NDArray[np.floating[Any]],
-    k: npt.NDArray[np.floating[Any]],
-    v: npt.NDArray[np.floating[Any]],
-    out: npt.NDArray[np.floating[Any]],
-    lse: npt.NDArray[np.floating[Any]],
-    dout: npt.NDArray[np.floating[Any]],
-    dq: npt.NDArray[np.floating[Any]],
-    dk: npt.NDArray[np.floating[Any]],
-    dv: npt.NDArray[np.floating[Any]],
+    q: _Floats,
+    k: _Floats,
+    v: _Floats,
+    out: _Floats,
+    lse: _Floats,
+    dout: _Floats,
+    dq: _Floats,
+    dk: _Floats,
+    dv: _Floats,
     *,
-    scale: float,
-    window_left: int = -1,
-    window_right: int = -1,
-    mask: Optional[npt.NDArray[Any]] = None,
-    key_padding: Optional[npt.NDArray[np.bool_]] = None,
-    dropout_p: float = 0.0,
-    seed: int = 0,
-    key_lengths: Optional[npt.NDArray[np.int64]] = None,
-    dscores: Optional[npt.NDArray[np.floating[Any]]] = None,
+    dscores: Optional[_Floats] = None,
+    **options: Unpack[_KernelOptions],
 ) -> None: ...
 def num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
