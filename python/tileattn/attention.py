@@ -356,7 +356,8 @@ class MultiHeadAttention(Module):
         average_attn_weights : bool
             Weights averaged over heads (B, Lq, Lk), else (B, Hq, Lq, Lk).
         training : bool
-            Apply dropout (only then).
+            Apply dropout (only then), and keep what ``backward`` needs
+            (not with ``cache``; inference calls keep nothing).
         cache : KVCache, optional
             Incremental decoding (self-attention only): ``query`` holds the
             new tokens (a prompt chunk or one step), their keys/values are

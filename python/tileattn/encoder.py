@@ -392,16 +392,19 @@ class TransformerEncoderLayer(Module):
         window : int W or (left, right), optional
             Overrides the layer's window for this call.
         training : bool
-            Apply dropout (only then).
+            Apply dropout (only then), and keep the activations for
+            ``backward`` (inference calls keep nothing).
 
         Returns
         -------
         (B, L, d_model) (unbatched: (L, d_model)), src's dtype.
 
-        With a (B, L) bool ``key_padding_mask`` (and no ``attn_mask`` or
-        dropout) only the real tokens are computed and the padded
+        In inference, with a (B, L) bool ``key_padding_mask`` (and no
+        ``attn_mask``) only the real tokens are computed and the padded
         positions output zeros, as PyTorch's nested-tensor path does; the
-        real positions are the same either way.
+        real positions are the same either way. Training forwards compute
+        every position (as PyTorch in training mode) so that ``backward``
+        sees the whole graph.
         """
         x_in = tokens_input(src, "src", self.d_model)
         train = check_flag("training", training)
