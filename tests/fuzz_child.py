@@ -304,8 +304,8 @@ def build_sdpa(c):
         a = arrays[n]
         if lay == "list" and np.asarray(a.tolist()).shape != a.shape:
             e.add(BAD, qkv_names, (ShapeError, DTypeError))  # [] loses the shape
-        if lay == "list" and a.dtype == object:
-            lay = "contiguous"
+        if lay == "list" and (a.dtype == object or (a.size == 0 and a.dtype.kind != "f")):
+            lay = "contiguous"  # an empty list has no dtype to keep (np.asarray: float64)
         inputs[n] = laid_out(a, lay)
     seen = {np.asarray(x).dtype for x in inputs.values()}
     if len(seen) > 1 and all(t.kind == "f" for t in seen):
