@@ -34,3 +34,19 @@ def make_qkv(rng, b, hq, hkv, lq, lk, d, dv=None, dtype=np.float32, batched=True
     if not batched:
         shapes = [s[1:] for s in shapes]
     return tuple(rng.standard_normal(s).astype(dtype) for s in shapes)
+
+
+# Round-off budget relative to the output's scale for the comparisons with
+# PyTorch and the float64 references: float32 projections, attention and
+# LayerNorms each add a few ulps of ~1e-7.
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def close(got, want, dtype):
+    """Asserts that got has want's shape, the dtype `dtype` and is within
+    TOL[dtype] of want, relative to want's scale (at least 1)."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert got.dtype == np.dtype(dtype)
+    scale = max(float(np.max(np.abs(want))), 1.0)
+    err = float(np.max(np.abs(got.astype(np.float64) - want)))
+    assert err <= TOL[dtype] * scale, f"max error {err:.3g} > {TOL[dtype]:g} x {scale:.3g}"

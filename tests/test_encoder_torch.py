@@ -12,13 +12,11 @@ import numpy as np
 import pytest
 
 import tileattn
+from conftest import close
 
 torch = pytest.importorskip("torch")
 
 E, H, F, L = 48, 4, 96, 23
-# Round-off budget relative to the output's scale: a layer is a few float32
-# GEMMs, the attention and two LayerNorms, each a few ulps of ~1e-7.
-TOL = {np.float32: 1e-5, np.float64: 1e-12}
 TORCH_ACT = {"relu": "relu", "gelu": "gelu",
              "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh"),
              "silu": torch.nn.functional.silu}
@@ -66,14 +64,6 @@ def run_torch(module, x, pad=None, causal=False):
         kw["is_causal"] = True
     with torch.inference_mode():
         return module(torch.from_numpy(x), **kw).numpy()
-
-
-def close(got, want, dtype):
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert got.dtype == np.dtype(dtype)
-    scale = max(float(np.max(np.abs(want))), 1.0)
-    err = float(np.max(np.abs(got.astype(np.float64) - want)))
-    assert err <= TOL[dtype] * scale, f"max error {err:.3g} > {TOL[dtype]:g} x {scale:.3g}"
 
 
 def tokens(rng, *shape, dtype=np.float32):

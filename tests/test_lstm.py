@@ -7,17 +7,8 @@ import numpy as np
 import pytest
 
 import tileattn
+from conftest import close
 from tileattn.lstm import LSTM
-
-TOL = {np.float32: 1e-5, np.float64: 1e-12}
-
-
-def close(got, want, dtype):
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert got.dtype == np.dtype(dtype)
-    scale = max(float(np.max(np.abs(want))), 1.0)
-    err = float(np.max(np.abs(got.astype(np.float64) - want)))
-    assert err <= TOL[dtype] * scale, f"max error {err:.3g} > {TOL[dtype]:g} x {scale:.3g}"
 
 
 def ref_lstm(sd, x, num_layers, h0=None, c0=None):

@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 
 import tileattn
+from conftest import close
 
 torch = pytest.importorskip("torch")
 
 E, H = 48, 4
-# Round-off budget relative to the output's scale: float32 projections,
-# attention and output projection each add a few ulps of ~1e-7.
-TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
 def pair(dtype=np.float32, kdim=None, vdim=None, bias=True, seed=0):
@@ -38,14 +36,6 @@ def run_torch(tm, q, k, v, **kw):
     with torch.inference_mode():
         y, w = tm(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), **t, **rest)
     return y.numpy(), (w.numpy() if w is not None else None)
-
-
-def close(got, want, dtype):
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert got.dtype == np.dtype(dtype)
-    scale = max(float(np.max(np.abs(want))), 1.0)
-    err = float(np.max(np.abs(got.astype(np.float64) - want)))
-    assert err <= TOL[dtype] * scale, f"max error {err:.3g} > {TOL[dtype]:g} x {scale:.3g}"
 
 
 def data(rng, *shape, dtype=np.float32):
