@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 import tileattn
-
-TOL = {np.float32: 1e-5, np.float64: 1e-12}
+from conftest import close
 
 
 def keras_weights(rng, q_feat, k_feat, v_feat, heads, key_dim, value_dim, out_dim):
@@ -26,49 +25,24 @@ def softmax(s, axes):
     return p / p.sum(axis=axes, keepdims=True)
 
 
-def keras_reference_3d(query, value, key, w, mask=None):
-    """Keras for (B, T, dim) inputs; mask (B, T, S) with 1 = attend."""
+def keras_reference(query, value, key, w, batch="b", q_axes="t", k_axes="s", mask=None):
+    """Keras' MultiHeadAttention as float64 einsums, built as Keras builds them
+    from one einsum letter per axis: `batch` for the axes query and key/value
+    share (the batch axis and any axis not attended over), `q_axes` / `k_axes`
+    for the attended axes of the query and of key/value; the softmax runs over
+    all of k_axes. The default letters are (B, T, dim) inputs. mask: batch +
+    q_axes + k_axes axes, 1 = attend."""
     wq, bq, wk, bk, wv, bv, wo, bo = w
-    q = np.einsum("bte,ehd->bthd", query, wq) + bq
-    k = np.einsum("bse,ehd->bshd", key, wk) + bk
-    v = np.einsum("bse,ehd->bshd", value, wv) + bv
-    s = np.einsum("bthd,bshd->bhts", q / np.sqrt(wq.shape[-1]), k)
-    if mask is not None:
-        s = np.where(mask[:, None], s, -1e9)   # Keras adds a large negative number
-    p = softmax(s, axes=-1)
-    o = np.einsum("bhts,bshd->bthd", p, v)
-    return np.einsum("bthd,hdo->bto", o, wo) + bo, p
-
-
-def keras_reference_axes_12(query, value, w):
-    """Keras for (B, A1, A2, dim) inputs with attention_axes=(1, 2)."""
-    wq, bq, wk, bk, wv, bv, wo, bo = w
-    q = np.einsum("bije,ehd->bijhd", query, wq) + bq
-    k = np.einsum("bkle,ehd->bklhd", value, wk) + bk
-    v = np.einsum("bkle,ehd->bklhd", value, wv) + bv
-    s = np.einsum("bijhd,bklhd->bhijkl", q / np.sqrt(wq.shape[-1]), k)
-    p = softmax(s, axes=(-2, -1))
-    o = np.einsum("bhijkl,bklhd->bijhd", p, v)
-    return np.einsum("bijhd,hdo->bijo", o, wo) + bo, p
-
-
-def keras_reference_axis_2(query, value, w):
-    """Keras for (B, A1, A2, dim) inputs with attention_axes=(2,): axis 1 is a batch axis."""
-    wq, bq, wk, bk, wv, bv, wo, bo = w
-    q = np.einsum("bije,ehd->bijhd", query, wq) + bq
-    k = np.einsum("bile,ehd->bilhd", value, wk) + bk
-    v = np.einsum("bile,ehd->bilhd", value, wv) + bv
-    s = np.einsum("bijhd,bilhd->bihjl", q / np.sqrt(wq.shape[-1]), k)
-    p = softmax(s, axes=-1)
-    o = np.einsum("bihjl,bilhd->bijhd", p, v)
-    return np.einsum("bijhd,hdo->bijo", o, wo) + bo, p
-
-
-def close(got, want, dtype):
-    assert got.shape == want.shape, (got.shape, want.shape)
-    scale = max(float(np.max(np.abs(want))), 1.0)
-    err = float(np.max(np.abs(got.astype(np.float64) - want)))
-    assert err <= TOL[dtype] * scale, f"max error {err:.3g} > {TOL[dtype]:g} x {scale:.3g}"
+    qi, ki, si = batch + q_axes, batch + k_axes, batch + "h" + q_axes + k_axes
+    q = np.einsum(f"{qi}e,ehd->{qi}hd", query, wq) + bq
+    k = np.einsum(f"{ki}e,ehd->{ki}hd", key, wk) + bk
+    v = np.einsum(f"{ki}e,ehd->{ki}hd", value, wv) + bv
+    s = np.einsum(f"{qi}hd,{ki}hd->{si}", q / np.sqrt(wq.shape[-1]), k)
+    if mask is not None:   # Keras adds a large negative number
+        s = np.where(np.expand_dims(mask, len(batch)), s, -1e9)
+    p = softmax(s, axes=tuple(range(-len(k_axes), 0)))
+    o = np.einsum(f"{si},{ki}hd->{qi}hd", p, v)
+    return np.einsum(f"{qi}hd,hdo->{qi}o", o, wo) + bo, p
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -77,7 +51,7 @@ def test_cross_attention_keras_order_value_dim_output_shape(rng, dtype):
     heads, key_dim, value_dim, out = 3, 8, 5, 7
     w = keras_weights(rng, 12, 10, 6, heads, key_dim, value_dim, out)
     query, value, key = (rng.standard_normal(s) for s in ((2, 9, 12), (2, 15, 6), (2, 15, 10)))
-    want, want_p = keras_reference_3d(query, value, key, w)
+    want, want_p = keras_reference(query, value, key, w)
     m = tileattn.MultiHeadAttention(12, heads, head_dim=key_dim, value_dim=value_dim, kdim=10,
                                     vdim=6, output_dim=out, dtype=dtype)
     tileattn.load_keras_weights(m, w)
@@ -93,7 +67,7 @@ def test_self_attention_with_keras_mask(rng):
     x = rng.standard_normal((2, 11, 16))
     mask = rng.random((2, 11, 11)) < 0.7
     mask[..., 0] = True
-    want, _ = keras_reference_3d(x, x, x, w, mask=mask)
+    want, _ = keras_reference(x, x, x, w, mask=mask)
     m = tileattn.MultiHeadAttention(16, heads, head_dim=key_dim, dtype=np.float64)
     m.load_state_dict(tileattn.keras_state_dict(w))
     close(m(x, attn_mask=mask[:, None]), want, np.float64)   # Keras' (B, T, S) gets a head axis
@@ -116,8 +90,8 @@ def test_keras_without_bias(rng):
     m = tileattn.MultiHeadAttention(8, 2, bias=False, dtype=np.float64)
     m.load_state_dict(tileattn.keras_state_dict(kernels))
     x = rng.standard_normal((1, 5, 8))
-    want, _ = keras_reference_3d(x, x, x, [kernels[0], 0, kernels[1], 0, kernels[2], 0,
-                                           kernels[3], 0])
+    want, _ = keras_reference(x, x, x, [kernels[0], 0, kernels[1], 0, kernels[2], 0,
+                                        kernels[3], 0])
     close(m(x), want, np.float64)
 
 
@@ -126,7 +100,8 @@ def test_attention_axes_1_2_on_4d(rng, dtype):
     heads, key_dim = 2, 4
     w = keras_weights(rng, 6, 6, 6, heads, key_dim, key_dim, 6)
     query, value = rng.standard_normal((2, 3, 5, 6)), rng.standard_normal((2, 4, 2, 6))
-    want, want_p = keras_reference_axes_12(query, value, w)
+    # attention_axes=(1, 2): two attended axes on each side
+    want, want_p = keras_reference(query, value, value, w, q_axes="ij", k_axes="kl")
     m = tileattn.MultiHeadAttention(6, heads, head_dim=key_dim, attention_axes=(1, 2), dtype=dtype)
     tileattn.load_keras_weights(m, w)
     y, p = m(query.astype(dtype), value.astype(dtype), need_weights=True,
@@ -144,7 +119,8 @@ def test_attention_axis_2_on_4d(rng):
     heads, key_dim = 2, 4
     w = keras_weights(rng, 6, 6, 6, heads, key_dim, key_dim, 3)
     query, value = rng.standard_normal((2, 3, 5, 6)), rng.standard_normal((2, 3, 7, 6))
-    want, want_p = keras_reference_axis_2(query, value, w)
+    # attention_axes=(2,): axis 1 is one more batch axis
+    want, want_p = keras_reference(query, value, value, w, batch="bi", q_axes="j", k_axes="l")
     m = tileattn.MultiHeadAttention(6, heads, head_dim=key_dim, output_dim=3, attention_axes=-2,
                                     dtype=np.float64)
     tileattn.load_keras_weights(m, w)
