@@ -8,7 +8,8 @@
 //   S^T = K Q^T      (bc x BR)  register-blocked, K read in place;
 //   mask S^T         only where a mask can hide something;
 //   fold S^T into each query's running (max, sum); O^T *= alpha;
-//   O^T += V^T P^T   (Dv x BR)  P^T read in place, V packed in panels.
+//   O^T += V^T P^T   (Dv x BR)  P^T read in place, V in place when its
+//                               rows are unit-stride (else packed in panels).
 // Everything is kept transposed (queries along SIMD lanes): the softmax runs
 // across lanes with no horizontal reductions, the rescale is one vector
 // multiply, and neither product needs its big operand repacked.
@@ -30,6 +31,7 @@ struct PrefillTiling {
 
   int64_t d, dv, dvp, bc;
   bool k_direct;  // read K in place (else copy each block)
+  bool v_direct;  // read V in place (else pack each block into panels)
 
   explicit PrefillTiling(const AttentionParams& p) : d(p.D), dv(p.Dv) {
     dvp = round_up(std::max<int64_t>(dv, 1), MR);
@@ -39,6 +41,11 @@ struct PrefillTiling {
     const int64_t keys = (192 * 1024) / std::max<int64_t>(bytes_per_key, 1);
     bc = std::max<int64_t>(24, std::min<int64_t>(kMaxBlockKeys, keys) / 24 * 24);
     k_direct = p.k_stride.c == 1 && !p.kv_half;
+    // A unit-stride V row already holds each panel's MR values of a key
+    // side by side: the panels are V itself, with the row stride as the
+    // key step. Packing it cost every (query block, key block) a copy of
+    // the block (~5% of the time at D = 64).
+    v_direct = p.v_stride.c == 1 && !p.kv_half && dv % MR == 0;
   }
   static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 };
@@ -55,7 +62,7 @@ struct PrefillScratch {
     using Tl = PrefillTiling<T>;
     constexpr size_t BR = Tl::BR;
     const size_t n_qt = BR * t.d, n_k = t.k_direct ? 0 : t.bc * t.d;
-    const size_t n_v = t.bc * t.dvp, n_st = t.bc * BR, n_o = t.dvp * BR;
+    const size_t n_v = t.v_direct ? 0 : t.bc * t.dvp, n_st = t.bc * BR, n_o = t.dvp * BR;
     const size_t n_tail = Tl::MR * std::max<int64_t>(t.d, 1);
     a.reset(sizeof(T) * (n_qt + n_k + n_tail + n_v + n_st + 2 * n_o + 8 * BR) + t.bc);
     qt = a.carve<T>(n_qt);
@@ -134,17 +141,20 @@ void pack_values(const KV* v, int64_t sr, int64_t sc, int64_t cols, int64_t dv, 
 }
 
 // ---------------------------------------------------------------------------
-// Micro-kernels: MR broadcast rows by NR = NV * W lanes of queries.
+// Micro-kernels: MR broadcast rows by NV registers (NV * W lanes) of
+// queries; NV = Simd::NV except in a task's last strip, which takes only the
+// registers its rows need (1 .. NV). A lane's arithmetic is the same
+// whatever NV, so the bits do not depend on where a row falls.
 
 // st[MR][NR] (row stride lds) = k[MR][d] (row stride ldk) . qt[d][NR] (row
 // stride ldq): MR keys against NR queries. With kColMax, also folds the
 // tile's per-query maximum into colmax[NR], sparing the softmax a pass.
-template <typename T, bool kColMax = false>
+template <typename T, int NV, bool kColMax>
 inline void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int64_t d, T* st,
-                         int64_t lds, T* colmax = nullptr) {
+                         int64_t lds, T* colmax) {
   using S = Simd<T>;
   using reg = typename S::reg;
-  constexpr int MR = S::MR, NV = S::NV, W = S::W;
+  constexpr int MR = S::MR, W = S::W;
   reg acc[MR][NV];
   // The dot products in segments of kScoreSegment (see there): the first is
   // stored, each later one computed from zero and added to the stored sums.
@@ -187,8 +197,8 @@ inline void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int6
   }
 }
 
-// ot[MR][NR] (row stride ldo) += vp[j][MR]^T . pt[j][NR] (row stride ldp)
-// over j < n: MR value columns by NR queries (the output, transposed). Key
+// ot[MR][NR] (row stride ldo) += vp[j][MR]^T . pt[j][NR] (row strides ldv,
+// ldp) over j < n: MR value columns by NR queries (the output, transposed). Key
 // j is the block's key offset + j; the sum runs in segments of kValueSegment
 // keys counted from the block's first key, each from zero and then added
 // to ot, so a trimmed block (whose missing keys have p = 0) gives the same
@@ -196,12 +206,12 @@ inline void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int6
 // With kSkipZero, lanes whose probability is 0 keep their sum instead of
 // adding 0 * v: identical for finite v, and a NaN or inf in the value of a
 // key a query cannot see stays out of that query's output.
-template <typename T, bool kSkipZero = false>
-inline void values_micro(const T* vp, const T* pt, int64_t ldp, int64_t n, int64_t offset, T* ot,
-                         int64_t ldo) {
+template <typename T, int NV, bool kSkipZero>
+inline void values_micro(const T* vp, int64_t ldv, const T* pt, int64_t ldp, int64_t n,
+                         int64_t offset, T* ot, int64_t ldo) {
   using S = Simd<T>;
   using reg = typename S::reg;
-  constexpr int MR = S::MR, NV = S::NV, W = S::W;
+  constexpr int MR = S::MR, W = S::W;
   reg acc[MR][NV];
   for (int64_t j0 = 0; j0 < n;) {
     const int64_t j1 = std::min(n, ((offset + j0) / kValueSegment + 1) * kValueSegment - offset);
@@ -215,7 +225,7 @@ inline void values_micro(const T* vp, const T* pt, int64_t ldp, int64_t n, int64
       for (int c = 0; c < NV; ++c) b[c] = S::load(pt + j * ldp + c * W);
       TILEATTN_UNROLL
       for (int r = 0; r < MR; ++r) {
-        const reg a = S::set1(vp[j * MR + r]);
+        const reg a = S::set1(vp[j * ldv + r]);
         TILEATTN_UNROLL
         for (int c = 0; c < NV; ++c) {
           if (kSkipZero)
@@ -234,6 +244,21 @@ inline void values_micro(const T* vp, const T* pt, int64_t ldp, int64_t n, int64
   }
 }
 
+// Calls fn(i, std::integral_constant<int, nv>) for each strip of query
+// lanes [i, i + nv * W) of [0, qcols) (qcols a multiple of W): whole strips
+// of Simd::NV registers, then one of the registers left, so a task of 32
+// rows computes 32 lanes, not a padded 48.
+template <typename T, typename Fn>
+inline void for_each_strip(int64_t qcols, Fn&& fn) {
+  constexpr int NV = Simd<T>::NV, W = Simd<T>::W;
+  static_assert(NV <= 3, "strip dispatch covers up to 3 registers");
+  int64_t i = 0;
+  for (; i + NV * W <= qcols; i += NV * W) fn(i, std::integral_constant<int, NV>());
+  const int64_t rest = (qcols - i) / W;
+  if (rest == 2) fn(i, std::integral_constant<int, (NV > 2 ? 2 : 1)>());
+  if (rest == 1) fn(i, std::integral_constant<int, 1>());
+}
+
 // S^T (cols x qcols, row stride BR) = K[j0 : j0 + cols] Q^T. Whole
 // micro-tiles read K in place; the last partial one reads a zero-padded
 // copy. Query strips are the outer loop so that one strip of Q^T (d x NR)
@@ -243,46 +268,56 @@ void block_scores(const PrefillTiling<T>& t, const T* k, int64_t ldk, int64_t co
                   int64_t qcols, bool col_max, PrefillScratch<T>& sc) {
   using Tl = PrefillTiling<T>;
   using S = Simd<T>;
-  constexpr int MR = Tl::MR, NR = Tl::NR, BR = Tl::BR, W = Tl::W;
+  constexpr int MR = Tl::MR, BR = Tl::BR, W = Tl::W;
   const int64_t full = cols / MR * MR;
   if (full < cols)
     copy_rows<T, T>(k + full * ldk, ldk, 1, cols - full, MR, t.d, t.d, sc.ktail);
   if (col_max) std::fill(sc.colmax, sc.colmax + qcols, -std::numeric_limits<T>::infinity());
-  for (int64_t i = 0; i < qcols; i += NR) {
+  for_each_strip<T>(qcols, [&](int64_t i, auto nv) {
+    constexpr int NV = decltype(nv)::value;
     for (int64_t j = 0; j < full; j += MR) {
       if (col_max)
-        scores_micro<T, true>(k + j * ldk, ldk, sc.qt + i, BR, t.d, sc.st + j * BR + i, BR,
-                              sc.colmax + i);
+        scores_micro<T, NV, true>(k + j * ldk, ldk, sc.qt + i, BR, t.d, sc.st + j * BR + i, BR,
+                                  sc.colmax + i);
       else
-        scores_micro<T>(k + j * ldk, ldk, sc.qt + i, BR, t.d, sc.st + j * BR + i, BR);
+        scores_micro<T, NV, false>(k + j * ldk, ldk, sc.qt + i, BR, t.d, sc.st + j * BR + i, BR,
+                                   nullptr);
     }
     if (full < cols) {
-      scores_micro<T>(sc.ktail, t.d, sc.qt + i, BR, t.d, sc.st + full * BR + i, BR);
+      scores_micro<T, NV, false>(sc.ktail, t.d, sc.qt + i, BR, t.d, sc.st + full * BR + i, BR,
+                                 nullptr);
       if (col_max)  // only the real keys of the zero-padded tail tile
         for (int64_t j = full; j < cols; ++j)
-          for (int64_t c = i; c < i + NR; c += W)
+          for (int64_t c = i; c < i + NV * W; c += W)
             S::store(sc.colmax + c, S::max(S::load(sc.colmax + c), S::load(sc.st + j * BR + c)));
     }
-  }
+  });
 }
 
 // O^T (dvp x qcols, row stride BR) += V^T P^T, P^T read in place from st.
+// Panel e (value columns e .. e + MR) starts at v + e * panel_step and
+// steps ldv from key to key: packed panels (panel_step = cols, ldv = MR)
+// or V in place (panel_step = 1, ldv = V's row stride).
 // Query strips are the outer loop: one strip of P^T (cols x NR) stays in L1
 // while the panels of V stream past it, and each micro-tile's outputs stay
 // in registers over all the block's keys (the blocking of a GEMM).
 template <typename T>
-void block_values(const PrefillTiling<T>& t, int64_t cols, int64_t offset, int64_t qcols,
-                  bool finite_values, PrefillScratch<T>& sc) {
+void block_values(const PrefillTiling<T>& t, const T* v, int64_t panel_step, int64_t ldv,
+                  int64_t cols, int64_t offset, int64_t qcols, bool finite_values,
+                  PrefillScratch<T>& sc) {
   using Tl = PrefillTiling<T>;
-  constexpr int MR = Tl::MR, NR = Tl::NR, BR = Tl::BR;
-  for (int64_t i = 0; i < qcols; i += NR)
+  constexpr int MR = Tl::MR, BR = Tl::BR;
+  for_each_strip<T>(qcols, [&](int64_t i, auto nv) {
+    constexpr int NV = decltype(nv)::value;
     for (int64_t e = 0; e < t.dvp; e += MR) {
+      const T* panel = v + e * panel_step;
+      T* ot = sc.ot + e * BR + i;
       if (finite_values)
-        values_micro<T>(sc.vp + e * cols, sc.st + i, BR, cols, offset, sc.ot + e * BR + i, BR);
+        values_micro<T, NV, false>(panel, ldv, sc.st + i, BR, cols, offset, ot, BR);
       else
-        values_micro<T, true>(sc.vp + e * cols, sc.st + i, BR, cols, offset,
-                              sc.ot + e * BR + i, BR);
+        values_micro<T, NV, true>(panel, ldv, sc.st + i, BR, cols, offset, ot, BR);
     }
+  });
 }
 
 // Whether x[0, n) are all finite: x * 0 is 0 for finite x and NaN otherwise.
@@ -296,6 +331,15 @@ bool all_finite(const T* x, int64_t n) {
   T tail = T(0);
   for (; i < n; ++i) tail = tail + x[i] * T(0);
   return S::hsum(acc) + tail == T(0);
+}
+
+// Whether the rows x[j][0, n) (row stride ld) for j < rows are all finite.
+template <typename T>
+bool rows_finite(const T* x, int64_t ld, int64_t rows, int64_t n) {
+  if (ld == n) return all_finite<T>(x, rows * n);
+  for (int64_t j = 0; j < rows; ++j)
+    if (!all_finite<T>(x + j * ld, n)) return false;
+  return true;
 }
 
 // ---------------------------------------------------------------------------
@@ -396,15 +440,15 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offse
     S::store(l + g * W, S::fmadd(S::load(l + g * W), S::load(alpha + g * W), sums.total(g)));
 }
 
-// The update for lanes [0, qcols) of a block, G = NV registers at a time
-// (qcols is a multiple of NV * W).
+// The update for lanes [0, qcols) of a block, a strip of registers at a
+// time (qcols is a multiple of W).
 template <typename T>
 void block_softmax(T* st, int64_t ld, int64_t cols, int64_t offset, int64_t qcols, T* m, T* l,
                    T* alpha, const T* colmax) {
-  constexpr int G = Simd<T>::NV, W = Simd<T>::W;
-  for (int64_t i = 0; i < qcols; i += G * W)
-    online_softmax_update<T, G>(st + i, ld, cols, offset, m + i, l + i, alpha + i,
-                                colmax ? colmax + i : nullptr);
+  for_each_strip<T>(qcols, [&](int64_t i, auto nv) {
+    online_softmax_update<T, decltype(nv)::value>(st + i, ld, cols, offset, m + i, l + i,
+                                                  alpha + i, colmax ? colmax + i : nullptr);
+  });
 }
 
 // Applies dropout to the block's probabilities (transposed, in st).
@@ -442,7 +486,7 @@ struct PrefillTask {
   PrefillTask(const AttentionParams& p_, const Tl& t_, const RowRange& rr_,
               PrefillScratch<T>& sc_)
       : p(p_), t(t_), rr(rr_), sc(sc_), kb(p_, rr_.b), dr(p_) {
-    qcols = Tl::round_up(rr.rows, Tl::NR);
+    qcols = Tl::round_up(rr.rows, W);
     k_head = static_cast<const KV*>(p.k) + rr.b * p.k_stride.b + rr.hk * p.k_stride.h;
     v_head = static_cast<const KV*>(p.v) + rr.b * p.v_stride.b + rr.hk * p.v_stride.h;
   }
@@ -503,9 +547,16 @@ struct PrefillTask {
         S::store(o, S::mul(S::load(o), S::load(sc.alpha + i)));
       }
     if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);
-    pack_values<T, KV>(v_head + j0 * p.v_stride.r, p.v_stride.r, p.v_stride.c, cols, t.dv, t.dvp,
-                   sc.vp);
-    block_values<T>(t, cols, j0 % t.bc, qcols, all_finite<T>(sc.vp, cols * t.dvp), sc);
+    if (t.v_direct) {
+      const T* v = reinterpret_cast<const T*>(v_head + j0 * p.v_stride.r);  // KV is T here
+      block_values<T>(t, v, 1, p.v_stride.r, cols, j0 % t.bc, qcols,
+                      rows_finite<T>(v, p.v_stride.r, cols, t.dv), sc);
+    } else {
+      pack_values<T, KV>(v_head + j0 * p.v_stride.r, p.v_stride.r, p.v_stride.c, cols, t.dv,
+                         t.dvp, sc.vp);
+      block_values<T>(t, sc.vp, cols, Tl::MR, cols, j0 % t.bc, qcols,
+                      all_finite<T>(sc.vp, cols * t.dvp), sc);
+    }
   }
 
   void run() {
@@ -534,17 +585,42 @@ struct PrefillTask {
 
   // out = O / l (one rounding: divide rather than multiply by 1/l); the
   // natural-log LSE = ln 2 * (m + log2 l), in double (see attention_params.h).
-  // Rows that saw no key give zeros.
+  // Rows that saw no key give zeros. Vectorised because at short keys
+  // (L = 128) a scalar division and transposed store per output element
+  // cost ~15% of the call: the division runs W queries wide in place on
+  // O^T, then W x W tiles are transposed into the output rows.
   void write_output() {
-    T* out = static_cast<T*>(p.out) + rr.b * p.out_stride.b + rr.h * p.out_stride.h;
-    double* lse = p.lse ? p.lse + rr.b * p.lse_stride.b + rr.h * p.lse_stride.h : nullptr;
-    for (int64_t i = 0; i < rr.rows; ++i) {
-      T* dst = out + (rr.i0 + i) * p.out_stride.r;
-      const T l = sc.l_run[i];
-      for (int64_t e = 0; e < t.dv; ++e)
-        dst[e * p.out_stride.c] = l != T(0) ? sc.ot_run[e * BR + i] / l : T(0);
-      if (lse) lse[(rr.i0 + i) * p.lse_stride.r] = natural_lse(sc.m_run[i], l);
+    T* out = static_cast<T*>(p.out) + rr.b * p.out_stride.b + rr.h * p.out_stride.h +
+             rr.i0 * p.out_stride.r;
+    for (int64_t i = 0; i < qcols; i += W) {
+      const typename S::reg l = S::load(sc.l_run + i);
+      for (int64_t e = 0; e < t.dv; ++e) {
+        T* o = sc.ot_run + e * BR + i;
+        S::store(o, S::keep_where_zero(l, S::zero(), S::div(S::load(o), l)));
+      }
     }
+    alignas(64) T tile[W * W];
+    for (int64_t i = 0; i < rr.rows; i += W) {
+      const int64_t n = std::min<int64_t>(W, rr.rows - i);
+      int64_t e = 0;
+      for (; e + W <= t.dv; e += W) {
+        S::transpose_tile(sc.ot_run + e * BR + i, BR, tile);  // tile[c] = query i + c
+        for (int64_t c = 0; c < n; ++c) {
+          T* dst = out + (i + c) * p.out_stride.r + e * p.out_stride.c;
+          if (p.out_stride.c == 1)
+            std::memcpy(dst, tile + c * W, sizeof(T) * W);
+          else
+            for (int x = 0; x < W; ++x) dst[x * p.out_stride.c] = tile[c * W + x];
+        }
+      }
+      for (; e < t.dv; ++e)
+        for (int64_t c = 0; c < n; ++c)
+          out[(i + c) * p.out_stride.r + e * p.out_stride.c] = sc.ot_run[e * BR + i + c];
+    }
+    if (!p.lse) return;
+    double* lse = p.lse + rr.b * p.lse_stride.b + rr.h * p.lse_stride.h;
+    for (int64_t i = 0; i < rr.rows; ++i)
+      lse[(rr.i0 + i) * p.lse_stride.r] = natural_lse(sc.m_run[i], sc.l_run[i]);
   }
 
   // Second pass, only when the weights are asked for: recompute each
