@@ -119,9 +119,12 @@ def _check(name, got, oracle, plain, scale):
 
     float32 (and float16, computed in float32): the distance from the float64
     oracle may be at most twice that of a plain NumPy implementation computed
-    in float32 (rounded to the output dtype), plus one rounding at the
-    output's scale so that an exactly computed case is not asked for exactly
-    zero error. "Distance" is the root-mean-square error: the max-abs error
+    in float32 (rounded to the output dtype), plus two roundings at the
+    output's scale so that a case the plain method happens to get exactly
+    is not asked for exactly zero error: a flash-style kernel rounds the
+    sum of p_j v_j and then the division by l, each at the output's scale
+    (e.g. three equal keys: fl(fl(3v) / 3) can be 1 ulp from v, where NumPy's
+    weights 1/3 happen to give v exactly; a fuzz case found it). "Distance" is the root-mean-square error: the max-abs error
     of two equally accurate methods differs by up to ~2.3x from data alone
     (measured: median ratio 1.0, RMS ratio 1.05-1.15), so it cannot carry a
     2x rule. The max-abs error is still checked, at 4x, to catch a bug that
@@ -135,7 +138,7 @@ def _check(name, got, oracle, plain, scale):
         assert err_max <= budget, f"{name}: max error {err_max:.3g} exceeds {budget:.3g}"
         return err_max
     plain_max, plain_rms = _errors(np.asarray(plain).astype(dt), oracle)
-    floor = EPS[dt] * scale
+    floor = 2 * EPS[dt] * scale
     assert err_rms <= 2.0 * plain_rms + floor, (
         f"{name}: RMS error {err_rms:.3g} > 2 x plain NumPy's {plain_rms:.3g} + {floor:.3g}")
     assert err_max <= 4.0 * plain_max + floor, (
