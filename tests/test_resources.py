@@ -95,10 +95,6 @@ def test_kv_cache_past_numpy_sizes_raises_memory_error():
         tileattn.KVCache(2**20, 64, 2**30, 128)      # 2**65 bytes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "linear.py bug: glorot_uniform of a weight whose size overflows NumPy's index "
-    "type (MultiHeadAttention(10**12, 1): 10**24 elements) raises NumPy's untyped "
-    "ValueError ('array is too big') instead of MemoryError"))
 def test_module_past_numpy_sizes_raises_memory_error():
     with pytest.raises(MemoryError):
         tileattn.MultiHeadAttention(10**12, 1)

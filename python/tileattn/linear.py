@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional, Tuple, cast
 import numpy as np
 
 from ._errors import DTypeError, ShapeError
+from ._memory import check_fits
 from .module import Module
 
 
@@ -14,6 +15,7 @@ def glorot_uniform(rng: np.random.Generator, out_features: int, in_features: int
                    dtype: np.dtype) -> np.ndarray:
     """Glorot/Xavier uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)), the
     kernel initialiser of Keras and of PyTorch's attention in-projection."""
+    check_fits("glorot_uniform", (out_features, in_features), 8)  # drawn in float64
     fans = in_features + out_features
     limit = np.sqrt(6.0 / fans) if fans else 0.0
     return rng.uniform(-limit, limit, (out_features, in_features)).astype(dtype)
