@@ -3,7 +3,12 @@
 Runs the contenders on the same inputs in one process, alternating after a
 warm-up, and prints per shape: median times, GFLOP/s (4*B*Hq*pairs*D over the
 pairs the mask lets through), the paired median ratio torch/tileattn and, as
-the practical ceiling, the GFLOP/s of a float32 NumPy matmul in the same run.
+the practical ceiling, the GFLOP/s of a float32 NumPy matmul in the same run
+(in a subprocess whose BLAS has the run's thread count).
+
+The plain-NumPy contender runs with one BLAS thread (OPENBLAS_NUM_THREADS=1
+unless set): an OpenBLAS pool keeps its threads spinning for ~130 ms after a
+call, taking a core from whichever contender runs next.
 
     python benchmarks/bench_attention.py [--threads 1 2] [--rounds 7] [--numpy]
         [--shapes 1 2 3] [--float64]
@@ -12,14 +17,18 @@ the practical ceiling, the GFLOP/s of a float32 NumPy matmul in the same run.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads its BLAS
 
-import tileattn
-from tileattn._bench import (Shape, matmul_gflops, median_ratio, numpy_attention,
+import numpy as np  # noqa: E402
+
+import tileattn  # noqa: E402
+from tileattn import _bench  # noqa: E402
+from tileattn._bench import (Shape, matmul_gflops, median_ratio, numpy_attention,  # noqa: E402
                              paired_times, tileattn_runner, torch_runner)
 
 SHAPES = {
@@ -77,7 +86,10 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--numpy", action="store_true", help="also time plain NumPy attention")
     ap.add_argument("--float64", action="store_true", help="also time tileattn in float64")
+    ap.add_argument("--lead-in", type=float, default=_bench.LEAD_IN_S,
+                    help="seconds of untimed calls before each timed one (0: off); see _bench.paired_times")
     args = ap.parse_args(argv)
+    _bench.LEAD_IN_S = args.lead_in
     import torch
 
     print(f"machine: {platform.machine()} {platform.processor() or ''}; "

@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 
 import tileattn
+from tileattn import _bench
 from tileattn._bench import median_ratio, paired_times
 
 CASES = {"1": (8, 32, 8, 4096, 128), "2": (1, 32, 32, 8192, 128)}
@@ -182,7 +183,10 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--no-stack", action="store_true")
+    ap.add_argument("--lead-in", type=float, default=_bench.LEAD_IN_S,
+                    help="seconds of untimed calls before each timed one (0: off); see _bench.paired_times")
     args = ap.parse_args(argv)
+    _bench.LEAD_IN_S = args.lead_in
     tileattn.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     print(f"{platform.machine()}, {args.threads} threads, tileattn {tileattn.__version__} "

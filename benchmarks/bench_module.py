@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import tileattn
+from tileattn import _bench
 from tileattn._bench import median_ratio, paired_times
 
 
@@ -92,7 +93,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--shapes", nargs="+", default=list(CASES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lead-in", type=float, default=_bench.LEAD_IN_S,
+                    help="seconds of untimed calls before each timed one (0: off); see _bench.paired_times")
     args = ap.parse_args(argv)
+    _bench.LEAD_IN_S = args.lead_in
     tileattn.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     print(f"{args.threads} threads, float32, torch {torch.__version__}, "

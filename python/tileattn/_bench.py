@@ -125,20 +125,51 @@ def torch_runner(shape: Shape, q: np.ndarray, k: np.ndarray,
     return run
 
 
+# Untimed calls of at least this many seconds precede each timed call, for
+# calls shorter than LEAD_IN_UNDER_S (see paired_times).
+LEAD_IN_S = 0.15
+LEAD_IN_UNDER_S = 1.0
+
+
 def paired_times(runners: Dict[str, Callable[[], object]], rounds: int = 7,
-                 warmup: int = 1, budget_s: Optional[float] = None) -> Dict[str, List[float]]:
+                 warmup: int = 1, budget_s: Optional[float] = None,
+                 lead_in_s: Optional[float] = None) -> Dict[str, List[float]]:
     """Alternate the runners `rounds` times after `warmup` rounds; seconds each.
-    With `budget_s`, stop early (after at least 3 rounds) once it is spent."""
+
+    The order rotates by one each round, so no runner always follows the same
+    other one. Before each timed call, a runner whose calls take less than
+    LEAD_IN_UNDER_S is called untimed until `lead_in_s` (default LEAD_IN_S;
+    the scripts' --lead-in sets it, 0 turns it off) have passed. Why: BLAS
+    and OpenMP pools keep their threads spinning after a call, and those
+    threads take the cores from whichever contender runs next. Measured at
+    (8, 12, 128, 128, 64), 2 threads: tileattn and torch 2.6 / 3.5 ms warm,
+    4.9 / 7.5 ms for ~130 ms after an OpenBLAS matmul, and 2-3 calls (~10 ms)
+    slower after a torch call (libgomp). Sleeping instead lets the cores go
+    idle and cold (6-7 ms after a 50 ms pause). So each timed call is a warm
+    call of that library alone, as in a loop that calls it repeatedly. With
+    `budget_s`, stop early (after at least 3 rounds) once it is spent."""
+    lead_in = LEAD_IN_S if lead_in_s is None else lead_in_s
+    names = list(runners)
+    last: Dict[str, float] = {}
     for _ in range(warmup):
-        for fn in runners.values():
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name in runners}
-    start = time.perf_counter()
-    for r in range(rounds):
         for name, fn in runners.items():
             t0 = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            last[name] = time.perf_counter() - t0
+    times: Dict[str, List[float]] = {name: [] for name in runners}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = runners[name]
+            if lead_in and last.get(name, 0.0) < LEAD_IN_UNDER_S:
+                t_lead = time.perf_counter()
+                fn()
+                while time.perf_counter() - t_lead < lead_in:
+                    fn()
+            t0 = time.perf_counter()
+            fn()
+            last[name] = time.perf_counter() - t0
+            times[name].append(last[name])
         if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
             break
     return times
