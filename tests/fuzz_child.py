@@ -605,13 +605,20 @@ def check_nonfinite(got, q, k, v, kw):
     open_ = vis & ~fblock
     row_nan = (open_ & (q_nan | k_nan | fnan)).any(-1)    # must be NaN (whole row)
     row_any = (vis & (q_inf | k_inf | fbad | (fblock & (q_nan | k_nan)))).any(-1)
-    v_nan = np.isnan(vf)                                  # (1, Hq, Lk, Dv)
-    v_bad = ~np.isfinite(vf)
-    col_nonfinite = np.einsum("bhij,bhjc->bhic", open_.astype(np.int64),
+    v_bad = ~np.isfinite(vf)                              # (1, Hq, Lk, Dv)
+    # The oracle on inputs with the bad values zeroed: the clean rows' values,
+    # and the weights that tell a key whose float32 weight may underflow to
+    # exactly 0 (it then adds nothing, even a NaN value: README, Masks).
+    qz, kz, vz = (np.where(np.isfinite(a), a, 0).astype(a.dtype) for a in (q, k, v))
+    kwz = dict(kw)
+    if mask is not None and mask.dtype.kind == "f":
+        kwz["attn_mask"] = np.where(np.isnan(mask) | np.isposinf(mask), 0, mask).astype(mask.dtype)
+    want, w_want = attention(qz, kz, vz, **kwz)
+    tiny = w_want < 2.0**-90                              # may be 0 in float32
+    col_nonfinite = np.einsum("bhij,bhjc->bhic", (open_ & ~tiny).astype(np.int64),
                               v_bad.astype(np.int64)) > 0
-    col_any = np.einsum("bhij,bhjc->bhic", (vis & fblock).astype(np.int64),
+    col_any = np.einsum("bhij,bhjc->bhic", ((vis & fblock) | (open_ & tiny)).astype(np.int64),
                         v_bad.astype(np.int64)) > 0
-    del v_nan
     must_nan = np.broadcast_to(row_nan[..., None], got.shape)
     anything = np.broadcast_to(row_any[..., None], got.shape) | col_any
     must_nonfinite = col_nonfinite & ~anything
@@ -624,11 +631,6 @@ def check_nonfinite(got, q, k, v, kw):
     if (must_nonfinite & ~must_nan & np.isfinite(g)).any():
         raise Fail("a column that sees an inf/NaN value is finite")
     # the clean rows against the oracle on inputs with the bad values zeroed
-    qz, kz, vz = (np.where(np.isfinite(a), a, 0).astype(a.dtype) for a in (q, k, v))
-    kwz = dict(kw)
-    if mask is not None and mask.dtype.kind == "f":
-        kwz["attn_mask"] = np.where(np.isnan(mask) | np.isposinf(mask), 0, mask).astype(mask.dtype)
-    want, _ = attention(qz, kz, vz, **kwz)
     if not np.isfinite(g[clean]).all():
         raise Fail("a row that sees no NaN/inf outputs a non-finite value")
     patched = np.where(clean, g, want).astype(got.dtype)
