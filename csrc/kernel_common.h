@@ -127,7 +127,10 @@ constexpr int64_t kValueSegment = TILEATTN_VALUE_SEGMENT;
 
 // Keys per block never exceed this (PrefillTiling caps them), so a block
 // has at most kMaxBlockKeys / kSumLeaf leaves.
-constexpr int64_t kMaxBlockKeys = 240;
+#ifndef TILEATTN_MAX_BLOCK_KEYS
+#define TILEATTN_MAX_BLOCK_KEYS 240
+#endif
+constexpr int64_t kMaxBlockKeys = TILEATTN_MAX_BLOCK_KEYS;
 constexpr int64_t kSumLeaf = 8;
 constexpr int kMaxSumLeaves = static_cast<int>(kMaxBlockKeys / kSumLeaf);
 
