@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from .functional import scaled_dot_product_attention
 from .linear import Linear, as_2d_rows, grad_input, linear_backward
 from .module import Module
 from .norm import LayerNorm
+from ._mha_saved import AttentionSaved, CoreSaved, dtypes_of, same_inputs, seq_shape
 from .positional import apply_rope, rope_tables
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -46,59 +47,6 @@ def _input(x: Any, name: str) -> np.ndarray:
         raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype} "
                          f"with shape {a.shape}")
     return a
-
-
-class CoreSaved(NamedTuple):
-    """The core's inputs as it got them ((B, H, L, D) views), its output, its
-    log-sum-exp and the dropout it drew: what its backward takes."""
-
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    out: np.ndarray
-    lse: np.ndarray
-    dropout_p: float
-    seed: Optional[int]
-
-
-class AttentionSaved(NamedTuple):
-    """What a training forward of ``MultiHeadAttention`` keeps for ``backward``."""
-
-    inputs: Tuple[np.ndarray, np.ndarray, np.ndarray]   # q3, k3, v3 (B', L, F)
-    layouts: Tuple[SequenceLayout, SequenceLayout]      # query's, key/value's
-    dtypes: Tuple[np.dtype[Any], np.dtype[Any], np.dtype[Any]]   # of the user's inputs
-    same: Tuple[int, int, int]          # same[i]: first argument that is input i's object
-    fused: Tuple[bool, bool]            # (self_attn, kv_same) projections of the forward
-    unbatched: bool
-    core: Optional[CoreSaved]
-    masks: Dict[str, Any]
-    attn_out: np.ndarray                # out_proj's input (B', Lq, Hq*Dv)
-
-
-def _resolved(query: Any, key: Any, value: Any) -> Tuple[Any, Any, Any]:
-    """(query, key, value) with the forward's defaults: key = value = query
-    when both are None, value = key when only value is None."""
-    if key is None:
-        key = value if value is not None else query
-    return query, key, key if value is None else value
-
-
-def _same_inputs(query: Any, key: Any, value: Any) -> Tuple[int, int, int]:
-    objs = _resolved(query, key, value)
-    first = [next(j for j in range(i + 1) if objs[j] is objs[i]) for i in range(3)]
-    return first[0], first[1], first[2]
-
-
-def _dtypes(query: Any, key: Any, value: Any
-            ) -> Tuple[np.dtype[Any], np.dtype[Any], np.dtype[Any]]:
-    q, k, v = (np.asarray(a).dtype for a in _resolved(query, key, value))
-    return q, k, v
-
-
-def _seq_shape(lay: SequenceLayout, features: int) -> Tuple[int, ...]:
-    """Shape of ``lay.from_sequence`` of a (B', L, features) array."""
-    shape = lay.batch_shape + lay.pos_shape + (features,)
-    return tuple(shape[i] for i in np.argsort(lay.perm))
 
 
 def _heads_first(a: np.ndarray, unbatched: bool) -> np.ndarray:
@@ -411,8 +359,8 @@ class MultiHeadAttention(Module):
                                   training=training, **masks)
         if training:
             self._save(AttentionSaved(
-                inputs=(q3, k3, v3), layouts=(q_lay, k_lay), dtypes=_dtypes(query, key, value),
-                same=_same_inputs(query, key, value), fused=(self_attn, kv_same),
+                inputs=(q3, k3, v3), layouts=(q_lay, k_lay), dtypes=dtypes_of(query, key, value),
+                same=same_inputs(query, key, value), fused=(self_attn, kv_same),
                 unbatched=unbatched, core=core, masks=masks, attn_out=y))
         y = self.out_proj(y)
         y = q_lay.from_sequence(y)[0] if unbatched else q_lay.from_sequence(y)
@@ -565,7 +513,7 @@ class MultiHeadAttention(Module):
 
     def _attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, unbatched: bool, *,
                 need_weights: bool, training: bool, **masks: Any
-                ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional["CoreSaved"]]:
+                ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[CoreSaved]]:
         """The core on (B, H, L, D) views; the output lands in a (B, Lq, Hq*Dv)
         buffer ready for out_proj (no transposing copy)."""
         b, lq, hq, _ = q.shape
@@ -617,7 +565,7 @@ class MultiHeadAttention(Module):
         s: AttentionSaved = self._take_saved()
         q_lay, k_lay = s.layouts
         q3, k3, v3 = s.inputs
-        shape = _seq_shape(q_lay, self.output_dim)
+        shape = seq_shape(q_lay, self.output_dim)
         g = grad_input(grad_output, shape[1:] if s.unbatched else shape, self.dtype)
         g3 = q_lay.to_sequence(g[None] if s.unbatched else g)
         d_attn = linear_backward(self.out_proj, s.attn_out, g3)      # (B', Lq, Hq*Dv)
