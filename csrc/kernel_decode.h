@@ -128,6 +128,34 @@ struct DecodeTask {
     }
   }
 
+  // One query row per task (multi-head attention decoding): a transposed
+  // key tile serves a single row, so the row scores it straight from the
+  // transpose registers instead of storing it and loading it back. Same
+  // chain per lane as score_tiles, so the same bits.
+  bool fused_scores() const {
+    constexpr bool half = std::is_same<KV, Half>::value;
+    return S::kTileDot && (!half || S::kHalfTile) && ds.rows == 1 && p.k_stride.c == 1 &&
+           p.D > 0 && p.D % W == 0 && kScoreSegment % W == 0;
+  }
+
+  // The scores of the task's row against W whole keys at k: segments of
+  // kScoreSegment dimensions, each chained from zero over its tiles, added
+  // in order.
+  reg row_tile_scores(const KV* k) const {
+    reg total = S::zero(), acc = S::zero();
+    for (int64_t x0 = 0; x0 < p.D; x0 += W) {
+      if (x0 % kScoreSegment == 0) acc = S::zero();
+      if constexpr (std::is_same<KV, T>::value)
+        acc = S::tile_dot(k + x0, p.k_stride.r, qs + x0, acc);
+      else
+        acc = S::tile_dot_half(reinterpret_cast<const uint16_t*>(k) + x0, p.k_stride.r,
+                               qs + x0, acc);
+      if ((x0 + W) % kScoreSegment == 0 || x0 + W == p.D)
+        total = x0 < kScoreSegment ? acc : S::add(total, acc);
+    }
+    return total;
+  }
+
   // out[g * W + lane] = q . key (G tiles of W keys in kt): the prefill's
   // chain per lane (segments of kScoreSegment, added in order); the G
   // independent chains hide the fused multiply-add latency.
@@ -159,7 +187,10 @@ struct DecodeTask {
     const KV* k = static_cast<const KV*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h +
                  j0 * p.k_stride.r;
     const int64_t ldt = PrefillTiling<T>::round_up(ds.bc, W);
-    for (int64_t jj = 0; jj < cols; jj += kKeyTiles * W) {
+    int64_t jj = 0;
+    if (fused_scores())
+      for (; jj + W <= cols; jj += W) S::store(s + jj, row_tile_scores(k + jj * p.k_stride.r));
+    for (; jj < cols; jj += kKeyTiles * W) {
       const int tiles = static_cast<int>(
           std::min<int64_t>(kKeyTiles, (cols - jj + W - 1) / W));
       for (int g = 0; g < tiles; ++g)

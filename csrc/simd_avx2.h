@@ -62,6 +62,30 @@ template <> struct Simd<float> {
     transpose_registers(r, dst);
   }
   static void transpose_registers(const reg* rows, float* dst) {
+    reg c[8];
+    transpose_in_registers(rows, c);
+    for (int i = 0; i < 8; ++i) _mm256_store_ps(dst + i * 8, c[i]);
+  }
+  // acc + sum over x < W of q[x] * (column x of the W x W tile at src, row
+  // stride ld): one FMA chain in x order, lanes = the tile's rows. The
+  // decode path's scores of one query row without storing the transpose.
+  static constexpr bool kTileDot = true;
+  static reg tile_dot(const float* src, int64_t ld, const float* q, reg acc) {
+    reg r[8], c[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
+    transpose_in_registers(r, c);
+    for (int x = 0; x < 8; ++x) acc = fmadd(set1(q[x]), c[x], acc);
+    return acc;
+  }
+  static reg tile_dot_half(const uint16_t* src, int64_t ld, const float* q, reg acc) {
+    reg r[8], c[8];
+    for (int i = 0; i < 8; ++i)
+      r[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld)));
+    transpose_in_registers(r, c);
+    for (int x = 0; x < 8; ++x) acc = fmadd(set1(q[x]), c[x], acc);
+    return acc;
+  }
+  static void transpose_in_registers(const reg* rows, reg* col) {
     __m256 r0 = rows[0], r1 = rows[1], r2 = rows[2], r3 = rows[3];
     __m256 r4 = rows[4], r5 = rows[5], r6 = rows[6], r7 = rows[7];
     const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
@@ -76,14 +100,14 @@ template <> struct Simd<float> {
     r5 = _mm256_shuffle_ps(t4, t6, 0xEE);
     r6 = _mm256_shuffle_ps(t5, t7, 0x44);
     r7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    _mm256_store_ps(dst + 0 * 8, _mm256_permute2f128_ps(r0, r4, 0x20));
-    _mm256_store_ps(dst + 1 * 8, _mm256_permute2f128_ps(r1, r5, 0x20));
-    _mm256_store_ps(dst + 2 * 8, _mm256_permute2f128_ps(r2, r6, 0x20));
-    _mm256_store_ps(dst + 3 * 8, _mm256_permute2f128_ps(r3, r7, 0x20));
-    _mm256_store_ps(dst + 4 * 8, _mm256_permute2f128_ps(r0, r4, 0x31));
-    _mm256_store_ps(dst + 5 * 8, _mm256_permute2f128_ps(r1, r5, 0x31));
-    _mm256_store_ps(dst + 6 * 8, _mm256_permute2f128_ps(r2, r6, 0x31));
-    _mm256_store_ps(dst + 7 * 8, _mm256_permute2f128_ps(r3, r7, 0x31));
+    col[0] = _mm256_permute2f128_ps(r0, r4, 0x20);
+    col[1] = _mm256_permute2f128_ps(r1, r5, 0x20);
+    col[2] = _mm256_permute2f128_ps(r2, r6, 0x20);
+    col[3] = _mm256_permute2f128_ps(r3, r7, 0x20);
+    col[4] = _mm256_permute2f128_ps(r0, r4, 0x31);
+    col[5] = _mm256_permute2f128_ps(r1, r5, 0x31);
+    col[6] = _mm256_permute2f128_ps(r2, r6, 0x31);
+    col[7] = _mm256_permute2f128_ps(r3, r7, 0x31);
   }
   static constexpr float round_magic() { return 12582912.0f; }  // 1.5 * 2^23
   static reg scale_by_pow2(reg p, reg t) {
@@ -134,6 +158,9 @@ template <> struct Simd<double> {
   // dst[c][r] = src[r][c] for a 4 x 4 tile (src row stride ld, dst rows of 4).
   static constexpr bool kHalfTile = false;
   static void transpose_tile_half(const uint16_t*, int64_t, double*) {}
+  static constexpr bool kTileDot = false;
+  static reg tile_dot(const double*, int64_t, const double*, reg acc) { return acc; }
+  static reg tile_dot_half(const uint16_t*, int64_t, const double*, reg acc) { return acc; }
   static void transpose_tile(const double* src, int64_t ld, double* dst) {
     const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + ld);
     const __m256d r2 = _mm256_loadu_pd(src + 2 * ld), r3 = _mm256_loadu_pd(src + 3 * ld);

@@ -62,6 +62,11 @@ template <> struct Simd<float> {
   // lanes of four groups gathered (two rounds of shuffle_f32x4). Register
   // u[4g + c], lane L holds rows 4g..4g+3 of column 4L + c.
   static void transpose_registers(const reg* r, float* dst) {
+    reg c[16];
+    transpose_in_registers(r, c);
+    for (int i = 0; i < 16; ++i) store(dst + i * W, c[i]);
+  }
+  static void transpose_in_registers(const reg* r, reg* col) {
     reg u[16];
     for (int g = 0; g < 4; ++g) {
       const reg* q = r + 4 * g;
@@ -77,11 +82,29 @@ template <> struct Simd<float> {
       const reg a13 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);   // g0 L1 L3, g1 L1 L3
       const reg b02 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
       const reg b13 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-      store(dst + (0 + c) * W, _mm512_shuffle_f32x4(a02, b02, 0x88));
-      store(dst + (8 + c) * W, _mm512_shuffle_f32x4(a02, b02, 0xDD));
-      store(dst + (4 + c) * W, _mm512_shuffle_f32x4(a13, b13, 0x88));
-      store(dst + (12 + c) * W, _mm512_shuffle_f32x4(a13, b13, 0xDD));
+      col[0 + c] = _mm512_shuffle_f32x4(a02, b02, 0x88);
+      col[8 + c] = _mm512_shuffle_f32x4(a02, b02, 0xDD);
+      col[4 + c] = _mm512_shuffle_f32x4(a13, b13, 0x88);
+      col[12 + c] = _mm512_shuffle_f32x4(a13, b13, 0xDD);
     }
+  }
+  // acc + sum over x < W of q[x] * (column x of the W x W tile at src, row
+  // stride ld): one FMA chain in x order, lanes = the tile's rows. The
+  // decode path's scores of one query row without storing the transpose.
+  static constexpr bool kTileDot = true;
+  static reg tile_dot(const float* src, int64_t ld, const float* q, reg acc) {
+    reg r[16], c[16];
+    for (int i = 0; i < 16; ++i) r[i] = loadu(src + i * ld);
+    transpose_in_registers(r, c);
+    for (int x = 0; x < 16; ++x) acc = fmadd(set1(q[x]), c[x], acc);
+    return acc;
+  }
+  static reg tile_dot_half(const uint16_t* src, int64_t ld, const float* q, reg acc) {
+    reg r[16], c[16];
+    for (int i = 0; i < 16; ++i) r[i] = loadu_half(src + i * ld);
+    transpose_in_registers(r, c);
+    for (int x = 0; x < 16; ++x) acc = fmadd(set1(q[x]), c[x], acc);
+    return acc;
   }
   static constexpr float round_magic() { return 12582912.0f; }
   static reg scale_by_pow2(reg p, reg t) {
@@ -128,6 +151,9 @@ template <> struct Simd<double> {
   }
   static constexpr bool kHalfTile = false;
   static void transpose_tile_half(const uint16_t*, int64_t, double*) {}
+  static constexpr bool kTileDot = false;
+  static reg tile_dot(const double*, int64_t, const double*, reg acc) { return acc; }
+  static reg tile_dot_half(const uint16_t*, int64_t, const double*, reg acc) { return acc; }
   static void transpose_tile(const double* src, int64_t ld, double* dst) {
     for (int r = 0; r < W; ++r)
       for (int c = 0; c < W; ++c) dst[c * W + r] = src[r * ld + c];

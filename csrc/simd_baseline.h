@@ -44,6 +44,9 @@ struct VecExtSimd {
   // dst[c][r] = src[r][c] for a W x W tile (src row stride ld, dst rows of W).
   static constexpr bool kHalfTile = false;  // no F16C here: widen_row instead
   static void transpose_tile_half(const uint16_t*, int64_t, T*) {}
+  static constexpr bool kTileDot = false;  // no register transposes here
+  static reg tile_dot(const T*, int64_t, const T*, reg acc) { return acc; }
+  static reg tile_dot_half(const uint16_t*, int64_t, const T*, reg acc) { return acc; }
   static void transpose_tile(const T* src, int64_t ld, T* dst) {
     for (int r = 0; r < W; ++r)
       for (int c = 0; c < W; ++c) dst[c * W + r] = src[r * ld + c];

@@ -88,3 +88,18 @@ def test_key_lengths_errors(rng):
         core_attention(q, k, v, key_lengths=np.array([3], np.int64))
     with pytest.raises(ValueError, match="key_lengths: expected dtype"):
         core_attention(q, k, v, key_lengths=np.array([3, 4], np.int32))
+
+
+@pytest.mark.parametrize("d", [40, 64, 128])
+@pytest.mark.parametrize("half", [False, True])
+def test_one_row_decode_gives_prefill_bits(each_isa, rng, d, half):
+    """Multi-head decoding (one query row per KV head: the decode path scores
+    keys straight from its transpose registers) gives the prefill's bits, on
+    float32 and on half K/V (widened exactly), for whole and partial key tiles."""
+    q, k, v = make_qkv(rng, 2, 3, 3, 30, 1007, d)
+    if half:
+        k, v = k.astype(np.float16), v.astype(np.float16)
+    for kw in (dict(causal=True), dict(window=(333, 0))):
+        full = core_attention(q, k, v, **kw)
+        tail = core_attention(q[:, :, -1:], k, v, **kw)
+        np.testing.assert_array_equal(tail, full[:, :, -1:])
