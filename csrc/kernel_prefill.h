@@ -321,13 +321,14 @@ void block_values(const PrefillTiling<T>& t, const T* v, int64_t panel_step, int
 }
 
 // Whether x[0, n) are all finite: x * 0 is 0 for finite x and NaN otherwise.
+// Unaligned loads: x may be the caller's V rows (v_direct).
 template <typename T>
 bool all_finite(const T* x, int64_t n) {
   using S = Simd<T>;
   typename S::reg acc = S::zero();
   const typename S::reg zero = S::zero();
   int64_t i = 0;
-  for (; i + S::W <= n; i += S::W) acc = S::add(acc, S::mul(S::load(x + i), zero));
+  for (; i + S::W <= n; i += S::W) acc = S::add(acc, S::mul(S::loadu(x + i), zero));
   T tail = T(0);
   for (; i < n; ++i) tail = tail + x[i] * T(0);
   return S::hsum(acc) + tail == T(0);
