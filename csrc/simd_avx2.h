@@ -71,16 +71,17 @@ template <> struct Simd<float> {
   // decode path's scores of one query row without storing the transpose.
   static constexpr bool kTileDot = true;
   static reg tile_dot(const float* src, int64_t ld, const float* q, reg acc) {
-    reg r[8], c[8];
+    reg r[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
-    transpose_in_registers(r, c);
-    for (int x = 0; x < 8; ++x) acc = fmadd(set1(q[x]), c[x], acc);
-    return acc;
+    return rows_dot(r, q, acc);
   }
   static reg tile_dot_half(const uint16_t* src, int64_t ld, const float* q, reg acc) {
-    reg r[8], c[8];
-    for (int i = 0; i < 8; ++i)
-      r[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld)));
+    reg r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld)));
+    return rows_dot(r, q, acc);
+  }
+  static reg rows_dot(const reg* r, const float* q, reg acc) {
+    reg c[8];
     transpose_in_registers(r, c);
     for (int x = 0; x < 8; ++x) acc = fmadd(set1(q[x]), c[x], acc);
     return acc;

@@ -93,15 +93,17 @@ template <> struct Simd<float> {
   // decode path's scores of one query row without storing the transpose.
   static constexpr bool kTileDot = true;
   static reg tile_dot(const float* src, int64_t ld, const float* q, reg acc) {
-    reg r[16], c[16];
+    reg r[16];
     for (int i = 0; i < 16; ++i) r[i] = loadu(src + i * ld);
-    transpose_in_registers(r, c);
-    for (int x = 0; x < 16; ++x) acc = fmadd(set1(q[x]), c[x], acc);
-    return acc;
+    return rows_dot(r, q, acc);
   }
   static reg tile_dot_half(const uint16_t* src, int64_t ld, const float* q, reg acc) {
-    reg r[16], c[16];
+    reg r[16];
     for (int i = 0; i < 16; ++i) r[i] = loadu_half(src + i * ld);
+    return rows_dot(r, q, acc);
+  }
+  static reg rows_dot(const reg* r, const float* q, reg acc) {
+    reg c[16];
     transpose_in_registers(r, c);
     for (int x = 0; x < 16; ++x) acc = fmadd(set1(q[x]), c[x], acc);
     return acc;

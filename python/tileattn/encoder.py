@@ -99,19 +99,26 @@ def layer_norm_(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
     rows = as_2d_rows(x)
-    e = rows.shape[1]
-    mean = rows @ np.full(e, 1.0 / e, rows.dtype)
-    rows -= mean[:, None]
-    inv = np.einsum("ij,ij->i", rows, rows)
-    inv *= rows.dtype.type(1.0 / e)
-    inv += rows.dtype.type(norm.eps)
-    np.sqrt(inv, out=inv)
-    np.divide(rows.dtype.type(1.0), inv, out=inv)
-    rows *= inv[:, None]
+    _normalize_rows_(rows, norm.eps)
     rows *= norm.weight
     if norm.bias is not None:
         rows += norm.bias
     return x
+
+
+def _normalize_rows_(rows: np.ndarray, eps: float) -> np.ndarray:
+    """rows (N, E) -> (rows - mean) / std in place; returns 1/std (N,). The
+    arithmetic both layer-norm forwards share, so they agree bitwise."""
+    e = rows.shape[1]
+    mean = rows @ np.full(e, 1.0 / e, rows.dtype)
+    rows -= mean[:, None]
+    inv: np.ndarray = np.einsum("ij,ij->i", rows, rows)
+    inv *= rows.dtype.type(1.0 / e)
+    inv += rows.dtype.type(eps)
+    np.sqrt(inv, out=inv)
+    np.divide(rows.dtype.type(1.0), inv, out=inv)
+    rows *= inv[:, None]
+    return inv
 
 
 def layer_norm_train(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
@@ -119,15 +126,7 @@ def layer_norm_train(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
     inference forwards agree bitwise) that keeps xhat and 1/std in ``norm``
     for ``norm.backward``. x (..., E) of the layer's dtype; a new array."""
     rows = as_2d_rows(np.array(x, order="C"))
-    e = rows.shape[1]
-    mean = rows @ np.full(e, 1.0 / e, rows.dtype)
-    rows -= mean[:, None]
-    inv = np.einsum("ij,ij->i", rows, rows)
-    inv *= rows.dtype.type(1.0 / e)
-    inv += rows.dtype.type(norm.eps)
-    np.sqrt(inv, out=inv)
-    np.divide(rows.dtype.type(1.0), inv, out=inv)
-    rows *= inv[:, None]
+    inv = _normalize_rows_(rows, norm.eps)
     norm.save_stats(rows.reshape(x.shape).copy(), inv.reshape(x.shape[:-1] + (1,)), x.dtype)
     rows *= norm.weight
     if norm.bias is not None:
