@@ -296,8 +296,7 @@ def build_sdpa(c):
         e.add(BAD, qkv_names, (DTypeError,))
     if "dtype_mixed" in mut and "dtype_bad" not in mut:
         other = np.float64 if dtype != np.float64 else np.float32
-        arrays[which] = arrays[which].astype(other)
-        e.add(BAD, qkv_names, (DTypeError,))
+        arrays[which] = arrays[which].astype(other)  # a fault only if it survives layout:
     values = dict(arrays)  # the values as the oracle sees them
     inputs = {}
     for n, lay in zip(("q", "k", "v"), c["layouts"]):
@@ -307,9 +306,6 @@ def build_sdpa(c):
         if lay == "list" and (a.dtype == object or (a.size == 0 and a.dtype.kind != "f")):
             lay = "contiguous"  # an empty list has no dtype to keep (np.asarray: float64)
         inputs[n] = laid_out(a, lay)
-    seen = {np.asarray(x).dtype for x in inputs.values()}
-    if len(seen) > 1 and all(t.kind == "f" for t in seen):
-        e.add(BAD, qkv_names, (DTypeError,))  # lists are float64, arrays maybe not
     if "rank_down" in mut:
         a = np.asarray(values[which])
         inputs[which] = values[which] = a[0] if len(a) else np.zeros(a.shape[1:], a.dtype)
@@ -320,6 +316,9 @@ def build_sdpa(c):
     if "scalar" in mut:
         inputs[which] = values[which] = 1.5
         e.add(BAD, qkv_names, (ShapeError, DTypeError))
+    seen = {np.asarray(x).dtype for x in inputs.values()}
+    if len(seen) > 1 and all(t.kind == "f" for t in seen):
+        e.add(BAD, qkv_names, (DTypeError,))  # lists are float64, arrays maybe not
     batched = c["batched"]
     kw = {}
     b_eff = shapes["q"][0]

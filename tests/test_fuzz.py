@@ -8,8 +8,11 @@ typed error that names the argument.
 
 Case counts: the defaults below (about 4,000 in all, well under a minute);
 TILEATTN_FUZZ_EXAMPLES=N runs N cases per target (a longer campaign, e.g.
-N=20000), TILEATTN_FUZZ_SEED fixes hypothesis' seed (the seed of each run is
-printed), TILEATTN_FUZZ_STRICT_NAN=0 stops requiring NaN out of rows that
+N=20000). Seeds: by default every run draws the same cases (FIXED_SEED, with
+hypothesis pinned in the test extra), so CI fails only when the code changes,
+never because a random seed found an old oracle gap on the day of a landing;
+TILEATTN_FUZZ_SEED=random draws new cases (a campaign: the seed of each run is
+printed), TILEATTN_FUZZ_SEED=N replays one. TILEATTN_FUZZ_STRICT_NAN=0 stops requiring NaN out of rows that
 see a NaN in q, k or the mask (required by default).
 """
 
@@ -24,6 +27,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(HERE, "fuzz_child.py")
+
+FIXED_SEED = "20261201"
 
 DEFAULT_EXAMPLES = {
     "sdpa": 2000, "mha": 500, "cache": 400, "state_dict": 300, "rope": 400,
@@ -52,8 +57,9 @@ def run_target(target: str, examples: int, tmp_path, timeout: float = 600.0,
                 env[var] += f":log_path={tmp_path}/{var[:-8].lower()}"
     case_file = str(tmp_path / f"{target}.case")
     cmd = [sys.executable, CHILD, target, str(examples), case_file]
-    if os.environ.get("TILEATTN_FUZZ_SEED"):
-        cmd.append(os.environ["TILEATTN_FUZZ_SEED"])
+    seed = os.environ.get("TILEATTN_FUZZ_SEED") or FIXED_SEED
+    if seed != "random":
+        cmd.append(seed)
     start = time.monotonic()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE,
