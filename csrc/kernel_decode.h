@@ -13,8 +13,12 @@
 //
 // Every per-row operation reproduces the prefill's lane arithmetic (the
 // same fused multiply-adds in the same order, the same two-chain sums, the
-// same 2^x and merges), so a row gets the same bits on either path: a
-// sequence decoded alone equals the same sequence inside a larger batch.
+// same 2^x and merges), so a row gets the same bits on either path. One
+// exception, for speed: with a single row per task (Lq = 1 and no GQA
+// group) the scores sum across the head dimension in lanes
+// (scores_across_d), which rounds differently. Either way a row's bits
+// depend only on its own (batch, head): a sequence decoded alone equals the
+// same sequence inside a larger batch.
 
 constexpr int64_t kDecodeMaxQueries = 4;
 constexpr int kKeyTiles = 4;  // W-key tiles scored together (independent chains)
@@ -128,32 +132,68 @@ struct DecodeTask {
     }
   }
 
-  // One query row per task (multi-head attention decoding): a transposed
-  // key tile serves a single row, so the row scores it straight from the
-  // transpose registers instead of storing it and loading it back. Same
-  // chain per lane as score_tiles, so the same bits.
-  bool fused_scores() const {
+  // One query row per task (multi-head attention decoding): no other row
+  // shares a transposed key tile, so lanes run across the head dimension
+  // instead: one chain per key over the D / W vectors of its row, then a
+  // fixed tree adds each key's lanes (S::lane_sums). A fifth of the
+  // instructions of the transposes (whose shuffles bound this case), at the
+  // same accuracy; the dot products round differently from the prefill's
+  // chains, so this case agrees with the prefill to round-off, not bitwise.
+  bool scores_across_d() const {
     constexpr bool half = std::is_same<KV, Half>::value;
-    return S::kTileDot && (!half || S::kHalfTile) && ds.rows == 1 && p.k_stride.c == 1 &&
-           p.D > 0 && p.D % W == 0 && kScoreSegment % W == 0;
+    return S::kLaneSums && (!half || S::kHalfTile) && ds.rows == 1 && p.k_stride.c == 1 &&
+           p.D > 0 && p.D % W == 0;
   }
 
-  // The scores of the task's row against W whole keys at k: segments of
-  // kScoreSegment dimensions, each chained from zero over its tiles, added
-  // in order.
-  reg row_tile_scores(const KV* k) const {
-    reg total = S::zero(), acc = S::zero();
-    for (int64_t x0 = 0; x0 < p.D; x0 += W) {
-      if (x0 % kScoreSegment == 0) acc = S::zero();
-      if constexpr (std::is_same<KV, T>::value)
-        acc = S::tile_dot(k + x0, p.k_stride.r, qs + x0, acc);
-      else
-        acc = S::tile_dot_half(reinterpret_cast<const uint16_t*>(k) + x0, p.k_stride.r,
-                               qs + x0, acc);
-      if ((x0 + W) % kScoreSegment == 0 || x0 + W == p.D)
-        total = x0 < kScoreSegment ? acc : S::add(total, acc);
+  // The scores of the task's row against the W whole keys at k, NX = D / W
+  // vectors per key: the query's vectors stay in registers and each key row
+  // is read front to back, one chain per key.
+  template <int NX>
+  reg row_scores_across_d(const KV* k) const {
+    reg qv[NX], acc[W];
+    TILEATTN_UNROLL
+    for (int x = 0; x < NX; ++x) qv[x] = S::loadu(qs + x * W);
+    TILEATTN_UNROLL
+    for (int t = 0; t < W; ++t) {
+      const KV* row = k + t * p.k_stride.r;
+      acc[t] = S::mul(load_row(row), qv[0]);
+      TILEATTN_UNROLL
+      for (int x = 1; x < NX; ++x) acc[t] = S::fmadd(load_row(row + x * W), qv[x], acc[t]);
     }
-    return total;
+    return S::lane_sums(acc);
+  }
+  // The same for any D multiple of W (the query read from L1).
+  reg row_scores_across_d_any(const KV* k) const {
+    reg acc[W];
+    TILEATTN_UNROLL
+    for (int t = 0; t < W; ++t) {
+      const KV* row = k + t * p.k_stride.r;
+      acc[t] = S::mul(load_row(row), S::loadu(qs));
+      for (int64_t x0 = W; x0 < p.D; x0 += W)
+        acc[t] = S::fmadd(load_row(row + x0), S::loadu(qs + x0), acc[t]);
+    }
+    return S::lane_sums(acc);
+  }
+  // Scores of the block's whole W-key tiles at k; returns how many keys
+  // that covered (the rest go through the transposes).
+  template <int NX>
+  int64_t row_scores_loop(const KV* k, int64_t cols) {
+    int64_t jj = 0;
+    for (; jj + W <= cols; jj += W) {
+      const KV* kt = k + jj * p.k_stride.r;
+      S::store(s + jj, NX ? row_scores_across_d<NX ? NX : 1>(kt) : row_scores_across_d_any(kt));
+    }
+    return jj;
+  }
+  int64_t row_scores(const KV* k, int64_t cols) {
+    switch (p.D / W) {
+      case 1: return row_scores_loop<1>(k, cols);
+      case 2: return row_scores_loop<2>(k, cols);
+      case 4: return row_scores_loop<4>(k, cols);
+      case 8: return row_scores_loop<8>(k, cols);
+      case 16: return row_scores_loop<16>(k, cols);
+      default: return row_scores_loop<0>(k, cols);
+    }
   }
 
   // out[g * W + lane] = q . key (G tiles of W keys in kt): the prefill's
@@ -188,8 +228,7 @@ struct DecodeTask {
                  j0 * p.k_stride.r;
     const int64_t ldt = PrefillTiling<T>::round_up(ds.bc, W);
     int64_t jj = 0;
-    if (fused_scores())
-      for (; jj + W <= cols; jj += W) S::store(s + jj, row_tile_scores(k + jj * p.k_stride.r));
+    if (scores_across_d()) jj = row_scores(k, cols);
     for (; jj < cols; jj += kKeyTiles * W) {
       const int tiles = static_cast<int>(
           std::min<int64_t>(kKeyTiles, (cols - jj + W - 1) / W));
@@ -302,10 +341,11 @@ struct DecodeTask {
     }
   }
 
-  static reg load_value(const T* x) { return S::loadu(x); }
-  static reg load_value(const Half* x) {
+  // W elements of a key or value row, widened from half precision.
+  static reg load_row(const T* x) { return S::loadu(x); }
+  static reg load_row(const Half* x) {
     if constexpr (S::kHalfTile) return S::loadu_half(reinterpret_cast<const uint16_t*>(x));
-    return S::zero();  // unreachable: half_v_direct() is false without kHalfTile
+    return S::zero();  // unreachable: callers check kHalfTile
   }
 
   // o[e, e + NE W) += sum over keys j in [j0, j1) of p[j] v[j][e, e + NE W),
@@ -318,12 +358,14 @@ struct DecodeTask {
     reg acc[NE];
     TILEATTN_UNROLL
     for (int u = 0; u < NE; ++u) acc[u] = S::zero();
+    bool any_zero = false;  // checked once per segment: the common case needs no branch per key
+    for (int64_t j = j0; j < j1; ++j) any_zero |= pr[j] == T(0);
     for (int64_t j = j0; j < j1; ++j) {
-      if (pr[j] == T(0)) continue;
+      if (any_zero && pr[j] == T(0)) continue;
       const reg pj = S::set1(pr[j]);
       const VT* vr = v + j * ldv + e;
       TILEATTN_UNROLL
-      for (int u = 0; u < NE; ++u) acc[u] = S::fmadd(load_value(vr + u * W), pj, acc[u]);
+      for (int u = 0; u < NE; ++u) acc[u] = S::fmadd(load_row(vr + u * W), pj, acc[u]);
     }
     TILEATTN_UNROLL
     for (int u = 0; u < NE; ++u)

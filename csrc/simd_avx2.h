@@ -66,25 +66,18 @@ template <> struct Simd<float> {
     transpose_in_registers(rows, c);
     for (int i = 0; i < 8; ++i) _mm256_store_ps(dst + i * 8, c[i]);
   }
-  // acc + sum over x < W of q[x] * (column x of the W x W tile at src, row
-  // stride ld): one FMA chain in x order, lanes = the tile's rows. The
-  // decode path's scores of one query row without storing the transpose.
-  static constexpr bool kTileDot = true;
-  static reg tile_dot(const float* src, int64_t ld, const float* q, reg acc) {
-    reg r[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
-    return rows_dot(r, q, acc);
-  }
-  static reg tile_dot_half(const uint16_t* src, int64_t ld, const float* q, reg acc) {
-    reg r[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld)));
-    return rows_dot(r, q, acc);
-  }
-  static reg rows_dot(const reg* r, const float* q, reg acc) {
-    reg c[8];
-    transpose_in_registers(r, c);
-    for (int x = 0; x < 8; ++x) acc = fmadd(set1(q[x]), c[x], acc);
-    return acc;
+  // Lane t of the result = the sum of a[t]'s 8 lanes, t < 8, by a fixed
+  // tree: pairs interleaved and added within 128-bit lanes (unpack, then
+  // shuffle), then the two halves added (permute2f128).
+  static constexpr bool kLaneSums = true;
+  static reg lane_sums(const reg* a) {
+    reg p[4];
+    for (int i = 0; i < 4; ++i)  // per 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3
+      p[i] = add(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                 _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    const reg r0 = add(_mm256_shuffle_ps(p[0], p[1], 0x44), _mm256_shuffle_ps(p[0], p[1], 0xEE));
+    const reg r1 = add(_mm256_shuffle_ps(p[2], p[3], 0x44), _mm256_shuffle_ps(p[2], p[3], 0xEE));
+    return add(_mm256_permute2f128_ps(r0, r1, 0x20), _mm256_permute2f128_ps(r0, r1, 0x31));
   }
   static void transpose_in_registers(const reg* rows, reg* col) {
     __m256 r0 = rows[0], r1 = rows[1], r2 = rows[2], r3 = rows[3];
@@ -159,9 +152,13 @@ template <> struct Simd<double> {
   // dst[c][r] = src[r][c] for a 4 x 4 tile (src row stride ld, dst rows of 4).
   static constexpr bool kHalfTile = false;
   static void transpose_tile_half(const uint16_t*, int64_t, double*) {}
-  static constexpr bool kTileDot = false;
-  static reg tile_dot(const double*, int64_t, const double*, reg acc) { return acc; }
-  static reg tile_dot_half(const uint16_t*, int64_t, const double*, reg acc) { return acc; }
+  // Lane t = the sum of a[t]'s 4 lanes, t < 4.
+  static constexpr bool kLaneSums = true;
+  static reg lane_sums(const reg* a) {
+    const reg p0 = add(_mm256_unpacklo_pd(a[0], a[1]), _mm256_unpackhi_pd(a[0], a[1]));
+    const reg p1 = add(_mm256_unpacklo_pd(a[2], a[3]), _mm256_unpackhi_pd(a[2], a[3]));
+    return add(_mm256_permute2f128_pd(p0, p1, 0x20), _mm256_permute2f128_pd(p0, p1, 0x31));
+  }
   static void transpose_tile(const double* src, int64_t ld, double* dst) {
     const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + ld);
     const __m256d r2 = _mm256_loadu_pd(src + 2 * ld), r3 = _mm256_loadu_pd(src + 3 * ld);

@@ -44,9 +44,13 @@ struct VecExtSimd {
   // dst[c][r] = src[r][c] for a W x W tile (src row stride ld, dst rows of W).
   static constexpr bool kHalfTile = false;  // no F16C here: widen_row instead
   static void transpose_tile_half(const uint16_t*, int64_t, T*) {}
-  static constexpr bool kTileDot = false;  // no register transposes here
-  static reg tile_dot(const T*, int64_t, const T*, reg acc) { return acc; }
-  static reg tile_dot_half(const uint16_t*, int64_t, const T*, reg acc) { return acc; }
+  // Lane t of the result = hsum(a[t]), t < W.
+  static constexpr bool kLaneSums = true;
+  static reg lane_sums(const reg* a) {
+    reg r;
+    for (int t = 0; t < W; ++t) r[t] = hsum(a[t]);
+    return r;
+  }
   static void transpose_tile(const T* src, int64_t ld, T* dst) {
     for (int r = 0; r < W; ++r)
       for (int c = 0; c < W; ++c) dst[c * W + r] = src[r * ld + c];
