@@ -390,8 +390,7 @@ struct BackwardTask {
   }
 
   // Pd = P with the forward's dropout mask applied (kept weights / (1 - p)).
-  void apply_dropout(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, int64_t m,
-                     int64_t n) {
+  void apply_dropout(int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, int64_t m) {
     const T keep = static_cast<T>(dr.keep_scale());
     for (int64_t i = 0; i < m; ++i) {
       const T* ps = sc.s + i * BC;
@@ -443,7 +442,7 @@ struct BackwardTask {
     probabilities(kbk.visible, h, i0, rows, j0, cols, m, !inside);
     const T* pd = sc.s;
     if (dr.active()) {
-      apply_dropout(h, i0, rows, j0, cols, m, n);
+      apply_dropout(h, i0, rows, j0, cols, m);
       pd = sc.pd;
     }
     // dP = dO V^T; dV += Pd^T dO.

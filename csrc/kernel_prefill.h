@@ -397,7 +397,7 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offse
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int W = S::W;
-  reg mx[G], mu[G], sum0[G], sum1[G];
+  reg mx[G], mu[G];
   if (colmax) {  // the maximum came with the scores (max is exact in any order)
     TILEATTN_UNROLL
     for (int g = 0; g < G; ++g) mx[g] = S::load(colmax + g * W);
