@@ -21,6 +21,7 @@ import numpy as np
 import tileattn
 from tileattn import _bench
 from tileattn._bench import median_ratio, paired_times
+from tileattn.linear import affine
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,8 @@ def runners(case: Case, torch):
     x2 = x.reshape(-1, case.e)
 
     def run_proj():   # the module's two GEMMs (+ biases), nothing else
-        y = x2 @ w_in.T
-        y += b_in
-        z = y[:, : case.e] @ w_out.T
-        z += b_out
-        return z
+        y = affine(x2, w_in, b_in)
+        return affine(np.ascontiguousarray(y[:, : case.e]), w_out, b_out)
 
     d = case.e // case.h
     qkv = (x2 @ w_in.T).reshape(case.b, case.l, 3, case.h, d)

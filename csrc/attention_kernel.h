@@ -20,6 +20,7 @@
 
 #include "attention_params.h"
 #include "backward_params.h"
+#include "linear_params.h"
 #include "simd_exp.h"
 #include "thread_pool.h"
 
@@ -32,6 +33,7 @@ namespace TILEATTN_ISA_NS {
 #include "kernel_decode.h"
 #include "kernel_gemm.h"
 #include "kernel_backward.h"
+#include "kernel_linear.h"
 
 // Few queries against the keys (decode) take the decode path unless the
 // weights or dropout are asked for; both paths give a row the same bits.

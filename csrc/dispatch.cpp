@@ -50,4 +50,24 @@ void attention_backward(const BackwardParams& bp) {
   }
 }
 
+void linear_forward(const LinearParams& lp) {
+  switch (active_isa()) {
+#if defined(TILEATTN_HAVE_X86)
+    case Isa::avx512: return avx512::linear_forward(lp);
+    case Isa::avx2: return avx2::linear_forward(lp);
+#endif
+    default: return baseline::linear_forward(lp);
+  }
+}
+
+int64_t linear_lanes(DType dtype) {
+  switch (active_isa()) {
+#if defined(TILEATTN_HAVE_X86)
+    case Isa::avx512: return avx512::linear_lanes(dtype);
+    case Isa::avx2: return avx2::linear_lanes(dtype);
+#endif
+    default: return baseline::linear_lanes(dtype);
+  }
+}
+
 }  // namespace tileattn

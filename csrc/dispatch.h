@@ -5,6 +5,7 @@
 #include "attention_params.h"
 #include "backward_params.h"
 #include "cpu_features.h"
+#include "linear_params.h"
 
 namespace tileattn {
 
@@ -12,14 +13,20 @@ namespace tileattn {
 namespace baseline {
 void attention_forward(const AttentionParams& p);
 void attention_backward(const BackwardParams& bp);
+void linear_forward(const LinearParams& lp);
+int64_t linear_lanes(DType dtype);
 }
 namespace avx2 {
 void attention_forward(const AttentionParams& p);
 void attention_backward(const BackwardParams& bp);
+void linear_forward(const LinearParams& lp);
+int64_t linear_lanes(DType dtype);
 }
 namespace avx512 {
 void attention_forward(const AttentionParams& p);
 void attention_backward(const BackwardParams& bp);
+void linear_forward(const LinearParams& lp);
+int64_t linear_lanes(DType dtype);
 }
 
 Isa active_isa();
@@ -27,5 +34,8 @@ Isa active_isa();
 void set_active_isa(Isa isa);
 void attention_forward(const AttentionParams& p);
 void attention_backward(const BackwardParams& bp);
+void linear_forward(const LinearParams& lp);
+// The SIMD width of the active path, which linear_forward needs N to be a multiple of.
+int64_t linear_lanes(DType dtype);
 
 }  // namespace tileattn

@@ -20,6 +20,7 @@
 #include "backward_params.h"
 #include "cpu_features.h"
 #include "dispatch.h"
+#include "linear_params.h"
 #include "thread_pool.h"
 
 namespace py = pybind11;
@@ -251,6 +252,52 @@ void attention_backward_py(py::array q, py::array k, py::array v, py::array out,
   run_cancellable([&] { attention_backward(bp); });
 }
 
+// Rows of a 2-D array whose elements within a row are contiguous: the row
+// stride in elements (throws otherwise).
+int64_t row_stride(const py::array& a, const char* name) {
+  require_ndim(a, 2, name);
+  const int64_t item = a.itemsize();
+  if (a.shape(1) > 1 && a.strides(1) != item)
+    throw std::invalid_argument(std::string(name) + ": expected contiguous rows");
+  if (a.strides(0) % item != 0 || a.strides(0) < 0)
+    throw std::invalid_argument(std::string(name) + ": expected a non-negative row stride");
+  return a.strides(0) / item;
+}
+
+// out (M x N) = x (M x K) w^T (w: N x K) (+ bias (N,)), on the pool, GIL released.
+void linear_forward_py(py::array x, py::array w, py::object bias, py::array out) {
+  LinearParams lp;
+  lp.dtype = dtype_of(x);
+  const py::dtype dt = x.dtype();
+  lp.x_ld = row_stride(x, "x");
+  lp.w_ld = row_stride(w, "w");
+  lp.out_ld = row_stride(out, "out");
+  lp.M = x.shape(0);
+  lp.K = x.shape(1);
+  lp.N = w.shape(0);
+  require_shape(w, {lp.N, lp.K}, "w");
+  require_dtype(w, dt, "w");
+  require_shape(out, {lp.M, lp.N}, "out");
+  require_dtype(out, dt, "out");
+  require_writeable(out, "out");
+  if (!bias.is_none()) {
+    py::array b = bias.cast<py::array>();
+    require_shape(b, {lp.N}, "bias");
+    require_dtype(b, dt, "bias");
+    if (lp.N > 1 && b.strides(0) != b.itemsize())
+      throw std::invalid_argument("bias: expected a contiguous vector");
+    lp.bias = b.data();
+  }
+  const int64_t lanes = linear_lanes(lp.dtype);
+  if (lp.N % lanes != 0)
+    throw std::invalid_argument("w: rows (out_features) must be a multiple of " +
+                                std::to_string(lanes) + " on this path");
+  lp.x = x.data();
+  lp.w = w.data();
+  lp.out = out.mutable_data();
+  run_cancellable([&] { linear_forward(lp); });
+}
+
 Isa isa_from_name(const std::string& name) {
   if (name == "avx512") return Isa::avx512;
   if (name == "avx2") return Isa::avx2;
@@ -286,6 +333,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("key_padding") = py::none(), py::arg("dropout_p") = 0.0,
         py::arg("seed") = 0, py::arg("key_lengths") = py::none(),
         py::arg("dscores") = py::none());
+  m.def("linear_forward", &linear_forward_py, py::arg("x"), py::arg("w"), py::arg("bias"),
+        py::arg("out"));
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw std::invalid_argument("num_threads must be >= 1");

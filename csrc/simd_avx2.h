@@ -26,6 +26,7 @@ template <> struct Simd<float> {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   static void store(float* p, reg a) { _mm256_store_ps(p, a); }
+  static void storeu(float* p, reg a) { _mm256_storeu_ps(p, a); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
@@ -130,6 +131,7 @@ template <> struct Simd<double> {
   static reg load(const double* p) { return _mm256_load_pd(p); }
   static reg loadu(const double* p) { return _mm256_loadu_pd(p); }
   static void store(double* p, reg a) { _mm256_store_pd(p, a); }
+  static void storeu(double* p, reg a) { _mm256_storeu_pd(p, a); }
   static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
   static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }

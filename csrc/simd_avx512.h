@@ -25,6 +25,7 @@ template <> struct Simd<float> {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static void store(float* p, reg a) { _mm512_store_ps(p, a); }
+  static void storeu(float* p, reg a) { _mm512_storeu_ps(p, a); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
@@ -133,6 +134,7 @@ template <> struct Simd<double> {
   static reg load(const double* p) { return _mm512_load_pd(p); }
   static reg loadu(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, reg a) { _mm512_store_pd(p, a); }
+  static void storeu(double* p, reg a) { _mm512_storeu_pd(p, a); }
   static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }

@@ -23,6 +23,7 @@ struct VecExtSimd {
   static reg load(const T* p) { reg r; std::memcpy(&r, p, sizeof r); return r; }
   static reg loadu(const T* p) { return load(p); }
   static void store(T* p, reg a) { std::memcpy(p, &a, sizeof a); }
+  static void storeu(T* p, reg a) { store(p, a); }
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }
   static reg mul(reg a, reg b) { return a * b; }

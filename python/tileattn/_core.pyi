@@ -32,6 +32,7 @@ def attention_forward(
     lse: Optional[_Floats] = None,
     **options: Unpack[_KernelOptions],
 ) -> None: ...
+def linear_forward(x: _Floats, w: _Floats, bias: Optional[_Floats], out: _Floats) -> None: ...
 def attention_backward(
     q: _Floats,
     k: _Floats,

@@ -13,7 +13,7 @@ from ._errors import DTypeError, InvalidParameterError, ShapeError
 from .cache import KVCache, prefix_lengths
 from .backward import scaled_dot_product_attention_backward
 from .functional import scaled_dot_product_attention
-from .linear import Linear, as_2d_rows, grad_input, linear_backward
+from .linear import Linear, affine, as_2d_rows, grad_input, linear_backward
 from .module import Module
 from .norm import LayerNorm
 from ._mha_saved import AttentionSaved, CoreSaved, dtypes_of, same_inputs, seq_shape
@@ -500,9 +500,7 @@ class MultiHeadAttention(Module):
         packed = self._in_weight
         assert packed is not None
         w = packed[row0:]
-        y: np.ndarray = as_2d_rows(x3) @ w.T
-        if self._in_bias is not None:
-            y += self._in_bias[row0:]
+        y = affine(as_2d_rows(x3), w, None if self._in_bias is None else self._in_bias[row0:])
         return y.reshape(x3.shape[:2] + (w.shape[0],))
 
     def _rope(self, x: np.ndarray, inverse: bool = False) -> np.ndarray:

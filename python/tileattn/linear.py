@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional, Tuple, cast
 
 import numpy as np
 
+from . import _core
 from ._errors import DTypeError, ShapeError
 from ._memory import check_fits
 from .module import Module
@@ -25,6 +26,42 @@ def as_2d_rows(x: np.ndarray) -> np.ndarray:
     """(..., F) -> (N, F): one GEMM instead of a batch of small ones (a free
     reshape when x is contiguous)."""
     return x.reshape(-1, x.shape[-1])
+
+
+# Products of fewer rows go to NumPy: they are matrix-vector products bound
+# by reading the weight, which packing it for the kernel would read twice more.
+AFFINE_MIN_ROWS = 64
+# Widths the kernel takes on every path (the widest SIMD register's lanes).
+_AFFINE_LANES = {np.dtype(np.float32): 16, np.dtype(np.float64): 8}
+
+
+def _rows_contiguous(a: np.ndarray) -> bool:
+    return a.ndim == 2 and (a.shape[1] <= 1 or a.strides[1] == a.itemsize) \
+        and a.strides[0] >= 0 and a.strides[0] % a.itemsize == 0
+
+
+def affine(rows: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray]) -> np.ndarray:
+    """rows (M, in) @ weight.T (+ bias) -> (M, out), as NumPy would type it.
+
+    Where the operands allow (one float dtype, contiguous rows, M >= 64, out
+    a multiple of 16 float32 or 8 float64 lanes) the product runs in the C++
+    core on tileattn's pool, not in NumPy's BLAS: OpenBLAS keeps its threads
+    spinning for ~0.1 s after a call, and the attention core after a
+    projection then shares the cores with them (measured 1.5x slower). Each
+    output element is summed in a fixed order, so the bits do not depend on
+    the thread count."""
+    dt = weight.dtype
+    if (rows.dtype == dt and dt in _AFFINE_LANES and rows.shape[0] >= AFFINE_MIN_ROWS
+            and weight.shape[0] % _AFFINE_LANES[dt] == 0 and _rows_contiguous(rows)
+            and _rows_contiguous(weight) and (bias is None or bias.dtype == dt)):
+        out = np.empty((rows.shape[0], weight.shape[0]), dt)
+        _core.linear_forward(rows, weight, None if bias is None else
+                             np.ascontiguousarray(bias), out)
+        return out
+    y: np.ndarray = rows @ weight.T
+    if bias is not None:
+        y += bias
+    return y
 
 
 def grad_input(grad: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -85,9 +122,7 @@ class Linear(Module):
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"x: expected last axis {self.in_features} (in_features), "
                              f"got shape {x.shape}")
-        y = as_2d_rows(x) @ self.weight.T
-        if self.bias is not None:
-            y += self.bias
+        y = affine(as_2d_rows(x), self.weight, self.bias)
         if training:
             self._save(x)
         return cast(np.ndarray, y.reshape(x.shape[:-1] + (self.out_features,)))

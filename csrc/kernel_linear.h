@@ -1,0 +1,175 @@
+// The projections of the modules: out = x w^T (+ bias), as one GEMM on
+// tileattn's own pool. A fragment included inside tileattn::<isa> (see
+// kernel_common.h).
+//
+// Why not NumPy's BLAS: after a call OpenBLAS keeps its threads spinning for
+// ~0.1 s, and the attention core that follows a projection then shares the
+// two cores with them (measured: the core 1.5x slower right after a GEMM).
+// On one pool the projections and the core hand the cores to each other.
+//
+// The method: w is packed once per call into panels of NV * W columns
+// (k-major, so a panel row is NV registers); a task takes a block of rows
+// of x and a group of panels, and walks K in slices of kLinearKc, so a
+// panel slice (kLinearKc x NV * W) stays in L1 while the block's rows
+// stream past it. Every output element is one fused multiply-add chain per
+// K slice, the slices added in order: the same bits for any thread count
+// and any position of a row in the batch.
+
+// Measured (paired, 2 threads, (1024, 768, 2304)): K slices of 128 or 256
+// and row blocks of 48 or 192 were 1-5% slower than these.
+constexpr int64_t kLinearKc = 192;        // K slice: a 48-wide float panel slice is 36 KiB
+constexpr int64_t kLinearRowBlock = 96;   // rows of x per task (a multiple of every MR)
+constexpr int64_t kLinearPanelGroup = 8;  // panels per task
+
+// c[MR][NV * W] (row stride ldc, any alignment) (+)= a (MR rows, stride lda)
+// times the packed panel slice b (kd rows of ldb, aligned). (Packing a as
+// well, k-major, measured 10% slower.)
+template <typename T, int NV>
+inline void linear_micro(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t kd, T* c,
+                         int64_t ldc, bool accumulate) {
+  using S = Simd<T>;
+  using reg = typename S::reg;
+  constexpr int MR = S::MR, W = S::W;
+  reg acc[MR][NV];
+  TILEATTN_UNROLL
+  for (int r = 0; r < MR; ++r)
+    TILEATTN_UNROLL
+    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
+  for (int64_t x = 0; x < kd; ++x) {
+    reg bx[NV];
+    TILEATTN_UNROLL
+    for (int v = 0; v < NV; ++v) bx[v] = S::load(b + x * ldb + v * W);
+    TILEATTN_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const reg ar = S::set1(a[r * lda + x]);
+      TILEATTN_UNROLL
+      for (int v = 0; v < NV; ++v) acc[r][v] = S::fmadd(ar, bx[v], acc[r][v]);
+    }
+  }
+  TILEATTN_UNROLL
+  for (int r = 0; r < MR; ++r)
+    TILEATTN_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      T* cv = c + r * ldc + v * W;
+      S::storeu(cv, accumulate ? S::add(S::loadu(cv), acc[r][v]) : acc[r][v]);
+    }
+}
+
+template <typename T>
+struct LinearPlan {
+  static constexpr int W = Simd<T>::W, MR = Simd<T>::MR, NR = Simd<T>::NV * Simd<T>::W;
+  const LinearParams& lp;
+  int64_t panels, row_blocks, groups;
+  T* packed;  // panel p: K rows of width(p), at offset(p)
+
+  explicit LinearPlan(const LinearParams& lp_) : lp(lp_) {
+    panels = (lp.N + NR - 1) / NR;
+    row_blocks = (lp.M + kLinearRowBlock - 1) / kLinearRowBlock;
+    groups = (panels + kLinearPanelGroup - 1) / kLinearPanelGroup;
+  }
+  int64_t width(int64_t p) const { return std::min<int64_t>(NR, lp.N - p * NR); }
+  T* panel(int64_t p) const { return packed + p * NR * lp.K; }
+
+  // Panel p of w^T: packed[p][k][c] = w[p * NR + c][k], by W x W register
+  // transposes (nw is a multiple of W), the last K % W columns one by one.
+  void pack(int64_t p, T* tile) const {
+    const T* w = static_cast<const T*>(lp.w);
+    const int64_t n0 = p * NR, nw = width(p), kw = lp.K / W * W;
+    T* dst = panel(p);
+    for (int64_t c0 = 0; c0 < nw; c0 += W) {
+      const T* rows = w + (n0 + c0) * lp.w_ld;
+      for (int64_t k0 = 0; k0 < kw; k0 += W) {
+        Simd<T>::transpose_tile(rows + k0, lp.w_ld, tile);
+        for (int i = 0; i < W; ++i) std::copy(tile + i * W, tile + (i + 1) * W, dst + (k0 + i) * nw + c0);
+      }
+      for (int64_t c = 0; c < W; ++c)
+        for (int64_t k = kw; k < lp.K; ++k) dst[k * nw + c0 + c] = rows[c * lp.w_ld + k];
+    }
+  }
+
+  // MR rows at a (stride lda) times one panel's K slice b (kd rows of nw)
+  // into c (stride ldc), in strips of 3, 2 or 1 registers.
+  static void rows_times_slice(const T* a, int64_t lda, const T* b, int64_t nw, int64_t kd,
+                               T* c, int64_t ldc, bool accumulate) {
+    int64_t j = 0;
+    for (; j + 3 * W <= nw; j += 3 * W)
+      linear_micro<T, 3>(a, lda, b + j, nw, kd, c + j, ldc, accumulate);
+    for (; j + 2 * W <= nw; j += 2 * W)
+      linear_micro<T, 2>(a, lda, b + j, nw, kd, c + j, ldc, accumulate);
+    for (; j < nw; j += W) linear_micro<T, 1>(a, lda, b + j, nw, kd, c + j, ldc, accumulate);
+  }
+
+  // One task: rows [m0, m0 + kLinearRowBlock) times the panels of group g,
+  // K slice by K slice (the slice of a panel stays in L1 for all the rows;
+  // the rows' slice stays in L2 for all the panels). The last rows of the
+  // matrix, fewer than MR, go through zero-padded copies.
+  void run(int64_t rb, int64_t g, Arena& arena) const {
+    const T* x = static_cast<const T*>(lp.x);
+    T* out = static_cast<T*>(lp.out);
+    const int64_t m0 = rb * kLinearRowBlock, m1 = std::min(lp.M, m0 + kLinearRowBlock);
+    const int64_t p0 = g * kLinearPanelGroup, p1 = std::min(panels, p0 + kLinearPanelGroup);
+    const int64_t n0 = p0 * NR, n1 = std::min(lp.N, p1 * NR);
+    const int64_t tail = (m1 - m0) % MR, whole = m1 - tail;
+    arena.reset(sizeof(T) * MR * (lp.K + n1 - n0) + 2 * 64);
+    T* a_tail = arena.carve<T>(MR * lp.K);
+    T* c_tail = arena.carve<T>(MR * (n1 - n0));
+    if (tail) {
+      std::fill(a_tail, a_tail + MR * lp.K, T(0));
+      for (int64_t r = 0; r < tail; ++r)
+        std::copy(x + (whole + r) * lp.x_ld, x + (whole + r) * lp.x_ld + lp.K, a_tail + r * lp.K);
+    }
+    for (int64_t k0 = 0; k0 < lp.K; k0 += kLinearKc) {
+      const int64_t kd = std::min(kLinearKc, lp.K - k0);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t nw = width(p);
+        const T* b = panel(p) + k0 * nw;
+        for (int64_t m = m0; m < whole; m += MR)
+          rows_times_slice(x + m * lp.x_ld + k0, lp.x_ld, b, nw, kd, out + m * lp.out_ld + p * NR,
+                           lp.out_ld, k0 > 0);
+        if (tail)
+          rows_times_slice(a_tail + k0, lp.K, b, nw, kd, c_tail + p * NR - n0, n1 - n0, k0 > 0);
+      }
+    }
+    for (int64_t r = 0; r < tail; ++r)
+      std::copy(c_tail + r * (n1 - n0), c_tail + (r + 1) * (n1 - n0),
+                out + (whole + r) * lp.out_ld + n0);
+    for (int64_t m = m0; m < m1; ++m) {
+      T* row = out + m * lp.out_ld;
+      if (lp.K == 0) std::fill(row + n0, row + n1, T(0));
+      if (lp.bias)
+        for (int64_t n = n0; n < n1; ++n) row[n] += static_cast<const T*>(lp.bias)[n];
+    }
+  }
+};
+
+// out = x w^T (+ bias). N must be a multiple of W (the Python layer sends
+// other shapes to NumPy).
+template <typename T>
+void linear_typed(const LinearParams& lp) {
+  LinearPlan<T> plan(lp);
+  const size_t bytes = PrefillTiling<T>::round_up(
+      std::max<int64_t>(plan.panels * LinearPlan<T>::NR * lp.K, 1) * sizeof(T), 64);
+  T* packed = static_cast<T*>(std::aligned_alloc(64, bytes));
+  if (!packed) throw std::bad_alloc();
+  struct Free { T* p; ~Free() { std::free(p); } } free_packed{packed};
+  plan.packed = packed;
+  parallel_for(plan.panels, [&](int64_t p, int) {
+    alignas(64) T tile[LinearPlan<T>::W * LinearPlan<T>::W];
+    plan.pack(p, tile);
+  });
+  parallel_for(plan.row_blocks * plan.groups, [&](int64_t task, int) {
+    static thread_local Arena arena;
+    plan.run(task / plan.groups, task % plan.groups, arena);
+  });
+}
+
+void linear_forward(const LinearParams& lp) {
+  if (lp.M == 0 || lp.N == 0) return;
+  if (lp.dtype == DType::f64)
+    linear_typed<double>(lp);
+  else
+    linear_typed<float>(lp);
+}
+
+// The width N must be a multiple of.
+int64_t linear_lanes(DType dtype) { return dtype == DType::f64 ? Simd<double>::W : Simd<float>::W; }

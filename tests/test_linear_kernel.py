@@ -1,0 +1,111 @@
+"""The projections' GEMM in the C++ core (tileattn.linear.affine, used by
+Linear and the attention modules): against a float64 NumPy product on every
+ISA path, at tile edges, and bitwise stable across threads and positions."""
+
+import numpy as np
+import pytest
+
+import tileattn
+from tileattn.linear import AFFINE_MIN_ROWS, affine
+
+core = tileattn._core
+
+
+def reference(x, w, b):
+    y = x.astype(np.float64) @ w.astype(np.float64).T
+    return y if b is None else y + b
+
+
+def assert_close(got, x, w, b):
+    """Within a float32/64 dot product's rounding: K roundings of the terms'
+    magnitudes (sum |x_k w_k|), element by element."""
+    eps = np.finfo(got.dtype).eps
+    bound = (x.shape[1] + 2) * eps * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
+                                      + (0 if b is None else np.abs(b))) + 1e-300
+    err = np.abs(got - reference(x, w, b))
+    assert (err <= bound).all(), float((err / bound).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,k,n", [(64, 1, 16), (67, 5, 48), (100, 200, 64), (200, 3, 32),
+                                   (129, 385, 80), (96, 192, 144), (1030, 64, 16)])
+def test_matches_float64_product(each_isa, rng, dtype, m, k, n):
+    x = rng.standard_normal((m, k)).astype(dtype)
+    w = rng.standard_normal((n, k)).astype(dtype)
+    b = rng.standard_normal(n).astype(dtype)
+    for bias in (b, None):
+        out = np.full((m, n), np.nan, dtype)
+        core.linear_forward(x, w, bias, out)
+        assert_close(out, x, w, bias)
+
+
+def test_zero_inner_dimension_gives_the_bias(rng):
+    x = np.empty((70, 0), np.float32)
+    w = np.empty((32, 0), np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    out = np.full((70, 32), np.nan, np.float32)
+    core.linear_forward(x, w, b, out)
+    np.testing.assert_array_equal(out, np.broadcast_to(b, (70, 32)))
+    core.linear_forward(x, w, None, out)
+    np.testing.assert_array_equal(out, 0.0)
+
+
+def test_strided_rows_and_output(rng):
+    big = rng.standard_normal((150, 300)).astype(np.float32)
+    x = big[::2, 10:110]                      # row stride 600 elements
+    w = rng.standard_normal((48, 300)).astype(np.float32)[:, :100]
+    out_big = np.zeros((75, 100), np.float32)
+    out = out_big[:, 20:68]
+    core.linear_forward(x, w, None, out)
+    assert_close(out, x, w, None)
+    assert (out_big[:, :20] == 0).all() and (out_big[:, 68:] == 0).all()
+
+
+def test_bits_do_not_depend_on_threads_or_row_position(rng):
+    x = rng.standard_normal((301, 257)).astype(np.float32)
+    w = rng.standard_normal((96, 257)).astype(np.float32)
+    b = rng.standard_normal(96).astype(np.float32)
+    before = tileattn.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3):
+            tileattn.set_num_threads(t)
+            results.append(affine(x, w, b))
+    finally:
+        tileattn.set_num_threads(before)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+    np.testing.assert_array_equal(affine(x[7:], w, b), results[0][7:])  # rows move between tiles
+
+
+def test_affine_falls_back_to_numpy_where_the_kernel_does_not_apply(rng):
+    w = rng.standard_normal((20, 8)).astype(np.float32)   # 20 outputs: not a multiple of 16
+    x = rng.standard_normal((100, 8)).astype(np.float32)
+    np.testing.assert_allclose(affine(x, w, None), x @ w.T, rtol=1e-6)
+    small = rng.standard_normal((AFFINE_MIN_ROWS - 1, 8)).astype(np.float32)
+    w16 = rng.standard_normal((16, 8)).astype(np.float32)
+    np.testing.assert_array_equal(affine(small, w16, None), small @ w16.T)
+    mixed = affine(x.astype(np.float64), w16, None)       # NumPy's promotion, as before
+    assert mixed.dtype == np.float64
+
+
+def test_bad_arrays_raise_value_error(rng):
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    out = np.zeros((64, 16), np.float32)
+    with pytest.raises(ValueError, match="w: expected shape"):
+        core.linear_forward(x, w[:, :7], None, out)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        core.linear_forward(x, w, None, out[:, :8])
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        core.linear_forward(x, w, np.zeros(15, np.float32), out)
+    with pytest.raises(ValueError, match="w: rows"):
+        core.linear_forward(x, w[:12], None, out[:, :12])
+    with pytest.raises(ValueError, match="x: expected contiguous rows"):
+        core.linear_forward(np.asfortranarray(x), w, None, out)
+    with pytest.raises(ValueError, match="out: expected dtype"):
+        core.linear_forward(x, w, None, out.astype(np.float64))
+    with pytest.raises(ValueError, match="out: .*read-only|out: .*writeable"):
+        ro = out.copy()
+        ro.flags.writeable = False
+        core.linear_forward(x, w, None, ro)
