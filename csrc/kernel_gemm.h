@@ -11,8 +11,9 @@
 // tile sizes, so the products are bitwise reproducible.
 
 // c[MR][NV * W] (row stride ldc) (+)= sum over x < kd of
-// a[r * a_rs + x * a_cs] * b[x * ldb + lane]. b and c are 64-byte aligned,
-// ldb and ldc multiples of W. The sum over x is formed on its own and then
+// a[r * a_rs + x * a_cs] * b[x * ldb + lane]. b is 64-byte aligned and ldb
+// a multiple of W; c may have any alignment and row stride (the projections
+// write into the caller's array). The sum over x is formed on its own and then
 // added to c (c + (a b), not one chain continuing from c): sums that run
 // over many calls (dK over every query block) are then blocked, with
 // rounding errors growing with the block length plus the number of
@@ -52,7 +53,7 @@ inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64
     TILEATTN_UNROLL
     for (int v = 0; v < NV; ++v) {
       T* cv = c + r * ldc + v * W;
-      S::store(cv, accumulate ? S::add(S::load(cv), acc[r][v]) : acc[r][v]);
+      S::storeu(cv, accumulate ? S::add(S::loadu(cv), acc[r][v]) : acc[r][v]);
     }
 }
 

@@ -21,40 +21,6 @@ constexpr int64_t kLinearKc = 192;        // K slice: a 48-wide float panel slic
 constexpr int64_t kLinearRowBlock = 96;   // rows of x per task (a multiple of every MR)
 constexpr int64_t kLinearPanelGroup = 8;  // panels per task
 
-// c[MR][NV * W] (row stride ldc, any alignment) (+)= a (MR rows, stride lda)
-// times the packed panel slice b (kd rows of ldb, aligned). (Packing a as
-// well, k-major, measured 10% slower.)
-template <typename T, int NV>
-inline void linear_micro(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t kd, T* c,
-                         int64_t ldc, bool accumulate) {
-  using S = Simd<T>;
-  using reg = typename S::reg;
-  constexpr int MR = S::MR, W = S::W;
-  reg acc[MR][NV];
-  TILEATTN_UNROLL
-  for (int r = 0; r < MR; ++r)
-    TILEATTN_UNROLL
-    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
-  for (int64_t x = 0; x < kd; ++x) {
-    reg bx[NV];
-    TILEATTN_UNROLL
-    for (int v = 0; v < NV; ++v) bx[v] = S::load(b + x * ldb + v * W);
-    TILEATTN_UNROLL
-    for (int r = 0; r < MR; ++r) {
-      const reg ar = S::set1(a[r * lda + x]);
-      TILEATTN_UNROLL
-      for (int v = 0; v < NV; ++v) acc[r][v] = S::fmadd(ar, bx[v], acc[r][v]);
-    }
-  }
-  TILEATTN_UNROLL
-  for (int r = 0; r < MR; ++r)
-    TILEATTN_UNROLL
-    for (int v = 0; v < NV; ++v) {
-      T* cv = c + r * ldc + v * W;
-      S::storeu(cv, accumulate ? S::add(S::loadu(cv), acc[r][v]) : acc[r][v]);
-    }
-}
-
 template <typename T>
 struct LinearPlan {
   static constexpr int W = Simd<T>::W, MR = Simd<T>::MR, NR = Simd<T>::NV * Simd<T>::W;
@@ -88,15 +54,17 @@ struct LinearPlan {
   }
 
   // MR rows at a (stride lda) times one panel's K slice b (kd rows of nw)
-  // into c (stride ldc), in strips of 3, 2 or 1 registers.
+  // into c (stride ldc), in strips of 3, 2 or 1 registers (the backward's
+  // micro-kernel, kernel_gemm.h; packing x as well, k-major, measured 10%
+  // slower).
   static void rows_times_slice(const T* a, int64_t lda, const T* b, int64_t nw, int64_t kd,
                                T* c, int64_t ldc, bool accumulate) {
     int64_t j = 0;
     for (; j + 3 * W <= nw; j += 3 * W)
-      linear_micro<T, 3>(a, lda, b + j, nw, kd, c + j, ldc, accumulate);
+      gemm_micro<T, 3>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate);
     for (; j + 2 * W <= nw; j += 2 * W)
-      linear_micro<T, 2>(a, lda, b + j, nw, kd, c + j, ldc, accumulate);
-    for (; j < nw; j += W) linear_micro<T, 1>(a, lda, b + j, nw, kd, c + j, ldc, accumulate);
+      gemm_micro<T, 2>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate);
+    for (; j < nw; j += W) gemm_micro<T, 1>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate);
   }
 
   // One task: rows [m0, m0 + kLinearRowBlock) times the panels of group g,
