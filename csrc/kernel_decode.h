@@ -141,7 +141,7 @@ struct DecodeTask {
   // chains, so this case agrees with the prefill to round-off, not bitwise.
   bool scores_across_d() const {
     constexpr bool half = std::is_same<KV, Half>::value;
-    return S::kLaneSums && (!half || S::kHalfTile) && ds.rows == 1 && p.k_stride.c == 1 &&
+    return (!half || S::kHalfTile) && ds.rows == 1 && p.k_stride.c == 1 &&
            p.D > 0 && p.D % W == 0;
   }
 

@@ -26,7 +26,7 @@ struct LinearPlan {
   static constexpr int W = Simd<T>::W, MR = Simd<T>::MR, NR = Simd<T>::NV * Simd<T>::W;
   const LinearParams& lp;
   int64_t panels, row_blocks, groups;
-  T* packed;  // panel p: K rows of width(p), at offset(p)
+  T* packed;  // panel p: K rows of width(p), at panel(p)
 
   explicit LinearPlan(const LinearParams& lp_) : lp(lp_) {
     panels = (lp.N + NR - 1) / NR;

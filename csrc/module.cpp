@@ -82,11 +82,12 @@ void run_cancellable(Fn&& fn) {
   }
 }
 
-DType dtype_of(const py::array& q) {
-  if (q.dtype().equal(py::dtype::of<float>())) return DType::f32;
-  if (q.dtype().equal(py::dtype::of<double>())) return DType::f64;
-  throw std::invalid_argument("q: expected float32 or float64, got " +
-                              py::str(q.dtype()).cast<std::string>());
+// The compute dtype of the call, from its first array (`name` for the message).
+DType dtype_of(const py::array& a, const char* name) {
+  if (a.dtype().equal(py::dtype::of<float>())) return DType::f32;
+  if (a.dtype().equal(py::dtype::of<double>())) return DType::f64;
+  throw std::invalid_argument(std::string(name) + ": expected float32 or float64, got " +
+                              py::str(a.dtype()).cast<std::string>());
 }
 
 void set_mask(AttentionParams& p, const py::object& mask_obj, const py::dtype& dt) {
@@ -137,7 +138,7 @@ AttentionParams params_from(py::array q, py::array k, py::array v, py::array out
                             py::object key_padding, double dropout_p, uint64_t seed,
                             py::object key_lengths) {
   AttentionParams p;
-  p.dtype = dtype_of(q);
+  p.dtype = dtype_of(q, "q");
   const py::dtype dt = q.dtype();
   p.q_stride = strides_of(q, "q");
   p.k_stride = strides_of(k, "k");
@@ -267,7 +268,7 @@ int64_t row_stride(const py::array& a, const char* name) {
 // out (M x N) = x (M x K) w^T (w: N x K) (+ bias (N,)), on the pool, GIL released.
 void linear_forward_py(py::array x, py::array w, py::object bias, py::array out) {
   LinearParams lp;
-  lp.dtype = dtype_of(x);
+  lp.dtype = dtype_of(x, "x");
   const py::dtype dt = x.dtype();
   lp.x_ld = row_stride(x, "x");
   lp.w_ld = row_stride(w, "w");

@@ -70,7 +70,6 @@ template <> struct Simd<float> {
   // Lane t of the result = the sum of a[t]'s 8 lanes, t < 8, by a fixed
   // tree: pairs interleaved and added within 128-bit lanes (unpack, then
   // shuffle), then the two halves added (permute2f128).
-  static constexpr bool kLaneSums = true;
   static reg lane_sums(const reg* a) {
     reg p[4];
     for (int i = 0; i < 4; ++i)  // per 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3
@@ -155,7 +154,6 @@ template <> struct Simd<double> {
   static constexpr bool kHalfTile = false;
   static void transpose_tile_half(const uint16_t*, int64_t, double*) {}
   // Lane t = the sum of a[t]'s 4 lanes, t < 4.
-  static constexpr bool kLaneSums = true;
   static reg lane_sums(const reg* a) {
     const reg p0 = add(_mm256_unpacklo_pd(a[0], a[1]), _mm256_unpackhi_pd(a[0], a[1]));
     const reg p1 = add(_mm256_unpacklo_pd(a[2], a[3]), _mm256_unpackhi_pd(a[2], a[3]));

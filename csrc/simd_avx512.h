@@ -94,7 +94,6 @@ template <> struct Simd<float> {
   // lanes (unpack, then shuffle), then 128-bit lanes gathered and added
   // (two rounds of shuffle_f32x4). 45 instructions for 16 sums; the decode
   // path's dot products of one query row with 16 keys.
-  static constexpr bool kLaneSums = true;
   static reg lane_sums(const reg* a) {
     reg p[8], r[4];
     for (int i = 0; i < 8; ++i)  // per 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3
@@ -154,7 +153,6 @@ template <> struct Simd<double> {
   static constexpr bool kHalfTile = false;
   static void transpose_tile_half(const uint16_t*, int64_t, double*) {}
   // Lane t = the sum of a[t]'s 8 lanes, t < 8 (the float tree, one level less).
-  static constexpr bool kLaneSums = true;
   static reg lane_sums(const reg* a) {
     reg p[4];
     for (int i = 0; i < 4; ++i)  // per 128-bit lane: a0+a1, b0+b1

@@ -46,7 +46,6 @@ struct VecExtSimd {
   static constexpr bool kHalfTile = false;  // no F16C here: widen_row instead
   static void transpose_tile_half(const uint16_t*, int64_t, T*) {}
   // Lane t of the result = hsum(a[t]), t < W.
-  static constexpr bool kLaneSums = true;
   static reg lane_sums(const reg* a) {
     reg r;
     for (int t = 0; t < W; ++t) r[t] = hsum(a[t]);

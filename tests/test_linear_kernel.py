@@ -103,6 +103,8 @@ def test_bad_arrays_raise_value_error(rng):
         core.linear_forward(x, w[:2], None, out[:, :2])
     with pytest.raises(ValueError, match="x: expected contiguous rows"):
         core.linear_forward(np.asfortranarray(x), w, None, out)
+    with pytest.raises(ValueError, match="x: expected float32 or float64"):
+        core.linear_forward(x.astype(np.int32), w, None, out)
     with pytest.raises(ValueError, match="out: expected dtype"):
         core.linear_forward(x, w, None, out.astype(np.float64))
     with pytest.raises(ValueError, match="out: .*read-only|out: .*writeable"):
