@@ -106,15 +106,15 @@ template <> struct Simd<float> {
     const reg s23 = add(_mm512_shuffle_f32x4(r[2], r[3], 0x88), _mm512_shuffle_f32x4(r[2], r[3], 0xDD));
     return add(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
   }
-  static constexpr float round_magic() { return 12582912.0f; }
-  static reg scale_by_pow2(reg p, reg t) {
-    const __m512i n = _mm512_sub_epi32(_mm512_castps_si512(t),
-                                       _mm512_castps_si512(set1(round_magic())));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  // 2^x's steps around the polynomial (simd_exp.h): n = round to nearest
+  // even, r = x - n; then 2^n p by vscalef (exact for a normal result),
+  // zeroed where x < limit (NaN x passes the test and stays NaN).
+  static void exp2_split(reg x, reg& n, reg& r) {
+    n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = sub(x, n);
   }
-  static reg zero_where_less(reg x, reg limit, reg value) {
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, limit, _CMP_NLT_UQ), value);
+  static reg exp2_finish(reg p, reg n, reg x, reg limit) {
+    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, limit, _CMP_NLT_UQ), p, n);
   }
   // Lanes of `keep` where p == 0, of `value` elsewhere.
   static reg keep_where_zero(reg p, reg keep, reg value) {
@@ -166,15 +166,12 @@ template <> struct Simd<double> {
     for (int r = 0; r < W; ++r)
       for (int c = 0; c < W; ++c) dst[c * W + r] = src[r * ld + c];
   }
-  static constexpr double round_magic() { return 6755399441055744.0; }
-  static reg scale_by_pow2(reg p, reg t) {
-    const __m512i n = _mm512_sub_epi64(_mm512_castpd_si512(t),
-                                       _mm512_castpd_si512(set1(round_magic())));
-    const __m512i bits = _mm512_slli_epi64(_mm512_add_epi64(n, _mm512_set1_epi64(1023)), 52);
-    return _mm512_mul_pd(p, _mm512_castsi512_pd(bits));
+  static void exp2_split(reg x, reg& n, reg& r) {  // as for float
+    n = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = sub(x, n);
   }
-  static reg zero_where_less(reg x, reg limit, reg value) {
-    return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(x, limit, _CMP_NLT_UQ), value);
+  static reg exp2_finish(reg p, reg n, reg x, reg limit) {
+    return _mm512_maskz_scalef_pd(_mm512_cmp_pd_mask(x, limit, _CMP_NLT_UQ), p, n);
   }
   static reg keep_where_zero(reg p, reg keep, reg value) {
     return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(p, zero(), _CMP_EQ_OQ), value, keep);

@@ -1,13 +1,18 @@
 // Vectorised 2^x shared by every instruction set. S is a Simd<T> from
-// simd_<isa>.h; it supplies the arithmetic and two bit-level helpers,
-// round_magic() and scale_by_pow2(p, t).
+// simd_<isa>.h; it supplies the arithmetic and the two steps around the
+// polynomial, exp2_split (x -> n, r) and exp2_finish (p, n -> 2^n p, or 0
+// below the underflow limit).
 //
 // The kernels work in base 2: log2(e) is folded into the query scaling, so
 // softmax needs 2^x and no multiply by log2(e) or ln(2) range reduction.
 //
-// 2^x = 2^n * 2^r with n = round(x), r = x - n in [-1/2, 1/2] (exact). The
-// rounding adds 1.5 * 2^mantissa_bits, so t's low mantissa bits hold n and
-// no float-to-int conversion is needed (AVX2 has none for doubles). 2^r is a
+// 2^x = 2^n * 2^r with n = round(x) (to nearest even), r = x - n in
+// [-1/2, 1/2] (exact). AVX2 and the baseline round by adding 1.5 *
+// 2^mantissa_bits, so t's low mantissa bits hold n and no float-to-int
+// conversion is needed (AVX2 has none for doubles), then build 2^n from
+// those bits; AVX-512 rounds with vrndscale and scales with vscalef, masking
+// in the underflow test (11 instructions per register instead of 16, the
+// same bits: both scalings are exact for the normal results kept). 2^r is a
 // polynomial: float, degree 6 fitted for minimal relative error
 // (tools/fit_exp2_poly.py: 8.2e-8 max, 0.7 ulp, in float32); double, the
 // Taylor series of e^(r ln 2) to degree 13 (truncation < 5e-18). Inputs
@@ -53,12 +58,11 @@ inline typename S::reg vec_exp2(typename S::reg x) {
   // min(limit, x), not min(x, limit): the SIMD min returns its second operand
   // when either is NaN, and a NaN x must stay NaN (not become 2^overflow).
   const reg xc = S::min(S::set1(C::overflow), x);
-  const reg magic = S::set1(S::round_magic());
-  const reg t = S::add(xc, magic);  // low mantissa bits of t = n
-  const reg r = S::sub(xc, S::sub(t, magic));
+  reg n, r;  // n in the ISA's own encoding (see exp2_split)
+  S::exp2_split(xc, n, r);
   reg p = S::set1(C::coef[C::degree]);
   for (int k = C::degree - 1; k >= 0; --k) p = S::fmadd(p, r, S::set1(C::coef[k]));
-  return S::zero_where_less(x, S::set1(C::underflow), S::scale_by_pow2(p, t));
+  return S::exp2_finish(p, n, x, S::set1(C::underflow));
 }
 
 }  // namespace tileattn
