@@ -267,6 +267,15 @@ inline T add_mask(T score, T mask) {
 // keeps the accumulator arrays on the stack.
 #define TILEATTN_UNROLL _Pragma("GCC unroll 32")
 
+// A micro-kernel compiled as a function of its own: inlined into a large
+// caller, its 28 live registers compete with the caller's pointers, and GCC
+// spilled one operand to the stack on every step of the loop.
+#if defined(__GNUC__)
+#define TILEATTN_MICRO_KERNEL __attribute__((noinline))
+#else
+#define TILEATTN_MICRO_KERNEL
+#endif
+
 
 // Keys are processed in chunks of kChunkBlocks key blocks, a property of the
 // data alone. Each chunk yields a softmax state (max m, sum l, output o)

@@ -17,6 +17,7 @@ template <> struct Simd<float> {
   using reg = __m256;
   static constexpr int W = 8;
   static constexpr int MR = 4;
+  static constexpr int kRegisters = 16;  // vector registers the compiler can allocate
   static constexpr int NV = 3;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float x) { return _mm256_set1_ps(x); }
@@ -134,6 +135,7 @@ template <> struct Simd<double> {
   using reg = __m256d;
   static constexpr int W = 4;
   static constexpr int MR = 4;
+  static constexpr int kRegisters = 16;  // vector registers the compiler can allocate
   static constexpr int NV = 3;
   static reg zero() { return _mm256_setzero_pd(); }
   static reg set1(double x) { return _mm256_set1_pd(x); }

@@ -16,6 +16,7 @@ template <> struct Simd<float> {
   using reg = __m512;
   static constexpr int W = 16;
   static constexpr int MR = 8;
+  static constexpr int kRegisters = 32;  // vector registers the compiler can allocate
   static constexpr int NV = 3;
   static reg zero() { return _mm512_setzero_ps(); }
   static reg set1(float x) { return _mm512_set1_ps(x); }
@@ -127,6 +128,7 @@ template <> struct Simd<double> {
   using reg = __m512d;
   static constexpr int W = 8;
   static constexpr int MR = 8;
+  static constexpr int kRegisters = 32;  // vector registers the compiler can allocate
   static constexpr int NV = 3;
   static reg zero() { return _mm512_setzero_pd(); }
   static reg set1(double x) { return _mm512_set1_pd(x); }

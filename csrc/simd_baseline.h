@@ -17,6 +17,7 @@ struct VecExtSimd {
   typedef I ireg __attribute__((vector_size(16)));
   static constexpr int W = Lanes;
   static constexpr int MR = 4;  // micro-tile: MR rows x NV registers
+  static constexpr int kRegisters = 16;  // vector registers (x86-64 SSE2; aarch64 has 32)
   static constexpr int NV = 3;
   static reg zero() { return reg{} ; }
   static reg set1(T x) { return reg{} + x; }

@@ -174,6 +174,27 @@ def test_nan_in_q_or_k_propagates(each_isa, lq):
     assert np.isnan(sdpa(q, kn, v)[0, 0]).all()      # every row sees key 0
 
 
+def test_values_of_hidden_keys_stay_out_of_every_block(each_isa, rng):
+    """NaN and inf in V rows no query can see (padding of item 0, a causal
+    future for item 1) leave the output bitwise as with clean rows, in every
+    query block; a non-finite value a row does see reaches that row. The
+    kernel checks each V block for non-finite values once per call and
+    shares the answer between query blocks."""
+    q, k, v = make_qkv(rng, 2, 2, 2, 300, 500, 16)
+    kpm = np.ones((2, 500), bool)
+    kpm[0, 260:] = False
+    clean = sdpa(q, k, v, key_padding_mask=kpm, is_causal=True)
+    vg = v.copy()
+    vg[0, :, 300:] = np.nan      # padding: hidden from every row of item 0
+    vg[1, :, 497:] = np.inf      # causal: the 300 queries end at key 499 ...
+    vg[1, 0, 499] = 1.0          # ... so only key 499 of head 0 could be seen
+    vg[1, 1, 499] = np.nan       # head 1: the last query sees a NaN value
+    got = sdpa(q, k, vg, key_padding_mask=kpm, is_causal=True)
+    np.testing.assert_array_equal(got[0], clean[0])
+    np.testing.assert_array_equal(got[1, :, :297], clean[1, :, :297])
+    assert np.isinf(got[1, :, 297:299]).any() and np.isnan(got[1, 1, 299]).all()
+
+
 SANITIZED = os.environ.get("TILEATTN_SANITIZED") == "1"
 
 
