@@ -163,18 +163,24 @@ void pack_values(const KV* v, int64_t sr, int64_t sc, int64_t cols, int64_t dv, 
 // registers its rows need (1 .. NV). A lane's arithmetic is the same
 // whatever NV, so the bits do not depend on where a row falls.
 
-// Rows per pass of a micro-tile: its MR rows are computed in passes of
-// rows_per_pass rows, each keeping both its running segment sums and its
-// totals in registers (2 * rows * NV accumulators, NV operands and a
-// broadcast). Why: with the totals in memory, every segment ended in a
-// load, add and store of each accumulator, and the stores (one 512-bit
-// store per cycle) cost ~10% of each product.
+// Rows per pass of a micro-tile, and where a pass keeps the totals of its
+// segment sums. In registers when two sets of rows x NV accumulators, NV
+// operands and a broadcast fit (AVX-512: passes of 4 rows): with the
+// totals in memory every segment ended in a load, add and store of each
+// accumulator, and the stores (one 512-bit store per cycle) cost ~10% of
+// each product. Passes of fewer than 4 rows would be bound by their loads,
+// so with 16 registers (AVX2, baseline) a pass takes all MR rows and keeps
+// the totals in memory.
 template <typename T, int NV>
 constexpr int rows_per_pass() {
   using S = Simd<T>;
   int rows = S::MR;
-  while (rows > 1 && 2 * rows * NV + NV + 1 > S::kRegisters) rows /= 2;
+  while (rows > 4 && 2 * rows * NV + NV + 1 > S::kRegisters) rows /= 2;
   return rows;
+}
+template <typename T, int NV>
+constexpr bool totals_in_registers() {
+  return 2 * rows_per_pass<T, NV>() * NV + NV + 1 <= Simd<T>::kRegisters;
 }
 
 // st[MR][NR] (row stride lds) = k[MR][d] (row stride ldk) . qt[d][NR] (row
@@ -188,8 +194,10 @@ TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, in
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int MR = S::MR, W = S::W, MH = rows_per_pass<T, NV>();
+  constexpr bool kInRegisters = totals_in_registers<T, NV>();
   for (int r0 = 0; r0 < MR; r0 += MH) {
     const T* kr = k + r0 * ldk;
+    T* sr = st + r0 * lds;
     reg total[MH][NV];
     for (int64_t x0 = 0; x0 == 0 || x0 < d; x0 += kScoreSegment) {
       const int64_t x1 = std::min(d, x0 + kScoreSegment);
@@ -212,12 +220,19 @@ TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, in
       TILEATTN_UNROLL
       for (int r = 0; r < MH; ++r)
         TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) total[r][c] = x0 == 0 ? acc[r][c] : S::add(total[r][c], acc[r][c]);
+        for (int c = 0; c < NV; ++c) {
+          T* dst = sr + r * lds + c * W;
+          const reg before = kInRegisters ? total[r][c] : S::load(dst);
+          total[r][c] = x0 == 0 ? acc[r][c] : S::add(before, acc[r][c]);
+          if (!kInRegisters) S::store(dst, total[r][c]);
+        }
     }
-    TILEATTN_UNROLL
-    for (int r = 0; r < MH; ++r)
+    if (kInRegisters) {
       TILEATTN_UNROLL
-      for (int c = 0; c < NV; ++c) S::store(st + (r0 + r) * lds + c * W, total[r][c]);
+      for (int r = 0; r < MH; ++r)
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) S::store(sr + r * lds + c * W, total[r][c]);
+    }
     if (kColMax) {
       TILEATTN_UNROLL
       for (int c = 0; c < NV; ++c) {
@@ -245,13 +260,16 @@ TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, i
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int MR = S::MR, W = S::W, MH = rows_per_pass<T, NV>();
+  constexpr bool kInRegisters = totals_in_registers<T, NV>();
   for (int r0 = 0; r0 < MR; r0 += MH) {
     T* o = ot + r0 * ldo;
     reg total[MH][NV];  // ot itself, then ot + each segment's sum in turn
-    TILEATTN_UNROLL
-    for (int r = 0; r < MH; ++r)
+    if (kInRegisters) {
       TILEATTN_UNROLL
-      for (int c = 0; c < NV; ++c) total[r][c] = S::load(o + r * ldo + c * W);
+      for (int r = 0; r < MH; ++r)
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) total[r][c] = S::load(o + r * ldo + c * W);
+    }
     for (int64_t j0 = 0; j0 < n;) {
       const int64_t j1 = std::min(n, ((offset + j0) / kValueSegment + 1) * kValueSegment - offset);
       reg acc[MH][NV];
@@ -278,13 +296,21 @@ TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, i
       TILEATTN_UNROLL
       for (int r = 0; r < MH; ++r)
         TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) total[r][c] = S::add(total[r][c], acc[r][c]);
+        for (int c = 0; c < NV; ++c) {
+          T* dst = o + r * ldo + c * W;
+          if (kInRegisters)
+            total[r][c] = S::add(total[r][c], acc[r][c]);
+          else
+            S::store(dst, S::add(S::load(dst), acc[r][c]));
+        }
       j0 = j1;
     }
-    TILEATTN_UNROLL
-    for (int r = 0; r < MH; ++r)
+    if (kInRegisters) {
       TILEATTN_UNROLL
-      for (int c = 0; c < NV; ++c) S::store(o + r * ldo + c * W, total[r][c]);
+      for (int r = 0; r < MH; ++r)
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) S::store(o + r * ldo + c * W, total[r][c]);
+    }
   }
 }
 
