@@ -20,9 +20,12 @@
 // blocks rather than with the whole length. With kSkipZero, a term whose a is 0 is left
 // out instead of adding 0 * b: the same sum for finite b, and a NaN or inf
 // in a row of b that a row of a does not use (a hidden key) stays out.
+// With a row vector `then_add` (NV * W values), each row of C gets it added
+// last: the projections' bias, in the epilogue of their last K slice.
 template <typename T, int NV, bool kSkipZero = false>
 inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb,
-                       int64_t kd, T* c, int64_t ldc, bool accumulate) {
+                       int64_t kd, T* c, int64_t ldc, bool accumulate,
+                       const T* then_add = nullptr) {
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int MR = S::MR, W = S::W;
@@ -53,7 +56,9 @@ inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64
     TILEATTN_UNROLL
     for (int v = 0; v < NV; ++v) {
       T* cv = c + r * ldc + v * W;
-      S::storeu(cv, accumulate ? S::add(S::loadu(cv), acc[r][v]) : acc[r][v]);
+      reg sum = accumulate ? S::add(S::loadu(cv), acc[r][v]) : acc[r][v];
+      if (then_add) sum = S::add(sum, S::loadu(then_add + v * W));
+      S::storeu(cv, sum);
     }
 }
 

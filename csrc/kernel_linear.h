@@ -57,14 +57,16 @@ struct LinearPlan {
   // into c (stride ldc), in strips of 3, 2 or 1 registers (the backward's
   // micro-kernel, kernel_gemm.h; packing x as well, k-major, measured 10%
   // slower).
+  // With bias (the panel's nw values), the last slice adds it to the sums.
   static void rows_times_slice(const T* a, int64_t lda, const T* b, int64_t nw, int64_t kd,
-                               T* c, int64_t ldc, bool accumulate) {
+                               T* c, int64_t ldc, bool accumulate, const T* bias) {
     int64_t j = 0;
+    const auto at = [bias](int64_t col) { return bias ? bias + col : nullptr; };
     for (; j + 3 * W <= nw; j += 3 * W)
-      gemm_micro<T, 3>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate);
+      gemm_micro<T, 3>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate, at(j));
     for (; j + 2 * W <= nw; j += 2 * W)
-      gemm_micro<T, 2>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate);
-    for (; j < nw; j += W) gemm_micro<T, 1>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate);
+      gemm_micro<T, 2>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate, at(j));
+    for (; j < nw; j += W) gemm_micro<T, 1>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate, at(j));
   }
 
   // One task: rows [m0, m0 + kLinearRowBlock) times the panels of group g,
@@ -86,27 +88,29 @@ struct LinearPlan {
       for (int64_t r = 0; r < tail; ++r)
         std::copy(x + (whole + r) * lp.x_ld, x + (whole + r) * lp.x_ld + lp.K, a_tail + r * lp.K);
     }
+    const T* bias = static_cast<const T*>(lp.bias);
     for (int64_t k0 = 0; k0 < lp.K; k0 += kLinearKc) {
       const int64_t kd = std::min(kLinearKc, lp.K - k0);
+      const bool last = k0 + kd == lp.K;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t nw = width(p);
         const T* b = panel(p) + k0 * nw;
+        const T* pb = last && bias ? bias + p * NR : nullptr;  // added after the sum (x w^T) + b
         for (int64_t m = m0; m < whole; m += MR)
           rows_times_slice(x + m * lp.x_ld + k0, lp.x_ld, b, nw, kd, out + m * lp.out_ld + p * NR,
-                           lp.out_ld, k0 > 0);
+                           lp.out_ld, k0 > 0, pb);
         if (tail)
-          rows_times_slice(a_tail + k0, lp.K, b, nw, kd, c_tail + p * NR - n0, n1 - n0, k0 > 0);
+          rows_times_slice(a_tail + k0, lp.K, b, nw, kd, c_tail + p * NR - n0, n1 - n0, k0 > 0, pb);
       }
     }
     for (int64_t r = 0; r < tail; ++r)
       std::copy(c_tail + r * (n1 - n0), c_tail + (r + 1) * (n1 - n0),
                 out + (whole + r) * lp.out_ld + n0);
-    for (int64_t m = m0; m < m1; ++m) {
-      T* row = out + m * lp.out_ld;
-      if (lp.K == 0) std::fill(row + n0, row + n1, T(0));
-      if (lp.bias)
-        for (int64_t n = n0; n < n1; ++n) row[n] += static_cast<const T*>(lp.bias)[n];
-    }
+    if (lp.K == 0)  // no slice ran: out = 0 + b
+      for (int64_t m = m0; m < m1; ++m) {
+        T* row = out + m * lp.out_ld;
+        for (int64_t n = n0; n < n1; ++n) row[n] = bias ? T(0) + bias[n] : T(0);
+      }
   }
 };
 
