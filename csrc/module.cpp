@@ -17,6 +17,7 @@
 
 #include "array_checks.h"
 #include "attention_params.h"
+#include "dense_copy.h"
 #include "backward_params.h"
 #include "cpu_features.h"
 #include "dispatch.h"
@@ -299,6 +300,27 @@ void linear_forward_py(py::array x, py::array w, py::object bias, py::array out)
   run_cancellable([&] { linear_forward(lp); });
 }
 
+// dst (a C-contiguous 4-D array) = src (any 4-D array of its shape and
+// dtype), on the pool, GIL released.
+void copy_dense_py(py::array src, py::array dst) {
+  require_ndim(src, 4, "src");
+  require_ndim(dst, 4, "dst");
+  require_dtype(dst, src.dtype(), "dst");
+  require_shape(dst, {src.shape(0), src.shape(1), src.shape(2), src.shape(3)}, "dst");
+  require_writeable(dst, "dst");
+  if (!(dst.flags() & py::array::c_style))
+    throw std::invalid_argument("dst: expected a C-contiguous array");
+  int64_t shape[4], strides[4];
+  for (int i = 0; i < 4; ++i) {
+    shape[i] = src.shape(i);
+    strides[i] = src.strides(i);
+  }
+  const void* from = src.data();
+  void* to = dst.mutable_data();
+  const int64_t item = src.itemsize();
+  run_cancellable([&] { copy_dense(from, shape, strides, item, to); });
+}
+
 Isa isa_from_name(const std::string& name) {
   if (name == "avx512") return Isa::avx512;
   if (name == "avx2") return Isa::avx2;
@@ -336,6 +358,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("dscores") = py::none());
   m.def("linear_forward", &linear_forward_py, py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("out"));
+  m.def("copy_dense", &copy_dense_py, py::arg("src"), py::arg("dst"));
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw std::invalid_argument("num_threads must be >= 1");
