@@ -129,9 +129,13 @@ void linear_typed(const LinearParams& lp) {
     alignas(64) T tile[LinearPlan<T>::W * LinearPlan<T>::W];
     plan.pack(p, tile);
   });
+  // Tasks group by group (all row blocks of one panel group, then the
+  // next): a thread's next task then finds the group's packed panels in
+  // its L2 (1.2 MiB at K = 768) instead of another group's in L3. Paired:
+  // 4-6% faster at N = 2304 and 3072 than row block by row block.
   parallel_for(plan.row_blocks * plan.groups, [&](int64_t task, int) {
     static thread_local Arena arena;
-    plan.run(task / plan.groups, task % plan.groups, arena);
+    plan.run(task % plan.row_blocks, task / plan.row_blocks, arena);
   });
 }
 
