@@ -111,16 +111,6 @@ template <> struct Simd<float> {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
   }
-  // 2^x's steps around the polynomial (simd_exp.h): t = x + magic keeps n
-  // in its low mantissa bits; 2^n p from those bits, 0 where x < limit.
-  static void exp2_split(reg x, reg& t, reg& r) {
-    const reg magic = set1(round_magic());
-    t = add(x, magic);
-    r = sub(x, sub(t, magic));
-  }
-  static reg exp2_finish(reg p, reg t, reg x, reg limit) {
-    return zero_where_less(x, limit, scale_by_pow2(p, t));
-  }
   static reg zero_where_less(reg x, reg limit, reg value) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, limit, _CMP_LT_OQ), value);
   }
@@ -187,16 +177,6 @@ template <> struct Simd<double> {
                                        _mm256_castpd_si256(set1(round_magic())));
     const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(n, _mm256_set1_epi64x(1023)), 52);
     return _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
-  }
-  // 2^x's steps around the polynomial (simd_exp.h): t = x + magic keeps n
-  // in its low mantissa bits; 2^n p from those bits, 0 where x < limit.
-  static void exp2_split(reg x, reg& t, reg& r) {
-    const reg magic = set1(round_magic());
-    t = add(x, magic);
-    r = sub(x, sub(t, magic));
-  }
-  static reg exp2_finish(reg p, reg t, reg x, reg limit) {
-    return zero_where_less(x, limit, scale_by_pow2(p, t));
   }
   static reg zero_where_less(reg x, reg limit, reg value) {
     return _mm256_andnot_pd(_mm256_cmp_pd(x, limit, _CMP_LT_OQ), value);

@@ -72,16 +72,6 @@ struct VecExtSimd {
     for (int i = 0; i < W; ++i) value[i] = p[i] == T(0) ? keep[i] : value[i];
     return value;
   }
-  // 2^x's steps around the polynomial (simd_exp.h): t = x + magic keeps n
-  // in its low mantissa bits; 2^n p from those bits, 0 where x < limit.
-  static void exp2_split(reg x, reg& t, reg& r) {
-    const reg magic = set1(round_magic());
-    t = add(x, magic);
-    r = sub(x, sub(t, magic));
-  }
-  static reg exp2_finish(reg p, reg t, reg x, reg limit) {
-    return zero_where_less(x, limit, scale_by_pow2(p, t));
-  }
   static reg zero_where_less(reg x, reg limit, reg value) {
     for (int i = 0; i < W; ++i) value[i] = x[i] < limit[i] ? T(0) : value[i];
     return value;

@@ -1,7 +1,8 @@
 // Vectorised 2^x shared by every instruction set. S is a Simd<T> from
-// simd_<isa>.h; it supplies the arithmetic and the two steps around the
-// polynomial, exp2_split (x -> n, r) and exp2_finish (p, n -> 2^n p, or 0
-// below the underflow limit).
+// simd_<isa>.h; it supplies the arithmetic and either its own steps around
+// the polynomial, exp2_split (x -> n, r) and exp2_finish (p, n -> 2^n p, or
+// 0 below the underflow limit), or the bit-level helpers of the default
+// steps: round_magic(), scale_by_pow2(p, t) and zero_where_less.
 //
 // The kernels work in base 2: log2(e) is folded into the query scaling, so
 // softmax needs 2^x and no multiply by log2(e) or ln(2) range reduction.
@@ -21,6 +22,7 @@
 #pragma once
 
 #include <array>
+#include <type_traits>
 
 namespace tileattn {
 
@@ -50,6 +52,12 @@ template <> struct Exp2Constants<double> {
   static constexpr double overflow = 1023.0;
 };
 
+// Whether S brings its own exp2_split / exp2_finish (AVX-512).
+template <class S, class = void>
+struct HasExp2Steps : std::false_type {};
+template <class S>
+struct HasExp2Steps<S, std::void_t<decltype(&S::exp2_split)>> : std::true_type {};
+
 template <class S>
 inline typename S::reg vec_exp2(typename S::reg x) {
   using T = typename S::scalar;
@@ -58,11 +66,21 @@ inline typename S::reg vec_exp2(typename S::reg x) {
   // min(limit, x), not min(x, limit): the SIMD min returns its second operand
   // when either is NaN, and a NaN x must stay NaN (not become 2^overflow).
   const reg xc = S::min(S::set1(C::overflow), x);
-  reg n, r;  // n in the ISA's own encoding (see exp2_split)
-  S::exp2_split(xc, n, r);
+  const reg limit = S::set1(C::underflow);
+  reg n, r;  // n: round(x), in the steps' own encoding
+  if constexpr (HasExp2Steps<S>::value) {
+    S::exp2_split(xc, n, r);
+  } else {  // t = x + magic keeps n in its low mantissa bits
+    const reg magic = S::set1(S::round_magic());
+    n = S::add(xc, magic);
+    r = S::sub(xc, S::sub(n, magic));
+  }
   reg p = S::set1(C::coef[C::degree]);
   for (int k = C::degree - 1; k >= 0; --k) p = S::fmadd(p, r, S::set1(C::coef[k]));
-  return S::exp2_finish(p, n, x, S::set1(C::underflow));
+  if constexpr (HasExp2Steps<S>::value)
+    return S::exp2_finish(p, n, x, limit);
+  else
+    return S::zero_where_less(x, limit, S::scale_by_pow2(p, n));
 }
 
 }  // namespace tileattn
