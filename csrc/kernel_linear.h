@@ -66,7 +66,8 @@ struct LinearPlan {
       gemm_micro<T, 3>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate, at(j));
     for (; j + 2 * W <= nw; j += 2 * W)
       gemm_micro<T, 2>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate, at(j));
-    for (; j < nw; j += W) gemm_micro<T, 1>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate, at(j));
+    for (; j < nw; j += W)
+      gemm_micro<T, 1>(a, lda, 1, b + j, nw, kd, c + j, ldc, accumulate, at(j));
   }
 
   // One task: rows [m0, m0 + kLinearRowBlock) times the panels of group g,

@@ -189,8 +189,8 @@ constexpr bool totals_in_registers() {
 // The dot products run in segments of kScoreSegment (see there), each
 // from zero, added in order to the total of the earlier ones.
 template <typename T, int NV, bool kColMax>
-TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq, int64_t d, T* st,
-                         int64_t lds, T* colmax) {
+TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq,
+                                        int64_t d, T* st, int64_t lds, T* colmax) {
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int MR = S::MR, W = S::W, MH = rows_per_pass<T, NV>();
@@ -223,8 +223,10 @@ TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, in
         TILEATTN_UNROLL
         for (int c = 0; c < NV; ++c) {
           T* dst = sr + r * lds + c * W;
-          const reg before = kInRegisters ? total[r][c] : S::load(dst);
-          total[r][c] = x0 == 0 ? acc[r][c] : S::add(before, acc[r][c]);
+          if (x0 == 0)
+            total[r][c] = acc[r][c];
+          else
+            total[r][c] = S::add(kInRegisters ? total[r][c] : S::load(dst), acc[r][c]);
           if (!kInRegisters) S::store(dst, total[r][c]);
         }
     }
@@ -256,8 +258,8 @@ TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, in
 // adding 0 * v: identical for finite v, and a NaN or inf in the value of a
 // key a query cannot see stays out of that query's output.
 template <typename T, int NV, bool kSkipZero>
-TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, int64_t ldp, int64_t n,
-                         int64_t offset, T* ot, int64_t ldo) {
+TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, int64_t ldp,
+                                        int64_t n, int64_t offset, T* ot, int64_t ldo) {
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int MR = S::MR, W = S::W, MH = rows_per_pass<T, NV>();
@@ -447,7 +449,8 @@ class FiniteBlocks {
     uint8_t s = f.load(std::memory_order_relaxed);
     if (s == kUnknown) {
       const int64_t first = blk * bc_;
-      s = rows_finite<T>(v + first * ld, ld, std::min(bc_, lk - first), dv) ? kFinite : kNotFinite;
+      const bool ok = rows_finite<T>(v + first * ld, ld, std::min(bc_, lk - first), dv);
+      s = ok ? kFinite : kNotFinite;
       f.store(s, std::memory_order_relaxed);
     }
     return s == kFinite;
