@@ -21,9 +21,10 @@ void copy_dense(const void* src, const int64_t shape[4], const int64_t src_strid
   const char* s = static_cast<const char*>(src);
   char* d = static_cast<char*>(dst);
   parallel_for(tasks, [&](int64_t task, int) {
-    const int64_t r1 = std::min(rows, (task + 1) * per_task);
-    for (int64_t r = task * per_task; r < r1; ++r) {
-      const int64_t i2 = r % shape[2], i1 = (r / shape[2]) % shape[1], i0 = r / (shape[2] * shape[1]);
+    const int64_t r0 = task * per_task, r1 = std::min(rows, r0 + per_task);
+    // The task's first row as (i0, i1, i2), then stepped row by row.
+    int64_t i2 = r0 % shape[2], i1 = (r0 / shape[2]) % shape[1], i0 = r0 / (shape[2] * shape[1]);
+    for (int64_t r = r0; r < r1; ++r) {
       const char* from = s + i0 * src_strides[0] + i1 * src_strides[1] + i2 * src_strides[2];
       char* to = d + r * row_bytes;
       if (unit) {
@@ -31,6 +32,13 @@ void copy_dense(const void* src, const int64_t shape[4], const int64_t src_strid
       } else {
         for (int64_t e = 0; e < shape[3]; ++e)
           std::memcpy(to + e * itemsize, from + e * src_strides[3], static_cast<size_t>(itemsize));
+      }
+      if (++i2 == shape[2]) {
+        i2 = 0;
+        if (++i1 == shape[1]) {
+          i1 = 0;
+          ++i0;
+        }
       }
     }
   });

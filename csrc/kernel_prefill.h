@@ -171,16 +171,16 @@ void pack_values(const KV* v, int64_t sr, int64_t sc, int64_t cols, int64_t dv, 
 // each product. Passes of fewer than 4 rows would be bound by their loads,
 // so with 16 registers (AVX2, baseline) a pass takes all MR rows and keeps
 // the totals in memory.
+constexpr int pass_registers(int rows, int nv) { return 2 * rows * nv + nv + 1; }
 template <typename T, int NV>
 constexpr int rows_per_pass() {
-  using S = Simd<T>;
-  int rows = S::MR;
-  while (rows > 4 && 2 * rows * NV + NV + 1 > S::kRegisters) rows /= 2;
+  int rows = Simd<T>::MR;
+  while (rows > 4 && pass_registers(rows, NV) > Simd<T>::kRegisters) rows /= 2;
   return rows;
 }
 template <typename T, int NV>
 constexpr bool totals_in_registers() {
-  return 2 * rows_per_pass<T, NV>() * NV + NV + 1 <= Simd<T>::kRegisters;
+  return pass_registers(rows_per_pass<T, NV>(), NV) <= Simd<T>::kRegisters;
 }
 
 // st[MR][NR] (row stride lds) = k[MR][d] (row stride ldk) . qt[d][NR] (row

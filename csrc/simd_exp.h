@@ -52,35 +52,45 @@ template <> struct Exp2Constants<double> {
   static constexpr double overflow = 1023.0;
 };
 
-// Whether S brings its own exp2_split / exp2_finish (AVX-512).
-template <class S, class = void>
-struct HasExp2Steps : std::false_type {};
+// The default steps around the polynomial (AVX2, baseline): t = x + magic
+// keeps n in its low mantissa bits; 2^n p is built from those bits.
 template <class S>
-struct HasExp2Steps<S, std::void_t<decltype(&S::exp2_split)>> : std::true_type {};
+struct MagicExp2Steps {
+  using reg = typename S::reg;
+  static void exp2_split(reg x, reg& t, reg& r) {
+    const reg magic = S::set1(S::round_magic());
+    t = S::add(x, magic);
+    r = S::sub(x, S::sub(t, magic));
+  }
+  static reg exp2_finish(reg p, reg t, reg x, reg limit) {
+    return S::zero_where_less(x, limit, S::scale_by_pow2(p, t));
+  }
+};
+
+// S itself when it brings its own exp2_split / exp2_finish (AVX-512).
+template <class S, class = void>
+struct Exp2Steps {
+  using type = MagicExp2Steps<S>;
+};
+template <class S>
+struct Exp2Steps<S, std::void_t<decltype(&S::exp2_split)>> {
+  using type = S;
+};
 
 template <class S>
 inline typename S::reg vec_exp2(typename S::reg x) {
   using T = typename S::scalar;
   using C = Exp2Constants<T>;
   using reg = typename S::reg;
+  using Steps = typename Exp2Steps<S>::type;
   // min(limit, x), not min(x, limit): the SIMD min returns its second operand
   // when either is NaN, and a NaN x must stay NaN (not become 2^overflow).
   const reg xc = S::min(S::set1(C::overflow), x);
-  const reg limit = S::set1(C::underflow);
   reg n, r;  // n: round(x), in the steps' own encoding
-  if constexpr (HasExp2Steps<S>::value) {
-    S::exp2_split(xc, n, r);
-  } else {  // t = x + magic keeps n in its low mantissa bits
-    const reg magic = S::set1(S::round_magic());
-    n = S::add(xc, magic);
-    r = S::sub(xc, S::sub(n, magic));
-  }
+  Steps::exp2_split(xc, n, r);
   reg p = S::set1(C::coef[C::degree]);
   for (int k = C::degree - 1; k >= 0; --k) p = S::fmadd(p, r, S::set1(C::coef[k]));
-  if constexpr (HasExp2Steps<S>::value)
-    return S::exp2_finish(p, n, x, limit);
-  else
-    return S::zero_where_less(x, limit, S::scale_by_pow2(p, n));
+  return Steps::exp2_finish(p, n, x, S::set1(C::underflow));
 }
 
 }  // namespace tileattn
