@@ -561,7 +561,7 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offse
       TILEATTN_UNROLL
       for (int g = 0; g < G; ++g) {
         T* p0 = st + j * ld + g * W;
-        const reg e = vec_exp2<S>(S::sub(S::load(p0), mu[g]));
+        const reg e = vec_exp2_nonpositive<S>(S::sub(S::load(p0), mu[g]));
         S::store(p0, e);
         acc[g] = S::add(acc[g], e);
       }
