@@ -257,13 +257,23 @@ TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, in
 // With kSkipZero, lanes whose probability is 0 keep their sum instead of
 // adding 0 * v: identical for finite v, and a NaN or inf in the value of a
 // key a query cannot see stays out of that query's output.
+// With `rescale` (NV * W lanes), ot is first multiplied by it lane by lane:
+// the online softmax's alpha, applied as ot is read rather than in a pass
+// of its own over O^T (the same product, so the same bits).
 template <typename T, int NV, bool kSkipZero>
 TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, int64_t ldp,
-                                        int64_t n, int64_t offset, T* ot, int64_t ldo) {
+                                        int64_t n, int64_t offset, T* ot, int64_t ldo,
+                                        const T* rescale) {
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int MR = S::MR, W = S::W, MH = rows_per_pass<T, NV>();
   constexpr bool kInRegisters = totals_in_registers<T, NV>();
+  reg scale[NV];
+  TILEATTN_UNROLL
+  for (int c = 0; c < NV; ++c) scale[c] = rescale ? S::load(rescale + c * W) : S::zero();
+  const auto read_ot = [&](const T* src, int c, bool first) {
+    return rescale && first ? S::mul(S::load(src), scale[c]) : S::load(src);
+  };
   for (int r0 = 0; r0 < MR; r0 += MH) {
     T* o = ot + r0 * ldo;
     reg total[MH][NV];  // ot itself, then ot + each segment's sum in turn
@@ -271,7 +281,13 @@ TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, i
       TILEATTN_UNROLL
       for (int r = 0; r < MH; ++r)
         TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) total[r][c] = S::load(o + r * ldo + c * W);
+        for (int c = 0; c < NV; ++c) total[r][c] = read_ot(o + r * ldo + c * W, c, true);
+    } else if (n == 0 && rescale) {  // no segment below to apply it
+      for (int r = 0; r < MH; ++r)
+        for (int c = 0; c < NV; ++c) {
+          T* dst = o + r * ldo + c * W;
+          S::store(dst, read_ot(dst, c, true));
+        }
     }
     for (int64_t j0 = 0; j0 < n;) {
       const int64_t j1 = std::min(n, ((offset + j0) / kValueSegment + 1) * kValueSegment - offset);
@@ -305,7 +321,7 @@ TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, i
           if (kInRegisters)
             total[r][c] = S::add(total[r][c], acc[r][c]);
           else
-            S::store(dst, S::add(S::load(dst), acc[r][c]));
+            S::store(dst, S::add(read_ot(dst, c, j0 == 0), acc[r][c]));
         }
       j0 = j1;
     }
@@ -368,7 +384,8 @@ void block_scores(const PrefillTiling<T>& t, const T* k, int64_t ldk, int64_t co
   });
 }
 
-// O^T (dvp x qcols, row stride BR) += V^T P^T, P^T read in place from st.
+// O^T (dvp x qcols, row stride BR) = O^T * alpha + V^T P^T, P^T read in
+// place from st, alpha (sc.alpha) applied as the first sub-block reads O^T.
 // Panel e (value columns e .. e + MR) starts at v + e * panel_step and
 // steps ldv from key to key: packed panels (panel_step = cols, ldv = MR)
 // or V in place (panel_step = 1, ldv = V's row stride).
@@ -394,13 +411,14 @@ void block_values(const PrefillTiling<T>& t, const T* v, int64_t panel_step, int
       const int64_t j1 =
           std::min(cols, ((offset + j0) / kValueSubBlock + 1) * kValueSubBlock - offset);
       const T* pt = sc.st + j0 * BR + i;
+      const T* rescale = j0 == 0 ? sc.alpha + i : nullptr;
       for (int64_t e = 0; e < t.dvp; e += MR) {
         const T* panel = v + e * panel_step + j0 * ldv;
         T* ot = sc.ot + e * BR + i;
         if (finite_values)
-          values_micro<T, NV, false>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR);
+          values_micro<T, NV, false>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR, rescale);
         else
-          values_micro<T, NV, true>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR);
+          values_micro<T, NV, true>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR, rescale);
       }
       j0 = j1;
     }
@@ -670,16 +688,12 @@ struct PrefillTask {
       }
   }
 
-  // One block of keys: scores, softmax update, O^T = O^T * alpha + V^T P^T.
+  // One block of keys: scores, softmax update, O^T = O^T * alpha + V^T P^T
+  // (block_values applies alpha).
   void block(int64_t j0, int64_t cols, bool straddles) {
     const bool have_max = scores(j0, cols, straddles);
     block_softmax<T>(sc.st, BR, cols, j0 % t.bc, qcols, sc.m, sc.l, sc.alpha,
                      have_max ? sc.colmax : nullptr);
-    for (int64_t e = 0; e < t.dvp; ++e)
-      for (int64_t i = 0; i < qcols; i += W) {
-        T* o = sc.ot + e * BR + i;
-        S::store(o, S::mul(S::load(o), S::load(sc.alpha + i)));
-      }
     if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);
     if (t.v_direct) {
       const T* v = reinterpret_cast<const T*>(v_head + j0 * p.v_stride.r);  // KV is T here
