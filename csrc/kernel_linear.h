@@ -46,7 +46,10 @@ struct LinearPlan {
       const T* rows = w + (n0 + c0) * lp.w_ld;
       for (int64_t k0 = 0; k0 < kw; k0 += W) {
         Simd<T>::transpose_tile(rows + k0, lp.w_ld, tile);
-        for (int i = 0; i < W; ++i) std::copy(tile + i * W, tile + (i + 1) * W, dst + (k0 + i) * nw + c0);
+        // One vector store per row: std::copy here became a `rep movsq`
+        // per 64 bytes, 43% of the packing's time.
+        for (int i = 0; i < W; ++i)
+          Simd<T>::storeu(dst + (k0 + i) * nw + c0, Simd<T>::load(tile + i * W));
       }
       for (int64_t c = 0; c < W; ++c)
         for (int64_t k = kw; k < lp.K; ++k) dst[k * nw + c0 + c] = rows[c * lp.w_ld + k];
