@@ -316,7 +316,7 @@ struct DecodeTask {
     const T alpha = lane_exp2<T>(m - mu);
     const reg vmu = S::set1(mu);
     for (int64_t jj = 0; jj < ldt; jj += W)
-      S::store(s + jj, vec_exp2_nonpositive<S>(S::sub(S::load(s + jj), vmu)));
+      S::store(s + jj, vec_exp2_unclamped<S>(S::sub(S::load(s + jj), vmu)));
     // The sum in the prefill's order (BlockSum), so both paths agree bitwise.
     const auto add = [](T a, T b) { return a + b; };
     BlockSum<T, 1, decltype(add)> sum(0, T(0), add);

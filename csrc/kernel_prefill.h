@@ -259,7 +259,8 @@ TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, in
 // key a query cannot see stays out of that query's output.
 // With `rescale` (NV * W lanes), ot is first multiplied by it lane by lane:
 // the online softmax's alpha, applied as ot is read rather than in a pass
-// of its own over O^T (the same product, so the same bits).
+// of its own over O^T (the same product, so the same bits). n >= 1 (with
+// the totals in memory, the first segment applies it).
 template <typename T, int NV, bool kSkipZero>
 TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, int64_t ldp,
                                         int64_t n, int64_t offset, T* ot, int64_t ldo,
@@ -282,12 +283,6 @@ TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, i
       for (int r = 0; r < MH; ++r)
         TILEATTN_UNROLL
         for (int c = 0; c < NV; ++c) total[r][c] = read_ot(o + r * ldo + c * W, c, true);
-    } else if (n == 0 && rescale) {  // no segment below to apply it
-      for (int r = 0; r < MH; ++r)
-        for (int c = 0; c < NV; ++c) {
-          T* dst = o + r * ldo + c * W;
-          S::store(dst, read_ot(dst, c, true));
-        }
     }
     for (int64_t j0 = 0; j0 < n;) {
       const int64_t j1 = std::min(n, ((offset + j0) / kValueSegment + 1) * kValueSegment - offset);
@@ -579,7 +574,7 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offse
       TILEATTN_UNROLL
       for (int g = 0; g < G; ++g) {
         T* p0 = st + j * ld + g * W;
-        const reg e = vec_exp2_nonpositive<S>(S::sub(S::load(p0), mu[g]));
+        const reg e = vec_exp2_unclamped<S>(S::sub(S::load(p0), mu[g]));
         S::store(p0, e);
         acc[g] = S::add(acc[g], e);
       }

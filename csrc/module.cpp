@@ -17,9 +17,9 @@
 
 #include "array_checks.h"
 #include "attention_params.h"
-#include "dense_copy.h"
 #include "backward_params.h"
 #include "cpu_features.h"
+#include "dense_copy.h"
 #include "dispatch.h"
 #include "linear_params.h"
 #include "thread_pool.h"
