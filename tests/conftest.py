@@ -1,8 +1,20 @@
+import os
+
 import numpy as np
 import pytest
+from hypothesis import settings
 
 import tileattn
 from tileattn import _core
+
+# The property sweeps (test_hypothesis.py, test_backward_hypothesis.py) draw
+# the same cases on every run, as test_fuzz.py does: CI then fails when the
+# code changes, not when a fresh draw finds an old accuracy outlier on the
+# day of a landing. TILEATTN_HYPOTHESIS_SEED=random draws new cases (a
+# campaign, to run before landing kernel changes).
+settings.register_profile("fixed", derandomize=True)
+settings.register_profile("random", derandomize=False)
+settings.load_profile("random" if os.environ.get("TILEATTN_HYPOTHESIS_SEED") == "random" else "fixed")
 
 ISAS = list(_core.isas_supported())
 
