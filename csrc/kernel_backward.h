@@ -24,9 +24,9 @@
 // kBackwardPartsBudget bytes): O(L) memory per head, bounded in all.
 // The segmentation depends only on Lk, not on the thread count or B.
 //
-// Accuracy: S keeps the forward's bits (the same rounded q * scale * log2 e,
-// the same multiply-add chain), and lse comes in float64 and is split into
-// hi + lo, so P = 2^(s - lse2) matches the forward's weights to its lse's
+// Accuracy: S keeps the forward's bits (the same rounded q * scale, the
+// same multiply-add chain), and lse comes in float64 and is split into
+// hi + lo, so P = e^(s - lse) matches the forward's weights to its lse's
 // rounding (a row that sees one key gets exactly 1); D_i is summed in
 // extended precision; long sums (dP over the value size, dK/dV over query
 // blocks, dQ over key blocks) are blocked.
@@ -41,7 +41,6 @@ constexpr int64_t kBackwardPanel = 4;
 // multiply-add chain added to the running sum (fewer roundings per term
 // than one chain over the whole head).
 constexpr int64_t kSumBlock = 16;
-constexpr long double kLog2eLong = 1.442695040888963407359924681001892137L;
 
 template <typename T>
 struct BackwardTiling {
@@ -107,8 +106,8 @@ struct KeyBlock {
 template <typename T>
 struct BackwardScratch {
   KeyBlock<T> blocks[kBackwardPanel];
-  T *q, *qf, *dout, *dsum;      // one query block (qf: q * scale * log2 e)
-  T *lse_hi, *lse_lo;           // its base-2 lse as an unevaluated sum hi + lo
+  T *q, *qf, *dout, *dsum;      // one query block (qf: q * scale)
+  T *lse_hi, *lse_lo;           // its lse as an unevaluated sum hi + lo
   T *s, *pd, *dp;               // one tile: P, dropped P, dP then dS
 
   BackwardScratch(Arena& a, const BackwardTiling<T>& t) {
@@ -185,13 +184,13 @@ struct BackwardTask {
   KeyBounds kb;
   Dropout dr;
   int64_t b, hk, seg;
-  T factor;  // scale * log2(e): scores in base 2, as the forward
+  T factor;  // scale, rounded to T as the forward rounds it
 
   BackwardTask(const BackwardParams& bp_, const Tl& t_, BackwardScratch<T>& sc_, const T* dsum_,
                T* part, int64_t b_, int64_t hk_, int64_t seg_)
       : bp(bp_), p(bp_.fwd), t(t_), sc(sc_), dsum_all(dsum_), dq_part(part), kb(bp_.fwd, b_),
         dr(bp_.fwd), b(b_), hk(hk_), seg(seg_) {
-    factor = static_cast<T>(p.scale * kLog2e);
+    factor = static_cast<T>(p.scale);
   }
 
   T* part_rows(int64_t h, int64_t i0) const {
@@ -318,22 +317,18 @@ struct BackwardTask {
     const double* lse = p.lse + b * p.lse_stride.b + h * p.lse_stride.h;
     const T* dsum = dsum_all + (b * p.Hq + h) * p.Lq;
     for (int64_t i = 0; i < BR; ++i) {
-      // The base-2 lse in extended precision (where long double has it),
-      // so that float64 weights lose no more than lse's own rounding.
-      const long double l2 = i < rows ? lse[(i0 + i) * p.lse_stride.r] * kLog2eLong
-                                      : -std::numeric_limits<long double>::infinity();
-      // s - lse2 = (s - hi) - lo: the first difference is exact for the
+      const double l = i < rows ? lse[(i0 + i) * p.lse_stride.r]
+                                : -std::numeric_limits<double>::infinity();
+      // s - lse = (s - hi) - lo: the first difference is exact for the
       // scores near the row's maximum (the weights that matter), so the
       // weights keep the digits of lse's float64 even when T is float.
-      sc.lse_hi[i] = static_cast<T>(l2);
-      sc.lse_lo[i] = std::isfinite(static_cast<double>(l2))
-                         ? static_cast<T>(l2 - static_cast<long double>(sc.lse_hi[i]))
-                         : T(0);
+      sc.lse_hi[i] = static_cast<T>(l);
+      sc.lse_lo[i] = std::isfinite(l) ? static_cast<T>(l - static_cast<double>(sc.lse_hi[i])) : T(0);
       sc.dsum[i] = i < rows ? dsum[i0 + i] : T(0);
     }
   }
 
-  // The forward's masks on base-2 scores s[i][jj] (row stride BC) of query
+  // The forward's masks on the scores s[i][jj] (row stride BC) of query
   // rows i0 + i and keys j0 + jj.
   void mask_tile(const uint8_t* visible, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                  int64_t cols, bool straddles) {
@@ -368,7 +363,7 @@ struct BackwardTask {
       }
   }
 
-  // s (m x n tile of base-2 scores) -> P = 2^(s (+ mask) - lse2). Rows
+  // s (m x n tile of scores) -> P = e^(s (+ mask) - lse). Rows
   // with lse = -inf (no visible key, or padding rows) and columns past cols
   // get exact zeros.
   void probabilities(const uint8_t* visible, int64_t h, int64_t i0, int64_t rows, int64_t j0,
@@ -384,7 +379,7 @@ struct BackwardTask {
       }
       const reg hi = S::set1(sc.lse_hi[i]), lo = S::set1(sc.lse_lo[i]);
       for (int64_t jj = 0; jj < n; jj += W)
-        S::store(row + jj, vec_exp2<S>(S::sub(S::sub(S::load(row + jj), hi), lo)));
+        S::store(row + jj, vec_exp_diff<S>(S::sub(S::load(row + jj), hi), lo));
       std::fill(row + cols, row + BC, T(0));
     }
   }
@@ -432,10 +427,10 @@ struct BackwardTask {
     // every lane or row past cols holds an exact 0.
     const int64_t n = Tl::round_up(cols, std::max(W, MR));
     const int64_t mk = Tl::round_up(cols, MR);
-    // S = Q K^T (queries x keys, base 2), then P. Segments of kScoreSegment
+    // S = scale Q K^T (queries x keys), then P. Segments of kScoreSegment
     // of the head, each its own chain and added in order, as the forward
     // forms its scores: S has the forward's bits, so a row that sees one
-    // key gets P = 2^(s - lse2) = 1 exactly.
+    // key gets P = e^(s - lse) = 1 exactly.
     for (int64_t x0 = 0; x0 == 0 || x0 < t.d; x0 += kScoreSegment)
       gemm_tile<T>(m, n, std::min<int64_t>(kScoreSegment, t.d - x0), sc.qf + x0, t.dp, 1,
                    kbk.kt + x0 * BC, BC, sc.s, BC, x0 > 0);

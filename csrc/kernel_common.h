@@ -201,9 +201,6 @@ struct Dropout {
   bool drop(uint64_t row_key, int64_t j) const { return dropout_uniform(seed, row_key + j) < p; }
 };
 
-constexpr double kLog2e = 1.44269504088896340736;
-constexpr double kLn2 = 0.69314718055994530942;
-
 // Key/value storage: the compute type itself, or Half (IEEE binary16 bits),
 // widened to float as the kernel reads it.
 struct Half {
@@ -245,22 +242,22 @@ inline void widen_row(const Half* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = widen(src[i]);
 }
 
-// The natural-log log-sum-exp of a row from its base-2 running max m and
-// sum l: ln 2 * (m + log2 l), or -inf for a row that saw no key. Computed
-// and kept in double whatever T, so that a backward recomputing the
-// weights as 2^(s - lse * log2 e) loses no digits of float32 scores.
+// The log-sum-exp of a row from its running max m and sum l (l = the sum
+// of e^(s - m)): m + ln l, or -inf for a row that saw no key. Computed and
+// kept in double whatever T, so that a backward recomputing the weights as
+// e^(s - lse) loses no digits of float32 scores to lse's rounding.
 template <typename T>
 inline double natural_lse(T m, T l) {
   if (l == T(0)) return -std::numeric_limits<double>::infinity();
-  return (static_cast<double>(m) + std::log2(static_cast<double>(l))) * kLn2;
+  return static_cast<double>(m) + std::log(static_cast<double>(l));
 }
 
-// A base-2 score plus an additive mask entry (natural-log units). A -inf
-// entry blocks the key whatever its score, even a NaN one.
+// A score plus an additive mask entry (both natural units: one rounding,
+// as in NumPy). A -inf entry blocks the key whatever its score, even a NaN
+// one.
 template <typename T>
 inline T add_mask(T score, T mask) {
-  return mask == -std::numeric_limits<T>::infinity() ? mask
-                                                     : score + mask * static_cast<T>(kLog2e);
+  return mask == -std::numeric_limits<T>::infinity() ? mask : score + mask;
 }
 
 // Loops over a micro-tile's registers must be unrolled completely, or GCC
@@ -298,8 +295,8 @@ inline void merge_states(T* m, T* l, const T* m_c, const T* l_c, T* scale_run, T
   const reg m_old = S::load(m), mc = S::load(m_c);
   const reg m_new = S::max(m_old, mc);
   const reg m_use = S::max(m_new, S::set1(std::numeric_limits<T>::lowest()));
-  const reg a = vec_exp2<S>(S::sub(m_old, m_use));
-  const reg c = vec_exp2<S>(S::sub(mc, m_use));
+  const reg a = vec_exp_diff<S>(m_old, m_use);
+  const reg c = vec_exp_diff<S>(mc, m_use);
   S::store(l, S::fmadd(S::load(l), a, S::mul(S::load(l_c), c)));
   S::store(m, m_new);
   S::store(scale_run, a);

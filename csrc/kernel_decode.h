@@ -15,8 +15,8 @@
 // same fused multiply-adds in the same order, the same two-chain sums, the
 // same 2^x and merges), so a row gets the same bits on either path. One
 // exception, for speed: with a single row per task (Lq = 1 and no GQA
-// group) the scores sum across the head dimension in lanes
-// (scores_across_d), which rounds differently. Either way a row's bits
+// group) and no lse asked for, the scores sum across the head dimension in
+// lanes (scores_across_d), which rounds differently. Either way a row's bits
 // depend only on its own (batch, head): a sequence decoded alone equals the
 // same sequence inside a larger batch.
 
@@ -49,9 +49,9 @@ struct DecodeShape {
 
 // Scalar helpers that round exactly like one lane of the vector code.
 template <typename T>
-inline T lane_exp2(T x) {
+inline T lane_exp_diff(T a, T b) {
   using S = Simd<T>;
-  return S::first(vec_exp2<S>(S::set1(x)));
+  return S::first(vec_exp_diff<S>(S::set1(a), S::set1(b)));
 }
 template <typename T>
 inline T lane_fmadd(T a, T b, T c) {
@@ -101,7 +101,7 @@ struct DecodeTask {
 
   // Query rows scaled exactly as the prefill packs them.
   void pack_queries() {
-    const T factor = static_cast<T>(p.scale * kLog2e);
+    const T factor = static_cast<T>(p.scale);
     for (int64_t r = 0; r < ds.rows; ++r) {
       const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + head_of(r) * p.q_stride.h +
                    query_of(r) * p.q_stride.r;
@@ -139,9 +139,13 @@ struct DecodeTask {
   // instructions of the transposes (whose shuffles bound this case), at the
   // same accuracy; the dot products round differently from the prefill's
   // chains, so this case agrees with the prefill to round-off, not bitwise.
+  // Not when the lse is asked for: a backward recomputes the weights as
+  // e^(s - lse) with the prefill's chains, and only the same score bits
+  // cancel in that difference (else a dominant key's weight carries its
+  // score's rounding, |s| ulp, where the softmax itself is off by far less).
   bool scores_across_d() const {
     constexpr bool half = std::is_same<KV, Half>::value;
-    return (!half || S::kHalfTile) && ds.rows == 1 && p.k_stride.c == 1 &&
+    return (!half || S::kHalfTile) && ds.rows == 1 && !p.lse && p.k_stride.c == 1 &&
            p.D > 0 && p.D % W == 0;
   }
 
@@ -313,10 +317,10 @@ struct DecodeTask {
     for (int64_t jj = 0; jj < ldt; jj += W) vmax = S::max(vmax, S::load(s + jj));
     const T m_new = lane_max<T>(m, S::hmax(vmax));
     const T mu = lane_max<T>(m_new, std::numeric_limits<T>::lowest());
-    const T alpha = lane_exp2<T>(m - mu);
+    const T alpha = lane_exp_diff<T>(m, mu);
     const reg vmu = S::set1(mu);
     for (int64_t jj = 0; jj < ldt; jj += W)
-      S::store(s + jj, vec_exp2_unclamped<S>(S::sub(S::load(s + jj), vmu)));
+      S::store(s + jj, vec_exp_diff_unclamped<S>(S::load(s + jj), vmu));
     // The sum in the prefill's order (BlockSum), so both paths agree bitwise.
     const auto add = [](T a, T b) { return a + b; };
     BlockSum<T, 1, decltype(add)> sum(0, T(0), add);
@@ -427,7 +431,7 @@ void decode_merge(const AttentionParams& p, const DecodeShape<T>& ds, int64_t b,
       const T m_c = st[ds.dvw], l_c = st[ds.dvw + 1];
       const T m_new = lane_max<T>(m, m_c);
       const T mu = lane_max<T>(m_new, std::numeric_limits<T>::lowest());
-      const T a = lane_exp2<T>(m - mu), cf = lane_exp2<T>(m_c - mu);
+      const T a = lane_exp_diff<T>(m, mu), cf = lane_exp_diff<T>(m_c, mu);
       l = lane_fmadd<T>(l, a, l_c * cf);
       m = m_new;
       const typename S::reg va = S::set1(a), vc = S::set1(cf);

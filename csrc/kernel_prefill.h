@@ -3,7 +3,7 @@
 // kernel_common.h; Simd<T> comes from that ISA's simd_<isa>.h.
 //
 // One task = BR query rows of one (batch, head). It keeps Q^T of its rows
-// (scaled by scale * log2 e, so the softmax works in base 2), then for each
+// (scaled by scale: the scores come out in natural units), then for each
 // block of bc keys that its causal/window span reaches:
 //   S^T = K Q^T      (bc x BR)  register-blocked, K read in place;
 //   mask S^T         only where a mask can hide something;
@@ -529,8 +529,9 @@ void mask_block(const AttentionParams& p, const KeyBounds& kb, const RowRange& r
 // ---------------------------------------------------------------------------
 // The online softmax update, the one piece every tiled variant is built on,
 // here for G registers of queries at once (G * W lanes). Folds the block's
-// base-2 scores st[j][lanes] (j < cols, row stride ld; key j is the block's
-// key offset + j) into the running max m and sum l of those queries, overwrites st with 2^(s - m_new), and stores
+// scores st[j][lanes] (j < cols, row stride ld; key j is the block's key
+// offset + j) into the running max m and sum l of those queries, overwrites
+// st with e^(s - m_new) (vec_exp_diff), and stores
 // in alpha the factor by which each query's output so far must be scaled.
 // A query that has seen only -inf keeps m = -inf and l = 0 and gets p = 0
 // (the max with -FLT_MAX below keeps -inf - -inf from making NaN). The
@@ -558,7 +559,7 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offse
     const reg m_old = S::load(m + g * W);
     const reg m_new = S::max(m_old, mx[g]);
     mu[g] = S::max(m_new, S::set1(std::numeric_limits<T>::lowest()));
-    S::store(alpha + g * W, vec_exp2<S>(S::sub(m_old, mu[g])));
+    S::store(alpha + g * W, vec_exp_diff<S>(m_old, mu[g]));
     S::store(m + g * W, m_new);
   }
   // The exponentials, summed leaf by leaf in BlockSum's fixed order.
@@ -574,7 +575,7 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offse
       TILEATTN_UNROLL
       for (int g = 0; g < G; ++g) {
         T* p0 = st + j * ld + g * W;
-        const reg e = vec_exp2_unclamped<S>(S::sub(S::load(p0), mu[g]));
+        const reg e = vec_exp_diff_unclamped<S>(S::load(p0), mu[g]);
         S::store(p0, e);
         acc[g] = S::add(acc[g], e);
       }
@@ -704,7 +705,7 @@ struct PrefillTask {
   }
 
   void run() {
-    pack_query_transposed<T>(p, t, rr, qcols, static_cast<T>(p.scale * kLog2e), sc.qt);
+    pack_query_transposed<T>(p, t, rr, qcols, static_cast<T>(p.scale), sc.qt);
     const int64_t chunk_keys = t.bc * kChunkBlocks;
     int64_t chunk = -1;
     bool first_chunk = true;
@@ -728,7 +729,7 @@ struct PrefillTask {
   }
 
   // out = O / l (one rounding: divide rather than multiply by 1/l); the
-  // natural-log LSE = ln 2 * (m + log2 l), in double (see attention_params.h).
+  // LSE = m + ln l, in double (see attention_params.h).
   // Rows that saw no key give zeros. Vectorised because at short keys
   // (L = 128) a scalar division and transposed store per output element
   // cost ~15% of the call: W x W tiles of O^T are divided W queries wide,
@@ -772,7 +773,7 @@ struct PrefillTask {
   }
 
   // Second pass, only when the weights are asked for: recompute each
-  // block's scores and write 2^(s - m) / l (after dropout). Not 2^(s - lse):
+  // block's scores and write e^(s - m) / l (after dropout). Not e^(s - lse):
   // with large logits lse is large and s - lse would cancel digits.
   void write_weights() {
     T* w = static_cast<T*>(p.weights) + rr.b * p.weights_stride.b + rr.h * p.weights_stride.h;
@@ -783,7 +784,7 @@ struct PrefillTask {
         const T m = sc.m_run[i], l = sc.l_run[i];
         for (int64_t jj = 0; jj < cols; ++jj) {
           T& s = sc.st[jj * BR + i];
-          s = l != T(0) ? std::exp2(s - m) / l : T(0);
+          s = l != T(0) ? std::exp(s - m) / l : T(0);
         }
       }
       if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);

@@ -4,8 +4,9 @@
 // 0 below the underflow limit), or the bit-level helpers of the default
 // steps: round_magic(), scale_by_pow2(p, t) and zero_where_less.
 //
-// The kernels work in base 2: log2(e) is folded into the query scaling, so
-// softmax needs 2^x and no multiply by log2(e) or ln(2) range reduction.
+// The kernels keep their scores in natural units and form each softmax
+// exponent as (s - m) * log2(e) (vec_exp_diff below), so the exponential
+// itself is a 2^x with no ln(2) range reduction.
 //
 // 2^x = 2^n * 2^r with n = round(x) (to nearest even), r = x - n in
 // [-1/2, 1/2] (exact). AVX2 and the baseline round by adding 1.5 *
@@ -99,6 +100,28 @@ inline typename S::reg vec_exp2(typename S::reg x) {
   // min(limit, x), not min(x, limit): the SIMD min returns its second operand
   // when either is NaN, and a NaN x must stay NaN (not become 2^overflow).
   return vec_exp2_unclamped<S>(S::min(S::set1(Exp2Constants<typename S::scalar>::overflow), x));
+}
+
+// log2(e) rounded to T.
+template <typename T>
+constexpr T kLog2eOf = static_cast<T>(1.44269504088896340736);
+
+// e^(a - b) = 2^((a - b) log2 e), for natural-unit scores a and a reference
+// b (the row's running max, or its log-sum-exp). The difference comes
+// first: exact for the scores near b (Sterbenz), so the weights that matter
+// take one rounding, of the product, at the size of the exponent, as a
+// NumPy softmax's exp(s - max) does; and a = b gives exactly 1. Scores kept
+// in base 2 (log2 e folded into the queries) would instead carry each
+// score's own rounding at 1.44 times its size, plus the rounding of every
+// query and mask entry by log2 e: measured, one dominant key's weight was
+// then 6 ulp off where NumPy's was 1.4. Costs one multiply per register.
+template <class S>
+inline typename S::reg vec_exp_diff_unclamped(typename S::reg a, typename S::reg b) {
+  return vec_exp2_unclamped<S>(S::mul(S::sub(a, b), S::set1(kLog2eOf<typename S::scalar>)));
+}
+template <class S>
+inline typename S::reg vec_exp_diff(typename S::reg a, typename S::reg b) {
+  return vec_exp2<S>(S::mul(S::sub(a, b), S::set1(kLog2eOf<typename S::scalar>)));
 }
 
 }  // namespace tileattn
