@@ -71,6 +71,23 @@ static inline void split3_vec(__m512 x, __m256bh& h, __m256bh& m, __m256bh& l) {
   l = _mm512_cvtneps_pbh(r);
 }
 
+// Variant 3's step for one key tile: accumulator tile C += the six
+// products of the query parts in tiles 2-4 (hi, mid, lo) with the key
+// parts kh, km, kl, each key part loaded once (tile ids are immediates,
+// hence the template).
+template <int C>
+static inline void parts_products(const uint16_t* kh, const uint16_t* km, const uint16_t* kl) {
+  _tile_loadd(5, kh, 64);
+  _tile_loadd(6, km, 64);
+  _tile_dpbf16ps(C, 2, 5);
+  _tile_dpbf16ps(C, 3, 5);
+  _tile_dpbf16ps(C, 4, 5);
+  _tile_dpbf16ps(C, 2, 6);
+  _tile_dpbf16ps(C, 3, 6);
+  _tile_loadd(5, kl, 64);
+  _tile_dpbf16ps(C, 2, 5);
+}
+
 // The AVX-512 FMA rate of this core: 12 independent chains of vfmadd.
 static double fma_peak_gflops() {
   constexpr int kChains = 12;
@@ -158,28 +175,8 @@ int main() {
           _tile_loadd(2, &ap[0 * M * D + i * D + c * 32], D * 2);
           _tile_loadd(3, &ap[1 * M * D + i * D + c * 32], D * 2);
           _tile_loadd(4, &ap[2 * M * D + i * D + c * 32], D * 2);
-          for (int u = 0; u < 2; ++u) {
-            _tile_loadd(5, kt(0, ng + u, c), 64);
-            _tile_loadd(6, kt(1, ng + u, c), 64);
-            if (u == 0) {
-              _tile_dpbf16ps(0, 2, 5);
-              _tile_dpbf16ps(0, 3, 5);
-              _tile_dpbf16ps(0, 4, 5);
-              _tile_dpbf16ps(0, 2, 6);
-              _tile_dpbf16ps(0, 3, 6);
-            } else {
-              _tile_dpbf16ps(1, 2, 5);
-              _tile_dpbf16ps(1, 3, 5);
-              _tile_dpbf16ps(1, 4, 5);
-              _tile_dpbf16ps(1, 2, 6);
-              _tile_dpbf16ps(1, 3, 6);
-            }
-            _tile_loadd(5, kt(2, ng + u, c), 64);
-            if (u == 0)
-              _tile_dpbf16ps(0, 2, 5);
-            else
-              _tile_dpbf16ps(1, 2, 5);
-          }
+          parts_products<0>(kt(0, ng, c), kt(1, ng, c), kt(2, ng, c));
+          parts_products<1>(kt(0, ng + 1, c), kt(1, ng + 1, c), kt(2, ng + 1, c));
         }
         _tile_stored(0, &s[i * N + ng * 16], N * 4);
         _tile_stored(1, &s[i * N + ng * 16 + 16], N * 4);
