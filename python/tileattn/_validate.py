@@ -1,0 +1,81 @@
+"""The checks every public call shares, written once.
+
+Each check takes the argument's name as the caller spelled it and raises a
+typed error (tileattn's ``InvalidParameterError`` / ``DTypeError``) that names
+it and says what was expected. Python's ``bool`` is an ``int``; no check of an
+integer or a real accepts one, since ``True`` passed as a size or a rate is a
+mistake, never an intent.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional
+
+import numpy as np
+
+from ._errors import DTypeError, InvalidParameterError
+
+# The storage dtypes of the functional API and the cache (float16 is
+# widened to float32 by the kernel) and the dtypes the kernels compute in.
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def positive_int(name: str, value: Any) -> int:
+    if is_bool(value) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidParameterError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def optional_positive_int(name: str, value: Any, default: int) -> int:
+    return default if value is None else positive_int(name, value)
+
+
+def flag(name: str, value: Any) -> bool:
+    if not is_bool(value):
+        raise InvalidParameterError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
+
+
+def seed(value: Any, name: str = "seed") -> Optional[int]:
+    """None (fresh entropy) or a non-negative int."""
+    if value is None:
+        return None
+    if is_bool(value) or not isinstance(value, numbers.Integral) or value < 0:
+        raise InvalidParameterError(f"{name}: expected a non-negative int, got {value!r}")
+    return int(value)
+
+
+def dropout_rate(value: Any, name: str = "dropout") -> float:
+    if is_bool(value) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
+        raise InvalidParameterError(f"{name}: expected a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def positive_real(name: str, value: Any) -> float:
+    if is_bool(value) or not isinstance(value, numbers.Real):
+        raise InvalidParameterError(f"{name}: expected a positive number, got {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise InvalidParameterError(f"{name}: expected a positive finite number, got {v}")
+    return v
+
+
+def shape_str(shape: tuple[int, ...]) -> str:
+    """A shape as NumPy prints it: (3,) for one axis."""
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def float_array(x: Any, name: str) -> np.ndarray:
+    """x as an array of a storage dtype (no copy of an ndarray)."""
+    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if a.dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype} "
+                         f"with shape {a.shape}")
+    return a
