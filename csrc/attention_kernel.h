@@ -31,6 +31,7 @@ namespace TILEATTN_ISA_NS {
 
 #include "dropout_hash.h"
 #include "kernel_common.h"
+#include "score_mask.h"
 #include "kernel_prefill.h"
 #include "kernel_decode.h"
 #include "kernel_gemm.h"

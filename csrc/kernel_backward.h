@@ -181,15 +181,16 @@ struct BackwardTask {
   BackwardScratch<T>& sc;
   const T* dsum_all;  // (B, Hq, Lq) row sums dO . O
   T* dq_part;         // this task's dQ buffer: (group, lq_pad, dp), its query heads
-  KeyBounds kb;
+  ScoreMask<T> mask;
+  const KeyBounds& kb;  // mask.bounds()
   Dropout dr;
   int64_t b, hk, seg;
   T factor;  // scale, rounded to T as the forward rounds it
 
   BackwardTask(const BackwardParams& bp_, const Tl& t_, BackwardScratch<T>& sc_, const T* dsum_,
                T* part, int64_t b_, int64_t hk_, int64_t seg_)
-      : bp(bp_), p(bp_.fwd), t(t_), sc(sc_), dsum_all(dsum_), dq_part(part), kb(bp_.fwd, b_),
-        dr(bp_.fwd), b(b_), hk(hk_), seg(seg_) {
+      : bp(bp_), p(bp_.fwd), t(t_), sc(sc_), dsum_all(dsum_), dq_part(part), mask(bp_.fwd, b_),
+        kb(mask.bounds()), dr(bp_.fwd), b(b_), hk(hk_), seg(seg_) {
     factor = static_cast<T>(p.scale);
   }
 
@@ -255,7 +256,7 @@ struct BackwardTask {
     const int64_t j0 = kbk.j0, cols = kbk.cols;
     kbk.active = false;
     if (cols <= 0 || sr.qb_lo >= sr.qb_hi) return;
-    if (mark_visible_keys(p, b, j0, cols, kbk.visible) == 0) return;
+    if (mask.mark_keys(j0, cols, kbk.visible) == 0) return;
     const int64_t qa = std::max<int64_t>(kb.first_query(j0), 0);
     const int64_t qz = std::min<int64_t>(kb.last_query(j0 + cols - 1), p.Lq - 1);
     if (qa > qz) return;
@@ -328,49 +329,15 @@ struct BackwardTask {
     }
   }
 
-  // The forward's masks on the scores s[i][jj] (row stride BC) of query
-  // rows i0 + i and keys j0 + jj.
-  void mask_tile(const uint8_t* visible, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                 int64_t cols, bool straddles) {
-    const T ninf = -std::numeric_limits<T>::infinity();
-    T* s = sc.s;
-    if (p.mask_kind != MaskKind::none) {
-      const int64_t base = b * p.mask_stride.b + h * p.mask_stride.h + j0 * p.mask_stride.c;
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t off = base + (i0 + i) * p.mask_stride.r;
-        T* row = s + i * BC;
-        if (p.mask_kind == MaskKind::additive) {
-          const T* m = static_cast<const T*>(p.mask) + off;
-          for (int64_t jj = 0; jj < cols; ++jj) row[jj] = add_mask(row[jj], m[jj * p.mask_stride.c]);
-        } else {
-          const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
-          for (int64_t jj = 0; jj < cols; ++jj)
-            if (!m[jj * p.mask_stride.c]) row[jj] = ninf;
-        }
-      }
-    }
-    if (p.key_padding)
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t jj = 0; jj < cols; ++jj)
-          if (!visible[jj]) s[i * BC + jj] = ninf;
-    if (straddles)
-      for (int64_t i = 0; i < rows; ++i) {
-        T* row = s + i * BC;
-        const int64_t lo = std::clamp<int64_t>(kb.lo(i0 + i) - j0, 0, cols);
-        const int64_t hi = std::clamp<int64_t>(kb.hi(i0 + i) - j0 + 1, lo, cols);
-        std::fill(row, row + lo, ninf);
-        std::fill(row + hi, row + cols, ninf);
-      }
-  }
-
   // s (m x n tile of scores) -> P = e^(s (+ mask) - lse). Rows
   // with lse = -inf (no visible key, or padding rows) and columns past cols
   // get exact zeros.
   void probabilities(const uint8_t* visible, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                     int64_t cols, int64_t m, bool straddles) {
+                     int64_t cols, int64_t m, bool inside) {
     const int64_t n = Tl::round_up(cols, std::max(W, MR));
-    if (straddles || p.key_padding || p.mask_kind != MaskKind::none)
-      mask_tile(visible, h, i0, rows, j0, cols, straddles);
+    if (mask.hides_any(inside))
+      mask.template apply<ScoreLayout::rows_major>(sc.s, BC, ScoreTile{h, i0, rows, rows, j0, cols},
+                                                   visible, inside);
     for (int64_t i = 0; i < m; ++i) {
       T* row = sc.s + i * BC;
       if (sc.lse_hi[i] == -std::numeric_limits<T>::infinity()) {
@@ -421,7 +388,7 @@ struct BackwardTask {
   // One tile: query rows [i0, i0 + rows) of head h (packed) against a key block.
   void tile(const KeyBlock<T>& kbk, int64_t h, int64_t i0, int64_t rows) {
     const int64_t j0 = kbk.j0, cols = kbk.cols;
-    const bool inside = kb.lo(i0 + rows - 1) <= j0 && kb.hi(i0) >= j0 + cols - 1;
+    const bool inside = mask.inside_bounds(i0, i0 + rows - 1, j0, cols);
     const int64_t m = Tl::round_up(rows, MR);  // query rows, padded
     // Keys as lanes (n) and as rows of the transposed products (mk <= n):
     // every lane or row past cols holds an exact 0.
@@ -434,7 +401,7 @@ struct BackwardTask {
     for (int64_t x0 = 0; x0 == 0 || x0 < t.d; x0 += kScoreSegment)
       gemm_tile<T>(m, n, std::min<int64_t>(kScoreSegment, t.d - x0), sc.qf + x0, t.dp, 1,
                    kbk.kt + x0 * BC, BC, sc.s, BC, x0 > 0);
-    probabilities(kbk.visible, h, i0, rows, j0, cols, m, !inside);
+    probabilities(kbk.visible, h, i0, rows, j0, cols, m, inside);
     const T* pd = sc.s;
     if (dr.active()) {
       apply_dropout(h, i0, rows, j0, cols, m);

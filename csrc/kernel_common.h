@@ -1,5 +1,6 @@
 // Pieces shared by the prefill and decode kernels of one instruction set:
-// per-thread scratch, the key range a query may see, key padding, dropout.
+// per-thread scratch, block sums, dropout, half-precision keys and values
+// (which keys a query sees is score_mask.h's).
 //
 // A fragment: attention_kernel.h includes it *inside* the namespace
 // tileattn::<isa>, after the standard headers. Every inline function here is
@@ -7,13 +8,6 @@
 // compiled for AVX-512 must not be merged by the linker with the AVX2 or
 // baseline copy, so each copy gets its own namespace.
 #pragma once
-
-#ifndef TILEATTN_SCORE_SEGMENT
-#define TILEATTN_SCORE_SEGMENT 16
-#endif
-#ifndef TILEATTN_VALUE_SEGMENT
-#define TILEATTN_VALUE_SEGMENT 16
-#endif
 
 // A per-thread bump allocator over one 64-byte aligned buffer that grows on
 // demand and is reused across calls, so the hot path never allocates.
@@ -53,67 +47,6 @@ struct RowRange {
   int64_t i0, rows;
 };
 
-// Visible keys of query row i are [lo(i), hi(i)] (possibly empty or reaching
-// outside [0, Lk)). Both bounds grow with i, so a block of rows finds its
-// key span from its first and last row.
-struct KeyBounds {
-  int64_t shift, left, right, lk;  // lk: the keys batch item b has
-  KeyBounds(const AttentionParams& p, int64_t b)
-      : left(p.window_left), right(p.window_right),
-        lk(p.key_lengths ? p.key_lengths[b] : p.Lk) {
-    shift = lk - p.Lq;
-  }
-  int64_t lo(int64_t i) const { return left < 0 ? 0 : i + shift - left; }
-  int64_t hi(int64_t i) const { return right < 0 ? lk - 1 : i + shift + right; }
-  // The inverse view: key j is visible to queries [first_query(j), last_query(j)].
-  int64_t first_query(int64_t j) const {
-    return right < 0 ? std::numeric_limits<int64_t>::min() / 2 : j - shift - right;
-  }
-  int64_t last_query(int64_t j) const {
-    return left < 0 ? std::numeric_limits<int64_t>::max() / 2 : j - shift + left;
-  }
-};
-
-// Which keys of [j0, j0 + cols) the key padding mask keeps; returns how many.
-inline int64_t mark_visible_keys(const AttentionParams& p, int64_t b, int64_t j0, int64_t cols,
-                                 uint8_t* visible) {
-  if (!p.key_padding) {
-    std::memset(visible, 1, cols);
-    return cols;
-  }
-  const uint8_t* kpm = p.key_padding + b * p.key_padding_stride_b;
-  int64_t n = 0;
-  for (int64_t c = 0; c < cols; ++c) {
-    visible[c] = kpm[(j0 + c) * p.key_padding_stride_k] != 0;
-    n += visible[c];
-  }
-  return n;
-}
-
-// Calls fn(j0, cols, straddles_window) for each block of `bc` keys that the
-// rows [first, last] can see, in increasing order; blocks outside the
-// causal/window span and blocks the padding mask hides entirely are skipped.
-// Blocks start at multiples of bc whatever the rows, so a row meets the same
-// blocks alone or in a larger batch. A block is trimmed to the keys some row
-// can see: on the right anywhere, on the left by an even count. Neither
-// changes a bit: the trimmed keys would have had probability exactly 0, and
-// the softmax sums a block in an order anchored at the block's first key
-// (see BlockSum), with trimmed keys counting as zeros.
-template <typename Fn>
-void for_each_key_block(const AttentionParams& p, int64_t bc, const KeyBounds& kb, int64_t b,
-                        int64_t first, int64_t last, uint8_t* visible, Fn&& fn) {
-  const int64_t span_lo = std::max<int64_t>(kb.lo(first), 0);
-  const int64_t span_hi = std::min<int64_t>(kb.hi(last), kb.lk - 1);
-  if (span_lo > span_hi) return;
-  for (int64_t block = span_lo / bc * bc; block <= span_hi; block += bc) {
-    const int64_t j0 = block + std::max<int64_t>(span_lo - block, 0) / 2 * 2;
-    const int64_t cols = std::min(block + bc, span_hi + 1) - j0;
-    if (mark_visible_keys(p, b, j0, cols, visible) == 0) continue;
-    const bool inside = kb.lo(last) <= j0 && kb.hi(first) >= j0 + cols - 1;
-    fn(j0, cols, !inside);
-  }
-}
-
 // Dot products run as fused multiply-add chains over segments of
 // kScoreSegment head dimensions (a score) or kValueSegment keys (an output
 // element), the segment sums then added in order. Why: one chain over all D
@@ -122,15 +55,12 @@ void for_each_key_block(const AttentionParams& p, int64_t bc, const KeyBounds& k
 // products use many partial sums, with tails past 5x). Measured, paired with
 // the unsegmented kernel: 16/16 costs 2-7% of the time; 32/32 costs less but
 // leaves tails at 2-3x NumPy's error at few queries.
-constexpr int64_t kScoreSegment = TILEATTN_SCORE_SEGMENT;
-constexpr int64_t kValueSegment = TILEATTN_VALUE_SEGMENT;
+constexpr int64_t kScoreSegment = 16;
+constexpr int64_t kValueSegment = 16;
 
 // Keys per block never exceed this (PrefillTiling caps them), so a block
 // has at most kMaxBlockKeys / kSumLeaf leaves.
-#ifndef TILEATTN_MAX_BLOCK_KEYS
-#define TILEATTN_MAX_BLOCK_KEYS 240
-#endif
-constexpr int64_t kMaxBlockKeys = TILEATTN_MAX_BLOCK_KEYS;
+constexpr int64_t kMaxBlockKeys = 240;
 constexpr int64_t kSumLeaf = 8;
 constexpr int kMaxSumLeaves = static_cast<int>(kMaxBlockKeys / kSumLeaf);
 

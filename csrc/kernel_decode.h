@@ -71,7 +71,7 @@ struct DecodeTask {
   static constexpr int W = S::W;
   const AttentionParams& p;
   const DecodeShape<T>& ds;
-  KeyBounds kb;
+  ScoreMask<T> mask;
   int64_t b, hk, c;
   T* part;  // rows x ds.part: this task's partial states
   Arena& arena;
@@ -83,7 +83,7 @@ struct DecodeTask {
 
   DecodeTask(const AttentionParams& p_, const DecodeShape<T>& ds_, int64_t b_, int64_t hk_,
              int64_t c_, T* part_, Arena& arena_)
-      : p(p_), ds(ds_), kb(p_, b_), b(b_), hk(hk_), c(c_), part(part_), arena(arena_) {
+      : p(p_), ds(ds_), mask(p_, b_), b(b_), hk(hk_), c(c_), part(part_), arena(arena_) {
     const size_t bcw = PrefillTiling<T>::round_up(ds.bc, W);
     arena.reset(sizeof(T) * (ds.rows * p.D + (1 + kKeyTiles) * p.D * W + bcw * ds.dvw +
                              ds.rows * bcw) +
@@ -282,29 +282,12 @@ struct DecodeTask {
     return vbuf;
   }
 
-  // The prefill's masks, in the prefill's order, on one row's scores.
+  // The prefill's masks on one row's scores; lanes past cols (garbage from
+  // the last key tile) become -inf, so they add nothing to the row.
   void mask_row(T* s, int64_t r, int64_t j0, int64_t cols, int64_t ldt) {
-    const T ninf = -std::numeric_limits<T>::infinity();
-    const int64_t h = head_of(r), i = query_of(r);
-    if (p.mask_kind != MaskKind::none) {
-      const int64_t off = b * p.mask_stride.b + h * p.mask_stride.h + i * p.mask_stride.r +
-                          j0 * p.mask_stride.c;
-      if (p.mask_kind == MaskKind::additive) {
-        const T* m = static_cast<const T*>(p.mask) + off;
-        for (int64_t jj = 0; jj < cols; ++jj) s[jj] = add_mask(s[jj], m[jj * p.mask_stride.c]);
-      } else {
-        const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
-        for (int64_t jj = 0; jj < cols; ++jj)
-          if (!m[jj * p.mask_stride.c]) s[jj] = ninf;
-      }
-    }
-    const int64_t lo = std::clamp<int64_t>(kb.lo(i) - j0, 0, cols);
-    const int64_t hi = std::clamp<int64_t>(kb.hi(i) - j0 + 1, lo, cols);
-    std::fill(s, s + lo, ninf);
-    std::fill(s + hi, s + ldt, ninf);
-    if (p.key_padding)
-      for (int64_t jj = lo; jj < hi; ++jj)
-        if (!visible[jj]) s[jj] = ninf;
+    mask.template apply<ScoreLayout::rows_major>(
+        s, ldt, ScoreTile{head_of(r), query_of(r), 1, 1, j0, cols}, visible, false);
+    std::fill(s + cols, s + ldt, -std::numeric_limits<T>::infinity());
   }
 
   // One block for one row: online softmax update and o = o * alpha + P V.
@@ -384,6 +367,7 @@ struct DecodeTask {
       st[ds.dvw] = -std::numeric_limits<T>::infinity();
     }
     // The union of the rows' visible keys (queries 0 .. Lq-1), in this chunk.
+    const KeyBounds& kb = mask.bounds();
     const int64_t c0 = c * ds.chunk, c1 = std::min(kb.lk, c0 + ds.chunk);
     const int64_t span_lo = std::max({c0, kb.lo(0), int64_t(0)});
     const int64_t span_hi = std::min({c1 - 1, kb.hi(p.Lq - 1), kb.lk - 1});
@@ -392,7 +376,7 @@ struct DecodeTask {
     for (int64_t j0 = span_lo / ds.bc * ds.bc; j0 <= span_hi; j0 += ds.bc) {
       const int64_t cols = std::min(ds.bc, kb.lk - j0);
       cancellation_point();
-      if (mark_visible_keys(p, b, j0, cols, visible) == 0) continue;
+      if (mask.mark_keys(j0, cols, visible) == 0) continue;
       block_scores(j0, cols);
       if (half_v_direct()) {
         const KV* v = value_head(j0);

@@ -6,7 +6,7 @@
 // (scaled by scale: the scores come out in natural units), then for each
 // block of bc keys that its causal/window span reaches:
 //   S^T = K Q^T      (bc x BR)  register-blocked, K read in place;
-//   mask S^T         only where a mask can hide something;
+//   mask S^T         only where a mask can hide something (score_mask.h);
 //   fold S^T into each query's running (max, sum); O^T *= alpha;
 //   O^T += V^T P^T   (Dv x BR)  P^T read in place, V in place when its
 //                               rows are unit-stride (else packed in panels).
@@ -489,44 +489,6 @@ class FiniteBlocks {
 };
 
 // ---------------------------------------------------------------------------
-// Masking of one block of transposed scores (row jj = key j0 + jj, column
-// i = query i0 + i). Only what can hide something is applied.
-template <typename T>
-void mask_block(const AttentionParams& p, const KeyBounds& kb, const RowRange& rr, int64_t j0,
-                int64_t cols, int64_t qcols, bool straddles_window, const uint8_t* visible,
-                T* st) {
-  constexpr int BR = PrefillTiling<T>::BR;
-  const T ninf = -std::numeric_limits<T>::infinity();
-  if (p.mask_kind != MaskKind::none) {
-    const int64_t base = rr.b * p.mask_stride.b + rr.h * p.mask_stride.h;
-    for (int64_t i = 0; i < rr.rows; ++i) {
-      const int64_t off = base + (rr.i0 + i) * p.mask_stride.r + j0 * p.mask_stride.c;
-      if (p.mask_kind == MaskKind::additive) {
-        const T* m = static_cast<const T*>(p.mask) + off;
-        for (int64_t jj = 0; jj < cols; ++jj)
-          st[jj * BR + i] = add_mask(st[jj * BR + i], m[jj * p.mask_stride.c]);
-      } else {
-        const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
-        for (int64_t jj = 0; jj < cols; ++jj)
-          if (!m[jj * p.mask_stride.c]) st[jj * BR + i] = ninf;
-      }
-    }
-  }
-  for (int64_t jj = 0; jj < cols; ++jj) {
-    T* row = st + jj * BR;
-    if (p.key_padding && !visible[jj]) {
-      std::fill(row, row + qcols, ninf);
-    } else if (straddles_window) {
-      const int64_t j = j0 + jj;
-      const int64_t lo = std::clamp<int64_t>(kb.first_query(j) - rr.i0, 0, qcols);
-      const int64_t hi = std::clamp<int64_t>(kb.last_query(j) - rr.i0 + 1, lo, qcols);
-      std::fill(row, row + lo, ninf);
-      std::fill(row + hi, row + qcols, ninf);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------
 // The online softmax update, the one piece every tiled variant is built on,
 // here for G registers of queries at once (G * W lanes). Folds the block's
 // scores st[j][lanes] (j < cols, row stride ld; key j is the block's key
@@ -625,7 +587,7 @@ struct PrefillTask {
   const RowRange& rr;
   PrefillScratch<T>& sc;
   FiniteBlocks& finite_v;
-  KeyBounds kb;
+  ScoreMask<T> mask;
   Dropout dr;
   int64_t qcols;
   const KV* k_head;
@@ -633,7 +595,7 @@ struct PrefillTask {
 
   PrefillTask(const AttentionParams& p_, const Tl& t_, const RowRange& rr_,
               PrefillScratch<T>& sc_, FiniteBlocks& finite_v_)
-      : p(p_), t(t_), rr(rr_), sc(sc_), finite_v(finite_v_), kb(p_, rr_.b), dr(p_) {
+      : p(p_), t(t_), rr(rr_), sc(sc_), finite_v(finite_v_), mask(p_, rr_.b), dr(p_) {
     qcols = Tl::round_up(rr.rows, W);
     k_head = static_cast<const KV*>(p.k) + rr.b * p.k_stride.b + rr.hk * p.k_stride.h;
     v_head = static_cast<const KV*>(p.v) + rr.b * p.v_stride.b + rr.hk * p.v_stride.h;
@@ -641,7 +603,7 @@ struct PrefillTask {
 
   // Returns whether sc.colmax holds the block's per-query maxima (only
   // when no mask changed the scores after they were computed).
-  bool scores(int64_t j0, int64_t cols, bool straddles) {
+  bool scores(int64_t j0, int64_t cols, bool inside) {
     const T* k = sc.kbuf;
     int64_t ldk = t.d;
     if (t.k_direct) {
@@ -651,9 +613,11 @@ struct PrefillTask {
       copy_rows<T, KV>(k_head + j0 * p.k_stride.r, p.k_stride.r, p.k_stride.c, cols, cols, t.d,
                        t.d, sc.kbuf);
     }
-    const bool masked = straddles || p.key_padding || p.mask_kind != MaskKind::none;
+    const bool masked = mask.hides_any(inside);
     block_scores<T>(t, k, ldk, cols, qcols, !masked, sc);
-    if (masked) mask_block<T>(p, kb, rr, j0, cols, qcols, straddles, sc.visible, sc.st);
+    if (masked)
+      mask.template apply<ScoreLayout::keys_major>(
+          sc.st, BR, ScoreTile{rr.h, rr.i0, rr.rows, qcols, j0, cols}, sc.visible, inside);
     return !masked;
   }
 
@@ -686,8 +650,8 @@ struct PrefillTask {
 
   // One block of keys: scores, softmax update, O^T = O^T * alpha + V^T P^T
   // (block_values applies alpha).
-  void block(int64_t j0, int64_t cols, bool straddles) {
-    const bool have_max = scores(j0, cols, straddles);
+  void block(int64_t j0, int64_t cols, bool inside) {
+    const bool have_max = scores(j0, cols, inside);
     block_softmax<T>(sc.st, BR, cols, j0 % t.bc, qcols, sc.m, sc.l, sc.alpha,
                      have_max ? sc.colmax : nullptr);
     if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);
@@ -709,8 +673,8 @@ struct PrefillTask {
     const int64_t chunk_keys = t.bc * kChunkBlocks;
     int64_t chunk = -1;
     bool first_chunk = true;
-    for_each_key_block(p, t.bc, kb, rr.b, rr.i0, rr.i0 + rr.rows - 1, sc.visible,
-                       [&](int64_t j0, int64_t cols, bool straddles) {
+    mask.for_each_key_block(t.bc, rr.i0, rr.i0 + rr.rows - 1, sc.visible,
+                            [&](int64_t j0, int64_t cols, bool inside) {
       cancellation_point();
       if (j0 / chunk_keys != chunk) {
         if (chunk >= 0) {
@@ -720,7 +684,7 @@ struct PrefillTask {
         chunk = j0 / chunk_keys;
         reset_chunk();
       }
-      block(j0, cols, straddles);
+      block(j0, cols, inside);
     });
     if (chunk < 0) reset_chunk();  // no visible key at all
     finish_chunk(first_chunk);
@@ -777,9 +741,9 @@ struct PrefillTask {
   // with large logits lse is large and s - lse would cancel digits.
   void write_weights() {
     T* w = static_cast<T*>(p.weights) + rr.b * p.weights_stride.b + rr.h * p.weights_stride.h;
-    for_each_key_block(p, t.bc, kb, rr.b, rr.i0, rr.i0 + rr.rows - 1, sc.visible,
-                       [&](int64_t j0, int64_t cols, bool straddles) {
-      scores(j0, cols, straddles);
+    mask.for_each_key_block(t.bc, rr.i0, rr.i0 + rr.rows - 1, sc.visible,
+                            [&](int64_t j0, int64_t cols, bool inside) {
+      scores(j0, cols, inside);
       for (int64_t i = 0; i < rr.rows; ++i) {
         const T m = sc.m_run[i], l = sc.l_run[i];
         for (int64_t jj = 0; jj < cols; ++jj) {

@@ -32,7 +32,6 @@ template <> struct Simd<float> {
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static reg fnmadd(reg a, reg b, reg c) { return _mm512_fnmadd_ps(a, b, c); }
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
   static float hmax(reg a) { return _mm512_reduce_max_ps(a); }
@@ -141,7 +140,6 @@ template <> struct Simd<double> {
   static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
   static reg div(reg a, reg b) { return _mm512_div_pd(a, b); }
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
-  static reg fnmadd(reg a, reg b, reg c) { return _mm512_fnmadd_pd(a, b, c); }
   static reg max(reg a, reg b) { return _mm512_max_pd(a, b); }
   static reg min(reg a, reg b) { return _mm512_min_pd(a, b); }
   static double hmax(reg a) { return _mm512_reduce_max_pd(a); }

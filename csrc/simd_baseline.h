@@ -30,7 +30,6 @@ struct VecExtSimd {
   static reg mul(reg a, reg b) { return a * b; }
   static reg div(reg a, reg b) { return a / b; }
   static reg fmadd(reg a, reg b, reg c) { return a * b + c; }
-  static reg fnmadd(reg a, reg b, reg c) { return c - a * b; }
   // x86's maxps/minps semantics (a NaN in either gives b), so that every
   // path treats NaN the same way.
   static reg max(reg a, reg b) { for (int i = 0; i < W; ++i) a[i] = a[i] > b[i] ? a[i] : b[i]; return a; }
