@@ -38,7 +38,8 @@ def target_threads(c):
         q = rng.standard_normal((1, 2, 100, 16)).astype(np.float32)
         got = tileattn.scaled_dot_product_attention(q, q, q, is_causal=True)
         tileattn.set_num_threads(1)
-        if not np.array_equal(got, tileattn.scaled_dot_product_attention(q, q, q, is_causal=True)):
+        one_thread = tileattn.scaled_dot_product_attention(q, q, q, is_causal=True)
+        if not np.array_equal(got, one_thread):
             raise Fail(f"{n} threads give other bits than 1 thread")
     finally:
         tileattn.set_num_threads(before)
