@@ -1,10 +1,10 @@
 """Property-based fuzzing of every public entry point with bad and odd input.
 
-Each target runs in a child process (tests/fuzz_child.py) under a timeout, so
-a segfault, an abort (or a sanitizer report) or a hang fails the test with
-the case that caused it instead of taking the test run down. The rules a
-case must follow are in fuzz_child.py's docstring: the right answer, or a
-typed error that names the argument.
+Each target runs in a child process (``python -m fuzz``, the package
+tests/fuzz/) under a timeout, so a segfault, an abort (or a sanitizer report)
+or a hang fails the test with the case that caused it instead of taking the
+test run down. The rules a case must follow are in tests/fuzz/__init__.py's
+docstring: the right answer, or a typed error that names the argument.
 
 Case counts: the defaults below (about 4,000 in all, well under a minute);
 TILEATTN_FUZZ_EXAMPLES=N runs N cases per target (a longer campaign, e.g.
@@ -26,7 +26,6 @@ import time
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CHILD = os.path.join(HERE, "fuzz_child.py")
 
 FIXED_SEED = "20261201"
 
@@ -51,12 +50,15 @@ def run_target(target: str, examples: int, tmp_path, timeout: float = 600.0,
     go to tmp_path instead of the job's log directory (for the self-tests,
     whose crash is deliberate)."""
     env = dict(os.environ)
+    # The child imports the fuzz package and reference.py from here, whatever
+    # the interpreter's sys.path[0] rules (e.g. PYTHONSAFEPATH).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (HERE, env.get("PYTHONPATH"))))
     if own_sanitizer_logs:
         for var in ("ASAN_OPTIONS", "UBSAN_OPTIONS"):
             if var in env:
                 env[var] += f":log_path={tmp_path}/{var[:-8].lower()}"
     case_file = str(tmp_path / f"{target}.case")
-    cmd = [sys.executable, CHILD, target, str(examples), case_file]
+    cmd = [sys.executable, "-m", "fuzz", target, str(examples), case_file]
     seed = os.environ.get("TILEATTN_FUZZ_SEED") or FIXED_SEED
     if seed != "random":
         cmd.append(seed)
