@@ -14,10 +14,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from .encoder import check_dropout, check_flag, check_pos_int, check_seed, dropout_
+from ._validate import FLOAT_DTYPES, dropout_rate, flag, float_array, positive_int
+from ._validate import seed as check_seed
+from .encoder import dropout_
 from .module import Module
-
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 class LSTM(Module):
@@ -53,12 +53,12 @@ class LSTM(Module):
                  bias: bool = True, batch_first: bool = True, dropout: float = 0.0,
                  dtype: Any = np.float32, seed: Optional[int] = None) -> None:
         super().__init__(dtype)
-        self.input_size = check_pos_int("input_size", input_size)
-        self.hidden_size = check_pos_int("hidden_size", hidden_size)
-        self.num_layers = check_pos_int("num_layers", num_layers)
-        self.bias = check_flag("bias", bias)
-        self.batch_first = check_flag("batch_first", batch_first)
-        self.dropout = check_dropout(dropout)
+        self.input_size = positive_int("input_size", input_size)
+        self.hidden_size = positive_int("hidden_size", hidden_size)
+        self.num_layers = positive_int("num_layers", num_layers)
+        self.bias = flag("bias", bias)
+        self.batch_first = flag("batch_first", batch_first)
+        self.dropout = dropout_rate(dropout)
         self.seed = check_seed(seed)
         init_seq, drop_seq = np.random.SeedSequence(self.seed).spawn(2)
         rng = np.random.default_rng(init_seq)
@@ -82,7 +82,7 @@ class LSTM(Module):
         out = []
         for name, v in zip(("h_0", "c_0"), hx):
             a = np.asarray(v)
-            if a.dtype not in _FLOATS:
+            if a.dtype not in FLOAT_DTYPES:
                 raise DTypeError(f"hx: {name}: expected a float array, got {a.dtype}")
             want = shape if batched else (self.num_layers, self.hidden_size)
             if a.shape != want:
@@ -111,15 +111,12 @@ class LSTM(Module):
         (h_n, c_n) : each (num_layers, B, hidden_size) (unbatched
             (num_layers, hidden_size)): the final states of every layer
         """
-        a = x if isinstance(x, np.ndarray) else np.asarray(x)
-        if a.dtype not in _FLOATS:
-            raise DTypeError(f"x: expected float16, float32 or float64, got {a.dtype} "
-                             f"with shape {a.shape}")
+        a = float_array(x, "x")
         if a.ndim not in (2, 3) or a.shape[-1] != self.input_size:
             order = "B, L" if self.batch_first else "L, B"
             raise ShapeError(f"x: expected ({order}, {self.input_size}) or unbatched "
                              f"(L, {self.input_size}), got shape {a.shape}")
-        p = self.dropout if check_flag("training", training) else 0.0
+        p = self.dropout if flag("training", training) else 0.0
         batched = a.ndim == 3
         if a.shape[1 if batched and self.batch_first else 0] == 0:
             raise ShapeError(f"x: expected at least one time step, got shape {a.shape}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 from typing import Any, Tuple
@@ -11,19 +10,12 @@ import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._memory import check_fits
-
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _positive_real(name: str, value: Any) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise InvalidParameterError(f"{name}: expected a positive number, got {value!r}")
-    v = float(value)
-    if not (math.isfinite(v) and v > 0):
-        raise InvalidParameterError(f"{name}: expected a positive finite number, got {v}")
-    return v
+from ._validate import FLOAT_DTYPES, positive_real
 
 
+# Lengths, dims and offsets: unlike _validate's int checks this takes any
+# __index__ type and names the caller's lower bound in its message; only this
+# module reads ints this way, so it stays here.
 def _int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, (bool, np.bool_)):
         raise InvalidParameterError(f"{name}: expected an int >= {minimum}, got {value!r}")
@@ -106,7 +98,7 @@ def rope(x: Any, *, theta: float = 10000.0, seq_dim: int = -2, offset: int = 0) 
     theta <= 0, offset < 0.
     """
     a = x if isinstance(x, np.ndarray) else np.asarray(x)
-    if a.dtype not in _FLOATS:
+    if a.dtype not in FLOAT_DTYPES:
         raise DTypeError(f"x: expected float16, float32 or float64, got {a.dtype}")
     if a.ndim < 2:
         raise ShapeError(f"x: expected rank >= 2 (..., L, head_dim), got shape {a.shape}")
@@ -114,7 +106,7 @@ def rope(x: Any, *, theta: float = 10000.0, seq_dim: int = -2, offset: int = 0) 
     if d % 2:
         raise InvalidParameterError(f"x: head_dim (the last axis) must be even for rope, got {d}")
     sd = _seq_axis(seq_dim, a.ndim)
-    theta_v = _positive_real("theta", theta)
+    theta_v = positive_real("theta", theta)
     off = _int("offset", offset, 0)
     dtype = a.dtype if a.dtype != np.float16 else np.dtype(np.float32)
     cos, sin = rope_tables(a.shape[sd], d, theta_v, off, dtype)
@@ -146,12 +138,12 @@ def sinusoidal_positions(length: int, dim: int, *, base: float = 10000.0,
     n = _int("length", length, 0)
     d = _int("dim", dim, 1)
     check_fits("sinusoidal_positions", (n, d), 8)  # built in float64
-    base_v = _positive_real("base", base)
+    base_v = positive_real("base", base)
     try:
         dt = np.dtype(dtype)
     except TypeError:
         raise DTypeError(f"dtype: expected a float dtype, got {dtype!r}") from None
-    if dt not in _FLOATS:
+    if dt not in FLOAT_DTYPES:
         raise DTypeError(f"dtype: expected float16, float32 or float64, got {dt}")
     i = np.arange(0, d, 2, dtype=np.float64)
     angles = np.arange(n, dtype=np.float64)[:, None] / base_v ** (i / d)
