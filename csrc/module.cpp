@@ -131,13 +131,25 @@ void set_key_lengths(AttentionParams& p, const py::object& obj) {
   p.key_lengths = n;
 }
 
+// The options of one attention call as Python hands them over: declared once
+// here and bound as _core.AttentionOptions. tileattn/_call.py fills one
+// object per call after checking every value, and the forward and the
+// backward both read it, so the option list is written in one place.
+struct AttentionOptions {
+  double scale = 1.0;
+  int64_t window_left = -1, window_right = -1;  // -1: unbounded
+  py::object mask = py::none();         // (B, Hq, Lq, Lk) bool, or the compute dtype
+  py::object key_padding = py::none();  // (B, Lk) bool, True = real token
+  py::object key_lengths = py::none();  // (B,) int64
+  double dropout_p = 0.0;
+  uint64_t seed = 0;
+};
+
 // The description of a call from q, k, v, out (B, Hq, Lq, Dv) and the mask
 // and dropout options; shared by the forward and the backward (which reads
 // `out` instead of writing it).
-AttentionParams params_from(py::array q, py::array k, py::array v, py::array out, double scale,
-                            int64_t window_left, int64_t window_right, py::object mask,
-                            py::object key_padding, double dropout_p, uint64_t seed,
-                            py::object key_lengths) {
+AttentionParams params_from(py::array q, py::array k, py::array v, py::array out,
+                            const AttentionOptions& o) {
   AttentionParams p;
   p.dtype = dtype_of(q, "q");
   const py::dtype dt = q.dtype();
@@ -162,36 +174,33 @@ AttentionParams params_from(py::array q, py::array k, py::array v, py::array out
   require_shape(out, {p.B, p.Hq, p.Lq, p.Dv}, "out");
   if (p.Hkv == 0 ? p.Hq != 0 : p.Hq % p.Hkv != 0)
     throw std::invalid_argument("q/k: query heads must be a multiple of key/value heads");
-  if (window_left < -1 || window_right < -1)
+  if (o.window_left < -1 || o.window_right < -1)
     throw std::invalid_argument("window: bounds must be >= -1");
-  if (!(dropout_p >= 0.0 && dropout_p <= 1.0))
+  if (!(o.dropout_p >= 0.0 && o.dropout_p <= 1.0))
     throw std::invalid_argument("dropout_p: expected a value in [0, 1]");
   p.q = q.data();
   p.k = k.data();
   p.v = v.data();
   p.out = out.mutable_data();
-  p.scale = scale;
+  p.scale = o.scale;
   // A bound of Lq + Lk or more hides no key on its side: it is the same as
   // unbounded, and stored as -1 so the kernel's index arithmetic
   // (i + shift + right, j - shift + left) cannot overflow near INT64_MAX.
   const int64_t unbounded_from = p.Lq + p.Lk;
-  p.window_left = window_left >= unbounded_from ? -1 : window_left;
-  p.window_right = window_right >= unbounded_from ? -1 : window_right;
-  set_mask(p, mask, dt);
-  set_key_padding(p, key_padding);
-  set_key_lengths(p, key_lengths);
-  p.dropout_p = dropout_p;
-  p.seed = seed;
+  p.window_left = o.window_left >= unbounded_from ? -1 : o.window_left;
+  p.window_right = o.window_right >= unbounded_from ? -1 : o.window_right;
+  set_mask(p, o.mask, dt);
+  set_key_padding(p, o.key_padding);
+  set_key_lengths(p, o.key_lengths);
+  p.dropout_p = o.dropout_p;
+  p.seed = o.seed;
   return p;
 }
 
-void attention_forward_py(py::array q, py::array k, py::array v, py::array out, double scale,
-                          int64_t window_left, int64_t window_right, py::object mask,
-                          py::object key_padding, double dropout_p, uint64_t seed,
-                          py::object weights, py::object lse, py::object key_lengths) {
+void attention_forward_py(py::array q, py::array k, py::array v, py::array out,
+                          const AttentionOptions& options, py::object weights, py::object lse) {
   require_writeable(out, "out");
-  AttentionParams p = params_from(q, k, v, out, scale, window_left, window_right, mask,
-                                  key_padding, dropout_p, seed, key_lengths);
+  AttentionParams p = params_from(q, k, v, out, options);
   const py::dtype dt = q.dtype();
   if (!weights.is_none()) {
     py::array w = weights.cast<py::array>();
@@ -223,12 +232,9 @@ Strides4 grad_output(const py::array& a, const std::vector<int64_t>& shape, cons
 
 void attention_backward_py(py::array q, py::array k, py::array v, py::array out, py::array lse,
                            py::array dout, py::array dq, py::array dk, py::array dv,
-                           double scale, int64_t window_left, int64_t window_right,
-                           py::object mask, py::object key_padding, double dropout_p,
-                           uint64_t seed, py::object key_lengths, py::object dscores) {
+                           const AttentionOptions& options, py::object dscores) {
   BackwardParams bp;
-  bp.fwd = params_from(q, k, v, out, scale, window_left, window_right, mask, key_padding,
-                       dropout_p, seed, key_lengths);
+  bp.fwd = params_from(q, k, v, out, options);
   AttentionParams& p = bp.fwd;
   const py::dtype dt = q.dtype();
   if (p.kv_half) throw std::invalid_argument("k: the backward needs k and v in q's dtype");
@@ -343,19 +349,28 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "tileattn's C++ core (private; use the tileattn package)";
+  // AttentionOptions(**fields): the defaults above, then each named field
+  // set through its binding below (an unknown name raises AttributeError).
+  py::class_<AttentionOptions>(m, "AttentionOptions")
+      .def(py::init([](const py::kwargs& fields) {
+        py::object self = py::cast(AttentionOptions());
+        for (const auto& field : fields) py::setattr(self, field.first, field.second);
+        return self.cast<AttentionOptions>();
+      }))
+      .def_readwrite("scale", &AttentionOptions::scale)
+      .def_readwrite("window_left", &AttentionOptions::window_left)
+      .def_readwrite("window_right", &AttentionOptions::window_right)
+      .def_readwrite("mask", &AttentionOptions::mask)
+      .def_readwrite("key_padding", &AttentionOptions::key_padding)
+      .def_readwrite("key_lengths", &AttentionOptions::key_lengths)
+      .def_readwrite("dropout_p", &AttentionOptions::dropout_p)
+      .def_readwrite("seed", &AttentionOptions::seed);
   m.def("attention_forward", &attention_forward_py, py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("out"), py::kw_only(), py::arg("scale"), py::arg("window_left") = -1,
-        py::arg("window_right") = -1, py::arg("mask") = py::none(),
-        py::arg("key_padding") = py::none(), py::arg("dropout_p") = 0.0,
-        py::arg("seed") = 0, py::arg("weights") = py::none(), py::arg("lse") = py::none(),
-        py::arg("key_lengths") = py::none());
+        py::arg("out"), py::arg("options"), py::kw_only(), py::arg("weights") = py::none(),
+        py::arg("lse") = py::none());
   m.def("attention_backward", &attention_backward_py, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dq"), py::arg("dk"),
-        py::arg("dv"), py::kw_only(), py::arg("scale"), py::arg("window_left") = -1,
-        py::arg("window_right") = -1, py::arg("mask") = py::none(),
-        py::arg("key_padding") = py::none(), py::arg("dropout_p") = 0.0,
-        py::arg("seed") = 0, py::arg("key_lengths") = py::none(),
-        py::arg("dscores") = py::none());
+        py::arg("dv"), py::arg("options"), py::kw_only(), py::arg("dscores") = py::none());
   m.def("linear_forward", &linear_forward_py, py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("out"));
   m.def("copy_dense", &copy_dense_py, py::arg("src"), py::arg("dst"));

@@ -274,12 +274,11 @@ def test_key_lengths_through_the_core(each_isa, rng):
     scale = 1.0 / np.sqrt(d)
     out = np.empty((b, h, lq, d), np.float32)
     lse = np.empty((b, h, lq, 1), np.float64)
-    core.attention_forward(q, k, v, out, scale=scale, window_right=0, lse=lse,
-                           key_lengths=lengths)
+    options = core.AttentionOptions(scale=scale, window_right=0, key_lengths=lengths)
+    core.attention_forward(q, k, v, out, options, lse=lse)
     dout = rng.standard_normal(out.shape).astype(np.float32)
     dq, dk, dv = np.empty_like(q), np.full_like(k, np.nan), np.full_like(v, np.nan)
-    core.attention_backward(q, k, v, out, lse, dout, dq, dk, dv, scale=scale, window_right=0,
-                            key_lengths=lengths)
+    core.attention_backward(q, k, v, out, lse, dout, dq, dk, dv, options)
     assert not dk[1, :, 131:].any() and not dv[1, :, 131:].any()
     n = 131
     _, _, (dq1, dk1, dv1) = run(q[1:], k[1:, :, :n], v[1:, :, :n], dout=dout[1:], is_causal=True)

@@ -19,8 +19,9 @@ def core_attention(q, k, v, *, causal=False, window=None, key_lengths=None, kpm=
     if causal:
         right = 0 if right == -1 else min(right, 0)
     out = np.empty(q.shape[:3] + (v.shape[3],), np.float32)
-    core.attention_forward(q, k, v, out, scale=1.0 / np.sqrt(q.shape[-1]), window_left=left,
-                           window_right=right, key_padding=kpm, key_lengths=key_lengths)
+    core.attention_forward(q, k, v, out, core.AttentionOptions(
+        scale=1.0 / np.sqrt(q.shape[-1]), window_left=left, window_right=right,
+        key_padding=kpm, key_lengths=key_lengths))
     return out
 
 

@@ -205,8 +205,8 @@ def test_core_window_bounds_near_int64_max_do_not_overflow(tmp_path):
         "q = np.ones((1, 1, 300, 8), np.float32)\n"
         "out = np.empty_like(q)\n"
         "for left, right in [(0, 2**63 - 1), (2**63 - 1, 0), (2**63 - 1, 2**63 - 1)]:\n"
-        "    tileattn._core.attention_forward(q, q, q, out, scale=1.0,\n"
-        "                                     window_left=left, window_right=right)\n"
+        "    tileattn._core.attention_forward(q, q, q, out, tileattn._core.AttentionOptions(\n"
+        "        scale=1.0, window_left=left, window_right=right))\n"
     )
     env = dict(os.environ, UBSAN_OPTIONS=f"halt_on_error=1:log_path={tmp_path}/ubsan")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -222,7 +222,7 @@ def test_core_window_bounds_past_the_keys_mean_unbounded(each_isa, left, right):
     rng = np.random.default_rng(3)
     q, k, v = make_qkv(rng, 1, 2, 2, 300, 400, 8)
     out = np.empty_like(q)
-    tileattn._core.attention_forward(q, k, v, out, scale=0.35, window_left=left,
-                                     window_right=right)
+    tileattn._core.attention_forward(q, k, v, out, tileattn._core.AttentionOptions(
+        scale=0.35, window_left=left, window_right=right))
     assert_close_to_reference(out, q, k, v, scale=0.35,
                               window=(min(left, 2**40), min(right, 2**40)))

@@ -115,11 +115,16 @@ def test_core_rejects_inconsistent_arrays():
     """The private extension checks what it relies on, even when called directly."""
     q, k, v = qkv()
     out = np.empty((2, 4, 5, 8), np.float32)
+    core = tileattn._core
+    options = core.AttentionOptions(scale=1.0)
     with pytest.raises(ValueError, match="k: expected shape"):
-        tileattn._core.attention_forward(q, k[..., :4], v, out, scale=1.0)
+        core.attention_forward(q, k[..., :4], v, out, options)
     with pytest.raises(ValueError, match="out: expected shape"):
-        tileattn._core.attention_forward(q, k, v, out[:, :2], scale=1.0)
+        core.attention_forward(q, k, v, out[:, :2], options)
     with pytest.raises(ValueError, match="attn_mask: expected shape"):
-        tileattn._core.attention_forward(q, k, v, out, scale=1.0, mask=np.ones((5, 6), bool))
+        core.attention_forward(q, k, v, out, core.AttentionOptions(scale=1.0,
+                                                                   mask=np.ones((5, 6), bool)))
     with pytest.raises(ValueError, match="v: expected dtype"):
-        tileattn._core.attention_forward(q, k, v.astype(np.float64), out, scale=1.0)
+        core.attention_forward(q, k, v.astype(np.float64), out, options)
+    with pytest.raises(AttributeError):
+        core.AttentionOptions(scale=1.0, window=3)  # not a field

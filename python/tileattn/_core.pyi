@@ -1,36 +1,35 @@
 """Type stub of the private C++ extension (see csrc/module.cpp)."""
 
-from typing import Any, Dict, List, Optional, TypedDict
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import Required, Unpack
 
 _Floats = npt.NDArray[np.floating[Any]]
 
-# The keyword-only options the forward and the backward kernel share (same
-# names and defaults in csrc/module.cpp): one list, so the two cannot drift.
-# Defaults: window_left = window_right = -1 (unbounded), dropout_p = 0.0,
-# seed = 0, the arrays None.
-class _KernelOptions(TypedDict, total=False):
-    scale: Required[float]
-    window_left: int
-    window_right: int
+# The options the forward and the backward kernel share, one object per call
+# (csrc/module.cpp declares the struct; tileattn/_call.py fills it). The
+# constructor takes any of the fields by name.
+class AttentionOptions:
+    scale: float  # default 1.0
+    window_left: int  # default -1 (unbounded)
+    window_right: int  # default -1 (unbounded)
     mask: Optional[npt.NDArray[Any]]
     key_padding: Optional[npt.NDArray[np.bool_]]
-    dropout_p: float
-    seed: int
     key_lengths: Optional[npt.NDArray[np.int64]]
+    dropout_p: float  # default 0.0
+    seed: int  # default 0
+    def __init__(self, **fields: Any) -> None: ...
 
 def attention_forward(
     q: _Floats,
     k: _Floats,
     v: _Floats,
     out: _Floats,
+    options: AttentionOptions,
     *,
     weights: Optional[_Floats] = None,
     lse: Optional[_Floats] = None,
-    **options: Unpack[_KernelOptions],
 ) -> None: ...
 def linear_forward(x: _Floats, w: _Floats, bias: Optional[_Floats], out: _Floats) -> None: ...
 def copy_dense(src: np.ndarray, dst: np.ndarray) -> None: ...
@@ -44,9 +43,9 @@ def attention_backward(
     dq: _Floats,
     dk: _Floats,
     dv: _Floats,
+    options: AttentionOptions,
     *,
     dscores: Optional[_Floats] = None,
-    **options: Unpack[_KernelOptions],
 ) -> None: ...
 def num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...

@@ -8,19 +8,10 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _core
+from . import _call
+from ._call_checks import ArrayLike, Window, as_input
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from .functional import (
-    ArrayLike,
-    Window,
-    _as_input,
-    _check_bool,
-    _kernel_array,
-    _kernel_can_write,
-    _options,
-    _qkv,
-    _shape,
-)
+from ._validate import flag, shape_str
 
 Grads = Union[Tuple[np.ndarray, np.ndarray, np.ndarray],
               Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
@@ -28,9 +19,9 @@ Grads = Union[Tuple[np.ndarray, np.ndarray, np.ndarray],
 
 def _check_like(a: ArrayLike, name: str, shape: Tuple[int, ...], dtype: np.dtype[Any],
                 what: str) -> np.ndarray:
-    arr = _as_input(a, name)
+    arr = as_input(a, name)
     if arr.shape != shape:
-        raise ShapeError(f"{name}: expected shape {shape} ({what}), got {_shape(arr)}")
+        raise ShapeError(f"{name}: expected shape {shape} ({what}), got {shape_str(arr.shape)}")
     if arr.dtype != dtype:
         raise DTypeError(f"{name}: expected dtype {dtype} (q's dtype), got {arr.dtype}")
     return arr
@@ -43,7 +34,7 @@ def _check_lse(lse: ArrayLike, shape: Tuple[int, ...]) -> np.ndarray:
     if lse_a.shape != shape:
         raise ShapeError(
             f"lse: expected shape {shape} (the forward's lse, one value per query "
-            f"row), got {_shape(lse_a)}"
+            f"row), got {shape_str(lse_a.shape)}"
         )
     return lse_a
 
@@ -61,23 +52,12 @@ def _check_grads_out(grads_out: Any, like: Tuple[np.ndarray, ...]) -> Tuple[Any,
                 f"grads_out: {name} must be a numpy array, got {type(u).__name__}"
             )
         if u.shape != a.shape:
-            raise ShapeError(f"grads_out: {name} must have shape {a.shape}, got {_shape(u)}")
+            raise ShapeError(f"grads_out: {name} must have shape {a.shape}, got {shape_str(u.shape)}")
         if u.dtype != a.dtype:
             raise DTypeError(f"grads_out: {name} must have dtype {a.dtype}, got {u.dtype}")
         if not u.flags.writeable:
             raise InvalidParameterError(f"grads_out: {name} is read-only")
     return tuple(grads_out)
-
-
-def _unbroadcast(grad: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
-    """Sums grad over the axes along which an array of `shape` was broadcast."""
-    lead = grad.ndim - len(shape)
-    if lead:
-        grad = grad.sum(axis=tuple(range(lead)))
-    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
-    if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad.reshape(shape)
 
 
 def scaled_dot_product_attention_backward(
@@ -150,65 +130,20 @@ def scaled_dot_product_attention_backward(
     that see no key contribute zero gradient; keys no query sees get zero.
     Results are bitwise identical for any number of threads.
     """
-    qkv = _qkv(q, k, v)
-    b, hq, lq, lk = qkv.scores_shape
-    out_shape = qkv.out_shape
-    out_a = _check_like(out, "out", out_shape, qkv.in_dtype, "the forward's output")
-    dout_a = _check_like(dout, "dout", out_shape, qkv.in_dtype, "like the forward's output")
-    lse_a = _check_lse(lse, out_shape[:-1])
-
-    # No seed is drawn here: the forward's one must be passed back (below).
-    opts = _options(window, is_causal, scale, qkv.q.shape[-1], dropout_p,
-                    0 if seed is None else seed)
-    if opts.dropout_p > 0 and seed is None:
-        raise InvalidParameterError(
-            "seed: the backward of dropout regenerates the forward's dropout mask, so pass "
-            "the seed the forward used"
-        )
-    _check_bool("return_mask_grad", return_mask_grad)
-
-    # The gradient of the mask is summed back to its own shape and dtype.
-    m = (attn_mask if attn_mask is None or isinstance(attn_mask, np.ndarray)
-         else np.asarray(attn_mask))
-    mask = qkv.attn_mask(m)
-    if return_mask_grad and (mask is None or mask.dtype == np.bool_):
+    call = _call.describe(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                          is_causal=is_causal, window=window, scale=scale,
+                          dropout_p=dropout_p, seed=seed, seed_from_forward=True)
+    x = call.inputs
+    out_a = _check_like(out, "out", x.out_shape, x.in_dtype, "the forward's output")
+    dout_a = _check_like(dout, "dout", x.out_shape, x.in_dtype, "like the forward's output")
+    lse_a = _check_lse(lse, x.out_shape[:-1])
+    flag("return_mask_grad", return_mask_grad)
+    if return_mask_grad and (call.mask is None or call.mask.dtype == np.bool_):
         raise InvalidParameterError(
             "return_mask_grad: only a float attn_mask has a gradient; "
-            + ("none was given" if mask is None else "this one is bool")
+            + ("none was given" if call.mask is None else "this one is bool")
         )
-    kpm = qkv.key_padding(key_padding_mask)
-
-    o4, g4 = (a if qkv.batched else a[np.newaxis] for a in (out_a, dout_a))
-    l4 = (lse_a if qkv.batched else lse_a[np.newaxis])[..., np.newaxis]
-    user_out = _check_grads_out(grads_out, (qkv.q, qkv.k, qkv.v))
-    dtype = qkv.dtype
-    q4, k4, v4, o4, g4 = (_kernel_array(a, dtype) for a in (qkv.q4, qkv.k4, qkv.v4, o4, g4))
-    l4 = _kernel_array(l4, np.dtype(np.float64))
-    inputs = (qkv.q, qkv.k, qkv.v, out_a, dout_a)
-    shapes = (q4.shape, k4.shape, v4.shape)
-    # Write straight into the caller's arrays when the kernel can.
-    direct = [u is not None and _kernel_can_write(u, dtype, inputs) for u in user_out]
-    dq, dk, dv = (
-        (u if qkv.batched else u[np.newaxis]) if ok and u is not None
-        else np.empty(shape, dtype)
-        for u, ok, shape in zip(user_out, direct, shapes))
-    dscores = np.zeros((b, hq, lq, lk), dtype) if return_mask_grad else None
-
-    _core.attention_backward(
-        q4, k4, v4, o4, l4, g4, dq, dk, dv,
-        scale=opts.scale, window_left=opts.left, window_right=opts.right,
-        mask=mask, key_padding=kpm, dropout_p=opts.dropout_p, seed=opts.seed, dscores=dscores,
-    )
-
-    grads = [a if qkv.batched else a[0] for a in (dq, dk, dv)]
-    grads = [a if a.dtype == qkv.in_dtype else a.astype(qkv.in_dtype) for a in grads]
-    for i, (u, ok) in enumerate(zip(user_out, direct)):
-        if u is not None and not ok:
-            u[...] = grads[i]
-        if u is not None:
-            grads[i] = u
-    if dscores is not None:
-        assert m is not None  # return_mask_grad needs a float attn_mask (checked above)
-        ds = dscores if qkv.batched else dscores[0]
-        grads.append(_unbroadcast(ds, m.shape).astype(m.dtype, copy=False))
+    user_out = _check_grads_out(grads_out, (x.q, x.k, x.v))
+    grads = _call.backward(call, dout_a, out_a, lse_a, return_mask_grad=return_mask_grad,
+                           grads_out=user_out)
     return tuple(grads)  # type: ignore[return-value]

@@ -53,7 +53,7 @@ import numpy as np
 from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._memory import check_fits
-from .functional import _check_out, _dropout, _scale_value, _window_bounds
+from ._call_checks import check_out, dropout_and_seed, scale_value, window_bounds
 
 _STORAGE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _FLOATS = _STORAGE
@@ -442,11 +442,11 @@ class KVCache:
                 f"q: expected (B, Hq, T, D) = ({self.batch}, a multiple of {self.num_kv_heads}, "
                 f"{t}, {self.head_dim}), got shape {_shape(qa)}")
         hq = qa.shape[1]
-        left, right = self._bounds(*_window_bounds(window, is_causal))
-        scale_v = _scale_value(scale, self.head_dim)
-        p, seed_v = _dropout(dropout_p, seed)
+        left, right = self._bounds(*window_bounds(window, is_causal))
+        scale_v = scale_value(scale, self.head_dim)
+        p, seed_v = dropout_and_seed(dropout_p, seed)
         out_shape = (self.batch, hq, t, self.value_dim)
-        out = np.empty(out_shape, qdt) if out is None else _check_out(out, out_shape, qdt)
+        out = np.empty(out_shape, qdt) if out is None else check_out(out, out_shape, qdt)
         with self._in_use():
             return self._attend(qa, k4, v4, out, counts, left, right,
                                 dict(scale=scale_v, dropout_p=p, seed=seed_v))
@@ -507,16 +507,16 @@ class KVCache:
         t = q.shape[2]
         ragged = bool(np.any(counts != t))
         if not ragged:
-            _core.attention_forward(q, k, v, out, window_left=left, window_right=right,
-                                    key_lengths=key_lengths, **run)
+            _core.attention_forward(q, k, v, out, _core.AttentionOptions(
+                window_left=left, window_right=right, key_lengths=key_lengths, **run))
             return
         qs = np.zeros(q.shape, q.dtype)
         res = np.empty(out.shape, out.dtype)
         for b, n in enumerate(counts.tolist()):
             if n:
                 qs[b, :, t - n:] = q[b, :, :n]
-        _core.attention_forward(qs, k, v, res, window_left=left, window_right=right,
-                                key_lengths=key_lengths, **run)
+        _core.attention_forward(qs, k, v, res, _core.AttentionOptions(
+            window_left=left, window_right=right, key_lengths=key_lengths, **run))
         out[...] = 0
         for b, n in enumerate(counts.tolist()):
             if n:

@@ -13,7 +13,8 @@ import numpy as np
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from .activations import activation_, activation_backward, check_activation
 from .attention import MultiHeadAttention
-from .functional import Window, _window_bounds, scaled_dot_product_attention
+from ._call_checks import Window, window_bounds
+from .functional import scaled_dot_product_attention
 from .linear import Linear, as_2d_rows, grad_input
 from .module import Module
 from .norm import LayerNorm
@@ -350,7 +351,7 @@ class TransformerEncoderLayer(Module):
         self.norm_first = check_flag("norm_first", norm_first)
         check_flag("bias", bias)
         if window is not None:
-            _window_bounds(window, False)       # validate now, not at the first call
+            window_bounds(window, False)       # validate now, not at the first call
         self.window: Window = (int(window[0]), int(window[1])) \
             if isinstance(window, (tuple, list)) else window
         self.seed = check_seed(seed)
