@@ -53,27 +53,13 @@ import numpy as np
 from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._memory import check_fits
+from ._validate import FLOAT_DTYPES, is_bool, optional_positive_int, positive_int, shape_str
 from .functional import _check_out, _dropout, _scale_value, _window_bounds
-
-_STORAGE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_FLOATS = _STORAGE
-
-
-def _shape(a: np.ndarray) -> str:
-    return "(" + ", ".join(str(s) for s in a.shape) + ("," if a.ndim == 1 else "") + ")"
-
-
-def _pos_int(name: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
-            or value < 1:
-        raise InvalidParameterError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
-
 
 def _counts(name: str, counts: Any, batch: int, upper: np.ndarray,
             what: str) -> np.ndarray:
     """counts as an int64 (batch,) array with 0 <= counts[b] <= upper[b]."""
-    if isinstance(counts, (bool, np.bool_)):
+    if is_bool(counts):
         raise InvalidParameterError(f"{name}: expected an int or a (B,) int array, got {counts!r}")
     c = np.asarray(counts)
     if c.dtype.kind not in "iu":
@@ -81,7 +67,7 @@ def _counts(name: str, counts: Any, batch: int, upper: np.ndarray,
     if c.ndim == 0:
         c = np.full(batch, int(c), np.int64)
     elif c.shape != (batch,):
-        raise ShapeError(f"{name}: expected an int or shape ({batch},), got shape {_shape(c)}")
+        raise ShapeError(f"{name}: expected an int or shape ({batch},), got shape {shape_str(c.shape)}")
     c = c.astype(np.int64)
     bad = np.flatnonzero((c < 0) | (c > upper))
     if bad.size:
@@ -105,7 +91,7 @@ def prefix_lengths(mask: Any, name: str, shape: Tuple[int, int]) -> np.ndarray:
             raise DTypeError(f"{name}: expected bool (True = real token) or 0/1 integers, "
                              f"got {m.dtype}")
     if m.shape != shape:
-        raise ShapeError(f"{name}: expected shape (B, T) = {shape}, got {_shape(m)}")
+        raise ShapeError(f"{name}: expected shape (B, T) = {shape}, got {shape_str(m.shape)}")
     n: np.ndarray = m.sum(axis=1, dtype=np.int64)
     if not np.array_equal(m, np.arange(shape[1])[None, :] < n[:, None]):
         bad = int(np.flatnonzero((m != (np.arange(shape[1])[None, :] < n[:, None])).any(1))[0])
@@ -159,19 +145,19 @@ class KVCache:
     def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
                  value_dim: Optional[int] = None, dtype: Any = np.float32,
                  window: Optional[int] = None) -> None:
-        self.batch = _pos_int("batch", batch)
-        self.num_kv_heads = _pos_int("num_kv_heads", num_kv_heads)
-        self.max_len = _pos_int("max_len", max_len)
-        self.head_dim = _pos_int("head_dim", head_dim)
-        self.value_dim = self.head_dim if value_dim is None else _pos_int("value_dim", value_dim)
+        self.batch = positive_int("batch", batch)
+        self.num_kv_heads = positive_int("num_kv_heads", num_kv_heads)
+        self.max_len = positive_int("max_len", max_len)
+        self.head_dim = positive_int("head_dim", head_dim)
+        self.value_dim = optional_positive_int("value_dim", value_dim, self.head_dim)
         try:
             dt = np.dtype(dtype)
         except TypeError:
             raise DTypeError(f"dtype: expected float32, float16 or float64, got {dtype!r}") from None
-        if dt not in _STORAGE:
+        if dt not in FLOAT_DTYPES:
             raise DTypeError(f"dtype: expected float32, float16 or float64, got {dt}")
         self.dtype: np.dtype[Any] = dt
-        self.window = None if window is None else _pos_int("window", window)
+        self.window = None if window is None else positive_int("window", window)
         self.capacity = self.max_len if self.window is None else min(self.window, self.max_len)
         self._busy = threading.Lock()
         self._allocate()
@@ -259,8 +245,7 @@ class KVCache:
             n = lengths[b] (linear) or min(lengths[b], window) (ring): the
             positions ``lengths[b] - n .. lengths[b] - 1``.
         """
-        if isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Integral) \
-                or not 0 <= b < self.batch:
+        if is_bool(b) or not isinstance(b, numbers.Integral) or not 0 <= b < self.batch:
             raise InvalidParameterError(f"b: expected an int in [0, {self.batch}), got {b!r}")
         length = int(self._lengths[b])
         n = min(length, self.capacity)
@@ -298,17 +283,17 @@ class KVCache:
         for name, x, dim, dname in (("k", k, self.head_dim, "head_dim"),
                                     ("v", v, self.value_dim, "value_dim")):
             a = x if isinstance(x, np.ndarray) else np.asarray(x)
-            if a.dtype not in _FLOATS:
+            if a.dtype not in FLOAT_DTYPES:
                 raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype}")
             want = (self.batch, self.num_kv_heads)
             if a.ndim != 4 or a.shape[:2] != want or a.shape[3] != dim:
                 raise ShapeError(
                     f"{name}: expected (B, Hkv, T, {dname}) = ({self.batch}, "
-                    f"{self.num_kv_heads}, T, {dim}), got shape {_shape(a)}")
+                    f"{self.num_kv_heads}, T, {dim}), got shape {shape_str(a.shape)}")
             arrays.append(a)
         if arrays[0].shape[2] != arrays[1].shape[2]:
             raise ShapeError(f"k and v: expected the same number of new positions T, got "
-                             f"k {_shape(arrays[0])}, v {_shape(arrays[1])}")
+                             f"k {shape_str(arrays[0].shape)}, v {shape_str(arrays[1].shape)}")
         return arrays[0], arrays[1]
 
     def _new_counts(self, counts: Any, t: int) -> np.ndarray:
@@ -440,7 +425,7 @@ class KVCache:
                 or qa.shape[3] != self.head_dim or qa.shape[1] % self.num_kv_heads:
             raise ShapeError(
                 f"q: expected (B, Hq, T, D) = ({self.batch}, a multiple of {self.num_kv_heads}, "
-                f"{t}, {self.head_dim}), got shape {_shape(qa)}")
+                f"{t}, {self.head_dim}), got shape {shape_str(qa.shape)}")
         hq = qa.shape[1]
         left, right = self._bounds(*_window_bounds(window, is_causal))
         scale_v = _scale_value(scale, self.head_dim)
