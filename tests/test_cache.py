@@ -417,17 +417,18 @@ def test_cache_pickles_only_filled_rows(rng):
 # Pickles made before the cache's storage moved into layout objects (a ring
 # after 5 and 2 appended positions, and a linear cache after 3).
 _RING_PICKLE = (
-    "eNp1kb1OwzAUha9TQltRECyoQjxAWTIwMbCFn7aWOjCwRo4TcNQkrVKnpQNSGBBU8tbLG/HTduOJIE4pDBV3sH3s6+9Yx9nGyy"
-    "eBotSODEKfSRlbnHHhoyrTa7tYTfHoAe+xoUyXSS6QGqoWp5HTHTrCZ94AKVHliN05oR8jraqK3nW8INKd1SELU3+lTE+O+znb"
-    "zO/3x7jSU1TGzTFOnp/wChu0pMgpdjqd9ldexUBBoqs2R0Hs9UaYN1Q46zMeyLEWpItqvyBaDu8lvhWloQxYkrDcouYkPu/FA5"
-    "mkXOZOYkuVY295OEUKj2gTF5fGpEENSmiJGhLF7sSuwwVcQjNrwhmcQytrQTtr67RQP4cMUdTFgUaIw/8A7/ABs2wGr/AG82wO"
-    "i2zxC6joxG6lGKxzqJGLbWUEJ3+piL31TCb2rrn8QDB+Zo1OXesbGk2sDA==")
+    "eNp1kb1OwzAUha9TQltRECyoQjxAWTIwMbCFn7aWOjCwRo4TcNQkrVKnpQNSGBBU8tbLG/HTduOJIE4pDBV3sH3s6+"
+    "9Yx9nGyyeBotSODEKfSRlbnHHhoyrTa7tYTfHoAe+xoUyXSS6QGqoWp5HTHTrCZ94AKVHliN05oR8jraqK3nW8INKd"
+    "1SELU3+lTE+O+znbzO/3x7jSU1TGzTFOnp/wChu0pMgpdjqd9ldexUBBoqs2R0Hs9UaYN1Q46zMeyLEWpItqvyBaDu"
+    "8lvhWloQxYkrDcouYkPu/FA5mkXOZOYkuVY295OEUKj2gTF5fGpEENSmiJGhLF7sSuwwVcQjNrwhmcQytrQTtr67RQ"
+    "P4cMUdTFgUaIw/8A7/ABs2wGr/AG82wOi2zxC6joxG6lGKxzqJGLbWUEJ3+piL31TCb2rrn8QDB+Zo1OXesbGk2sDA"
+    "==")
 _LINEAR_PICKLE = (
-    "eNptUU1LxDAQbdqtW3EVvcgi/oD10pMHD4JCbwZ68OC1pGk0ZftFN+26B2E9iC7MreO/8b9p0rIIrpNMyJth3gsv69HnF7H6gC"
-    "OVZoIpVficcSkQxvQh6G8dXrziC87AjZniEimBSdHk0byNpGDJwhTGOXuOMlEgHYFnqlGS5kht2G9Z1ogBEXATtao0t6vnqxVu"
-    "cYdgP17i5uMd73FGHSDXGIbh3beO/qCWwhj2lmmRlEsMweOsYjxVK6NH5ginPaEf8bIWft5kKmV1zbTCJKoFL4uFqhuutJA8gH"
-    "GRDM0OqfWGAYlx0CV66+VQW6E83gRTy1rf/JdoXkNalFN5Zijk+R8CMhBMtLG32+yHPGPSk5KL3VlKNDgEO736NUKe7NqwCTxn"
-    "+DPLUDax/wPtRaN5")
+    "eNptUU1LxDAQbdqtW3EVvcgi/oD10pMHD4JCbwZ68OC1pGk0ZftFN+26B2E9iC7MreO/8b9p0rIIrpNMyJth3gsv69"
+    "HnF7H6gCOVZoIpVficcSkQxvQh6G8dXrziC87AjZniEimBSdHk0byNpGDJwhTGOXuOMlEgHYFnqlGS5kht2G9Z1ogB"
+    "EXATtao0t6vnqxVucYdgP17i5uMd73FGHSDXGIbh3beO/qCWwhj2lmmRlEsMweOsYjxVK6NH5ginPaEf8bIWft5kKm"
+    "V1zbTCJKoFL4uFqhuutJA8gHGRDM0OqfWGAYlx0CV66+VQW6E83gRTy1rf/JdoXkNalFN5Zijk+R8CMhBMtLG32+yH"
+    "PGPSk5KL3VlKNDgEO736NUKe7NqwCTxn+DPLUDax/wPtRaN5")
 
 
 def test_pickles_of_the_former_format_still_load():

@@ -6,7 +6,10 @@ strategies, tried in order, each chosen by asking the layout:
 
 * In place, in order (``layout.ordered_rows``): item b's positions are rows
   ``[0, length)`` (a linear cache, or a ring that has not wrapped yet).
-  Write the new rows, then attend with the mask over the storage itself.
+  Write the new rows, then attend with the mask over the storage itself:
+  rows ``[0, max(lengths))`` with each item's length as its key length, so
+  the kernel stops at each item's end (ragged batches cost nothing for
+  their padding).
 * In place, unordered (``layout.span`` and ``layout.kept_rows``): one new
   query per item whose window is exactly the positions a ring keeps. After
   its key is written, the ring holds exactly the ``min(length, W)`` keys

@@ -50,7 +50,8 @@ def _counts(name: str, counts: Any, batch: int, upper: np.ndarray,
     if c.ndim == 0:
         c = np.full(batch, int(c), np.int64)
     elif c.shape != (batch,):
-        raise ShapeError(f"{name}: expected an int or shape ({batch},), got shape {shape_str(c.shape)}")
+        raise ShapeError(
+            f"{name}: expected an int or shape ({batch},), got shape {shape_str(c.shape)}")
     c = c.astype(np.int64)
     bad = np.flatnonzero((c < 0) | (c > upper))
     if bad.size:
