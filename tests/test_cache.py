@@ -412,3 +412,65 @@ def test_cache_pickles_only_filled_rows(rng):
     assert ring.nbytes == 2 * 2 * 16 * 8 * 4
     assert pickle.loads(pickle.dumps(ring)).lengths.tolist() == [0]
     assert "KVCache(batch=1" in repr(ring) and "window=16" in repr(ring)
+
+
+# Pickles made before the cache's storage moved into layout objects (a ring
+# after 5 and 2 appended positions, and a linear cache after 3).
+_RING_PICKLE = (
+    "eNp1kb1OwzAUha9TQltRECyoQjxAWTIwMbCFn7aWOjCwRo4TcNQkrVKnpQNSGBBU8tbLG/HTduOJIE4pDBV3sH3s6+"
+    "9Yx9nGyyeBotSODEKfSRlbnHHhoyrTa7tYTfHoAe+xoUyXSS6QGqoWp5HTHTrCZ94AKVHliN05oR8jraqK3nW8INKd"
+    "1SELU3+lTE+O+znbzO/3x7jSU1TGzTFOnp/wChu0pMgpdjqd9ldexUBBoqs2R0Hs9UaYN1Q46zMeyLEWpItqvyBaDu"
+    "8lvhWloQxYkrDcouYkPu/FA5mkXOZOYkuVY295OEUKj2gTF5fGpEENSmiJGhLF7sSuwwVcQjNrwhmcQytrQTtr67RQ"
+    "P4cMUdTFgUaIw/8A7/ABs2wGr/AG82wOi2zxC6joxG6lGKxzqJGLbWUEJ3+piL31TCb2rrn8QDB+Zo1OXesbGk2sDA"
+    "==")
+_LINEAR_PICKLE = (
+    "eNptUU1LxDAQbdqtW3EVvcgi/oD10pMHD4JCbwZ68OC1pGk0ZftFN+26B2E9iC7MreO/8b9p0rIIrpNMyJth3gsv69"
+    "HnF7H6gCOVZoIpVficcSkQxvQh6G8dXrziC87AjZniEimBSdHk0byNpGDJwhTGOXuOMlEgHYFnqlGS5kht2G9Z1ogB"
+    "EXATtao0t6vnqxVucYdgP17i5uMd73FGHSDXGIbh3beO/qCWwhj2lmmRlEsMweOsYjxVK6NH5ginPaEf8bIWft5kKm"
+    "V1zbTCJKoFL4uFqhuutJA8gHGRDM0OqfWGAYlx0CV66+VQW6E83gRTy1rf/JdoXkNalFN5Zijk+R8CMhBMtLG32+yH"
+    "PGPSk5KL3VlKNDgEO736NUKe7NqwCTxn+DPLUDax/wPtRaN5")
+
+
+def test_pickles_of_the_former_format_still_load():
+    import base64
+    import zlib
+    ring = pickle.loads(zlib.decompress(base64.b64decode(_RING_PICKLE)))
+    assert ring.ring and ring.lengths.tolist() == [5, 2] and ring.k.shape == (2, 1, 3, 2)
+    k0, v0 = ring.contents(0)
+    np.testing.assert_array_equal(k0[0], [[4, 5], [6, 7], [8, 9]])
+    np.testing.assert_array_equal(v0, -k0)
+    np.testing.assert_array_equal(ring.contents(1)[0][0], [[10, 11], [12, 13]])
+    ring.append(np.zeros((2, 1, 1, 2)), np.zeros((2, 1, 1, 2)))     # still usable
+    assert ring.lengths.tolist() == [6, 3]
+    linear = pickle.loads(zlib.decompress(base64.b64decode(_LINEAR_PICKLE)))
+    assert not linear.ring and linear.lengths.tolist() == [3] and linear.v.shape == (1, 1, 4, 1)
+    np.testing.assert_array_equal(linear.contents(0)[1], np.full((1, 3, 1), 2.0))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_refused_calls_leave_the_cache_unchanged(rng, window):
+    """Every argument is checked before anything is written, in either layout."""
+    cache = KVCache(2, 2, 6, 4, window=window)
+    cache.append(rng.standard_normal((2, 2, 5, 4)), rng.standard_normal((2, 2, 5, 4)))
+    before = (cache.k.copy(), cache.v.copy(), cache.lengths)
+
+    def z(t, d=4):
+        return np.ones((2, 2, t, d), np.float32)
+
+    refused = [
+        lambda: cache.append(z(2), z(2)),                          # past max_len
+        lambda: cache.append(z(1), z(1), counts=[2, 0]),
+        lambda: cache.append(z(1, 3), z(1)),
+        lambda: cache.attend(z(1), z(1), z(1), counts=[1, 2]),
+        lambda: cache.attend(z(2), z(2), z(2)),                    # past max_len
+        lambda: cache.attend(z(1), z(1), z(1), window=(7, 0) if window else (0, -2)),
+        lambda: cache.attend(z(1), z(1), z(1), out=np.zeros((2, 2, 1, 3), np.float32)),
+        lambda: cache.trim(6),
+    ]
+    if window:
+        refused.append(lambda: cache.trim(1))                      # the ring has wrapped
+    for call in refused:
+        with pytest.raises((InvalidParameterError, ShapeError, DTypeError)):
+            call()
+        np.testing.assert_array_equal(cache.lengths, before[2])
+        assert cache.k.tobytes() == before[0].tobytes() and cache.v.tobytes() == before[1].tobytes()

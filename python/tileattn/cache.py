@@ -7,38 +7,16 @@ new tokens and runs attention of the new queries over everything cached, in
 one kernel call that reads the cache in place: float16 storage is widened by
 the kernel as it reads, so no float32 copy of the cache is ever made.
 
-Layout of the positions
------------------------
-Linear cache (``window=None``): position ``p`` of item ``b`` lives in row
-``p``; the kernel gets the rows ``[0, max(lengths))`` and the per-item key
-lengths, so it stops at each sequence's end (ragged batches cost nothing for
-their padding).
-
-Ring buffer (``window=W``): only the last ``W`` positions are kept, position
-``p`` in row ``p % W``, so memory stays fixed however long the stream runs.
-In memory the rows are rotated, which the kernel's causal/window masks (they
-compare key *indices*) cannot see through. Two facts make it work anyway:
-
-* One new query (decoding): after its key is written, the ring holds exactly
-  the ``min(length, W)`` keys its window ``(W - 1, 0)`` lets it see, and
-  nothing else. Softmax attention is invariant under a permutation of the
-  keys (each key's weight depends only on its own score), so attending
-  *unmasked* over the valid rows gives the windowed result directly, with
-  no copy.
-* A chunk of several new queries: each query sees a different set of keys
-  (the later ones see later chunk keys, the earlier ones older ring rows),
-  so visibility is per query and the order matters. The chunk is attended
-  against a scratch buffer holding, in logical order, the ring's last
-  ``min(length, W - 1)`` positions (at most two slices of the ring, one copy
-  of at most ``W - 1`` rows) followed by the chunk, with the ordinary window
-  mask; only then are the chunk's keys written into the ring (so they
-  cannot overwrite rows the chunk still needed).
-
-Ragged chunks (items appending different counts) keep their real tokens
-first (right padding, as tokenizers produce) in the caller's arrays. The
-kernel aligns causal masks bottom-right to each item's own key length, which
-matches the *last* query row; so the real queries are moved to the last rows
-of the query block (left padding) for the call and moved back afterwards.
+Where the positions live is a layout object (``_cache_layout``): a linear
+cache (``window=None``) keeps position ``p`` in row ``p``; a ring buffer
+(``window=W``) keeps only the last ``W`` positions, in row ``p % W``, in
+fixed memory. ``KVCache`` checks every argument before anything is written
+(a refused call leaves the cache as it was), picks the layout from its
+constructor arguments and hands the kernel call to ``_cache_attend``, which
+asks the layout how its rows may be read (in place, in order or not, or
+gathered into position order). A paged layout would be one more class
+there (see ``_cache_layout``); here only the constructor argument asking
+for it would be added.
 """
 
 from __future__ import annotations
@@ -50,30 +28,21 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from . import _core
+from ._cache_attend import attend_and_write
+from ._cache_layout import make_layout
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from ._memory import check_fits
 from ._call_checks import check_out, dropout_and_seed, scale_value, window_bounds
+from ._validate import FLOAT_DTYPES, is_bool, optional_positive_int, positive_int, shape_str
 
-_STORAGE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_FLOATS = _STORAGE
-
-
-def _shape(a: np.ndarray) -> str:
-    return "(" + ", ".join(str(s) for s in a.shape) + ("," if a.ndim == 1 else "") + ")"
-
-
-def _pos_int(name: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
-            or value < 1:
-        raise InvalidParameterError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
+# The constructor's settings, as pickled (with the layout's rows and the lengths).
+_SETTINGS = ("batch", "num_kv_heads", "max_len", "head_dim", "value_dim", "dtype", "window",
+             "capacity")
 
 
 def _counts(name: str, counts: Any, batch: int, upper: np.ndarray,
             what: str) -> np.ndarray:
     """counts as an int64 (batch,) array with 0 <= counts[b] <= upper[b]."""
-    if isinstance(counts, (bool, np.bool_)):
+    if is_bool(counts):
         raise InvalidParameterError(f"{name}: expected an int or a (B,) int array, got {counts!r}")
     c = np.asarray(counts)
     if c.dtype.kind not in "iu":
@@ -81,7 +50,8 @@ def _counts(name: str, counts: Any, batch: int, upper: np.ndarray,
     if c.ndim == 0:
         c = np.full(batch, int(c), np.int64)
     elif c.shape != (batch,):
-        raise ShapeError(f"{name}: expected an int or shape ({batch},), got shape {_shape(c)}")
+        raise ShapeError(
+            f"{name}: expected an int or shape ({batch},), got shape {shape_str(c.shape)}")
     c = c.astype(np.int64)
     bad = np.flatnonzero((c < 0) | (c > upper))
     if bad.size:
@@ -105,7 +75,7 @@ def prefix_lengths(mask: Any, name: str, shape: Tuple[int, int]) -> np.ndarray:
             raise DTypeError(f"{name}: expected bool (True = real token) or 0/1 integers, "
                              f"got {m.dtype}")
     if m.shape != shape:
-        raise ShapeError(f"{name}: expected shape (B, T) = {shape}, got {_shape(m)}")
+        raise ShapeError(f"{name}: expected shape (B, T) = {shape}, got {shape_str(m.shape)}")
     n: np.ndarray = m.sum(axis=1, dtype=np.int64)
     if not np.array_equal(m, np.arange(shape[1])[None, :] < n[:, None]):
         bad = int(np.flatnonzero((m != (np.arange(shape[1])[None, :] < n[:, None])).any(1))[0])
@@ -159,30 +129,23 @@ class KVCache:
     def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
                  value_dim: Optional[int] = None, dtype: Any = np.float32,
                  window: Optional[int] = None) -> None:
-        self.batch = _pos_int("batch", batch)
-        self.num_kv_heads = _pos_int("num_kv_heads", num_kv_heads)
-        self.max_len = _pos_int("max_len", max_len)
-        self.head_dim = _pos_int("head_dim", head_dim)
-        self.value_dim = self.head_dim if value_dim is None else _pos_int("value_dim", value_dim)
+        self.batch = positive_int("batch", batch)
+        self.num_kv_heads = positive_int("num_kv_heads", num_kv_heads)
+        self.max_len = positive_int("max_len", max_len)
+        self.head_dim = positive_int("head_dim", head_dim)
+        self.value_dim = optional_positive_int("value_dim", value_dim, self.head_dim)
         try:
             dt = np.dtype(dtype)
         except TypeError:
             raise DTypeError(f"dtype: expected float32, float16 or float64, got {dtype!r}") from None
-        if dt not in _STORAGE:
+        if dt not in FLOAT_DTYPES:
             raise DTypeError(f"dtype: expected float32, float16 or float64, got {dt}")
         self.dtype: np.dtype[Any] = dt
-        self.window = None if window is None else _pos_int("window", window)
+        self.window = None if window is None else positive_int("window", window)
         self.capacity = self.max_len if self.window is None else min(self.window, self.max_len)
         self._busy = threading.Lock()
-        self._allocate()
-
-    def _allocate(self) -> None:
-        b, h, n = self.batch, self.num_kv_heads, self.capacity
-        check_fits("KVCache", (b, h, n, max(self.head_dim, self.value_dim)),
-                   self.dtype.itemsize)
-        self.k = np.zeros((b, h, n, self.head_dim), self.dtype)
-        self.v = np.zeros((b, h, n, self.value_dim), self.dtype)
-        self._lengths = np.zeros(b, np.int64)
+        self._layout = make_layout(self.batch, self.num_kv_heads, self.head_dim, self.value_dim,
+                                   self.dtype, self.max_len, self.capacity)
 
     @contextmanager
     def _in_use(self) -> Iterator[None]:
@@ -199,8 +162,16 @@ class KVCache:
 
     # -- state ----------------------------------------------------------------
     @property
+    def k(self) -> np.ndarray:
+        return self._layout.k
+
+    @property
+    def v(self) -> np.ndarray:
+        return self._layout.v
+
+    @property
     def lengths(self) -> np.ndarray:
-        out: np.ndarray = self._lengths.copy()
+        out: np.ndarray = self._layout.lengths.copy()
         out.flags.writeable = False
         return out
 
@@ -211,12 +182,12 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return int(self.k.nbytes + self.v.nbytes)
+        return self._layout.nbytes
 
     def reset(self) -> None:
         """Forget every position (all lengths back to 0); the memory is kept."""
         with self._in_use():
-            self._lengths[:] = 0
+            self._layout.reset()
 
     def trim(self, n: Any) -> None:
         """Roll back the last ``n`` positions (speculative decoding, beam search).
@@ -235,20 +206,9 @@ class KVCache:
             the rollback (possible only while ``lengths[b] <= window``).
         """
         with self._in_use():
-            self._trim(n)
-
-    def _trim(self, n: Any) -> None:
-        c = _counts("n", n, self.batch, self._lengths, "the positions cached")
-        if self.ring:
-            bad = np.flatnonzero((c > 0) & (self._lengths > self.capacity))
-            if bad.size:
-                i = int(bad[0])
-                raise InvalidParameterError(
-                    f"n: sequence {i} has {int(self._lengths[i])} positions in a ring buffer of "
-                    f"window={self.capacity}; the oldest were overwritten, so rolling back would "
-                    f"leave its window incomplete (a ring can roll back only while "
-                    f"length <= window)")
-        self._lengths -= c
+            c = _counts("n", n, self.batch, self._layout.lengths, "the positions cached")
+            self._layout.check_trim(c)
+            self._layout.trim(c)
 
     def contents(self, b: int) -> Tuple[np.ndarray, np.ndarray]:
         """Copies of sequence ``b``'s retained keys and values in position order.
@@ -259,38 +219,35 @@ class KVCache:
             n = lengths[b] (linear) or min(lengths[b], window) (ring): the
             positions ``lengths[b] - n .. lengths[b] - 1``.
         """
-        if isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Integral) \
-                or not 0 <= b < self.batch:
+        if is_bool(b) or not isinstance(b, numbers.Integral) or not 0 <= b < self.batch:
             raise InvalidParameterError(f"b: expected an int in [0, {self.batch}), got {b!r}")
-        length = int(self._lengths[b])
-        n = min(length, self.capacity)
-        rows = np.arange(length - n, length) % self.capacity
-        return self.k[b][:, rows], self.v[b][:, rows]
+        b = int(b)
+        return self._layout.recent(b, min(int(self._layout.lengths[b]), self.capacity))
 
+    # Pickles hold the settings, the layout's state (for a linear or ring
+    # cache its filled rows "k" and "v") and "_lengths": the format of the
+    # single-class cache, so pickles of either version load in the other.
     def __getstate__(self) -> Dict[str, Any]:
-        # Only the rows that hold something: a mostly empty cache pickles small.
-        state = dict(self.__dict__)
-        del state["_busy"]
-        used = int(min(self._lengths.max(initial=0), self.capacity))
-        state["k"] = self.k[:, :, :used].copy()
-        state["v"] = self.v[:, :, :used].copy()
+        state = {name: getattr(self, name) for name in _SETTINGS}
+        state.update(self._layout.state())
+        state["_lengths"] = self._layout.lengths.copy()
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        k, v = state.pop("k"), state.pop("v")
-        self.__dict__.update(state)
+        state = dict(state)
+        lengths = state.pop("_lengths")
+        for name in _SETTINGS:
+            setattr(self, name, state.pop(name))
         self._busy = threading.Lock()
-        lengths = self._lengths.copy()
-        self._allocate()
-        self._lengths[:] = lengths
-        self.k[:, :, :k.shape[2]] = k
-        self.v[:, :, :v.shape[2]] = v
+        self._layout = make_layout(self.batch, self.num_kv_heads, self.head_dim, self.value_dim,
+                                   self.dtype, self.max_len, self.capacity)
+        self._layout.restore(state, lengths)
 
     def __repr__(self) -> str:
         win = "" if self.window is None else f", window={self.window}"
         return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, "
                 f"max_len={self.max_len}, head_dim={self.head_dim}, value_dim={self.value_dim}, "
-                f"dtype={self.dtype.name}{win}; lengths={self._lengths.tolist()})")
+                f"dtype={self.dtype.name}{win}; lengths={self._layout.lengths.tolist()})")
 
     # -- appending --------------------------------------------------------------
     def _check_new(self, k: Any, v: Any) -> Tuple[np.ndarray, np.ndarray]:
@@ -298,17 +255,17 @@ class KVCache:
         for name, x, dim, dname in (("k", k, self.head_dim, "head_dim"),
                                     ("v", v, self.value_dim, "value_dim")):
             a = x if isinstance(x, np.ndarray) else np.asarray(x)
-            if a.dtype not in _FLOATS:
+            if a.dtype not in FLOAT_DTYPES:
                 raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype}")
             want = (self.batch, self.num_kv_heads)
             if a.ndim != 4 or a.shape[:2] != want or a.shape[3] != dim:
                 raise ShapeError(
                     f"{name}: expected (B, Hkv, T, {dname}) = ({self.batch}, "
-                    f"{self.num_kv_heads}, T, {dim}), got shape {_shape(a)}")
+                    f"{self.num_kv_heads}, T, {dim}), got shape {shape_str(a.shape)}")
             arrays.append(a)
         if arrays[0].shape[2] != arrays[1].shape[2]:
             raise ShapeError(f"k and v: expected the same number of new positions T, got "
-                             f"k {_shape(arrays[0])}, v {_shape(arrays[1])}")
+                             f"k {shape_str(arrays[0].shape)}, v {shape_str(arrays[1].shape)}")
         return arrays[0], arrays[1]
 
     def _new_counts(self, counts: Any, t: int) -> np.ndarray:
@@ -316,37 +273,15 @@ class KVCache:
             c = np.full(self.batch, t, np.int64)
         else:
             c = _counts("counts", counts, self.batch, np.full(self.batch, t), "the new positions T")
-        room = self.max_len - self._lengths
-        over = np.flatnonzero(c > room)
+        lengths = self._layout.lengths
+        over = np.flatnonzero(c > self.max_len - lengths)
         if over.size:
             i = int(over[0])
             raise InvalidParameterError(
                 f"max_len: appending {int(c[i])} positions to sequence {i} (length "
-                f"{int(self._lengths[i])}) overflows the cache's max_len={self.max_len}; "
+                f"{int(lengths[i])}) overflows the cache's max_len={self.max_len}; "
                 f"reset, trim or use a larger cache")
         return c
-
-    def _write(self, k: np.ndarray, v: np.ndarray, counts: np.ndarray) -> None:
-        """Store item b's first counts[b] new rows at its next positions (the
-        last `capacity` of them in a ring) and advance the lengths."""
-        cap = self.capacity
-        for b in range(self.batch):
-            n = int(counts[b])
-            if n == 0:
-                continue
-            start = int(self._lengths[b])
-            skip = max(0, n - cap)          # a chunk longer than the ring keeps its tail
-            pos = start + skip
-            left = n - skip
-            while left:
-                row = pos % cap
-                step = min(left, cap - row)
-                src = slice(pos - start, pos - start + step)
-                self.k[b, :, row:row + step] = k[b, :, src]
-                self.v[b, :, row:row + step] = v[b, :, src]
-                pos += step
-                left -= step
-            self._lengths[b] = start + n
 
     def append(self, k: Any, v: Any, counts: Any = None) -> np.ndarray:
         """Append new keys and values (cast to the cache's dtype).
@@ -372,8 +307,8 @@ class KVCache:
         k4, v4 = self._check_new(k, v)
         with self._in_use():
             c = self._new_counts(counts, k4.shape[2])
-            before: np.ndarray = self._lengths.copy()
-            self._write(k4, v4, c)
+            before: np.ndarray = self._layout.lengths.copy()
+            self._layout.write(k4, v4, c)
         return before
 
     # -- attention ----------------------------------------------------------------
@@ -440,7 +375,7 @@ class KVCache:
                 or qa.shape[3] != self.head_dim or qa.shape[1] % self.num_kv_heads:
             raise ShapeError(
                 f"q: expected (B, Hq, T, D) = ({self.batch}, a multiple of {self.num_kv_heads}, "
-                f"{t}, {self.head_dim}), got shape {_shape(qa)}")
+                f"{t}, {self.head_dim}), got shape {shape_str(qa.shape)}")
         hq = qa.shape[1]
         left, right = self._bounds(*window_bounds(window, is_causal))
         scale_v = scale_value(scale, self.head_dim)
@@ -448,76 +383,7 @@ class KVCache:
         out_shape = (self.batch, hq, t, self.value_dim)
         out = np.empty(out_shape, qdt) if out is None else check_out(out, out_shape, qdt)
         with self._in_use():
-            return self._attend(qa, k4, v4, out, counts, left, right,
-                                dict(scale=scale_v, dropout_p=p, seed=seed_v))
-
-    def _attend(self, qa: np.ndarray, k4: np.ndarray, v4: np.ndarray, out: np.ndarray,
-                counts: Any, left: int, right: int, run: Dict[str, Any]) -> np.ndarray:
-        t = k4.shape[2]
-        c = self._new_counts(counts, t)
-        old = self._lengths.copy()
-        new = old + c
-        cap = self.capacity
-        # Cast the new rows to the storage dtype first: every path must attend
-        # to exactly the values a later step will read back from the cache.
-        k4 = k4.astype(self.dtype, copy=False)
-        v4 = v4.astype(self.dtype, copy=False)
-
-        if not self.ring or int(new.max(initial=0)) <= cap:
-            # Nothing wraps: rows are positions. Write, then attend in place.
-            self._write(k4, v4, c)
-            n_keys = int(new.max(initial=0))
-            self._kernel(qa, self.k[:, :, :n_keys], self.v[:, :, :n_keys], out, c, new,
-                         left, right, run)
-        elif t == 1 and left == cap - 1:
-            # One query per sequence whose window is the whole ring: write its
-            # key, then attend unmasked over the valid rows (the ring holds
-            # exactly the keys it may see; order does not matter to softmax).
-            self._write(k4, v4, c)
-            valid = np.minimum(new, cap)
-            n_keys = int(valid.max(initial=0))
-            self._kernel(qa, self.k[:, :, :n_keys], self.v[:, :, :n_keys], out, c, valid,
-                         -1, -1, run)
-        else:
-            # Several queries (or a narrower window): per-query visibility needs
-            # logical order. Scratch = [the last min(old, left) retained
-            # positions, in order | the chunk]; attend with the window mask;
-            # then write the chunk into the ring.
-            m = np.minimum(old, left)
-            mx = int(m.max(initial=0))
-            kb = np.empty((self.batch, self.num_kv_heads, mx + t, self.head_dim), self.dtype)
-            vb = np.empty((self.batch, self.num_kv_heads, mx + t, self.value_dim), self.dtype)
-            for b in range(self.batch):
-                mb, nb = int(m[b]), int(c[b])
-                rows = np.arange(int(old[b]) - mb, int(old[b])) % cap
-                kb[b, :, :mb] = self.k[b][:, rows]
-                vb[b, :, :mb] = self.v[b][:, rows]
-                kb[b, :, mb:mb + nb] = k4[b, :, :nb]
-                vb[b, :, mb:mb + nb] = v4[b, :, :nb]
-            self._kernel(qa, kb, vb, out, c, m + c, left, right, run)
-            self._write(k4, v4, c)
+            c = self._new_counts(counts, t)
+            attend_and_write(self._layout, qa, k4, v4, out, c, left, right,
+                             dict(scale=scale_v, dropout_p=p, seed=seed_v))
         return out
-
-    @staticmethod
-    def _kernel(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
-                counts: np.ndarray, key_lengths: np.ndarray, left: int, right: int,
-                run: Dict[str, Any]) -> None:
-        """One kernel call; sequences with fewer than T new tokens get their
-        queries moved to the last rows (see the module notes) and back."""
-        t = q.shape[2]
-        ragged = bool(np.any(counts != t))
-        if not ragged:
-            _core.attention_forward(q, k, v, out, _core.AttentionOptions(
-                window_left=left, window_right=right, key_lengths=key_lengths, **run))
-            return
-        qs = np.zeros(q.shape, q.dtype)
-        res = np.empty(out.shape, out.dtype)
-        for b, n in enumerate(counts.tolist()):
-            if n:
-                qs[b, :, t - n:] = q[b, :, :n]
-        _core.attention_forward(qs, k, v, res, _core.AttentionOptions(
-            window_left=left, window_right=right, key_lengths=key_lengths, **run))
-        out[...] = 0
-        for b, n in enumerate(counts.tolist()):
-            if n:
-                out[b, :, :n] = res[b, :, t - n:]
