@@ -6,14 +6,15 @@ their state dicts move across with ``load_state_dict``.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union, cast
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from .activations import activation_, activation_backward, check_activation
 from .attention import MultiHeadAttention
-from .functional import Window, _window_bounds, scaled_dot_product_attention
+from ._padding import RealTokens, padding_rows, scatter_rows
+from .functional import Window, _window_bounds
 from .linear import Linear, as_2d_rows, grad_input
 from .module import Module
 from .norm import LayerNorm
@@ -132,37 +133,6 @@ def layer_norm_train(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
     if norm.bias is not None:
         rows += norm.bias
     return rows.reshape(x.shape)
-
-
-RealTokens = Tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-def padding_rows(x: np.ndarray, attn_mask: Any, key_padding_mask: Any, p: float,
-                 layers: List["TransformerEncoderLayer"]) -> Optional[RealTokens]:
-    """(mask, flat indices of the real tokens, of the padding) when the layers
-    may run on the real tokens only (a (B, L) bool key padding mask, nothing
-    else that looks at positions, no dropout), else None."""
-    if key_padding_mask is None or attn_mask is not None or p > 0.0 or x.ndim != 3:
-        return None
-    mask = key_padding_mask if isinstance(key_padding_mask, np.ndarray) else None
-    if mask is None or mask.dtype != np.bool_ or mask.shape != x.shape[:2]:
-        return None
-    if not all(layer.unpaddable() for layer in layers):
-        return None
-    flat = mask.reshape(-1)
-    return mask, np.flatnonzero(flat), np.flatnonzero(~flat)
-
-
-def scatter_rows(rows: np.ndarray, real: RealTokens, shape: Tuple[int, ...],
-                 dtype: Any) -> np.ndarray:
-    """(N, F) real-token rows into a (B * L, F) array (or ``shape``), zeros at
-    the padding. (np.empty and zeroing the padded rows: np.zeros of a large
-    array maps fresh pages, and faulting them in cost 2x here.)"""
-    _, idx, pad = real
-    out = np.empty((shape[0] * shape[1], rows.shape[1]), dtype)
-    out[idx] = rows
-    out[pad] = 0
-    return out.reshape(shape)
 
 
 class FeedForward(Module):
@@ -372,7 +342,7 @@ class TransformerEncoderLayer(Module):
         s = check_seed(seed)
         attn_seq, drop_seq = np.random.SeedSequence(s).spawn(2)
         self._dropout_rng = np.random.default_rng(drop_seq)
-        self.self_attn._dropout_rng = np.random.default_rng(attn_seq)
+        self.self_attn.reseed(attn_seq)
 
     def forward(self, src: Any, *, attn_mask: Any = None, key_padding_mask: Any = None,
                 is_causal: bool = False, window: Window = None,
@@ -507,33 +477,8 @@ class TransformerEncoderLayer(Module):
         those of the layout) and the attention, and its output gathered back.
         Returns (N, E).
         """
-        a = self.self_attn
-        mask, idx, _ = real
-        b, length = mask.shape
         h = layer_norm_(rows.copy(), self.norm1) if self.norm_first else rows
-        w_in = cast(np.ndarray, a._in_weight)      # packed: see unpaddable()
-        qkv_rows = h @ w_in.T
-        if a._in_bias is not None:
-            qkv_rows += a._in_bias
-        # Zeros, not garbage, at the padding: masked keys' values still meet
-        # zero weights (0 * NaN would not be 0).
-        qkv = scatter_rows(qkv_rows, real, (b, length, qkv_rows.shape[1]), self.dtype)
-        nq, nk = a.q_proj.out_features, a.k_proj.out_features
-        hq, hkv, d, dv = a.num_heads, a.num_kv_heads, a.head_dim, a.value_dim
-        q = qkv[..., :nq].reshape(b, length, hq, d)
-        k = qkv[..., nq:nq + nk].reshape(b, length, hkv, d)
-        v = qkv[..., nq + nk:].reshape(b, length, hkv, dv).transpose(0, 2, 1, 3)
-        if a.qk_norm:             # as MultiHeadAttention: norms, then RoPE
-            q, k = a.q_norm(q), a.k_norm(k)
-        if a.rope:
-            q, k = a._rope(q), a._rope(k)
-        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-        out = np.empty((b, length, hq, dv), self.dtype)
-        scaled_dot_product_attention(q, k, v, key_padding_mask=mask, is_causal=is_causal,
-                                     window=window, out=out.transpose(0, 2, 1, 3))
-        att = out.reshape(b * length, hq * dv)[idx] @ a.out_proj.weight.T
-        if a.out_proj.bias is not None:
-            att += a.out_proj.bias
+        att = self.self_attn.forward_rows(h, real, is_causal=is_causal, window=window)
         if self.norm_first:
             att += rows
             y = feed_forward(layer_norm_(att.copy(), self.norm2), self.linear1, self.linear2,
