@@ -83,7 +83,7 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
     pooling is left out."""
     from tileattn.activations import activation_
     from tileattn._padding import scatter_rows
-    from tileattn.encoder import layer_norm_
+    from tileattn.norm import layer_norm_
 
     acc: Dict[str, float] = {}
 

@@ -352,3 +352,24 @@ class Module:
                     for n, m in self.named_children()]
         head = f"{type(self).__name__}({self.extra_repr()}"
         return head + (")" if not children else "\n" + "\n".join(children) + "\n)")
+
+
+class ModuleList(Module):
+    """Child modules named ``0``, ``1``, ... (PyTorch's ``layers.N.`` keys)."""
+
+    def __init__(self, modules: List[Module], dtype: Any = np.float32) -> None:
+        super().__init__(dtype)
+        for i, m in enumerate(modules):
+            self.add_module(str(i), m)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter([m for m in self._modules.values() if m is not None])
+
+    def __getitem__(self, i: int) -> Module:
+        m: Optional[Module] = self._modules[str(range(len(self))[i])]
+        if m is None:
+            raise IndexError(i)
+        return m
