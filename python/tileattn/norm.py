@@ -59,7 +59,7 @@ class LayerNorm(Module):
 
     def save_stats(self, xhat: np.ndarray, inv: np.ndarray, dtype: np.dtype) -> None:
         """Keep xhat = (x - mean) * inv (..., E) and inv = 1/std (..., 1) for
-        ``backward`` (also used by the encoder's in-place norm); ``dtype`` is
+        ``backward`` (also by ``layer_norm_train`` below); ``dtype`` is
         the input's."""
         self._save((xhat, inv, dtype))
 
