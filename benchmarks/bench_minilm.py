@@ -82,7 +82,8 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
     padding mask (real tokens only, see TransformerEncoderLayer.forward_rows);
     pooling is left out."""
     from tileattn.activations import activation_
-    from tileattn.encoder import layer_norm_, scatter_rows
+    from tileattn._padding import scatter_rows
+    from tileattn.norm import layer_norm_
 
     acc: Dict[str, float] = {}
 
@@ -103,8 +104,8 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
         rows = timed("gather/scatter rows", lambda: x.reshape(-1, e)[idx])
         for layer in model.encoder.layers:   # TransformerEncoderLayer.forward_rows, step by step
             a = layer.self_attn
-            qkv_rows = timed("GEMM qkv", lambda: rows @ a._in_weight.T)
-            timed("bias/residual adds", lambda: qkv_rows.__iadd__(a._in_bias))
+            qkv_rows = timed("GEMM qkv", lambda: rows @ a.projections.in_weight.T)
+            timed("bias/residual adds", lambda: qkv_rows.__iadd__(a.projections.in_bias))
             qkv = timed("gather/scatter rows", lambda: scatter_rows(
                 qkv_rows, real, (b, length, qkv_rows.shape[1]), np.float32))
             hd, nh = a.head_dim, a.num_heads

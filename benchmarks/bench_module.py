@@ -61,7 +61,7 @@ def runners(case: Case, torch):
         with torch.inference_mode():
             return tm(tx, tx, tx, need_weights=False, **kw)[0]
 
-    w_in, b_in = mha._in_weight, mha._in_bias
+    w_in, b_in = mha.projections.in_weight, mha.projections.in_bias
     w_out, b_out = mha.out_proj.weight, mha.out_proj.bias
     x2 = x.reshape(-1, case.e)
 

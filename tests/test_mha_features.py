@@ -6,7 +6,7 @@ import pytest
 
 import tileattn
 from tileattn import DTypeError, InvalidParameterError, ShapeError
-from tileattn import attention as attention_mod
+from tileattn import _mha_core as core_call  # where MultiHeadAttention calls the core
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
@@ -103,13 +103,13 @@ def test_self_attention_is_one_fused_matmul(rng, monkeypatch):
     real_forward = tileattn.Linear.forward
     monkeypatch.setattr(tileattn.Linear, "forward",
                         lambda self, x: calls.append(self) or real_forward(self, x))
-    real_sdpa = attention_mod.scaled_dot_product_attention
+    real_sdpa = core_call.scaled_dot_product_attention
 
     def spy(q, k, v, **kw):
         seen.update(q=q, k=k, v=v, out=kw["out"])
         return real_sdpa(q, k, v, **kw)
 
-    monkeypatch.setattr(attention_mod, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(core_call, "scaled_dot_product_attention", spy)
     m(rng.standard_normal((2, 7, 32)).astype(np.float32))
     assert calls == [m.out_proj]
     assert seen["q"].shape == (2, 4, 7, 8)
@@ -233,7 +233,7 @@ def test_replacing_a_projection_repacks(rng):
     m = tileattn.MultiHeadAttention(16, 2, seed=0, dtype=np.float64)
     x = rng.standard_normal((1, 6, 16))
     m.k_proj = tileattn.Linear(16, 16, dtype=np.float64, rng=rng)
-    assert np.shares_memory(m.k_proj.weight, m._in_weight)
+    assert np.shares_memory(m.k_proj.weight, m.projections.in_weight)
     close(m(x), reference(m, x, x), np.float64)
     with pytest.raises(ShapeError, match=r"k_proj: expected Linear\(16, 16, bias=True\), got Linear\(16, 8"):
         m.k_proj = tileattn.Linear(16, 8, dtype=np.float64)

@@ -39,6 +39,20 @@ def test_nested_names_and_torch_names_under_a_prefix(rng):
         b.load_state_dict({k: v for k, v in sd.items() if k != "norm1.weight"})
 
 
+def test_inline_child_names_are_its_parents():
+    """An inline child (the attention's projections) adds no name segment:
+    keys, attribute lookup and foreign-name conversion work as if its
+    children were the parent's."""
+    a = Block()
+    names = [n for n, _ in a.named_parameters()]
+    assert names[:8] == [f"self_attn.{p}_proj.{w}" for p in ("q", "k", "v", "out")
+                         for w in ("weight", "bias")]
+    assert not any("projections" in n for n in names)
+    assert a.self_attn.q_proj is a.self_attn.projections.q_proj
+    assert [n for n, _ in a.self_attn.named_children()] == ["q_proj", "k_proj", "v_proj",
+                                                             "out_proj"]
+
+
 def test_grads_storage_and_zero_grad():
     m = Block()
     grads = dict(m.named_grads())

@@ -1,6 +1,7 @@
 """Parameter management: named_parameters, state_dict round trips, strict
 loading errors, pickling and tileattn.save/load (.npz, .safetensors)."""
 
+import copy
 import pickle
 
 import numpy as np
@@ -95,12 +96,29 @@ def test_assignment_checks_shape():
         m.k_proj.weight = np.zeros((32, 16))
 
 
+def test_unpickles_attention_pickled_before_its_projections_were_a_child(rng):
+    """Pickles of the layout before AttentionProjections: the four Linear
+    layers were the attention's own children (and unpacked in the pickle)."""
+    m = make(bias=True)
+    state = m.__getstate__()
+    state["_modules"] = children = dict(state["_modules"])     # not m's own dict
+    projections = children.pop("projections")
+    old_children = {n: copy.deepcopy(getattr(projections, n))
+                    for n in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    state["_modules"] = {**old_children, **children}
+    m2 = tileattn.MultiHeadAttention.__new__(tileattn.MultiHeadAttention)
+    m2.__setstate__(state)
+    assert list(m2.state_dict()) == list(m.state_dict())
+    assert np.shares_memory(m2.v_proj.weight, m2.projections.in_weight)
+    assert_same_outputs(m, m2, rng)
+
+
 def test_pickle_round_trip(rng):
     m = make(dropout=0.2)
     m2 = pickle.loads(pickle.dumps(m))
     assert_same_outputs(m, m2, rng)
     # the packing is rebuilt: the separate weights are views of one matrix again
-    assert np.shares_memory(m2.q_proj.weight, m2._in_weight)
+    assert np.shares_memory(m2.q_proj.weight, m2.projections.in_weight)
     m2.k_proj.weight[:] = 0
     x = rng.standard_normal((1, 4, 32)).astype(np.float32)
     assert not np.array_equal(m(x), m2(x))

@@ -1,5 +1,5 @@
 """What a training forward of MultiHeadAttention keeps for its backward,
-and the helpers that describe the forward's inputs."""
+and the helpers that check and describe the forward's inputs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import numpy as np
 
 from ._axes import SequenceLayout
+from ._errors import ShapeError
+from ._validate import float_array
 
 
 class CoreSaved(NamedTuple):
@@ -61,3 +63,47 @@ def seq_shape(lay: SequenceLayout, features: int) -> Tuple[int, ...]:
     """Shape of ``lay.from_sequence`` of a (B', L, features) array."""
     shape = lay.batch_shape + lay.pos_shape + (features,)
     return tuple(shape[i] for i in np.argsort(lay.perm))
+
+
+def cast_inputs(query: Any, key: Any, value: Any, dtype: np.dtype[Any], packed: bool
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, bool, bool, np.dtype[Any]]:
+    """The forward's arrays in the module's ``dtype``, whether the projection
+    can be fused (self-attention: Q, K, V from one input; K and V from one;
+    only ``packed`` projections fuse) and the query's dtype."""
+    self_attn = (key is None or key is query) and (value is None or value is query)
+    _, key, value = resolved(query, key, value)
+    kv_same = key is value
+    q = float_array(query, "query")
+    k = q if key is query else float_array(key, "key")
+    v = k if kv_same else float_array(value, "value")
+    in_dtype = q.dtype
+    q, k, v = (a.astype(dtype, copy=False) for a in (q, k, v))
+    if not packed:
+        self_attn = kv_same = False  # different in_features: nothing to fuse
+    return q, k, v, self_attn, kv_same, in_dtype
+
+
+def check_features(q: np.ndarray, k: np.ndarray, v: np.ndarray, widths: Tuple[int, int, int],
+                   attention_axes: Any) -> None:
+    """The inputs' ranks and last axes against (embed_dim, kdim, vdim)."""
+    embed_dim = widths[0]
+    if q.ndim < 3:
+        layout = (f"(B, *axes, {embed_dim}) with attention_axes" if attention_axes
+                  else f"(B, L, {embed_dim}) or unbatched (L, {embed_dim})")
+        raise ShapeError(f"query: expected {layout}, got shape {q.shape}")
+    for name, a, want, what in zip(("query", "key", "value"), (q, k, v), widths,
+                                   ("embed_dim", "kdim", "vdim")):
+        if a.shape[-1] != want:
+            raise ShapeError(f"{name}: expected last axis {want} ({what}), got shape {a.shape}")
+
+
+def shape_weights(w: np.ndarray, layouts: Tuple[SequenceLayout, SequenceLayout],
+                  unbatched: bool, heads: Optional[int], dtype: np.dtype[Any]) -> np.ndarray:
+    """The core's (B', Hq, Lq, Lk) weights in the user's layout: averaged
+    over heads when ``heads`` is None, else with that head axis."""
+    q_lay, k_lay = layouts
+    if heads is None:
+        w = w.mean(axis=1)
+    w = w.reshape(q_lay.weights_shape(k_lay, () if heads is None else (heads,)))
+    out: np.ndarray = (w[0] if unbatched else w).astype(dtype, copy=False)
+    return out

@@ -1,287 +1,80 @@
-"""Transformer encoder blocks: ``FeedForward``, ``TransformerEncoderLayer`` and
+"""Transformer encoder blocks: ``TransformerEncoderLayer`` and
 ``TransformerEncoder``, laid out (and named) as PyTorch's modules so that
-their state dicts move across with ``load_state_dict``.
+their state dicts move across with ``load_state_dict``. (``FeedForward``
+lives in feedforward.py and is importable from here too.)
 """
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from ._errors import DTypeError, InvalidParameterError, ShapeError
-from .activations import activation_, activation_backward, check_activation
+from . import _validate as check
+from ._errors import InvalidParameterError, ShapeError
+from ._padding import RealTokens, padding_rows, scatter_rows
+from .activations import check_activation
 from .attention import MultiHeadAttention
 from ._call_checks import Window, window_bounds
-from .functional import scaled_dot_product_attention
+from .dropout import dropout_ as dropout_  # re-exported: lstm.py imports it from here
+from .dropout import dropout_backward, dropout_keep_
+from .feedforward import (FeedForward, FFSaved, feed_forward, feed_forward_backward,
+                          feed_forward_train)
 from .linear import Linear, as_2d_rows, grad_input
-from .module import Module
-from .norm import LayerNorm
+from .module import Module, ModuleList
+from .norm import LayerNorm, layer_norm_, layer_norm_train
 
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-
-def check_dropout(value: Any) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
-            or not 0.0 <= float(value) < 1.0:
-        raise InvalidParameterError(f"dropout: expected a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def check_seed(value: Any) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
-        raise InvalidParameterError(f"seed: expected a non-negative int, got {value!r}")
-    return int(value)
-
-
-def check_pos_int(name: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InvalidParameterError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
-
-
-def check_flag(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise InvalidParameterError(f"{name}: expected a bool, got {value!r}")
-    return bool(value)
-
-
-def dropout_(x: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
-    """Inverted dropout in place: zero each element with probability p, scale
-    the rest by 1 / (1 - p). Returns x."""
-    if p > 0.0:
-        keep = rng.random(x.shape, dtype=np.float32 if x.dtype == np.float32 else np.float64) >= p
-        x *= keep
-        x *= x.dtype.type(1.0 / (1.0 - p))
-    return x
-
-
-def dropout_keep_(x: np.ndarray, p: float, rng: np.random.Generator) -> Optional[np.ndarray]:
-    """``dropout_(x, p, rng)`` (the same draws, the same result) that returns
-    the bool keep mask for the backward (None when p == 0)."""
-    if p <= 0.0:
-        return None
-    keep = rng.random(x.shape, dtype=np.float32 if x.dtype == np.float32 else np.float64) >= p
-    x *= keep
-    x *= x.dtype.type(1.0 / (1.0 - p))
-    return keep
-
-
-def dropout_backward(g: np.ndarray, keep: Optional[np.ndarray], p: float) -> np.ndarray:
-    """dL/dx of inverted dropout from dL/dy: g * keep / (1 - p) (g when p == 0)."""
-    if keep is None:
-        return g
-    out: np.ndarray = g * keep
-    out *= out.dtype.type(1.0 / (1.0 - p))
-    return out
-
+# lstm.py still imports its argument checks from here under these names.
+check_dropout, check_seed = check.dropout_rate, check.seed
+check_pos_int, check_flag = check.positive_int, check.flag
 
 def tokens_input(x: Any, name: str, d_model: int) -> np.ndarray:
     """A (B, L, d_model) or (L, d_model) float array (not yet cast)."""
-    a = x if isinstance(x, np.ndarray) else np.asarray(x)
-    if a.dtype not in _FLOATS:
-        raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype} "
-                         f"with shape {a.shape}")
+    a = check.float_array(x, name)
     if a.ndim not in (2, 3) or a.shape[-1] != d_model:
         raise ShapeError(f"{name}: expected (B, L, {d_model}) or unbatched (L, {d_model}), "
                          f"got shape {a.shape}")
     return a
 
 
-def layer_norm_(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
-    """``norm(x)`` computed in place in x (C-contiguous, the layer's dtype,
-    owned by the caller): the row means by one matrix-vector product, the
-    variances by one einsum, then three in-place passes; fewer passes and
-    temporaries than ``LayerNorm.forward``, same formula. Use the returned
-    array (x itself unless x was not C-contiguous)."""
-    if not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)
-    rows = as_2d_rows(x)
-    _normalize_rows_(rows, norm.eps)
-    rows *= norm.weight
-    if norm.bias is not None:
-        rows += norm.bias
-    return x
-
-
-def _normalize_rows_(rows: np.ndarray, eps: float) -> np.ndarray:
-    """rows (N, E) -> (rows - mean) / std in place; returns 1/std (N,). The
-    arithmetic both layer-norm forwards share, so they agree bitwise."""
-    e = rows.shape[1]
-    mean = rows @ np.full(e, 1.0 / e, rows.dtype)
-    rows -= mean[:, None]
-    inv: np.ndarray = np.einsum("ij,ij->i", rows, rows)
-    inv *= rows.dtype.type(1.0 / e)
-    inv += rows.dtype.type(eps)
-    np.sqrt(inv, out=inv)
-    np.divide(rows.dtype.type(1.0), inv, out=inv)
-    rows *= inv[:, None]
-    return inv
-
-
-def layer_norm_train(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
-    """``layer_norm_(copy of x, norm)`` (the same arithmetic, so training and
-    inference forwards agree bitwise) that keeps xhat and 1/std in ``norm``
-    for ``norm.backward``. x (..., E) of the layer's dtype; a new array."""
-    rows = as_2d_rows(np.array(x, order="C"))
-    inv = _normalize_rows_(rows, norm.eps)
-    norm.save_stats(rows.reshape(x.shape).copy(), inv.reshape(x.shape[:-1] + (1,)), x.dtype)
-    rows *= norm.weight
-    if norm.bias is not None:
-        rows += norm.bias
-    return rows.reshape(x.shape)
-
-
-RealTokens = Tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-def padding_rows(x: np.ndarray, attn_mask: Any, key_padding_mask: Any, p: float,
-                 layers: List["TransformerEncoderLayer"]) -> Optional[RealTokens]:
-    """(mask, flat indices of the real tokens, of the padding) when the layers
-    may run on the real tokens only (a (B, L) bool key padding mask, nothing
-    else that looks at positions, no dropout), else None."""
-    if key_padding_mask is None or attn_mask is not None or p > 0.0 or x.ndim != 3:
-        return None
-    mask = key_padding_mask if isinstance(key_padding_mask, np.ndarray) else None
-    if mask is None or mask.dtype != np.bool_ or mask.shape != x.shape[:2]:
-        return None
-    if not all(layer.unpaddable() for layer in layers):
-        return None
-    flat = mask.reshape(-1)
-    return mask, np.flatnonzero(flat), np.flatnonzero(~flat)
-
-
-def scatter_rows(rows: np.ndarray, real: RealTokens, shape: Tuple[int, ...],
-                 dtype: Any) -> np.ndarray:
-    """(N, F) real-token rows into a (B * L, F) array (or ``shape``), zeros at
-    the padding. (np.empty and zeroing the padded rows: np.zeros of a large
-    array maps fresh pages, and faulting them in cost 2x here.)"""
-    _, idx, pad = real
-    out = np.empty((shape[0] * shape[1], rows.shape[1]), dtype)
-    out[idx] = rows
-    out[pad] = 0
-    return out.reshape(shape)
-
-
-class FeedForward(Module):
-    """``linear2(dropout(activation(linear1(x))))``, position-wise.
-
-    Parameters
-    ----------
-    d_model : int
-        Input and output features.
-    dim_feedforward : int
-        Hidden features.
-    activation : "relu", "gelu" (exact, with erf), "gelu_tanh" or "silu"
-    dropout : float in [0, 1)
-        On the hidden activations, only with ``training=True``.
-    bias : bool
-    dtype : float32 or float64
-    seed : int, optional
-        Seeds the weights and the dropout masks.
-
-    Parameters (arrays)
-    -------------------
-    linear1.weight (dim_feedforward, d_model), linear2.weight
-    (d_model, dim_feedforward), and their ``.bias`` when ``bias``.
-    """
-
-    def __init__(self, d_model: int, dim_feedforward: int = 2048, activation: str = "relu",
-                 dropout: float = 0.0, bias: bool = True, dtype: Any = np.float32,
-                 seed: Optional[int] = None) -> None:
-        super().__init__(dtype)
-        self.d_model = check_pos_int("d_model", d_model)
-        self.dim_feedforward = check_pos_int("dim_feedforward", dim_feedforward)
-        self.activation = check_activation(activation)
-        self.dropout = check_dropout(dropout)
-        check_flag("bias", bias)
-        self.seed = check_seed(seed)
-        init_seq, drop_seq = np.random.SeedSequence(self.seed).spawn(2)
-        rng = np.random.default_rng(init_seq)
-        self._dropout_rng = np.random.default_rng(drop_seq)
-        self.linear1 = Linear(self.d_model, self.dim_feedforward, bias, self.dtype, rng)
-        self.linear2 = Linear(self.dim_feedforward, self.d_model, bias, self.dtype, rng)
-
-    def forward(self, x: Any, *, training: bool = False) -> np.ndarray:
-        """x (..., d_model) -> (..., d_model), in x's dtype."""
-        a = x if isinstance(x, np.ndarray) else np.asarray(x)
-        if a.dtype not in _FLOATS:
-            raise DTypeError(f"x: expected float16, float32 or float64, got {a.dtype}")
-        if a.ndim < 1 or a.shape[-1] != self.d_model:
-            raise ShapeError(f"x: expected last axis {self.d_model} (d_model), got shape {a.shape}")
-        train = check_flag("training", training)
-        p = self.dropout if train else 0.0
-        x = a.astype(self.dtype, copy=False)
-        if train:
-            y, saved = feed_forward_train(x, self.linear1, self.linear2, self.activation, p,
-                                          self._dropout_rng)
-            self._save((saved, a.dtype))
-        else:
-            y = feed_forward(x, self.linear1, self.linear2, self.activation, p,
-                             self._dropout_rng)
-        return y.astype(a.dtype, copy=False)
-
-    def backward(self, grad_output: Any) -> np.ndarray:
-        """grad_output (..., d_model) -> dL/dx (..., d_model) in x's dtype;
-        adds the linear layers' gradients into ``grads``."""
-        saved, dtype = self._take_saved()
-        g = grad_input(grad_output, saved[0].shape[:-1] + (self.d_model,), self.dtype)
-        return feed_forward_backward(saved, g, self.linear1, self.linear2).astype(dtype, copy=False)
-
-    def get_config(self) -> Dict[str, Any]:
-        return {"d_model": self.d_model, "dim_feedforward": self.dim_feedforward,
-                "activation": self.activation, "dropout": self.dropout,
-                "bias": self.linear1.bias is not None, "dtype": self.dtype.name,
-                "seed": self.seed}
-
-    def extra_repr(self) -> str:
-        return f"{self.d_model}, {self.dim_feedforward}, activation={self.activation!r}"
-
-
-def feed_forward(x: np.ndarray, linear1: Linear, linear2: Linear, activation: str,
-                 p: float, rng: np.random.Generator) -> np.ndarray:
-    """The feed-forward block on x (..., E) of the layers' dtype. The hidden
-    (N, F) array, the largest of a transformer layer, is made once and then
-    updated in place (bias and activation in one chunked pass, dropout)."""
-    rows = as_2d_rows(x)
-    h = rows @ linear1.weight.T
-    activation_(activation, h, linear1.bias)
-    dropout_(h, p, rng)
-    y: np.ndarray = h @ linear2.weight.T
-    if linear2.bias is not None:
-        y += linear2.bias
-    return y.reshape(x.shape)
-
-
-FFSaved = Tuple[np.ndarray, Optional[np.ndarray], str, float]
-
-
-def feed_forward_train(x: np.ndarray, linear1: Linear, linear2: Linear, activation: str,
-                       p: float, rng: np.random.Generator) -> Tuple[np.ndarray, FFSaved]:
-    """``feed_forward`` (the same arithmetic and dropout draws) that keeps, for
-    ``feed_forward_backward``, the pre-activation (..., F) and the dropout
-    mask; the linear layers keep their inputs."""
-    h = linear1(x, training=True)
-    pre = h.copy()
-    activation_(activation, h)
-    keep = dropout_keep_(h, p, rng)
-    y = linear2(h, training=True)
-    return y, (pre, keep, activation, p)
-
-
-def feed_forward_backward(saved: FFSaved, g: np.ndarray, linear1: Linear,
-                          linear2: Linear) -> np.ndarray:
-    """dL/dx (..., E) of the feed-forward block from g = dL/dy (..., E)."""
-    pre, keep, activation, p = saved
-    dh = dropout_backward(linear2.backward(g), keep, p)
-    return linear1.backward(activation_backward(activation, pre, dh))
-
-
 # (dropout1's mask, dropout2's, the feed-forward block's state, p)
 LayerSaved = Tuple[Optional[np.ndarray], Optional[np.ndarray], FFSaved, float]
+
+
+class LayerRun:
+    """What differs between an inference and a training forward of an
+    encoder layer (``TransformerEncoderLayer._layer``): training keeps the
+    norms' statistics, the dropout masks and the feed-forward block's
+    activations for the backward; inference normalises in place."""
+
+    def __init__(self, train: bool, p: float, rng: np.random.Generator) -> None:
+        self.train, self.p, self.rng = train, p, rng
+        self.keeps: List[Optional[np.ndarray]] = []
+        self.ff: Optional[FFSaved] = None
+
+    def norm(self, x: np.ndarray, norm: LayerNorm, *, owned: bool) -> np.ndarray:
+        """``norm(x)``; in inference x itself is overwritten when ``owned``."""
+        if self.train:
+            return layer_norm_train(x, norm)
+        return layer_norm_(x if owned else np.array(x, order="C"), norm)
+
+    def dropout(self, y: np.ndarray) -> np.ndarray:
+        """Dropout of y in place (nothing drawn when p == 0); returns y."""
+        self.keeps.append(dropout_keep_(y, self.p, self.rng))
+        return y
+
+    def feed_forward(self, layer: "TransformerEncoderLayer", x: np.ndarray) -> np.ndarray:
+        if not self.train:
+            return feed_forward(x, layer.linear1, layer.linear2, layer.activation, self.p,
+                                self.rng)
+        y, self.ff = feed_forward_train(x, layer.linear1, layer.linear2, layer.activation,
+                                        self.p, self.rng)
+        return y
+
+    def saved(self) -> LayerSaved:
+        assert self.ff is not None
+        keep1, keep2 = self.keeps
+        return keep1, keep2, self.ff, self.p
 
 
 class TransformerEncoderLayer(Module):
@@ -343,18 +136,18 @@ class TransformerEncoderLayer(Module):
                  window: Window = None, dtype: Any = np.float32,
                  seed: Optional[int] = None) -> None:
         super().__init__(dtype)
-        self.d_model = check_pos_int("d_model", d_model)
-        self.nhead = check_pos_int("nhead", nhead)
-        self.dim_feedforward = check_pos_int("dim_feedforward", dim_feedforward)
-        self.dropout = check_dropout(dropout)
+        self.d_model = check.positive_int("d_model", d_model)
+        self.nhead = check.positive_int("nhead", nhead)
+        self.dim_feedforward = check.positive_int("dim_feedforward", dim_feedforward)
+        self.dropout = check.dropout_rate(dropout)
         self.activation = check_activation(activation)
-        self.norm_first = check_flag("norm_first", norm_first)
-        check_flag("bias", bias)
+        self.norm_first = check.flag("norm_first", norm_first)
+        check.flag("bias", bias)
         if window is not None:
             window_bounds(window, False)       # validate now, not at the first call
         self.window: Window = (int(window[0]), int(window[1])) \
             if isinstance(window, (tuple, list)) else window
-        self.seed = check_seed(seed)
+        self.seed = check.seed(seed)
         attn_seq, init_seq, drop_seq = np.random.SeedSequence(self.seed).spawn(3)
         rng = np.random.default_rng(init_seq)
         self._dropout_rng = np.random.default_rng(drop_seq)
@@ -370,10 +163,10 @@ class TransformerEncoderLayer(Module):
 
     def reseed(self, seed: Optional[int]) -> None:
         """Restart the dropout masks (of this layer and its attention) from ``seed``."""
-        s = check_seed(seed)
+        s = check.seed(seed)
         attn_seq, drop_seq = np.random.SeedSequence(s).spawn(2)
         self._dropout_rng = np.random.default_rng(drop_seq)
-        self.self_attn._dropout_rng = np.random.default_rng(attn_seq)
+        self.self_attn.reseed(attn_seq)
 
     def forward(self, src: Any, *, attn_mask: Any = None, key_padding_mask: Any = None,
                 is_causal: bool = False, window: Window = None,
@@ -407,67 +200,43 @@ class TransformerEncoderLayer(Module):
         sees the whole graph.
         """
         x_in = tokens_input(src, "src", self.d_model)
-        train = check_flag("training", training)
-        p = self.dropout if train else 0.0
+        train = check.flag("training", training)
         x = x_in.astype(self.dtype, copy=False)
         win = self.window if window is None else window
-        attn_kw: Dict[str, Any] = {
-            "attn_mask": attn_mask, "key_padding_mask": key_padding_mask,
-            "is_causal": is_causal, "window": win, "training": train}
-        if train:
-            # The plain path (every position computed, as PyTorch in training
-            # mode), keeping what backward needs.
-            out_t, parts = self._forward_train(x, attn_kw, p)
-            self._save((parts, x_in.dtype))
-            return out_t.astype(x_in.dtype, copy=False)
-        real = padding_rows(x, attn_mask, key_padding_mask, p, [self])
+        real = None if train else padding_rows(x, attn_mask, key_padding_mask, 0.0, [self])
         if real is not None:
             rows = self.forward_rows(as_2d_rows(x)[real[1]], real, is_causal, win)
             return scatter_rows(rows, real, x.shape, x_in.dtype)
-        if self.norm_first:
-            a = self.self_attn(layer_norm_(np.array(x, order="C"), self.norm1), **attn_kw)
-            x = x + dropout_(a, p, self._dropout_rng)
-            y = feed_forward(layer_norm_(x.copy(), self.norm2), self.linear1, self.linear2,
-                             self.activation, p, self._dropout_rng)
-            x += dropout_(y, p, self._dropout_rng)
-        else:
-            # Post-norm: the residual sums are fresh arrays, normalised in place.
-            a = np.ascontiguousarray(self.self_attn(x, **attn_kw))
-            dropout_(a, p, self._dropout_rng)
-            a += x
-            x = layer_norm_(a, self.norm1)
-            y = dropout_(feed_forward(x, self.linear1, self.linear2, self.activation, p,
-                                      self._dropout_rng), p, self._dropout_rng)
-            y += x
-            x = layer_norm_(y, self.norm2)
-        out: np.ndarray = x.astype(x_in.dtype, copy=False)
-        return out
 
-    def _forward_train(self, x: np.ndarray, attn_kw: Dict[str, Any], p: float
-                       ) -> Tuple[np.ndarray, "LayerSaved"]:
-        """The forward above (the same arithmetic and dropout draws) with the
-        children keeping their activations; returns the output and the
-        layer's own part (dropout masks, the feed-forward block's)."""
-        rng = self._dropout_rng
+        def attend(h: np.ndarray) -> np.ndarray:
+            # A fresh C-contiguous array: the residual sums are formed in it.
+            return np.ascontiguousarray(self.self_attn(
+                h, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                is_causal=is_causal, window=win, training=train))
+        run = LayerRun(train, self.dropout if train else 0.0, self._dropout_rng)
+        out = self._layer(x, attend, run)
+        if train:
+            self._save((run.saved(), x_in.dtype))
+        result: np.ndarray = out.astype(x_in.dtype, copy=False)
+        return result
+
+    def _layer(self, x: np.ndarray, attend: Callable[[np.ndarray], np.ndarray],
+               run: "LayerRun") -> np.ndarray:
+        """The layer's arithmetic, for every way it runs: ``attend`` is the
+        self-attention (of all positions, or of the real tokens' rows) and
+        ``run`` the norms, dropouts and feed-forward block of an inference or
+        a training forward. x (..., E) of the layer's dtype is not modified."""
         if self.norm_first:
-            a = np.ascontiguousarray(self.self_attn(layer_norm_train(x, self.norm1), **attn_kw))
-            keep1 = dropout_keep_(a, p, rng)
-            x1 = x + a
-            y, ff = feed_forward_train(layer_norm_train(x1, self.norm2), self.linear1,
-                                       self.linear2, self.activation, p, rng)
-            keep2 = dropout_keep_(y, p, rng)
-            x1 += y
-            out = x1
-        else:
-            a = np.ascontiguousarray(self.self_attn(x, **attn_kw))
-            keep1 = dropout_keep_(a, p, rng)
-            a += x
-            x1 = layer_norm_train(a, self.norm1)
-            y, ff = feed_forward_train(x1, self.linear1, self.linear2, self.activation, p, rng)
-            keep2 = dropout_keep_(y, p, rng)
-            y += x1
-            out = layer_norm_train(y, self.norm2)
-        return out, (keep1, keep2, ff, p)
+            x1: np.ndarray = x + run.dropout(attend(run.norm(x, self.norm1, owned=False)))
+            x1 += run.dropout(run.feed_forward(self, run.norm(x1, self.norm2, owned=False)))
+            return x1
+        # Post-norm: the residual sums are fresh arrays, normalised in place.
+        a = run.dropout(attend(x))
+        a += x
+        x1 = run.norm(a, self.norm1, owned=True)
+        y = run.dropout(run.feed_forward(self, x1))
+        y += x1
+        return run.norm(y, self.norm2, owned=True)
 
     def backward(self, grad_output: Any) -> np.ndarray:
         """Gradient of ``src`` (its shape and dtype) from dL/d(output) of the
@@ -508,44 +277,9 @@ class TransformerEncoderLayer(Module):
         those of the layout) and the attention, and its output gathered back.
         Returns (N, E).
         """
-        a = self.self_attn
-        mask, idx, _ = real
-        b, length = mask.shape
-        h = layer_norm_(rows.copy(), self.norm1) if self.norm_first else rows
-        w_in = cast(np.ndarray, a._in_weight)      # packed: see unpaddable()
-        qkv_rows = h @ w_in.T
-        if a._in_bias is not None:
-            qkv_rows += a._in_bias
-        # Zeros, not garbage, at the padding: masked keys' values still meet
-        # zero weights (0 * NaN would not be 0).
-        qkv = scatter_rows(qkv_rows, real, (b, length, qkv_rows.shape[1]), self.dtype)
-        nq, nk = a.q_proj.out_features, a.k_proj.out_features
-        hq, hkv, d, dv = a.num_heads, a.num_kv_heads, a.head_dim, a.value_dim
-        q = qkv[..., :nq].reshape(b, length, hq, d)
-        k = qkv[..., nq:nq + nk].reshape(b, length, hkv, d)
-        v = qkv[..., nq + nk:].reshape(b, length, hkv, dv).transpose(0, 2, 1, 3)
-        if a.qk_norm:             # as MultiHeadAttention: norms, then RoPE
-            q, k = a.q_norm(q), a.k_norm(k)
-        if a.rope:
-            q, k = a._rope(q), a._rope(k)
-        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-        out = np.empty((b, length, hq, dv), self.dtype)
-        scaled_dot_product_attention(q, k, v, key_padding_mask=mask, is_causal=is_causal,
-                                     window=window, out=out.transpose(0, 2, 1, 3))
-        att = out.reshape(b * length, hq * dv)[idx] @ a.out_proj.weight.T
-        if a.out_proj.bias is not None:
-            att += a.out_proj.bias
-        if self.norm_first:
-            att += rows
-            y = feed_forward(layer_norm_(att.copy(), self.norm2), self.linear1, self.linear2,
-                             self.activation, 0.0, self._dropout_rng)
-            y += att
-            return y
-        att += rows
-        x = layer_norm_(att, self.norm1)
-        y = feed_forward(x, self.linear1, self.linear2, self.activation, 0.0, self._dropout_rng)
-        y += x
-        return layer_norm_(y, self.norm2)
+        def attend(h: np.ndarray) -> np.ndarray:
+            return self.self_attn.forward_rows(h, real, is_causal=is_causal, window=window)
+        return self._layer(rows, attend, LayerRun(False, 0.0, self._dropout_rng))
 
     def get_config(self) -> Dict[str, Any]:
         a = self.self_attn
@@ -564,27 +298,6 @@ class TransformerEncoderLayer(Module):
         return (f"d_model={self.d_model}, nhead={self.nhead}, "
                 f"dim_feedforward={self.dim_feedforward}, activation={self.activation!r}, "
                 f"norm_first={self.norm_first}")
-
-
-class ModuleList(Module):
-    """Child modules named ``0``, ``1``, ... (PyTorch's ``layers.N.`` keys)."""
-
-    def __init__(self, modules: List[Module], dtype: Any = np.float32) -> None:
-        super().__init__(dtype)
-        for i, m in enumerate(modules):
-            self.add_module(str(i), m)
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def __iter__(self) -> Iterator[Module]:
-        return iter([m for m in self._modules.values() if m is not None])
-
-    def __getitem__(self, i: int) -> Module:
-        m: Optional[Module] = self._modules[str(range(len(self))[i])]
-        if m is None:
-            raise IndexError(i)
-        return m
 
 
 class TransformerEncoder(Module):
@@ -610,7 +323,7 @@ class TransformerEncoder(Module):
             raise InvalidParameterError(
                 f"layer: expected a TransformerEncoderLayer, got {type(layer).__name__}")
         super().__init__(layer.dtype)
-        self.num_layers = check_pos_int("num_layers", num_layers)
+        self.num_layers = check.positive_int("num_layers", num_layers)
         template = layer.get_config()
         weights = layer.state_dict()
         copies: List[Module] = []
@@ -639,7 +352,7 @@ class TransformerEncoder(Module):
         x_in = tokens_input(src, "src", self._template["d_model"])
         x = x_in.astype(self.dtype, copy=False)
         layers: List[TransformerEncoderLayer] = list(self.layers)  # type: ignore[arg-type]
-        train = check_flag("training", training)
+        train = check.flag("training", training)
         p = self._template["dropout"] if train else 0.0
         real = None if train else padding_rows(x, attn_mask, key_padding_mask, p, layers)
         if real is not None:

@@ -81,9 +81,8 @@ def linear_backward(lin: "Linear", x: np.ndarray, g: np.ndarray) -> np.ndarray:
     g^T x into lin's weight gradient and sum(g) into its bias gradient, and
     returns dL/dx = g W (..., in) in lin's dtype."""
     rows, grows = as_2d_rows(x), as_2d_rows(g)
-    lin._accumulate("weight", grows.T @ rows.astype(lin.dtype, copy=False))
-    if lin.bias is not None:
-        lin._accumulate("bias", grows.sum(axis=0))
+    lin.add_grads(grows.T @ rows.astype(lin.dtype, copy=False),
+                  grows.sum(axis=0) if lin.bias is not None else None)
     dx: np.ndarray = grows @ lin.weight
     return dx.reshape(x.shape)
 
@@ -134,6 +133,18 @@ class Linear(Module):
         g = grad_input(grad_output, x.shape[:-1] + (self.out_features,), self.dtype)
         dx = linear_backward(self, x, g)
         return dx.astype(x.dtype, copy=False)
+
+    def add_grads(self, dweight: np.ndarray, dbias: Optional[np.ndarray]) -> None:
+        """Add gradients computed elsewhere (a GEMM that projects through
+        several Linear layers at once) into ``grads``."""
+        self._accumulate("weight", dweight)
+        if dbias is not None:
+            self._accumulate("bias", dbias)
+
+    def share_storage(self, name: str, array: np.ndarray) -> None:
+        """Make parameter ``name`` ("weight" or "bias") *be* ``array``, a
+        view of a buffer that packs several layers' parameters."""
+        self._rebind(name, array)
 
     def get_config(self) -> Dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,

@@ -19,25 +19,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._errors import DTypeError, InvalidParameterError, ShapeError
+from . import _validate as check
+from ._errors import InvalidParameterError, ShapeError
 from .activations import activation_, check_activation
 from .attention import MultiHeadAttention
-from .encoder import (ModuleList, TransformerEncoder, TransformerEncoderLayer, check_dropout,
-                      check_flag, check_pos_int, check_seed, dropout_)
+from .dropout import dropout_
+from .encoder import TransformerEncoder, TransformerEncoderLayer
 from .linear import Linear
 from .lstm import LSTM
-from .module import Module
+from .module import Module, ModuleList
 from .norm import LayerNorm
 from .positional import sinusoidal_positions
 
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
 
 def _frames(x: Any, embed_dim: int) -> np.ndarray:
-    a = x if isinstance(x, np.ndarray) else np.asarray(x)
-    if a.dtype not in _FLOATS:
-        raise DTypeError(f"x: expected float16, float32 or float64, got {a.dtype} "
-                         f"with shape {a.shape}")
+    a = check.float_array(x, "x")
     if a.ndim not in (2, 3) or a.shape[-1] != embed_dim or a.shape[-2] == 0:
         raise ShapeError(f"x: expected (B, L, {embed_dim}) or unbatched (L, {embed_dim}) "
                          f"with L >= 1, got shape {a.shape}")
@@ -47,7 +43,7 @@ def _frames(x: Any, embed_dim: int) -> np.ndarray:
 def _positive_ints(**values: Any) -> Tuple[int, ...]:
     """Each keyword argument checked as a positive int, in the order given:
     the error names the first bad one, as the caller spelled it."""
-    return tuple(check_pos_int(name, value) for name, value in values.items())
+    return tuple(check.positive_int(name, value) for name, value in values.items())
 
 
 def _seeds(seed: Optional[int], n: int) -> List[int]:
@@ -69,10 +65,10 @@ class MLPHead(Module):
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
             raise InvalidParameterError(f"mlp: expected a non-empty sequence of layer sizes, "
                                         f"got {sizes!r}")
-        self.in_features = check_pos_int("in_features", in_features)
-        self.sizes = [check_pos_int("mlp", s) for s in sizes]
+        self.in_features = check.positive_int("in_features", in_features)
+        self.sizes = [check.positive_int("mlp", s) for s in sizes]
         self.activation = check_activation(activation)
-        self.seed = check_seed(seed)
+        self.seed = check.seed(seed)
         rng = np.random.default_rng(seed)
         dims = [self.in_features] + self.sizes
         self.layers = ModuleList([Linear(dims[i], dims[i + 1], True, self.dtype, rng)
@@ -132,12 +128,12 @@ class SlidingWindowModel(Module):
          self.ffn_dim) = _positive_ints(embed_dim=embed_dim, window_size=window_size,
                                         num_heads=num_heads, head_dim=head_dim,
                                         num_layers=num_layers, ffn_dim=ffn_dim)
-        self.dropout = check_dropout(dropout)
-        self.seed = check_seed(seed)
+        self.dropout = check.dropout_rate(dropout)
+        self.seed = check.seed(seed)
         if hidden_size is None:
             self.hidden_size = self.num_heads * self.head_dim
         else:
-            self.hidden_size = check_pos_int("hidden_size", hidden_size)
+            self.hidden_size = check.positive_int("hidden_size", hidden_size)
             if self.hidden_size % self.num_heads:
                 raise InvalidParameterError(
                     f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
@@ -182,7 +178,7 @@ class SlidingWindowModel(Module):
         h = self.input_proj(a.astype(self.dtype, copy=False))
         h += sinusoidal_positions(h.shape[-2], self.hidden_size).astype(self.dtype, copy=False)
         h = self.encoder(h, key_padding_mask=key_padding_mask, training=training)
-        out = h if check_flag("return_sequence", return_sequence) else h[..., -1, :]
+        out = h if check.flag("return_sequence", return_sequence) else h[..., -1, :]
         return np.ascontiguousarray(out, dtype=a.dtype)
 
     def get_config(self) -> Dict[str, Any]:
@@ -241,9 +237,9 @@ class HybridLSTMAttention(Module):
         self.embed_dim, self.lstm_hidden, self.lstm_layers, self.num_heads, self.head_dim = \
             _positive_ints(embed_dim=embed_dim, lstm_hidden=lstm_hidden,
                            lstm_layers=lstm_layers, num_heads=num_heads, head_dim=head_dim)
-        self.dropout = check_dropout(dropout)
+        self.dropout = check.dropout_rate(dropout)
         self.mlp_activation = check_activation(mlp_activation)
-        self.seed = check_seed(seed)
+        self.seed = check.seed(seed)
         s_lstm, s_attn, s_mlp, s_drop = _seeds(self.seed, 4)
         self._dropout_rng = np.random.default_rng(None if self.seed is None else s_drop)
         pick = (lambda s: None) if self.seed is None else (lambda s: s)
@@ -280,8 +276,8 @@ class HybridLSTMAttention(Module):
         (B, output_size) (unbatched: (output_size,)), x's dtype.
         """
         a = _frames(x, self.embed_dim)
-        train = check_flag("training", training)
-        full = check_flag("return_sequence", return_sequence)
+        train = check.flag("training", training)
+        full = check.flag("return_sequence", return_sequence)
         h, _ = self.lstm(a.astype(self.dtype, copy=False), training=train)
         # The last query against every state is the last row of the causal
         # pass: with bottom-right aligned causality it sees all keys.

@@ -72,6 +72,11 @@ class Module:
     """
 
     dtype: np.dtype
+    # True for a part split out of a layer whose names must not change: its
+    # parameters and children are named as its parent's own (``q_proj.weight``,
+    # not ``projections.q_proj.weight``), and its parent's attribute lookup
+    # finds its children.
+    inline_names = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -115,6 +120,9 @@ class Module:
             return d["_params"][name]
         if name in d.get("_modules", ()):
             return d["_modules"][name]
+        for child in d.get("_modules", {}).values():
+            if child is not None and child.inline_names and name in child._modules:
+                return child._modules[name]
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -149,7 +157,19 @@ class Module:
         yield prefix, self
         for name, child in self._modules.items():
             if child is not None:
-                yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+                yield from child.named_modules(prefix if child.inline_names else
+                                               f"{prefix}.{name}" if prefix else name)
+
+    def named_children(self) -> Iterator[Tuple[str, "Module"]]:
+        """(name, child) as the dotted names see them: an inline child's
+        children in its place."""
+        for name, child in self._modules.items():
+            if child is None:
+                continue
+            if child.inline_names:
+                yield from child.named_children()
+            else:
+                yield name, child
 
     def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, np.ndarray]]:
         """(dotted name, array) for every parameter, children included, in
@@ -231,16 +251,20 @@ class Module:
     def _canonical_state_dict(self, sd: Mapping[str, Any]) -> Dict[str, Any]:
         """sd with every module's foreign names converted, children recursively."""
         own = self._convert_state_dict(dict(sd))
+        for child in self._modules.values():
+            if child is not None and child.inline_names:
+                own = child._convert_state_dict(own)
+        children = dict(self.named_children())
         out: Dict[str, Any] = {}
         parts: Dict[str, Dict[str, Any]] = {}
         for key, value in own.items():
             head, _, rest = key.partition(".")
-            if rest and self._modules.get(head) is not None:
+            if rest and head in children:
                 parts.setdefault(head, {})[rest] = value
             else:
                 out[key] = value
         for head, part in parts.items():
-            for key, value in self._modules[head]._canonical_state_dict(part).items():
+            for key, value in children[head]._canonical_state_dict(part).items():
                 out[f"{head}.{key}"] = value
         return out
 
@@ -325,6 +349,27 @@ class Module:
 
     def __repr__(self) -> str:
         children = [f"  ({n}): " + repr(m).replace("\n", "\n  ")
-                    for n, m in self._modules.items() if m is not None]
+                    for n, m in self.named_children()]
         head = f"{type(self).__name__}({self.extra_repr()}"
         return head + (")" if not children else "\n" + "\n".join(children) + "\n)")
+
+
+class ModuleList(Module):
+    """Child modules named ``0``, ``1``, ... (PyTorch's ``layers.N.`` keys)."""
+
+    def __init__(self, modules: List[Module], dtype: Any = np.float32) -> None:
+        super().__init__(dtype)
+        for i, m in enumerate(modules):
+            self.add_module(str(i), m)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter([m for m in self._modules.values() if m is not None])
+
+    def __getitem__(self, i: int) -> Module:
+        m: Optional[Module] = self._modules[str(range(len(self))[i])]
+        if m is None:
+            raise IndexError(i)
+        return m

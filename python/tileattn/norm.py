@@ -1,4 +1,5 @@
-"""``LayerNorm`` over the last axis (PyTorch's ``nn.LayerNorm`` semantics)."""
+"""``LayerNorm`` over the last axis (PyTorch's ``nn.LayerNorm`` semantics), and
+its in-place and training variants that the encoder layers run."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class LayerNorm(Module):
 
     def save_stats(self, xhat: np.ndarray, inv: np.ndarray, dtype: np.dtype) -> None:
         """Keep xhat = (x - mean) * inv (..., E) and inv = 1/std (..., 1) for
-        ``backward`` (also used by the encoder's in-place norm); ``dtype`` is
+        ``backward`` (also by ``layer_norm_train`` below); ``dtype`` is
         the input's."""
         self._save((xhat, inv, dtype))
 
@@ -85,3 +86,47 @@ class LayerNorm(Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
+
+
+def layer_norm_(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
+    """``norm(x)`` computed in place in x (C-contiguous, the layer's dtype,
+    owned by the caller): the row means by one matrix-vector product, the
+    variances by one einsum, then three in-place passes; fewer passes and
+    temporaries than ``LayerNorm.forward``, same formula. Use the returned
+    array (x itself unless x was not C-contiguous)."""
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    rows = as_2d_rows(x)
+    _normalize_rows_(rows, norm.eps)
+    rows *= norm.weight
+    if norm.bias is not None:
+        rows += norm.bias
+    return x
+
+
+def _normalize_rows_(rows: np.ndarray, eps: float) -> np.ndarray:
+    """rows (N, E) -> (rows - mean) / std in place; returns 1/std (N,). The
+    arithmetic both layer-norm forwards share, so they agree bitwise."""
+    e = rows.shape[1]
+    mean = rows @ np.full(e, 1.0 / e, rows.dtype)
+    rows -= mean[:, None]
+    inv: np.ndarray = np.einsum("ij,ij->i", rows, rows)
+    inv *= rows.dtype.type(1.0 / e)
+    inv += rows.dtype.type(eps)
+    np.sqrt(inv, out=inv)
+    np.divide(rows.dtype.type(1.0), inv, out=inv)
+    rows *= inv[:, None]
+    return inv
+
+
+def layer_norm_train(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
+    """``layer_norm_(copy of x, norm)`` (the same arithmetic, so training and
+    inference forwards agree bitwise) that keeps xhat and 1/std in ``norm``
+    for ``norm.backward``. x (..., E) of the layer's dtype; a new array."""
+    rows = as_2d_rows(np.array(x, order="C"))
+    inv = _normalize_rows_(rows, norm.eps)
+    norm.save_stats(rows.reshape(x.shape).copy(), inv.reshape(x.shape[:-1] + (1,)), x.dtype)
+    rows *= norm.weight
+    if norm.bias is not None:
+        rows += norm.bias
+    return rows.reshape(x.shape)

@@ -1,0 +1,64 @@
+"""MultiHeadAttention's heads through tileattn's core: the (B, L, H, D)
+arrays the projections give, as the (B, H, L, D) views the core takes, in
+the forward and the backward."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from ._mha_saved import AttentionSaved, CoreSaved
+from .backward import scaled_dot_product_attention_backward
+from .functional import scaled_dot_product_attention
+
+Heads = Tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def heads_first(a: np.ndarray, unbatched: bool = False) -> np.ndarray:
+    """(B, L, H, D) -> the (B, H, L, D) view the core takes ((H, L, D) unbatched)."""
+    a = a.transpose(0, 2, 1, 3)
+    return a[0] if unbatched else a
+
+
+def attend_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray, unbatched: bool, value_dim: int,
+                 *, dropout: Tuple[float, Optional[int]], need_weights: bool, training: bool,
+                 masks: Dict[str, Any]
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[CoreSaved]]:
+    """The core on (B, H, L, D) views of q (B, Lq, Hq, D), k, v; the output
+    lands in a (B, Lq, Hq*Dv) buffer ready for out_proj (no transposing
+    copy). Returns it, the weights (with need_weights) and, in training,
+    what the core's backward takes. ``dropout`` is (rate, seed)."""
+    b, lq, hq, _ = q.shape
+    buf = np.empty((b, lq, hq, value_dim), q.dtype)
+    p, seed = dropout
+    # Unbatched inputs go to the core unbatched, so that its mask rules
+    # (and error messages) are the ones the user's shapes call for.
+    qh, kh, vh, out = (heads_first(a, unbatched) for a in (q, k, v, buf))
+    res = scaled_dot_product_attention(qh, kh, vh, out=out, dropout_p=p, seed=seed,
+                                       return_weights=need_weights, return_lse=training,
+                                       **masks)
+    w = res[1] if need_weights else None
+    if w is not None and unbatched:
+        w = w[None]
+    core = CoreSaved(qh, kh, vh, out, res[-1], p, seed) if training else None
+    return buf.reshape(b, lq, hq * value_dim), w, core
+
+
+def core_backward(s: AttentionSaved, d_attn: np.ndarray) -> Heads:
+    """dL/d(attention output) (B', Lq, Hq*Dv) -> dq (B', Lq, Hq, D),
+    dk (B', Lk, Hkv, D), dv (B', Lk, Hkv, Dv) by the fused core backward."""
+    c = s.core
+    assert c is not None
+    b, lq = d_attn.shape[:2]
+    (hq, d), (hkv, lk), dv_ = c.q.shape[-3::2], c.k.shape[-3:-1], c.v.shape[-1]
+    dq = np.empty((b, lq, hq, d), d_attn.dtype)
+    dk = np.empty((b, lk, hkv, d), d_attn.dtype)
+    dv = np.empty((b, lk, hkv, dv_), d_attn.dtype)
+    u = s.unbatched
+    dout = heads_first(d_attn.reshape(b, lq, hq, dv_), u)
+    scaled_dot_product_attention_backward(
+        dout, c.q, c.k, c.v, c.out, c.lse, dropout_p=c.dropout_p, seed=c.seed,
+        grads_out=(heads_first(dq, u), heads_first(dk, u), heads_first(dv, u)),
+        **s.masks)
+    return dq, dk, dv

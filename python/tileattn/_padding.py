@@ -1,0 +1,44 @@
+"""Running layers on the real tokens of a padded batch only: which tokens
+are real, and putting their rows back in the (B, L) layout."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Protocol, Tuple
+
+import numpy as np
+
+# (the (B, L) bool mask, flat indices of the real tokens, of the padding)
+RealTokens = Tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+class Unpaddable(Protocol):
+    def unpaddable(self) -> bool:
+        """Whether the layer can run on the real tokens only."""
+
+
+def padding_rows(x: np.ndarray, attn_mask: Any, key_padding_mask: Any, p: float,
+                 layers: Iterable[Unpaddable]) -> Optional[RealTokens]:
+    """(mask, flat indices of the real tokens, of the padding) when the layers
+    may run on the real tokens only (a (B, L) bool key padding mask, nothing
+    else that looks at positions, no dropout), else None."""
+    if key_padding_mask is None or attn_mask is not None or p > 0.0 or x.ndim != 3:
+        return None
+    mask = key_padding_mask if isinstance(key_padding_mask, np.ndarray) else None
+    if mask is None or mask.dtype != np.bool_ or mask.shape != x.shape[:2]:
+        return None
+    if not all(layer.unpaddable() for layer in layers):
+        return None
+    flat = mask.reshape(-1)
+    return mask, np.flatnonzero(flat), np.flatnonzero(~flat)
+
+
+def scatter_rows(rows: np.ndarray, real: RealTokens, shape: Tuple[int, ...],
+                 dtype: Any) -> np.ndarray:
+    """(N, F) real-token rows into a (B * L, F) array (or ``shape``), zeros at
+    the padding. (np.empty and zeroing the padded rows: np.zeros of a large
+    array maps fresh pages, and faulting them in cost 2x here.)"""
+    _, idx, pad = real
+    out = np.empty((shape[0] * shape[1], rows.shape[1]), dtype)
+    out[idx] = rows
+    out[pad] = 0
+    return out.reshape(shape)
