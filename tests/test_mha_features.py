@@ -6,7 +6,7 @@ import pytest
 
 import tileattn
 from tileattn import DTypeError, InvalidParameterError, ShapeError
-from tileattn import _mha_core as core_call  # where MultiHeadAttention calls the core
+from tileattn import _call as call_module  # the forward every attention call runs
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
@@ -103,13 +103,14 @@ def test_self_attention_is_one_fused_matmul(rng, monkeypatch):
     real_forward = tileattn.Linear.forward
     monkeypatch.setattr(tileattn.Linear, "forward",
                         lambda self, x: calls.append(self) or real_forward(self, x))
-    real_sdpa = core_call.scaled_dot_product_attention
+    real_forward_call = call_module.forward
 
-    def spy(q, k, v, **kw):
-        seen.update(q=q, k=k, v=v, out=kw["out"])
-        return real_sdpa(q, k, v, **kw)
+    def spy(call, **kw):
+        x = call.inputs
+        seen.update(q=x.q, k=x.k, v=x.v, out=kw["out"])
+        return real_forward_call(call, **kw)
 
-    monkeypatch.setattr(core_call, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(call_module, "forward", spy)
     m(rng.standard_normal((2, 7, 32)).astype(np.float32))
     assert calls == [m.out_proj]
     assert seen["q"].shape == (2, 4, 7, 8)

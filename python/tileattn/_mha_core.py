@@ -8,9 +8,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from . import _call
+from ._call_checks import check_out
 from ._mha_saved import AttentionSaved, CoreSaved
-from .backward import scaled_dot_product_attention_backward
-from .functional import scaled_dot_product_attention
 
 Heads = Tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -35,13 +35,15 @@ def attend_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray, unbatched: bool, v
     # Unbatched inputs go to the core unbatched, so that its mask rules
     # (and error messages) are the ones the user's shapes call for.
     qh, kh, vh, out = (heads_first(a, unbatched) for a in (q, k, v, buf))
-    res = scaled_dot_product_attention(qh, kh, vh, out=out, dropout_p=p, seed=seed,
-                                       return_weights=need_weights, return_lse=training,
-                                       **masks)
+    # The call is described (checked) once; a training forward keeps it for
+    # the backward, which then checks nothing again.
+    call = _call.describe(qh, kh, vh, dropout_p=p, seed=seed, **masks)
+    res = _call.forward(call, out=check_out(out, call.inputs.out_shape, call.inputs.in_dtype),
+                        return_weights=need_weights, return_lse=training)
     w = res[1] if need_weights else None
     if w is not None and unbatched:
         w = w[None]
-    core = CoreSaved(qh, kh, vh, out, res[-1], p, seed) if training else None
+    core = CoreSaved(qh, kh, vh, out, res[-1], call) if training else None
     return buf.reshape(b, lq, hq * value_dim), w, core
 
 
@@ -57,8 +59,6 @@ def core_backward(s: AttentionSaved, d_attn: np.ndarray) -> Heads:
     dv = np.empty((b, lk, hkv, dv_), d_attn.dtype)
     u = s.unbatched
     dout = heads_first(d_attn.reshape(b, lq, hq, dv_), u)
-    scaled_dot_product_attention_backward(
-        dout, c.q, c.k, c.v, c.out, c.lse, dropout_p=c.dropout_p, seed=c.seed,
-        grads_out=(heads_first(dq, u), heads_first(dk, u), heads_first(dv, u)),
-        **s.masks)
+    _call.backward(c.call, dout, c.out, c.lse,
+                   grads_out=(heads_first(dq, u), heads_first(dk, u), heads_first(dv, u)))
     return dq, dk, dv

@@ -8,21 +8,21 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import numpy as np
 
 from ._axes import SequenceLayout
+from ._call import AttentionCall
 from ._errors import ShapeError
 from ._validate import float_array
 
 
 class CoreSaved(NamedTuple):
     """The core's inputs as it got them ((B, H, L, D) views), its output, its
-    log-sum-exp and the dropout it drew: what its backward takes."""
+    log-sum-exp and the call it ran: what its backward takes, unchecked."""
 
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
     out: np.ndarray
     lse: np.ndarray
-    dropout_p: float
-    seed: Optional[int]
+    call: AttentionCall  # the forward's checked description: masks, options, the seed drawn
 
 
 class AttentionSaved(NamedTuple):
