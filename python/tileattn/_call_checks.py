@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from ._validate import flag, shape_str
+from ._validate import entries_within, flag, shape_str
 
 ArrayLike = Any
 Window = Union[int, Tuple[int, int], None]
@@ -241,11 +241,8 @@ def check_key_lengths(lengths: ArrayLike, b: int, lk: int, batched: bool) -> np.
         names = "(B,)" if batched else "a scalar (unbatched)"
         raise ShapeError(f"key_lengths: expected shape {names} = {want}, got {shape_str(n.shape)}")
     n = np.ascontiguousarray(n.reshape(b), dtype=np.int64)
-    bad = np.flatnonzero((n < 0) | (n > lk))
-    if bad.size:
-        i = int(bad[0])
-        raise InvalidParameterError(
-            f"key_lengths: entry {i} is {int(n[i])}, expected 0 <= length <= Lk = {lk}")
+    entries_within(n, lk, lambda i: f"key_lengths: entry {i} is {int(n[i])}, "
+                   f"expected 0 <= length <= Lk = {lk}")
     return n
 
 

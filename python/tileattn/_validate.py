@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -96,3 +96,10 @@ def dtype_in(name: str, value: Any, allowed: Sequence[np.dtype[Any]], expected: 
         raise DTypeError(f"{name}: expected {expected}, got {dt}")
     return dt
 
+
+def entries_within(values: np.ndarray, upper: Any, message: Callable[[int], str]) -> None:
+    """Raise InvalidParameterError(message(i)) for the first i where values[i]
+    is outside [0, upper] (upper: one bound or one per entry)."""
+    bad = np.flatnonzero((values < 0) | (values > upper))
+    if bad.size:
+        raise InvalidParameterError(message(int(bad[0])))
