@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Any, Optional, Tuple, Union, cast
+from typing import Any, Callable, Optional, Tuple, Union, cast
 
 import numpy as np
 
@@ -169,6 +169,15 @@ def dropout_and_seed(dropout_p: float, seed: Optional[int]) -> tuple[float, int]
     return p, seed
 
 
+def _broadcast_or_raise(m: np.ndarray, full: tuple[int, ...],
+                        message: Callable[[], str]) -> np.ndarray:
+    """m broadcast (a read-only view) to full, or ShapeError(message())."""
+    try:
+        return np.broadcast_to(m, full)
+    except ValueError:
+        raise ShapeError(message()) from None
+
+
 def broadcast_attn_mask(mask: ArrayLike, target: tuple[int, ...], dtype: np.dtype[Any],
                batched: bool) -> np.ndarray:
     m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
@@ -186,13 +195,9 @@ def broadcast_attn_mask(mask: ArrayLike, target: tuple[int, ...], dtype: np.dtyp
         raise ShapeError(
             f"attn_mask: shape {shape_str(m.shape)} has more axes than the scores {full}"
         )
-    try:
-        view = np.broadcast_to(m, full)
-    except ValueError:
-        names = "(B, Hq, Lq, Lk)" if batched else "(Hq, Lq, Lk)"
-        raise ShapeError(
-            f"attn_mask: shape {shape_str(m.shape)} does not broadcast to the scores {names} = {full}"
-        ) from None
+    view = _broadcast_or_raise(m, full, lambda: (
+        f"attn_mask: shape {shape_str(m.shape)} does not broadcast to the scores "
+        f"{'(B, Hq, Lq, Lk)' if batched else '(Hq, Lq, Lk)'} = {full}"))
     if not batched:
         view = view[np.newaxis]
     if kind == "float":
@@ -219,13 +224,9 @@ def check_key_padding(mask: ArrayLike, b: int, lk: int, batched: bool) -> np.nda
                 f"got {m.dtype}"
             )
     full = (b, lk) if batched else (lk,)
-    try:
-        view = np.broadcast_to(m, full)
-    except ValueError:
-        names = "(B, Lk)" if batched else "(Lk,)"
-        raise ShapeError(
-            f"key_padding_mask: expected shape {names} = {full}, got {shape_str(m.shape)}"
-        ) from None
+    view = _broadcast_or_raise(m, full, lambda: (
+        f"key_padding_mask: expected shape {'(B, Lk)' if batched else '(Lk,)'} = {full}, "
+        f"got {shape_str(m.shape)}"))
     return view if batched else view[np.newaxis]
 
 
