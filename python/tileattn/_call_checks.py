@@ -8,13 +8,13 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Any, Optional, Tuple, Union, cast
+from typing import Any, Callable, Optional, Tuple, Union, cast
 
 import numpy as np
 
 from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from ._validate import flag, shape_str
+from ._validate import entries_within, flag, shape_str
 
 ArrayLike = Any
 Window = Union[int, Tuple[int, int], None]
@@ -169,6 +169,15 @@ def dropout_and_seed(dropout_p: float, seed: Optional[int]) -> tuple[float, int]
     return p, seed
 
 
+def _broadcast_or_raise(m: np.ndarray, full: tuple[int, ...],
+                        message: Callable[[], str]) -> np.ndarray:
+    """m broadcast (a read-only view) to full, or ShapeError(message())."""
+    try:
+        return np.broadcast_to(m, full)
+    except ValueError:
+        raise ShapeError(message()) from None
+
+
 def broadcast_attn_mask(mask: ArrayLike, target: tuple[int, ...], dtype: np.dtype[Any],
                batched: bool) -> np.ndarray:
     m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
@@ -186,13 +195,9 @@ def broadcast_attn_mask(mask: ArrayLike, target: tuple[int, ...], dtype: np.dtyp
         raise ShapeError(
             f"attn_mask: shape {shape_str(m.shape)} has more axes than the scores {full}"
         )
-    try:
-        view = np.broadcast_to(m, full)
-    except ValueError:
-        names = "(B, Hq, Lq, Lk)" if batched else "(Hq, Lq, Lk)"
-        raise ShapeError(
-            f"attn_mask: shape {shape_str(m.shape)} does not broadcast to the scores {names} = {full}"
-        ) from None
+    view = _broadcast_or_raise(m, full, lambda: (
+        f"attn_mask: shape {shape_str(m.shape)} does not broadcast to the scores "
+        f"{'(B, Hq, Lq, Lk)' if batched else '(Hq, Lq, Lk)'} = {full}"))
     if not batched:
         view = view[np.newaxis]
     if kind == "float":
@@ -219,13 +224,9 @@ def check_key_padding(mask: ArrayLike, b: int, lk: int, batched: bool) -> np.nda
                 f"got {m.dtype}"
             )
     full = (b, lk) if batched else (lk,)
-    try:
-        view = np.broadcast_to(m, full)
-    except ValueError:
-        names = "(B, Lk)" if batched else "(Lk,)"
-        raise ShapeError(
-            f"key_padding_mask: expected shape {names} = {full}, got {shape_str(m.shape)}"
-        ) from None
+    view = _broadcast_or_raise(m, full, lambda: (
+        f"key_padding_mask: expected shape {'(B, Lk)' if batched else '(Lk,)'} = {full}, "
+        f"got {shape_str(m.shape)}"))
     return view if batched else view[np.newaxis]
 
 
@@ -241,11 +242,8 @@ def check_key_lengths(lengths: ArrayLike, b: int, lk: int, batched: bool) -> np.
         names = "(B,)" if batched else "a scalar (unbatched)"
         raise ShapeError(f"key_lengths: expected shape {names} = {want}, got {shape_str(n.shape)}")
     n = np.ascontiguousarray(n.reshape(b), dtype=np.int64)
-    bad = np.flatnonzero((n < 0) | (n > lk))
-    if bad.size:
-        i = int(bad[0])
-        raise InvalidParameterError(
-            f"key_lengths: entry {i} is {int(n[i])}, expected 0 <= length <= Lk = {lk}")
+    entries_within(n, lk, lambda i: f"key_lengths: entry {i} is {int(n[i])}, "
+                   f"expected 0 <= length <= Lk = {lk}")
     return n
 
 

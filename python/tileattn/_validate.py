@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -79,3 +79,27 @@ def float_array(x: Any, name: str) -> np.ndarray:
         raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype} "
                          f"with shape {a.shape}")
     return a
+
+
+def dtype_in(name: str, value: Any, allowed: Sequence[np.dtype[Any]], expected: str,
+             unparsable: Optional[str] = None) -> np.dtype[Any]:
+    """value read as a NumPy dtype, which must be one of allowed.
+
+    ``expected`` names the allowed dtypes in the error; ``unparsable``, when
+    given, replaces it in the error for a value NumPy cannot read as a dtype.
+    """
+    try:
+        dt: np.dtype[Any] = np.dtype(value)
+    except TypeError:
+        raise DTypeError(f"{name}: expected {unparsable or expected}, got {value!r}") from None
+    if dt not in allowed:
+        raise DTypeError(f"{name}: expected {expected}, got {dt}")
+    return dt
+
+
+def entries_within(values: np.ndarray, upper: Any, message: Callable[[int], str]) -> None:
+    """Raise InvalidParameterError(message(i)) for the first i where values[i]
+    is outside [0, upper] (upper: one bound or one per entry)."""
+    bad = np.flatnonzero((values < 0) | (values > upper))
+    if bad.size:
+        raise InvalidParameterError(message(int(bad[0])))

@@ -82,6 +82,18 @@ def _executor(n: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def _poly(coefs: Tuple[float, ...], t: np.ndarray) -> np.ndarray:
+    """Horner's rule, highest power first (two coefficients or more), in a
+    new array of t's dtype; the caller sets errstate."""
+    f = t.dtype.type
+    p: np.ndarray = t * f(coefs[0])
+    for c in coefs[1:-1]:
+        p += f(c)
+        p *= t
+    p += f(coefs[-1])
+    return p
+
+
 def _gelu_chunk(x: np.ndarray) -> None:
     if x.dtype == np.float64:
         _gelu_erfc(x)
@@ -93,11 +105,7 @@ def _gelu_chunk(x: np.ndarray) -> None:
     with np.errstate(over="ignore", invalid="ignore"):
         x *= f(0.5)
         t = x * x
-        p = t * f(_HALF_FORM[0])
-        for c in _HALF_FORM[1:-1]:
-            p += f(c)
-            p *= t
-        p += f(_HALF_FORM[-1])
+        p = _poly(_HALF_FORM, t)
         p *= x
         np.tanh(p, out=p)
         p *= x
@@ -115,11 +123,7 @@ def _gelu_erfc(x: np.ndarray) -> None:
         np.divide(f(1.0), t, out=t)
         u = t * f(scale)
         u += f(shift)            # z > 27 lands a little below -1: exp underflows there anyway
-        p = u * f(coefs[0])
-        for c in coefs[1:-1]:
-            p += f(c)
-            p *= u
-        p += f(coefs[-1])
+        p = _poly(coefs, u)
         z *= z
         p -= z
         np.exp(p, out=p)
@@ -223,16 +227,6 @@ def activation(name: str, x: np.ndarray) -> np.ndarray:
 
 
 # -- derivatives (the backward passes) -----------------------------------------
-def _poly(coefs: Tuple[float, ...], t: np.ndarray) -> np.ndarray:
-    """Horner's rule, highest power first, in t's dtype."""
-    f = t.dtype.type
-    p = np.full(t.shape, f(coefs[0]), t.dtype)
-    for c in coefs[1:]:
-        p *= t
-        p += f(c)
-    return p
-
-
 def normal_cdf(x: np.ndarray) -> np.ndarray:
     """Phi(x) (a new array of x's float dtype) with the fits the exact GELU
     uses: float64 through erfc, float32 through the tanh form."""

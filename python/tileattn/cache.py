@@ -32,7 +32,8 @@ from ._cache_attend import attend_and_write
 from ._cache_layout import make_layout
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._call_checks import check_out, dropout_and_seed, scale_value, window_bounds
-from ._validate import FLOAT_DTYPES, is_bool, optional_positive_int, positive_int, shape_str
+from ._validate import (FLOAT_DTYPES, dtype_in, entries_within, is_bool, optional_positive_int,
+                        positive_int, shape_str)
 
 # The constructor's settings, as pickled (with the layout's rows and the lengths).
 _SETTINGS = ("batch", "num_kv_heads", "max_len", "head_dim", "value_dim", "dtype", "window",
@@ -53,11 +54,8 @@ def _counts(name: str, counts: Any, batch: int, upper: np.ndarray,
         raise ShapeError(
             f"{name}: expected an int or shape ({batch},), got shape {shape_str(c.shape)}")
     c = c.astype(np.int64)
-    bad = np.flatnonzero((c < 0) | (c > upper))
-    if bad.size:
-        i = int(bad[0])
-        raise InvalidParameterError(
-            f"{name}: entry {i} is {int(c[i])}, expected 0 <= {name} <= {int(upper[i])} ({what})")
+    entries_within(c, upper, lambda i: f"{name}: entry {i} is {int(c[i])}, "
+                   f"expected 0 <= {name} <= {int(upper[i])} ({what})")
     return c
 
 
@@ -134,13 +132,8 @@ class KVCache:
         self.max_len = positive_int("max_len", max_len)
         self.head_dim = positive_int("head_dim", head_dim)
         self.value_dim = optional_positive_int("value_dim", value_dim, self.head_dim)
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise DTypeError(f"dtype: expected float32, float16 or float64, got {dtype!r}") from None
-        if dt not in FLOAT_DTYPES:
-            raise DTypeError(f"dtype: expected float32, float16 or float64, got {dt}")
-        self.dtype: np.dtype[Any] = dt
+        self.dtype: np.dtype[Any] = dtype_in("dtype", dtype, FLOAT_DTYPES,
+                                             "float32, float16 or float64")
         self.window = None if window is None else positive_int("window", window)
         self.capacity = self.max_len if self.window is None else min(self.window, self.max_len)
         self._busy = threading.Lock()

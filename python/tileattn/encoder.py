@@ -16,7 +16,6 @@ from ._padding import RealTokens, padding_rows, scatter_rows
 from .activations import check_activation
 from .attention import MultiHeadAttention
 from ._call_checks import Window, window_bounds
-from .dropout import dropout_ as dropout_  # re-exported: lstm.py imports it from here
 from .dropout import dropout_backward, dropout_keep_
 from .feedforward import (FeedForward, FFSaved, feed_forward, feed_forward_backward,
                           feed_forward_train)

@@ -16,7 +16,7 @@ import numpy as np
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._validate import FLOAT_DTYPES, dropout_rate, flag, float_array, positive_int
 from ._validate import seed as check_seed
-from .encoder import dropout_
+from .dropout import dropout_
 from .module import Module
 
 

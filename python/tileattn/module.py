@@ -13,11 +13,12 @@ edits and attribute assignment.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, cast
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError, ShapeError
+from ._validate import dtype_in
 
 _MODULE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -34,13 +35,7 @@ class IncompatibleKeys(NamedTuple):
 
 def module_dtype(dtype: Any) -> np.dtype:
     """The dtype a module computes in: float32 or float64."""
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise DTypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
-    if dt not in _MODULE_DTYPES:
-        raise DTypeError(f"dtype: expected float32 or float64, got {dt}")
-    return cast(np.dtype, dt)
+    return dtype_in("dtype", dtype, _MODULE_DTYPES, "float32 or float64")
 
 
 def _shape_str(shape: Tuple[int, ...]) -> str:

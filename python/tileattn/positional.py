@@ -10,7 +10,7 @@ import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._memory import check_fits
-from ._validate import FLOAT_DTYPES, positive_real
+from ._validate import FLOAT_DTYPES, dtype_in, positive_real
 
 
 # Lengths, dims and offsets: unlike _validate's int checks this takes any
@@ -139,12 +139,8 @@ def sinusoidal_positions(length: int, dim: int, *, base: float = 10000.0,
     d = _int("dim", dim, 1)
     check_fits("sinusoidal_positions", (n, d), 8)  # built in float64
     base_v = positive_real("base", base)
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise DTypeError(f"dtype: expected a float dtype, got {dtype!r}") from None
-    if dt not in FLOAT_DTYPES:
-        raise DTypeError(f"dtype: expected float16, float32 or float64, got {dt}")
+    dt = dtype_in("dtype", dtype, FLOAT_DTYPES, "float16, float32 or float64",
+                  unparsable="a float dtype")
     i = np.arange(0, d, 2, dtype=np.float64)
     angles = np.arange(n, dtype=np.float64)[:, None] / base_v ** (i / d)
     table = np.empty((n, d), np.float64)
