@@ -349,14 +349,23 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "tileattn's C++ core (private; use the tileattn package)";
-  // AttentionOptions(**fields): the defaults above, then each named field
-  // set through its binding below (an unknown name raises AttributeError).
+  // AttentionOptions(scale=..., ...): each field by name, with the defaults
+  // of the struct (named arguments parse in C++: ~1 us, where setting each
+  // field from Python took ~4 us of a small call's ~40).
+  const AttentionOptions defaults;
   py::class_<AttentionOptions>(m, "AttentionOptions")
-      .def(py::init([](const py::kwargs& fields) {
-        py::object self = py::cast(AttentionOptions());
-        for (const auto& field : fields) py::setattr(self, field.first, field.second);
-        return self.cast<AttentionOptions>();
-      }))
+      .def(py::init([](double scale, int64_t window_left, int64_t window_right, py::object mask,
+                       py::object key_padding, py::object key_lengths, double dropout_p,
+                       uint64_t seed) {
+             return AttentionOptions{scale, window_left, window_right, std::move(mask),
+                                     std::move(key_padding), std::move(key_lengths), dropout_p,
+                                     seed};
+           }),
+           py::kw_only(), py::arg("scale") = defaults.scale,
+           py::arg("window_left") = defaults.window_left,
+           py::arg("window_right") = defaults.window_right, py::arg("mask") = py::none(),
+           py::arg("key_padding") = py::none(), py::arg("key_lengths") = py::none(),
+           py::arg("dropout_p") = defaults.dropout_p, py::arg("seed") = defaults.seed)
       .def_readwrite("scale", &AttentionOptions::scale)
       .def_readwrite("window_left", &AttentionOptions::window_left)
       .def_readwrite("window_right", &AttentionOptions::window_right)

@@ -126,5 +126,5 @@ def test_core_rejects_inconsistent_arrays():
                                                                    mask=np.ones((5, 6), bool)))
     with pytest.raises(ValueError, match="v: expected dtype"):
         core.attention_forward(q, k, v.astype(np.float64), out, options)
-    with pytest.raises(AttributeError):
+    with pytest.raises(TypeError):
         core.AttentionOptions(scale=1.0, window=3)  # not a field

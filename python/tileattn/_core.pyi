@@ -9,7 +9,7 @@ _Floats = npt.NDArray[np.floating[Any]]
 
 # The options the forward and the backward kernel share, one object per call
 # (csrc/module.cpp declares the struct; tileattn/_call.py fills it). The
-# constructor takes any of the fields by name.
+# constructor takes any of the fields by name (keyword-only).
 class AttentionOptions:
     scale: float  # default 1.0
     window_left: int  # default -1 (unbounded)
@@ -19,7 +19,18 @@ class AttentionOptions:
     key_lengths: Optional[npt.NDArray[np.int64]]
     dropout_p: float  # default 0.0
     seed: int  # default 0
-    def __init__(self, **fields: Any) -> None: ...
+    def __init__(
+        self,
+        *,
+        scale: float = 1.0,
+        window_left: int = -1,
+        window_right: int = -1,
+        mask: Optional[npt.NDArray[Any]] = None,
+        key_padding: Optional[npt.NDArray[np.bool_]] = None,
+        key_lengths: Optional[npt.NDArray[np.int64]] = None,
+        dropout_p: float = 0.0,
+        seed: int = 0,
+    ) -> None: ...
 
 def attention_forward(
     q: _Floats,
