@@ -375,11 +375,11 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("dropout_p", &AttentionOptions::dropout_p)
       .def_readwrite("seed", &AttentionOptions::seed);
   m.def("attention_forward", &attention_forward_py, py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("out"), py::arg("options"), py::kw_only(), py::arg("weights") = py::none(),
+        py::arg("out"), py::arg("options"), py::arg("weights") = py::none(),
         py::arg("lse") = py::none());
   m.def("attention_backward", &attention_backward_py, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dq"), py::arg("dk"),
-        py::arg("dv"), py::arg("options"), py::kw_only(), py::arg("dscores") = py::none());
+        py::arg("dv"), py::arg("options"), py::arg("dscores") = py::none());
   m.def("linear_forward", &linear_forward_py, py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("out"));
   m.def("copy_dense", &copy_dense_py, py::arg("src"), py::arg("dst"));

@@ -108,8 +108,8 @@ class AttentionCall(NamedTuple):
         same keys, and the kernel stops reading at each sequence's end;
         with bounds the two differ, as lengths also move the diagonal)."""
         kpm, lengths = self.key_padding, self.key_lengths
-        unbounded = self.window_left == -1 and self.window_right == -1
-        if prefer_lengths and lengths is None and kpm is not None and unbounded:
+        if (prefer_lengths and kpm is not None and lengths is None
+                and self.window_left == -1 and self.window_right == -1):
             lengths = prefix_lengths(kpm)
             kpm = None if lengths is not None else kpm
         return _core.AttentionOptions(
@@ -167,8 +167,9 @@ def forward(call: AttentionCall, *, out: Optional[np.ndarray] = None,
     result = x.batch(out) if direct and out is not None else np.empty(x.out_shape4, x.dtype)
     lse = np.full((b, hq, lq, 1), -np.inf, np.float64) if return_lse else None
 
+    # Positional: keyword arguments cost a small call ~0.7 us to parse.
     _core.attention_forward(q4, k4, v4, result, call.kernel_options(prefer_lengths=True),
-                            weights=weights, lse=lse)
+                            weights, lse)
 
     result = x.unbatch(result)
     if out is not None:

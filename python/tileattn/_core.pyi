@@ -38,7 +38,6 @@ def attention_forward(
     v: _Floats,
     out: _Floats,
     options: AttentionOptions,
-    *,
     weights: Optional[_Floats] = None,
     lse: Optional[_Floats] = None,
 ) -> None: ...
@@ -55,7 +54,6 @@ def attention_backward(
     dk: _Floats,
     dv: _Floats,
     options: AttentionOptions,
-    *,
     dscores: Optional[_Floats] = None,
 ) -> None: ...
 def num_threads() -> int: ...
