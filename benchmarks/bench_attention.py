@@ -86,10 +86,9 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--numpy", action="store_true", help="also time plain NumPy attention")
     ap.add_argument("--float64", action="store_true", help="also time tileattn in float64")
-    ap.add_argument("--lead-in", type=float, default=_bench.LEAD_IN_S,
-                    help="seconds of untimed calls before each timed one (0: off); see _bench.paired_times")
+    _bench.add_lead_in_argument(ap)
     args = ap.parse_args(argv)
-    _bench.LEAD_IN_S = args.lead_in
+    _bench.start(args)
     import torch
 
     print(f"machine: {platform.machine()} {platform.processor() or ''}; "

@@ -129,10 +129,9 @@ def main(argv=None):
     ap.add_argument("--memory", type=int, nargs="*", help="sequence lengths for the RSS check")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--lead-in", type=float, default=_bench.LEAD_IN_S,
-                    help="seconds of untimed calls before each timed one (0: off); see _bench.paired_times")
+    _bench.add_lead_in_argument(ap)
     args = ap.parse_args(argv)
-    _bench.LEAD_IN_S = args.lead_in
+    _bench.start(args)
     if args.memory_child:
         memory_child(args.memory_child, args.heads, args.threads[0])
         return 0

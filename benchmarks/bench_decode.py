@@ -183,12 +183,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--no-stack", action="store_true")
-    ap.add_argument("--lead-in", type=float, default=_bench.LEAD_IN_S,
-                    help="seconds of untimed calls before each timed one (0: off); see _bench.paired_times")
+    _bench.add_lead_in_argument(ap)
     args = ap.parse_args(argv)
-    _bench.LEAD_IN_S = args.lead_in
-    tileattn.set_num_threads(args.threads)
-    torch.set_num_threads(args.threads)
+    _bench.start(args, torch)
     print(f"{platform.machine()}, {args.threads} threads, tileattn {tileattn.__version__} "
           f"({tileattn._core.isa()}), torch {torch.__version__}, numpy {np.__version__}, "
           f"BLAS threads {os.environ.get('OPENBLAS_NUM_THREADS')}")

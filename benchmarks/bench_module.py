@@ -91,12 +91,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--shapes", nargs="+", default=list(CASES))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--lead-in", type=float, default=_bench.LEAD_IN_S,
-                    help="seconds of untimed calls before each timed one (0: off); see _bench.paired_times")
+    _bench.add_lead_in_argument(ap)
     args = ap.parse_args(argv)
-    _bench.LEAD_IN_S = args.lead_in
-    tileattn.set_num_threads(args.threads)
-    torch.set_num_threads(args.threads)
+    _bench.start(args, torch)
     print(f"{args.threads} threads, float32, torch {torch.__version__}, "
           f"tileattn {tileattn.__version__}")
     print(f"{'B,L,E,H':22s} {'tileattn':>10s} {'torch':>10s} {'torch/tile':>10s} "

@@ -30,6 +30,19 @@ def rss() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+
+def assert_rss_flat(calls, *, warm, timed, label):
+    """Runs the calls in turn, `warm` times untimed, then `timed` times; the
+    resident set may not grow by 4 MiB or more over the timed ones."""
+    for i in range(warm):
+        calls[i % len(calls)]()
+    before = rss()
+    for i in range(timed):
+        calls[i % len(calls)]()
+    after = rss()
+    print(f"RSS {label}: {before / MiB:.1f} -> {after / MiB:.1f} MiB")
+    assert after - before < 4 * MiB, (before, after)
+
 @pytest.mark.skipif(SANITIZED, reason="ASan's quarantine holds freed memory")
 def test_no_rss_growth_over_100000_small_calls(rng, restore_threads):
     q, k, v = make_qkv(rng, 1, 2, 1, 4, 9, 8)
@@ -38,14 +51,7 @@ def test_no_rss_growth_over_100000_small_calls(rng, restore_threads):
     calls = [lambda: sdpa(q, k, v), lambda: sdpa(q, k, v, is_causal=True),
              lambda: sdpa(q, k, v, key_padding_mask=kpm, return_weights=True),
              lambda: sdpa(q, k, v, window=(2, 0), dropout_p=0.1, seed=3)]
-    for i in range(4000):
-        calls[i % 4]()
-    before = rss()
-    for i in range(100_000):
-        calls[i % 4]()
-    after = rss()
-    print(f"RSS small calls: {before / MiB:.1f} -> {after / MiB:.1f} MiB")
-    assert after - before < 4 * MiB, (before, after)
+    assert_rss_flat(calls, warm=4000, timed=100_000, label="small calls")
 
 
 @pytest.mark.skipif(SANITIZED, reason="ASan's quarantine holds freed memory")
@@ -56,15 +62,8 @@ def test_no_rss_growth_over_1000_large_calls(rng, restore_threads):
              lambda: sdpa(q, k, v, attn_mask=mask),
              lambda: sdpa(q[:, :, :2], k, v),           # the decode path
              lambda: sdpa(q, k, v, return_weights=True)]
-    for i in range(40):
-        calls[i % 4]()
-    before = rss()
-    for i in range(1000):
-        calls[i % 4]()
-    after = rss()
-    print(f"RSS large calls: {before / MiB:.1f} -> {after / MiB:.1f} MiB")
     # one call's own arrays are ~7 MiB (the weights); growth must stay below that
-    assert after - before < 4 * MiB, (before, after)
+    assert_rss_flat(calls, warm=40, timed=1000, label="large calls")
 
 
 def test_impossible_weights_raise_memory_error():

@@ -131,6 +131,27 @@ LEAD_IN_S = 0.15
 LEAD_IN_UNDER_S = 1.0
 
 
+def add_lead_in_argument(ap: Any) -> None:
+    """The benchmarks' --lead-in option (an argparse parser's)."""
+    ap.add_argument("--lead-in", type=float, default=LEAD_IN_S,
+                    help="seconds of untimed calls before each timed one (0: off); "
+                         "see _bench.paired_times")
+
+
+def start(args: Any, *engines: Any) -> None:
+    """Applies parsed benchmark options: the lead-in, and ``args.threads``
+    (when it is one number) to tileattn and each engine given (e.g. torch)."""
+    global LEAD_IN_S
+    LEAD_IN_S = args.lead_in
+    threads = getattr(args, "threads", None)
+    if isinstance(threads, int):
+        from ._threads import set_num_threads
+
+        set_num_threads(threads)
+        for engine in engines:
+            engine.set_num_threads(threads)
+
+
 def paired_times(runners: Dict[str, Callable[[], object]], rounds: int = 7,
                  warmup: int = 1, budget_s: Optional[float] = None,
                  lead_in_s: Optional[float] = None) -> Dict[str, List[float]]:
