@@ -37,11 +37,15 @@ struct AttentionParams {
 
   double scale = 1.0;
 
-  // Query i (aligned bottom-right: i' = i + Lk - Lq) sees key j iff
+  // Query i, aligned as i', sees key j iff
   // i' - window_left <= j <= i' + window_right; -1 means unbounded.
   // is_causal is folded in by the caller as window_right = 0.
   int64_t window_left = -1;
   int64_t window_right = -1;
+  // The alignment: bottom-right, i' = i + Lk - Lq (the last query sees the
+  // last key: a KV cache's queries are its newest tokens), or top-left,
+  // i' = i (PyTorch's and Keras' is_causal when Lq != Lk).
+  bool top_left = false;
 
   // General mask, broadcast to (B, Hq, Lq, Lk) by its strides. A boolean mask
   // is bytes (nonzero = may attend); an additive one has the input's dtype.

@@ -138,6 +138,7 @@ void set_key_lengths(AttentionParams& p, const py::object& obj) {
 struct AttentionOptions {
   double scale = 1.0;
   int64_t window_left = -1, window_right = -1;  // -1: unbounded
+  bool top_left = false;                        // the bounds' alignment
   py::object mask = py::none();         // (B, Hq, Lq, Lk) bool, or the compute dtype
   py::object key_padding = py::none();  // (B, Lk) bool, True = real token
   py::object key_lengths = py::none();  // (B,) int64
@@ -189,6 +190,7 @@ AttentionParams params_from(py::array q, py::array k, py::array v, py::array out
   const int64_t unbounded_from = p.Lq + p.Lk;
   p.window_left = o.window_left >= unbounded_from ? -1 : o.window_left;
   p.window_right = o.window_right >= unbounded_from ? -1 : o.window_right;
+  p.top_left = o.top_left;
   set_mask(p, o.mask, dt);
   set_key_padding(p, o.key_padding);
   set_key_lengths(p, o.key_lengths);
@@ -354,21 +356,23 @@ PYBIND11_MODULE(_core, m) {
   // field from Python took ~4 us of a small call's ~40).
   const AttentionOptions defaults;
   py::class_<AttentionOptions>(m, "AttentionOptions")
-      .def(py::init([](double scale, int64_t window_left, int64_t window_right, py::object mask,
-                       py::object key_padding, py::object key_lengths, double dropout_p,
-                       uint64_t seed) {
-             return AttentionOptions{scale, window_left, window_right, std::move(mask),
-                                     std::move(key_padding), std::move(key_lengths), dropout_p,
-                                     seed};
+      .def(py::init([](double scale, int64_t window_left, int64_t window_right, bool top_left,
+                       py::object mask, py::object key_padding, py::object key_lengths,
+                       double dropout_p, uint64_t seed) {
+             return AttentionOptions{scale,           window_left,           window_right,
+                                     top_left,        std::move(mask),       std::move(key_padding),
+                                     std::move(key_lengths), dropout_p,      seed};
            }),
            py::kw_only(), py::arg("scale") = defaults.scale,
            py::arg("window_left") = defaults.window_left,
-           py::arg("window_right") = defaults.window_right, py::arg("mask") = py::none(),
+           py::arg("window_right") = defaults.window_right,
+           py::arg("top_left") = defaults.top_left, py::arg("mask") = py::none(),
            py::arg("key_padding") = py::none(), py::arg("key_lengths") = py::none(),
            py::arg("dropout_p") = defaults.dropout_p, py::arg("seed") = defaults.seed)
       .def_readwrite("scale", &AttentionOptions::scale)
       .def_readwrite("window_left", &AttentionOptions::window_left)
       .def_readwrite("window_right", &AttentionOptions::window_right)
+      .def_readwrite("top_left", &AttentionOptions::top_left)
       .def_readwrite("mask", &AttentionOptions::mask)
       .def_readwrite("key_padding", &AttentionOptions::key_padding)
       .def_readwrite("key_lengths", &AttentionOptions::key_lengths)

@@ -3,8 +3,8 @@
 // through ScoreMask, so a new kind of mask is added here and nowhere else.
 //
 // The kinds, combined (a key is seen only where every one allows it):
-//   - bounds: causal / sliding window (two integers, aligned bottom-right)
-//     and per-item key lengths (keys past them are never read);
+//   - bounds: causal / sliding window (two integers, aligned bottom-right
+//     or top-left) and per-item key lengths (keys past them are never read);
 //   - key padding: a (B, Lk) byte row set, nonzero = real token;
 //   - a general mask broadcast by its strides: boolean (nonzero = may
 //     attend) or additive (the compute dtype, added to the score).
@@ -26,7 +26,7 @@ struct KeyBounds {
   KeyBounds(const AttentionParams& p, int64_t b)
       : left(p.window_left), right(p.window_right),
         lk(p.key_lengths ? p.key_lengths[b] : p.Lk) {
-    shift = lk - p.Lq;
+    shift = p.top_left ? 0 : lk - p.Lq;
   }
   int64_t lo(int64_t i) const { return left < 0 ? 0 : i + shift - left; }
   int64_t hi(int64_t i) const { return right < 0 ? lk - 1 : i + shift + right; }

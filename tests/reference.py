@@ -31,8 +31,10 @@ def dropout_uniform(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def visible_keys(lq: int, lk: int, is_causal=False, window=None) -> np.ndarray:
-    """(Lq, Lk) bool: which keys each query may see from causal/window alone."""
+def visible_keys(lq: int, lk: int, is_causal=False, window=None,
+                 causal_alignment="bottom_right") -> np.ndarray:
+    """(Lq, Lk) bool: which keys each query may see from causal/window alone
+    (query i aligned at key i + Lk - Lq bottom-right, at key i top-left)."""
     left, right = -1, -1
     if window is not None:
         if isinstance(window, int):
@@ -41,7 +43,7 @@ def visible_keys(lq: int, lk: int, is_causal=False, window=None) -> np.ndarray:
             left, right = window
     if is_causal:
         right = 0 if right == -1 else min(right, 0)
-    i = np.arange(lq)[:, None] + (lk - lq)
+    i = np.arange(lq)[:, None] + (0 if causal_alignment == "top_left" else lk - lq)
     j = np.arange(lk)[None, :]
     ok = np.ones((lq, lk), dtype=bool)
     if left >= 0:
@@ -52,7 +54,8 @@ def visible_keys(lq: int, lk: int, is_causal=False, window=None) -> np.ndarray:
 
 
 def attention(q, k, v, *, attn_mask=None, key_padding_mask=None, is_causal=False,
-              window=None, scale=None, dropout_p=0.0, seed=0, dtype=np.float64):
+              window=None, causal_alignment="bottom_right", scale=None, dropout_p=0.0, seed=0,
+              dtype=np.float64):
     """Returns (out, weights) computed densely in `dtype`.
 
     Shapes as tileattn (batched or unbatched); weights are after dropout.
@@ -69,7 +72,8 @@ def attention(q, k, v, *, attn_mask=None, key_padding_mask=None, is_causal=False
     if scale is None:
         scale = 1.0 / np.sqrt(d) if d else 1.0
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * dtype(scale)
-    ok = np.broadcast_to(visible_keys(lq, lk, is_causal, window), s.shape).copy()
+    ok = np.broadcast_to(visible_keys(lq, lk, is_causal, window, causal_alignment),
+                         s.shape).copy()
     if attn_mask is not None:
         m = np.asarray(attn_mask)
         if not batched:

@@ -32,6 +32,7 @@ from ._call_checks import (
     kernel_can_write,
     prefix_lengths,
     scale_value,
+    top_left_alignment,
     window_bounds,
 )
 from ._errors import InvalidParameterError
@@ -98,6 +99,7 @@ class AttentionCall(NamedTuple):
     key_lengths: Optional[np.ndarray]  # (B,) int64
     window_left: int  # -1 = unbounded
     window_right: int
+    top_left: bool  # the bounds align query i with key i (else the last with the last)
     scale: float
     dropout_p: float
     seed: int
@@ -114,7 +116,7 @@ class AttentionCall(NamedTuple):
             kpm = None if lengths is not None else kpm
         return _core.AttentionOptions(
             scale=self.scale, window_left=self.window_left, window_right=self.window_right,
-            mask=self.mask, key_padding=kpm, key_lengths=lengths,
+            top_left=self.top_left, mask=self.mask, key_padding=kpm, key_lengths=lengths,
             dropout_p=self.dropout_p, seed=self.seed)
 
 
@@ -122,16 +124,18 @@ def describe(q: ArrayLike, k: ArrayLike, v: ArrayLike, *,
              attn_mask: Optional[ArrayLike] = None,
              key_padding_mask: Optional[ArrayLike] = None,
              key_lengths: Optional[ArrayLike] = None,
-             is_causal: bool = False, window: Window = None, scale: Optional[float] = None,
+             is_causal: bool = False, window: Window = None,
+             causal_alignment: str = "bottom_right", scale: Optional[float] = None,
              dropout_p: float = 0.0, seed: Optional[int] = None,
              seed_from_forward: bool = False) -> AttentionCall:
     """Checks one call's inputs and options, in the order errors are
-    reported: q/k/v, window and is_causal, scale, dropout_p and seed, the
+    reported: q/k/v, window and is_causal, causal_alignment, scale, dropout_p and seed, the
     masks, key lengths. seed_from_forward: a backward regenerates the
     forward's dropout mask, so it needs the forward's seed (none is drawn)."""
     inputs = check_inputs(q, k, v)
     b, _, _, lk = inputs.scores_shape
     left, right = window_bounds(window, is_causal)
+    top_left = top_left_alignment(causal_alignment)
     scale_v = scale_value(scale, inputs.q.shape[-1])
     p, seed_v = dropout_and_seed(dropout_p, 0 if seed_from_forward and seed is None else seed)
     if seed_from_forward and p > 0 and seed is None:
@@ -147,7 +151,8 @@ def describe(q: ArrayLike, k: ArrayLike, v: ArrayLike, *,
         key_padding_mask, b, lk, inputs.batched)
     lengths = None if key_lengths is None else check_key_lengths(
         key_lengths, b, lk, inputs.batched)
-    return AttentionCall(inputs, mask, given, kpm, lengths, left, right, scale_v, p, seed_v)
+    return AttentionCall(inputs, mask, given, kpm, lengths, left, right, top_left, scale_v, p,
+                         seed_v)
 
 
 def forward(call: AttentionCall, *, out: Optional[np.ndarray] = None,

@@ -142,6 +142,19 @@ def window_bounds(window: Window, is_causal: bool) -> tuple[int, int]:
     return left, right
 
 
+CAUSAL_ALIGNMENTS = ("bottom_right", "top_left")
+
+
+def top_left_alignment(causal_alignment: Any) -> bool:
+    """Whether causal/window bounds align top-left (query i at key i) rather
+    than bottom-right (the last query at the last key)."""
+    if causal_alignment not in CAUSAL_ALIGNMENTS or not isinstance(causal_alignment, str):
+        raise InvalidParameterError(
+            f"causal_alignment: expected 'bottom_right' or 'top_left', got {causal_alignment!r}"
+        )
+    return bool(causal_alignment == "top_left")
+
+
 def scale_value(scale: Optional[float], d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d) if d > 0 else 1.0

@@ -14,6 +14,7 @@ class AttentionOptions:
     scale: float  # default 1.0
     window_left: int  # default -1 (unbounded)
     window_right: int  # default -1 (unbounded)
+    top_left: bool  # the bounds' alignment; default False (bottom-right)
     mask: Optional[npt.NDArray[Any]]
     key_padding: Optional[npt.NDArray[np.bool_]]
     key_lengths: Optional[npt.NDArray[np.int64]]
@@ -25,6 +26,7 @@ class AttentionOptions:
         scale: float = 1.0,
         window_left: int = -1,
         window_right: int = -1,
+        top_left: bool = False,
         mask: Optional[npt.NDArray[Any]] = None,
         key_padding: Optional[npt.NDArray[np.bool_]] = None,
         key_lengths: Optional[npt.NDArray[np.int64]] = None,

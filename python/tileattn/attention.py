@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _validate as check
 from ._axes import layouts
+from ._errors import InvalidParameterError
 from ._mha_config import check_options, check_sizes
 from ._mha_core import Heads, attend_heads, core_backward, heads_first
 from ._mha_decode import check_cached_call, forward_cached
@@ -159,9 +160,9 @@ class MultiHeadAttention(Module):
     # -- forward --------------------------------------------------------------
     def forward(self, query: Any, key: Any = None, value: Any = None, *,
                 attn_mask: Any = None, key_padding_mask: Any = None, is_causal: bool = False,
-                window: Any = None, need_weights: bool = False,
-                average_attn_weights: bool = True, training: bool = False,
-                cache: Any = None) -> Any:
+                window: Any = None, causal_alignment: str = "bottom_right",
+                need_weights: bool = False, average_attn_weights: bool = True,
+                training: bool = False, cache: Any = None) -> Any:
         """Attend from ``query`` to ``key``/``value``.
 
         Parameters
@@ -176,8 +177,11 @@ class MultiHeadAttention(Module):
             mask (Keras' layout) needs a head axis: ``mask[:, None]``.
         key_padding_mask : bool (B, Lk), True = real token
             The opposite of PyTorch's polarity (there True = ignore).
-        is_causal, window
-            As in ``scaled_dot_product_attention`` (bottom-right aligned).
+        is_causal, window, causal_alignment
+            As in ``scaled_dot_product_attention``: bottom-right aligned by
+            default, ``causal_alignment="top_left"`` for PyTorch's and Keras'
+            causal masks when Lq != Lk. A cache always aligns bottom-right
+            (its queries are the newest tokens).
         need_weights : bool
             Also return the attention weights.
         average_attn_weights : bool
@@ -213,6 +217,10 @@ class MultiHeadAttention(Module):
         if cache is not None:
             if training:
                 self._save(None)     # a cached forward keeps nothing to differentiate
+            if causal_alignment != "bottom_right":
+                raise InvalidParameterError(
+                    "causal_alignment: a cache's queries are its newest tokens, so its causal "
+                    f"and window masks align bottom-right; got {causal_alignment!r}")
             cache = check_cached_call(self, cache, query, key, value, attn_mask, need_weights)
             return forward_cached(self, query, cache, key_padding_mask=key_padding_mask,
                                   is_causal=is_causal, window=window, training=training)
@@ -231,7 +239,8 @@ class MultiHeadAttention(Module):
         q, k, v = self.split_heads(*self.projections.project(q3, k3, v3, self_attn, kv_same))
         q, k = self.norm_and_rotate(q, k, training=training)
         masks = {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask,
-                 "is_causal": is_causal, "window": window}
+                 "is_causal": is_causal, "window": window,
+                 "causal_alignment": causal_alignment}
         y, w, core = attend_heads(q, k, v, unbatched, self.value_dim,
                                   dropout=self.dropout_draw(training),
                                   need_weights=need_weights, training=training, masks=masks)

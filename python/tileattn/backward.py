@@ -72,6 +72,7 @@ def scaled_dot_product_attention_backward(
     key_padding_mask: Optional[ArrayLike] = None,
     is_causal: bool = False,
     window: Window = None,
+    causal_alignment: str = "bottom_right",
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
@@ -103,7 +104,7 @@ def scaled_dot_product_attention_backward(
         The forward's output (after dropout).
     lse : array (B, Hq, Lq)
         The forward's log-sum-exp (``return_lse=True``, float64).
-    attn_mask, key_padding_mask, is_causal, window, scale
+    attn_mask, key_padding_mask, is_causal, window, causal_alignment, scale
         As in the forward; they must be the ones it used.
     dropout_p, seed : float, int
         As in the forward: the dropout mask is regenerated from the seed, so
@@ -131,7 +132,8 @@ def scaled_dot_product_attention_backward(
     Results are bitwise identical for any number of threads.
     """
     call = _call.describe(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                          is_causal=is_causal, window=window, scale=scale,
+                          is_causal=is_causal, window=window,
+                          causal_alignment=causal_alignment, scale=scale,
                           dropout_p=dropout_p, seed=seed, seed_from_forward=True)
     x = call.inputs
     out_a = _check_like(out, "out", x.out_shape, x.in_dtype, "the forward's output")

@@ -24,6 +24,7 @@ def scaled_dot_product_attention(
     key_lengths: Optional[ArrayLike] = None,
     is_causal: bool = False,
     window: Window = None,
+    causal_alignment: str = "bottom_right",
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
@@ -61,6 +62,15 @@ def scaled_dot_product_attention(
         Query ``i`` (aligned as above) sees keys ``i' - left <= j <= i' + right``;
         -1 is unbounded. An int ``W`` means ``(W - 1, 0)`` and implies causal.
         Key blocks outside the window are never computed.
+    causal_alignment : ``"bottom_right"`` (default) or ``"top_left"``
+        Where ``is_causal`` and ``window`` place query ``i`` among the keys
+        when ``Lq != Lk``: bottom-right, ``i' = i + Lk - Lq`` (the last
+        query sees every key: queries are the newest tokens, as in a KV
+        cache), or top-left, ``i' = i`` (PyTorch's
+        ``F.scaled_dot_product_attention(is_causal=True)`` and Keras'
+        ``use_causal_mask=True``). With key lengths, bottom-right aligns to
+        each item's own length and top-left to its first key. A top-left
+        row with ``i' - left > Lk - 1`` sees no key and gives zeros.
     scale : float, optional
         Default ``1 / sqrt(D)``.
     dropout_p : float in [0, 1]
@@ -90,7 +100,8 @@ def scaled_dot_product_attention(
     """
     call = _call.describe(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                           key_lengths=key_lengths, is_causal=is_causal, window=window,
-                          scale=scale, dropout_p=dropout_p, seed=seed)
+                          causal_alignment=causal_alignment, scale=scale,
+                          dropout_p=dropout_p, seed=seed)
     flag("return_weights", return_weights)
     flag("return_lse", return_lse)
     if out is not None:
