@@ -22,6 +22,7 @@
 
 #include "attention_params.h"
 #include "backward_params.h"
+#include "dispatch.h"
 #include "linear_params.h"
 #include "simd_exp.h"
 #include "thread_pool.h"
@@ -67,6 +68,10 @@ void attention_backward(const BackwardParams& bp) {
   else
     backward_typed<float>(bp);
 }
+
+extern const KernelTable kernels;
+const KernelTable kernels = {&attention_forward, &attention_backward, &linear_forward,
+                             &linear_packed_size, &linear_pack};
 
 }  // namespace TILEATTN_ISA_NS
 }  // namespace tileattn

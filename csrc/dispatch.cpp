@@ -30,43 +30,13 @@ void set_active_isa(Isa isa) {
   g_isa.store(static_cast<int>(isa), std::memory_order_relaxed);
 }
 
-void attention_forward(const AttentionParams& p) {
+const KernelTable& kernels() {
   switch (active_isa()) {
 #if defined(TILEATTN_HAVE_X86)
-    case Isa::avx512: return avx512::attention_forward(p);
-    case Isa::avx2: return avx2::attention_forward(p);
+    case Isa::avx512: return avx512::kernels;
+    case Isa::avx2: return avx2::kernels;
 #endif
-    default: return baseline::attention_forward(p);
-  }
-}
-
-void attention_backward(const BackwardParams& bp) {
-  switch (active_isa()) {
-#if defined(TILEATTN_HAVE_X86)
-    case Isa::avx512: return avx512::attention_backward(bp);
-    case Isa::avx2: return avx2::attention_backward(bp);
-#endif
-    default: return baseline::attention_backward(bp);
-  }
-}
-
-void linear_forward(const LinearParams& lp) {
-  switch (active_isa()) {
-#if defined(TILEATTN_HAVE_X86)
-    case Isa::avx512: return avx512::linear_forward(lp);
-    case Isa::avx2: return avx2::linear_forward(lp);
-#endif
-    default: return baseline::linear_forward(lp);
-  }
-}
-
-int64_t linear_lanes(DType dtype) {
-  switch (active_isa()) {
-#if defined(TILEATTN_HAVE_X86)
-    case Isa::avx512: return avx512::linear_lanes(dtype);
-    case Isa::avx2: return avx2::linear_lanes(dtype);
-#endif
-    default: return baseline::linear_lanes(dtype);
+    default: return baseline::kernels;
   }
 }
 

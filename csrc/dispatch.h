@@ -1,5 +1,6 @@
 // Runtime choice of the kernel path. Each instruction set's copy of the
-// kernel lives in its own namespace (kernel_<isa>.cpp); this picks one.
+// kernel lives in its own namespace (kernel_<isa>.cpp) and exports one
+// KernelTable; this picks the active path's table.
 #pragma once
 
 #include "attention_params.h"
@@ -9,33 +10,26 @@
 
 namespace tileattn {
 
-// Declared once per compiled path, defined in kernel_<isa>.cpp.
-namespace baseline {
-void attention_forward(const AttentionParams& p);
-void attention_backward(const BackwardParams& bp);
-void linear_forward(const LinearParams& lp);
-int64_t linear_lanes(DType dtype);
-}
-namespace avx2 {
-void attention_forward(const AttentionParams& p);
-void attention_backward(const BackwardParams& bp);
-void linear_forward(const LinearParams& lp);
-int64_t linear_lanes(DType dtype);
-}
-namespace avx512 {
-void attention_forward(const AttentionParams& p);
-void attention_backward(const BackwardParams& bp);
-void linear_forward(const LinearParams& lp);
-int64_t linear_lanes(DType dtype);
-}
+// The entry points every compiled path provides, declared once.
+struct KernelTable {
+  void (*attention_forward)(const AttentionParams& p);
+  void (*attention_backward)(const BackwardParams& bp);
+  void (*linear_forward)(const LinearParams& lp);
+  // Elements of an N x K weight packed for this path's linear_forward.
+  int64_t (*linear_packed_size)(DType dtype, int64_t N, int64_t K);
+  // Packs lp.w into dst (linear_packed_size elements, 64-byte aligned).
+  void (*linear_pack)(const LinearParams& lp, void* dst);
+};
+
+// Defined in kernel_<isa>.cpp (attention_kernel.h).
+namespace baseline { extern const KernelTable kernels; }
+namespace avx2 { extern const KernelTable kernels; }
+namespace avx512 { extern const KernelTable kernels; }
 
 Isa active_isa();
 // Throws std::invalid_argument when the path is not built or the CPU lacks it.
 void set_active_isa(Isa isa);
-void attention_forward(const AttentionParams& p);
-void attention_backward(const BackwardParams& bp);
-void linear_forward(const LinearParams& lp);
-// The SIMD width of the active path, which linear_forward needs N to be a multiple of.
-int64_t linear_lanes(DType dtype);
+// The active path's kernels.
+const KernelTable& kernels();
 
 }  // namespace tileattn

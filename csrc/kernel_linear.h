@@ -7,8 +7,9 @@
 // two cores with them (measured: the core 1.5x slower right after a GEMM).
 // On one pool the projections and the core hand the cores to each other.
 //
-// The method: w is packed once per call into panels of NV * W columns
-// (k-major, so a panel row is NV registers); a task takes a block of rows
+// The method: w is packed (once per call, or once for good by linear_pack)
+// into panels of NV * W columns (k-major, so a panel row is NV registers;
+// the last panel's columns rounded up to a whole register with zeros); a task takes a block of rows
 // of x and a group of panels, and walks K in slices of kLinearKc; in a
 // slice, MR rows of x at a time meet every panel of the group. Every
 // output element is one fused multiply-add chain per K slice, the slices
@@ -33,26 +34,43 @@ struct LinearPlan {
     row_blocks = (lp.M + kLinearRowBlock - 1) / kLinearRowBlock;
     groups = (panels + kLinearPanelGroup - 1) / kLinearPanelGroup;
   }
+  // Columns of panel p in the output, and as packed (a whole number of
+  // registers: the columns past N are zeros).
   int64_t width(int64_t p) const { return std::min<int64_t>(NR, lp.N - p * NR); }
+  int64_t stored(int64_t p) const { return (width(p) + W - 1) / W * W; }
   T* panel(int64_t p) const { return packed + p * NR * lp.K; }
+  // Elements of the packed weight (every panel slot NR * K).
+  static int64_t packed_size(int64_t N, int64_t K) { return (N + NR - 1) / NR * NR * K; }
 
   // Panel p of w^T: packed[p][k][c] = w[p * NR + c][k], by W x W register
-  // transposes (nw is a multiple of W), the last K % W columns one by one.
+  // transposes, the last K % W columns one by one; rows past N are zeros.
   void pack(int64_t p, T* tile) const {
     const T* w = static_cast<const T*>(lp.w);
-    const int64_t n0 = p * NR, nw = width(p), kw = lp.K / W * W;
+    const int64_t n0 = p * NR, nw = width(p), ns = stored(p), kw = lp.K / W * W;
     T* dst = panel(p);
-    for (int64_t c0 = 0; c0 < nw; c0 += W) {
+    alignas(64) T rows_pad[W * W];
+    for (int64_t c0 = 0; c0 < ns; c0 += W) {
+      const int64_t have = std::min<int64_t>(W, nw - c0);  // real rows of this group
       const T* rows = w + (n0 + c0) * lp.w_ld;
       for (int64_t k0 = 0; k0 < kw; k0 += W) {
-        Simd<T>::transpose_tile(rows + k0, lp.w_ld, tile);
+        const T* src = rows + k0;
+        int64_t ld = lp.w_ld;
+        if (have < W) {  // the last rows of w: a zero-padded copy
+          std::fill(rows_pad, rows_pad + W * W, T(0));
+          for (int64_t i = 0; i < have; ++i)
+            std::copy(src + i * lp.w_ld, src + i * lp.w_ld + W, rows_pad + i * W);
+          src = rows_pad;
+          ld = W;
+        }
+        Simd<T>::transpose_tile(src, ld, tile);
         // One vector store per row: std::copy here became a `rep movsq`
         // per 64 bytes, 43% of the packing's time.
         for (int i = 0; i < W; ++i)
-          Simd<T>::storeu(dst + (k0 + i) * nw + c0, Simd<T>::load(tile + i * W));
+          Simd<T>::storeu(dst + (k0 + i) * ns + c0, Simd<T>::load(tile + i * W));
       }
       for (int64_t c = 0; c < W; ++c)
-        for (int64_t k = kw; k < lp.K; ++k) dst[k * nw + c0 + c] = rows[c * lp.w_ld + k];
+        for (int64_t k = kw; k < lp.K; ++k)
+          dst[k * ns + c0 + c] = c < have ? rows[c * lp.w_ld + k] : T(0);
     }
   }
 
@@ -76,7 +94,8 @@ struct LinearPlan {
   // One task: rows [m0, m0 + kLinearRowBlock) times the panels of group g,
   // K slice by K slice (the group's panel slices stay in L2 for all the
   // rows). The last rows of the matrix, fewer than MR, go through
-  // zero-padded copies.
+  // zero-padded copies; so does a last panel whose width is not a whole
+  // number of registers (its sums go to a scratch block, then out).
   void run(int64_t rb, int64_t g, Arena& arena) const {
     const T* x = static_cast<const T*>(lp.x);
     T* out = static_cast<T*>(lp.out);
@@ -84,15 +103,26 @@ struct LinearPlan {
     const int64_t p0 = g * kLinearPanelGroup, p1 = std::min(panels, p0 + kLinearPanelGroup);
     const int64_t n0 = p0 * NR, n1 = std::min(lp.N, p1 * NR);
     const int64_t tail = (m1 - m0) % MR, whole = m1 - tail;
-    arena.reset(sizeof(T) * MR * (lp.K + n1 - n0) + 2 * 64);
+    // The panel with padded columns, if this group has it.
+    const int64_t edge = stored(p1 - 1) != width(p1 - 1) ? p1 - 1 : -1;
+    const int64_t edge_cols = edge >= 0 ? stored(edge) : 0;
+    const int64_t block_rows = whole - m0 + (tail ? MR : 0);
+    arena.reset(sizeof(T) * (MR * (lp.K + n1 - n0) + block_rows * edge_cols + edge_cols) +
+                4 * 64);
     T* a_tail = arena.carve<T>(MR * lp.K);
     T* c_tail = arena.carve<T>(MR * (n1 - n0));
+    T* c_edge = arena.carve<T>(block_rows * edge_cols);  // (rows of the block, edge_cols)
+    T* bias_edge = arena.carve<T>(edge_cols);
     if (tail) {
       std::fill(a_tail, a_tail + MR * lp.K, T(0));
       for (int64_t r = 0; r < tail; ++r)
         std::copy(x + (whole + r) * lp.x_ld, x + (whole + r) * lp.x_ld + lp.K, a_tail + r * lp.K);
     }
     const T* bias = static_cast<const T*>(lp.bias);
+    if (edge >= 0 && bias) {
+      std::fill(bias_edge, bias_edge + edge_cols, T(0));
+      std::copy(bias + edge * NR, bias + lp.N, bias_edge);
+    }
     for (int64_t k0 = 0; k0 < lp.K; k0 += kLinearKc) {
       const int64_t kd = std::min(kLinearKc, lp.K - k0);
       const bool last = k0 + kd == lp.K;
@@ -102,17 +132,34 @@ struct LinearPlan {
       // Panel-major instead (a 36 KiB panel slice held in L1 while 8-row
       // groups of x stream past) left too little of L1 for the strided
       // rows of x: 1-10% slower at (1024, 768, 2304) in five paired runs.
-      const auto rows_times_group = [&](const T* a, int64_t lda, T* c, int64_t ldc) {
+      // edge_rows: this strip's rows of c_edge.
+      const auto rows_times_group = [&](const T* a, int64_t lda, T* c, int64_t ldc,
+                                        T* edge_rows) {
         for (int64_t p = p0; p < p1; ++p) {
-          const int64_t nw = width(p);
-          const T* pb = last && bias ? bias + p * NR : nullptr;  // added after the sum (x w^T) + b
-          rows_times_slice(a + k0, lda, panel(p) + k0 * nw, nw, kd, c + (p - p0) * NR, ldc,
-                           k0 > 0, pb);
+          const int64_t ns = stored(p);
+          const bool at_edge = p == edge;
+          // The bias is added after the sum: (x w^T) + b.
+          const T* pb = last && bias ? (at_edge ? bias_edge : bias + p * NR) : nullptr;
+          rows_times_slice(a + k0, lda, panel(p) + k0 * ns, ns, kd,
+                           at_edge ? edge_rows : c + (p - p0) * NR, at_edge ? ns : ldc, k0 > 0,
+                           pb);
         }
       };
       for (int64_t m = m0; m < whole; m += MR)
-        rows_times_group(x + m * lp.x_ld, lp.x_ld, out + m * lp.out_ld + n0, lp.out_ld);
-      if (tail) rows_times_group(a_tail, lp.K, c_tail, n1 - n0);
+        rows_times_group(x + m * lp.x_ld, lp.x_ld, out + m * lp.out_ld + n0, lp.out_ld,
+                         c_edge + (m - m0) * edge_cols);
+      if (tail)
+        rows_times_group(a_tail, lp.K, c_tail, n1 - n0, c_edge + (whole - m0) * edge_cols);
+    }
+    if (edge >= 0 && lp.K > 0) {
+      const int64_t e0 = edge * NR, en = lp.N - e0;
+      for (int64_t m = m0; m < m1; ++m) {
+        const T* src = c_edge + (m - m0) * edge_cols;
+        if (m >= whole)
+          std::copy(src, src + en, c_tail + (m - whole) * (n1 - n0) + (e0 - n0));
+        else
+          std::copy(src, src + en, out + m * lp.out_ld + e0);
+      }
     }
     for (int64_t r = 0; r < tail; ++r)
       std::copy(c_tail + r * (n1 - n0), c_tail + (r + 1) * (n1 - n0),
@@ -125,21 +172,26 @@ struct LinearPlan {
   }
 };
 
-// out = x w^T (+ bias). N must be a multiple of W (the Python layer sends
-// other shapes to NumPy).
+// out = x w^T (+ bias), w packed here unless lp.packed holds it already.
 template <typename T>
 void linear_typed(const LinearParams& lp) {
   LinearPlan<T> plan(lp);
-  const size_t bytes = PrefillTiling<T>::round_up(
-      std::max<int64_t>(plan.panels * LinearPlan<T>::NR * lp.K, 1) * sizeof(T), 64);
-  T* packed = static_cast<T*>(std::aligned_alloc(64, bytes));
-  if (!packed) throw std::bad_alloc();
-  struct Free { T* p; ~Free() { std::free(p); } } free_packed{packed};
-  plan.packed = packed;
-  parallel_for(plan.panels, [&](int64_t p, int) {
-    alignas(64) T tile[LinearPlan<T>::W * LinearPlan<T>::W];
-    plan.pack(p, tile);
-  });
+  T* packed = nullptr;
+  struct Free { T* p; ~Free() { std::free(p); } } free_packed{nullptr};
+  if (lp.packed) {
+    plan.packed = const_cast<T*>(static_cast<const T*>(lp.packed));
+  } else {
+    const size_t bytes = PrefillTiling<T>::round_up(
+        std::max<int64_t>(LinearPlan<T>::packed_size(lp.N, lp.K), 1) * sizeof(T), 64);
+    packed = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (!packed) throw std::bad_alloc();
+    free_packed.p = packed;
+    plan.packed = packed;
+    parallel_for(plan.panels, [&](int64_t p, int) {
+      alignas(64) T tile[LinearPlan<T>::W * LinearPlan<T>::W];
+      plan.pack(p, tile);
+    });
+  }
   // Tasks group by group (all row blocks of one panel group, then the
   // next): a thread's next task then finds the group's packed panels in
   // its L2 (1.2 MiB at K = 768) instead of another group's in L3. Paired:
@@ -158,5 +210,28 @@ void linear_forward(const LinearParams& lp) {
     linear_typed<float>(lp);
 }
 
-// The width N must be a multiple of.
-int64_t linear_lanes(DType dtype) { return dtype == DType::f64 ? Simd<double>::W : Simd<float>::W; }
+// Elements of w (N x K) packed for this path.
+int64_t linear_packed_size(DType dtype, int64_t N, int64_t K) {
+  return dtype == DType::f64 ? LinearPlan<double>::packed_size(N, K)
+                             : LinearPlan<float>::packed_size(N, K);
+}
+
+// Packs lp.w (N x K) into dst (linear_packed_size elements, 64-byte
+// aligned), on the pool.
+template <typename T>
+void linear_pack_typed(const LinearParams& lp, void* dst) {
+  LinearPlan<T> plan(lp);
+  plan.packed = static_cast<T*>(dst);
+  parallel_for(plan.panels, [&](int64_t p, int) {
+    alignas(64) T tile[LinearPlan<T>::W * LinearPlan<T>::W];
+    plan.pack(p, tile);
+  });
+}
+
+void linear_pack(const LinearParams& lp, void* dst) {
+  if (lp.N == 0 || lp.K == 0) return;
+  if (lp.dtype == DType::f64)
+    linear_pack_typed<double>(lp, dst);
+  else
+    linear_pack_typed<float>(lp, dst);
+}

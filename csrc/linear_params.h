@@ -19,6 +19,10 @@ struct LinearParams {
   const void* bias = nullptr;
   void* out = nullptr;
   int64_t out_ld = 0;
+  // w already packed for the active path (linear_pack), or null: then w is
+  // packed on every call, which reads it twice more than the product does
+  // when x has few rows.
+  const void* packed = nullptr;
 };
 
 }  // namespace tileattn

@@ -8,6 +8,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -220,7 +222,7 @@ void attention_forward_py(py::array q, py::array k, py::array v, py::array out,
     p.lse = static_cast<double*>(l.mutable_data());
     p.lse_stride = strides_of(l, "lse");
   }
-  run_cancellable([&] { attention_forward(p); });
+  run_cancellable([&] { kernels().attention_forward(p); });
 }
 
 // One gradient output: `name` of `shape` in the compute dtype, writeable.
@@ -259,7 +261,7 @@ void attention_backward_py(py::array q, py::array k, py::array v, py::array out,
     bp.dscores_stride = grad_output(ds, {p.B, p.Hq, p.Lq, p.Lk}, dt, "dscores");
     bp.dscores = ds.mutable_data();
   }
-  run_cancellable([&] { attention_backward(bp); });
+  run_cancellable([&] { kernels().attention_backward(bp); });
 }
 
 // Rows of a 2-D array whose elements within a row are contiguous: the row
@@ -274,19 +276,50 @@ int64_t row_stride(const py::array& a, const char* name) {
   return a.strides(0) / item;
 }
 
-// out (M x N) = x (M x K) w^T (w: N x K) (+ bias (N,)), on the pool, GIL released.
-void linear_forward_py(py::array x, py::array w, py::object bias, py::array out) {
+// A weight packed once for the projections' GEMM (linear_forward_packed):
+// the active path's panel layout, so it is valid for that path only.
+class PackedLinear {
+ public:
+  PackedLinear(DType dtype, int64_t n, int64_t k)
+      : dtype_(dtype), n_(n), k_(k), isa_(active_isa()) {
+    const int64_t elems = kernels().linear_packed_size(dtype, n, k);
+    bytes_ = static_cast<size_t>(std::max<int64_t>(elems, 1)) *
+             (dtype == DType::f64 ? sizeof(double) : sizeof(float));
+    bytes_ = (bytes_ + 63) / 64 * 64;
+    data_.reset(static_cast<char*>(std::aligned_alloc(64, bytes_)));
+    if (!data_) throw std::bad_alloc();
+  }
+  DType dtype() const { return dtype_; }
+  int64_t out_features() const { return n_; }
+  int64_t in_features() const { return k_; }
+  Isa isa() const { return isa_; }
+  size_t nbytes() const { return bytes_; }
+  void* data() const { return data_.get(); }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  DType dtype_;
+  int64_t n_, k_;
+  Isa isa_;
+  size_t bytes_ = 0;
+  std::unique_ptr<char, Free> data_;
+};
+
+// The checked description of out (M x N) = x (M x K) w^T (+ bias (N,)),
+// w being `n` x `k` of `dt`.
+LinearParams linear_params(const py::array& x, int64_t n, int64_t k, const py::dtype& dt,
+                           const py::object& bias, py::array& out) {
   LinearParams lp;
   lp.dtype = dtype_of(x, "x");
-  const py::dtype dt = x.dtype();
+  require_dtype(x, dt, "x");
   lp.x_ld = row_stride(x, "x");
-  lp.w_ld = row_stride(w, "w");
   lp.out_ld = row_stride(out, "out");
   lp.M = x.shape(0);
-  lp.K = x.shape(1);
-  lp.N = w.shape(0);
-  require_shape(w, {lp.N, lp.K}, "w");
-  require_dtype(w, dt, "w");
+  lp.K = k;
+  lp.N = n;
+  require_shape(x, {lp.M, lp.K}, "x");
   require_shape(out, {lp.M, lp.N}, "out");
   require_dtype(out, dt, "out");
   require_writeable(out, "out");
@@ -298,14 +331,50 @@ void linear_forward_py(py::array x, py::array w, py::object bias, py::array out)
       throw std::invalid_argument("bias: expected a contiguous vector");
     lp.bias = b.data();
   }
-  const int64_t lanes = linear_lanes(lp.dtype);
-  if (lp.N % lanes != 0)
-    throw std::invalid_argument("w: rows (out_features) must be a multiple of " +
-                                std::to_string(lanes) + " on this path");
   lp.x = x.data();
-  lp.w = w.data();
   lp.out = out.mutable_data();
-  run_cancellable([&] { linear_forward(lp); });
+  return lp;
+}
+
+// out (M x N) = x (M x K) w^T (w: N x K) (+ bias (N,)), on the pool, GIL released.
+void linear_forward_py(py::array x, py::array w, py::object bias, py::array out) {
+  require_ndim(x, 2, "x");
+  require_ndim(w, 2, "w");
+  dtype_of(x, "x");
+  const int64_t n = w.shape(0), k = x.shape(1);
+  require_shape(w, {n, k}, "w");
+  require_dtype(w, x.dtype(), "w");
+  LinearParams lp = linear_params(x, n, k, w.dtype(), bias, out);
+  lp.w_ld = row_stride(w, "w");
+  lp.w = w.data();
+  run_cancellable([&] { kernels().linear_forward(lp); });
+}
+
+// w (N x K) packed for the active path: the product then reads it once.
+PackedLinear pack_linear_py(py::array w) {
+  require_ndim(w, 2, "w");
+  LinearParams lp;
+  lp.dtype = dtype_of(w, "w");
+  lp.N = w.shape(0);
+  lp.K = w.shape(1);
+  lp.w_ld = row_stride(w, "w");
+  lp.w = w.data();
+  PackedLinear packed(lp.dtype, lp.N, lp.K);
+  run_cancellable([&] { kernels().linear_pack(lp, packed.data()); });
+  return packed;
+}
+
+// The same product with a weight packed by pack_linear on this path.
+void linear_forward_packed_py(py::array x, const PackedLinear& w, py::object bias,
+                              py::array out) {
+  if (w.isa() != active_isa())
+    throw std::invalid_argument(std::string("w: packed for the '") + isa_name(w.isa()) +
+                                "' path, but '" + isa_name(active_isa()) +
+                                "' is active; pack it again");
+  const py::dtype dt = w.dtype() == DType::f64 ? py::dtype::of<double>() : py::dtype::of<float>();
+  LinearParams lp = linear_params(x, w.out_features(), w.in_features(), dt, bias, out);
+  lp.packed = w.data();
+  run_cancellable([&] { kernels().linear_forward(lp); });
 }
 
 // dst (a C-contiguous 4-D array) = src (any 4-D array of its shape and
@@ -336,6 +405,7 @@ Isa isa_from_name(const std::string& name) {
   throw std::invalid_argument("unknown ISA path '" + name +
                               "'; expected 'avx512', 'avx2' or 'baseline'");
 }
+
 
 py::dict build_info() {
   py::dict d;
@@ -386,6 +456,14 @@ PYBIND11_MODULE(_core, m) {
         py::arg("dv"), py::arg("options"), py::arg("dscores") = py::none());
   m.def("linear_forward", &linear_forward_py, py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("out"));
+  py::class_<PackedLinear>(m, "PackedLinear")
+      .def_property_readonly("out_features", &PackedLinear::out_features)
+      .def_property_readonly("in_features", &PackedLinear::in_features)
+      .def_property_readonly("isa", [](const PackedLinear& w) { return std::string(isa_name(w.isa())); })
+      .def_property_readonly("nbytes", &PackedLinear::nbytes);
+  m.def("pack_linear", &pack_linear_py, py::arg("w"));
+  m.def("linear_forward_packed", &linear_forward_packed_py, py::arg("x"), py::arg("w"),
+        py::arg("bias"), py::arg("out"));
   m.def("copy_dense", &copy_dense_py, py::arg("src"), py::arg("dst"));
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {

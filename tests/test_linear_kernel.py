@@ -99,8 +99,6 @@ def test_bad_arrays_raise_value_error(rng):
         core.linear_forward(x, w, None, out[:, :8])
     with pytest.raises(ValueError, match="bias: expected shape"):
         core.linear_forward(x, w, np.zeros(15, np.float32), out)
-    with pytest.raises(ValueError, match="w: rows"):   # 2 is no path's lane count
-        core.linear_forward(x, w[:2], None, out[:, :2])
     with pytest.raises(ValueError, match="x: expected contiguous rows"):
         core.linear_forward(np.asfortranarray(x), w, None, out)
     with pytest.raises(ValueError, match="x: expected float32 or float64"):
@@ -111,3 +109,78 @@ def test_bad_arrays_raise_value_error(rng):
         ro = out.copy()
         ro.flags.writeable = False
         core.linear_forward(x, w, None, ro)
+
+
+# -- any width, and weights packed once ---------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 7, 17, 47, 49, 100, 200])
+def test_any_width_matches_float64_product(each_isa, rng, dtype, n):
+    """Widths that are not a whole number of registers: the last panel's
+    columns are zero-padded when packed and written back trimmed."""
+    for m, k in [(1, 9), (5, 64), (70, 33), (197, 200)]:
+        x = rng.standard_normal((m, k)).astype(dtype)
+        w = rng.standard_normal((n, k)).astype(dtype)
+        b = rng.standard_normal(n).astype(dtype)
+        for bias in (b, None):
+            out_big = np.full((m, n + 3), np.nan, dtype)   # a guard column block past N
+            out = out_big[:, :n]
+            core.linear_forward(x, w, bias, out)
+            assert_close(out, x, w, bias)
+            assert np.isnan(out_big[:, n:]).all()           # nothing written past N
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_packed_weight_gives_the_same_bits(each_isa, rng, dtype):
+    for m, k, n in [(1, 768, 768), (3, 100, 47), (64, 385, 80), (97, 33, 200), (200, 7, 16)]:
+        x = rng.standard_normal((m, k)).astype(dtype)
+        w = rng.standard_normal((n, k)).astype(dtype)
+        b = rng.standard_normal(n).astype(dtype)
+        packed = core.pack_linear(w)
+        assert (packed.out_features, packed.in_features) == (n, k)
+        assert packed.isa == core.isa() and packed.nbytes >= n * k * x.itemsize
+        for bias in (b, None):
+            want = np.empty((m, n), dtype)
+            core.linear_forward(x, w, bias, want)
+            got = np.full((m, n), np.nan, dtype)
+            core.linear_forward_packed(x, packed, bias, got)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_row_has_the_same_bits_alone_and_in_any_batch(rng):
+    """Every row is summed in the same order whatever the rows around it:
+    the property the modules' batch independence rests on."""
+    w = rng.standard_normal((100, 300)).astype(np.float32)
+    b = rng.standard_normal(100).astype(np.float32)
+    packed = core.pack_linear(w)
+    x = rng.standard_normal((203, 300)).astype(np.float32)
+    full = np.empty((203, 100), np.float32)
+    core.linear_forward_packed(x, packed, b, full)
+    for start, stop in [(0, 1), (5, 6), (7, 10), (100, 197), (202, 203), (17, 81)]:
+        part = np.empty((stop - start, 100), np.float32)
+        core.linear_forward_packed(x[start:stop], packed, b, part)
+        np.testing.assert_array_equal(part, full[start:stop])
+        core.linear_forward(x[start:stop], w, b, part)
+        np.testing.assert_array_equal(part, full[start:stop])
+
+
+def test_packed_weight_checks(rng):
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    packed = core.pack_linear(w)
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    out = np.empty((4, 32), np.float32)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        core.linear_forward_packed(x[:, :8], packed, None, out)
+    with pytest.raises(ValueError, match="x: expected dtype|x: expected float32"):
+        core.linear_forward_packed(x.astype(np.float64), packed, None, out.astype(np.float64))
+    with pytest.raises(ValueError, match="out: expected shape"):
+        core.linear_forward_packed(x, packed, None, out[:, :16])
+    others = [isa for isa in tileattn.config()["isa_paths_supported"] if isa != core.isa()]
+    if others:
+        before = core.isa()
+        core.set_isa(others[0])
+        try:
+            with pytest.raises(ValueError, match="pack it again"):
+                core.linear_forward_packed(x, packed, None, out)
+        finally:
+            core.set_isa(before)
