@@ -13,8 +13,11 @@ mode (dropout on) until ``eval()``; ``state_dict()``/``load_state_dict``
 under PyTorch's names. torch is never imported: pass NumPy arrays (torch
 CPU tensors are read with ``np.asarray``; results are NumPy arrays).
 
-The one numerical difference: a query row that sees no key gives zeros
-(and zero weights) where PyTorch gives NaN.
+A query row that sees no key gives zero attention (and zero weights)
+everywhere; torch 2.13 does so in F.scaled_dot_product_attention and its
+modules' general path, but gives NaN with need_weights=True and on its
+fast paths (eval mode, batch_first). Float masks are always added to the
+scores, as PyTorch documents (its encoder fast path reads them as bool).
 """
 
 from __future__ import annotations
@@ -331,7 +334,7 @@ def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: An
     opposite of nn.MultiheadAttention's), float added. ``is_causal``:
     top-left aligned (query i sees keys 0..i), not with ``attn_mask``.
     Dropout (``dropout_p``) always applies when > 0, as in PyTorch.
-    Returns (..., L, Ev). A row that sees no key gives zeros, not NaN.
+    Returns (..., L, Ev). A row that sees no key gives zeros (as torch's).
     """
     q, k, v = (check.float_array(a, n) for a, n in ((query, "query"), (key, "key"),
                                                     (value, "value")))
