@@ -29,9 +29,11 @@ _VARIANCE_SCALING = {
     "LecunNormal": (1.0, "fan_in", "truncated_normal"),
 }
 # name -> its constructor's parameters with Keras' defaults
+_FAN_AXES = {"input_axes": None, "output_axes": None}
 _PARAMETERS: Dict[str, Dict[str, Any]] = {
-    **{name: {} for name in _VARIANCE_SCALING},
-    "VarianceScaling": {"scale": 1.0, "mode": "fan_in", "distribution": "truncated_normal"},
+    **{name: dict(_FAN_AXES) for name in _VARIANCE_SCALING},
+    "VarianceScaling": {"scale": 1.0, "mode": "fan_in", "distribution": "truncated_normal",
+                        **_FAN_AXES},
     "RandomNormal": {"mean": 0.0, "stddev": 0.05},
     "RandomUniform": {"minval": -0.05, "maxval": 0.05},
     "TruncatedNormal": {"mean": 0.0, "stddev": 0.05},
@@ -46,10 +48,16 @@ _DISTRIBUTIONS = ("truncated_normal", "untruncated_normal", "uniform")
 _TRUNCATED_STD = 0.87962566103423978
 
 
-def compute_fans(shape: Shape) -> Tuple[int, int]:
-    """Keras' (fan_in, fan_out): a kernel of 3 or more axes counts as a
-    convolution whose receptive field is every axis but the last two, so an
-    attention kernel (E, heads, dim) has fan_in E*heads and fan_out E*dim."""
+def compute_fans(shape: Shape, input_axes: Any = None,
+                 output_axes: Any = None) -> Tuple[int, int]:
+    """Keras' (fan_in, fan_out): the products over ``input_axes`` and
+    ``output_axes`` when both are given; else a kernel of 3 or more axes
+    counts as a convolution whose receptive field is every axis but the last
+    two, so an attention kernel (E, heads, dim) has fan_in E*heads and
+    fan_out E*dim."""
+    if input_axes is not None and output_axes is not None:
+        return (math.prod(shape[a] for a in input_axes),
+                math.prod(shape[a] for a in output_axes))
     if len(shape) == 0:
         return 1, 1
     if len(shape) == 1:
@@ -74,9 +82,10 @@ def _truncated_normal(rng: np.random.Generator, shape: Shape) -> np.ndarray:
     return x
 
 
-def _variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
+def _variance_scaling(scale: float, mode: str, distribution: str,
+                      axes: Tuple[Any, Any]) -> Initializer:
     def draw(rng: np.random.Generator, shape: Shape, dtype: np.dtype) -> np.ndarray:
-        fan_in, fan_out = compute_fans(shape)
+        fan_in, fan_out = compute_fans(shape, *axes)
         fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2.0}[mode]
         variance = scale / max(1.0, fan)
         if distribution == "uniform":
@@ -89,15 +98,16 @@ def _variance_scaling(scale: float, mode: str, distribution: str) -> Initializer
 
 
 def _from_parameters(cls: str, p: Dict[str, Any], argument: str) -> Initializer:
+    axes = (p.get("input_axes"), p.get("output_axes"))
     if cls in _VARIANCE_SCALING:
-        return _variance_scaling(*_VARIANCE_SCALING[cls])
+        return _variance_scaling(*_VARIANCE_SCALING[cls], axes)
     if cls == "VarianceScaling":
         if p["mode"] not in _MODES or p["distribution"] not in _DISTRIBUTIONS \
                 or not float(p["scale"]) > 0:
             raise InvalidParameterError(
                 f"{argument}: VarianceScaling expects scale > 0, mode in {_MODES} and "
                 f"distribution in {_DISTRIBUTIONS}; got {p}")
-        return _variance_scaling(float(p["scale"]), p["mode"], p["distribution"])
+        return _variance_scaling(float(p["scale"]), p["mode"], p["distribution"], axes)
     if cls == "RandomNormal":
         return lambda rng, shape, dtype: (
             rng.normal(p["mean"], p["stddev"], shape).astype(dtype))
