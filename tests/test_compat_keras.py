@@ -320,3 +320,17 @@ def test_imports_without_keras():
             "x = np.ones((1, 3, 4), np.float32)\n"
             "assert tk.MultiHeadAttention(2, 2)(x, x).shape == (1, 3, 4)\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=os.environ.copy())
+
+
+def test_arguments_checked_with_their_names():
+    with pytest.raises(tileattn.InvalidParameterError, match=r"unknown arguments \['output_shape'\]"):
+        tk.GroupQueryAttention(8, 4, 2, output_shape=16)
+    with pytest.raises(tileattn.InvalidParameterError, match="num_query_heads .3. must be divisible"):
+        tk.GroupQueryAttention(8, 3, 2)
+    with pytest.raises(tileattn.InvalidParameterError, match="sliding_window"):
+        tk.MultiHeadAttention(2, 4, sliding_window=0)
+    with pytest.raises(tileattn.InvalidParameterError, match="attention_axes: .*increasing"):
+        tk.MultiHeadAttention(2, 4, attention_axes=(2, 1)).build((1, 3, 4, 8), (1, 3, 4, 8))
+    with pytest.raises(tileattn.DTypeError, match="attention_mask"):
+        x = np.ones((1, 3, 8), np.float32)
+        tk.MultiHeadAttention(2, 4)(x, x, attention_mask=np.array([["a"] * 3] * 3))

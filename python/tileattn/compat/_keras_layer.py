@@ -10,7 +10,7 @@ optional gate of ``use_gate=True`` is a ``Linear`` beside it.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Type, TypeVar
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Type, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,14 @@ from ..module import module_dtype
 from . import _keras_init, _keras_masks
 
 WeightSpec = Tuple[str, Tuple[int, ...]]   # (Keras variable path, shape)
+# Constructor arguments that act only in Keras' training or kernel choice;
+# accepted so that Keras code and configs load, kept for get_config.
+NO_EFFECT = ("flash_attention", "kernel_regularizer", "bias_regularizer",
+             "activity_regularizer", "kernel_constraint", "bias_constraint")
+# The keyword options both layers take after their sizes, with Keras' defaults.
+KERAS_OPTIONS: Dict[str, Any] = {
+    "kernel_initializer": "glorot_uniform", "bias_initializer": "zeros", "use_gate": False,
+    "seed": None, "dtype": None, "name": None, **{k: None for k in NO_EFFECT}}
 # Keras' Layer base arguments a layer's get_config() holds and from_config drops.
 _LAYER_KEYS = ("trainable", "autocast")
 AttentionT = TypeVar("AttentionT", bound="KerasAttention")
@@ -66,12 +74,19 @@ def _policy_dtype(dtype: Any) -> np.dtype:
 class KerasAttention:
     """Keras' attention-layer contract on tileattn; see ``compat.keras``."""
 
-    def __init__(self, *, num_heads: Any, num_kv_heads: Any, key_dim: Any, value_dim: Any,
-                 dropout: Any, use_bias: Any, output_shape: Any, attention_axes: Any,
-                 sliding_window: Any, use_gate: Any, kernel_initializer: Any,
-                 bias_initializer: Any, seed: Any, dtype: Any, name: Optional[str],
-                 arg_names: Tuple[str, str, str]) -> None:
-        # arg_names: how the subclass spells (query heads, key/value heads, key size)
+    def __init__(self, heads: Tuple[Any, Any, Any, Any], arg_names: Tuple[str, str, str],
+                 layout: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+        """``heads``: (query heads, key/value heads, key size, value size),
+        spelled ``arg_names`` (the first three) by the subclass; ``layout``:
+        its dropout, use_bias, sliding_window (output_shape, attention_axes);
+        ``options``: the user's keyword options among ``KERAS_OPTIONS``."""
+        unknown = sorted(set(options) - set(KERAS_OPTIONS))
+        if unknown:
+            raise InvalidParameterError(
+                f"{type(self).__name__}: unknown arguments {unknown}; the keyword options are "
+                f"{', '.join(KERAS_OPTIONS)}")
+        args = {**KERAS_OPTIONS, **options, **layout}
+        num_heads, num_kv_heads, key_dim, value_dim = heads
         heads_arg, kv_arg, dim_arg = arg_names
         self.num_heads = check.positive_int(heads_arg, num_heads)
         self.num_kv_heads = check.positive_int(kv_arg, num_kv_heads)
@@ -80,20 +95,33 @@ class KerasAttention:
                                         f"{kv_arg} ({self.num_kv_heads})")
         self.key_dim = check.positive_int(dim_arg, key_dim)
         self.value_dim = check.optional_positive_int("value_dim", value_dim, self.key_dim)
-        self.dropout = check.dropout_rate(dropout)
-        self.use_bias = check.flag("use_bias", use_bias)
-        self.use_gate = check.flag("use_gate", use_gate)
-        self.output_shape = output_shape_tuple(output_shape)
-        self.attention_axes = check_attention_axes(attention_axes)
-        self.sliding_window = (None if sliding_window is None else
-                               check.positive_int("sliding_window", sliding_window))
-        self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
-        self._kernel_init = _keras_init.get_initializer(kernel_initializer, "kernel_initializer")
-        self._bias_init = _keras_init.get_initializer(bias_initializer, "bias_initializer")
-        self.seed = check.seed(seed)
-        self.dtype = _policy_dtype(dtype)
-        self.name = name
+        self.dropout = check.dropout_rate(args["dropout"])
+        self.use_bias = check.flag("use_bias", args["use_bias"])
+        self.use_gate = check.flag("use_gate", args["use_gate"])
+        self.output_shape = output_shape_tuple(args.get("output_shape"))
+        self.attention_axes = check_attention_axes(args.get("attention_axes"))
+        window = args["sliding_window"]
+        self.sliding_window = None if window is None else check.positive_int("sliding_window",
+                                                                             window)
+        self.kernel_initializer = args["kernel_initializer"]
+        self.bias_initializer = args["bias_initializer"]
+        self._kernel_init = _keras_init.get_initializer(self.kernel_initializer,
+                                                        "kernel_initializer")
+        self._bias_init = _keras_init.get_initializer(self.bias_initializer, "bias_initializer")
+        self.seed = check.seed(args["seed"])
+        self.dtype = _policy_dtype(args["dtype"])
+        self.name: Optional[str] = args["name"]
+        self._no_effect = {k: args[k] for k in NO_EFFECT}
         self._built: Optional[Built] = None
+
+    def _shared_config(self) -> Dict[str, Any]:
+        """The get_config entries both layers have, by Keras' names."""
+        return {"name": self.name, "dtype": self.dtype.name, "dropout": self.dropout,
+                "use_bias": self.use_bias, "use_gate": self.use_gate,
+                "sliding_window": self.sliding_window,
+                "kernel_initializer": self.kernel_initializer,
+                "bias_initializer": self.bias_initializer, "seed": self.seed,
+                **self._no_effect}
 
     @classmethod
     def from_config(cls: Type[AttentionT], config: Dict[str, Any]) -> AttentionT:

@@ -36,10 +36,6 @@ from ._keras_layer import KerasAttention
 
 __all__ = ["GroupQueryAttention", "GroupedQueryAttention", "MultiHeadAttention"]
 
-# Constructor arguments that act only in Keras' training or kernel choice;
-# accepted so that Keras code and configs load, kept for get_config.
-_NO_EFFECT = ("flash_attention", "kernel_regularizer", "bias_regularizer",
-              "activity_regularizer", "kernel_constraint", "bias_constraint")
 
 class MultiHeadAttention(KerasAttention):
     """``keras.layers.MultiHeadAttention`` (Keras 3.15) on NumPy arrays.
@@ -61,6 +57,11 @@ class MultiHeadAttention(KerasAttention):
     sliding_window : int, optional
         Keras' symmetric band: query i sees key j iff |i - j| < W (with
         ``use_causal_mask``: i - W < j <= i).
+
+    Keyword-only options (Keras also takes them by position, after
+    sliding_window and flash_attention; an unknown name raises
+    InvalidParameterError):
+
     use_gate : bool
         Keras' gated attention: the heads' output is multiplied by
         sigmoid(query @ gate kernel + gate bias) before the output projection.
@@ -84,34 +85,18 @@ class MultiHeadAttention(KerasAttention):
     def __init__(self, num_heads: int, key_dim: int, value_dim: Optional[int] = None,
                  dropout: float = 0.0, use_bias: bool = True, output_shape: Any = None,
                  attention_axes: Any = None, sliding_window: Optional[int] = None,
-                 flash_attention: Optional[bool] = None,
-                 kernel_initializer: Any = "glorot_uniform", bias_initializer: Any = "zeros",
-                 kernel_regularizer: Any = None, bias_regularizer: Any = None,
-                 activity_regularizer: Any = None, kernel_constraint: Any = None,
-                 bias_constraint: Any = None, use_gate: bool = False,
-                 seed: Optional[int] = None, *, dtype: Any = None,
-                 name: Optional[str] = None) -> None:
-        super().__init__(num_heads=num_heads, num_kv_heads=num_heads, key_dim=key_dim,
-                         value_dim=value_dim, dropout=dropout, use_bias=use_bias,
-                         output_shape=output_shape, attention_axes=attention_axes,
-                         sliding_window=sliding_window, use_gate=use_gate,
-                         kernel_initializer=kernel_initializer,
-                         bias_initializer=bias_initializer, seed=seed, dtype=dtype, name=name,
-                         arg_names=("num_heads", "num_heads", "key_dim"))
-        self._no_effect = dict(zip(_NO_EFFECT, (
-            flash_attention, kernel_regularizer, bias_regularizer, activity_regularizer,
-            kernel_constraint, bias_constraint)))
+                 **options: Any) -> None:
+        super().__init__((num_heads, num_heads, key_dim, value_dim),
+                         ("num_heads", "num_heads", "key_dim"),
+                         {"dropout": dropout, "use_bias": use_bias, "output_shape": output_shape,
+                          "attention_axes": attention_axes, "sliding_window": sliding_window},
+                         options)
 
     def get_config(self) -> Dict[str, Any]:
         """The constructor arguments, as Keras' ``get_config`` names them."""
-        return {"name": self.name, "dtype": self.dtype.name, "num_heads": self.num_heads,
-                "key_dim": self.key_dim, "value_dim": self.value_dim,
-                "dropout": self.dropout, "use_bias": self.use_bias, "use_gate": self.use_gate,
-                "output_shape": self.output_shape, "attention_axes": self.attention_axes,
-                "sliding_window": self.sliding_window,
-                "kernel_initializer": self.kernel_initializer,
-                "bias_initializer": self.bias_initializer, "seed": self.seed,
-                **self._no_effect}
+        return {"num_heads": self.num_heads, "key_dim": self.key_dim,
+                "value_dim": self.value_dim, "output_shape": self.output_shape,
+                "attention_axes": self.attention_axes, **self._shared_config()}
 
 
 class GroupQueryAttention(KerasAttention):
@@ -127,23 +112,11 @@ class GroupQueryAttention(KerasAttention):
 
     def __init__(self, head_dim: int, num_query_heads: int, num_key_value_heads: int,
                  dropout: float = 0.0, use_bias: bool = True,
-                 sliding_window: Optional[int] = None, flash_attention: Optional[bool] = None,
-                 kernel_initializer: Any = "glorot_uniform", bias_initializer: Any = "zeros",
-                 kernel_regularizer: Any = None, bias_regularizer: Any = None,
-                 activity_regularizer: Any = None, kernel_constraint: Any = None,
-                 bias_constraint: Any = None, use_gate: bool = False,
-                 seed: Optional[int] = None, *, dtype: Any = None,
-                 name: Optional[str] = None) -> None:
-        super().__init__(num_heads=num_query_heads, num_kv_heads=num_key_value_heads,
-                         key_dim=head_dim, value_dim=head_dim, dropout=dropout,
-                         use_bias=use_bias, output_shape=None, attention_axes=None,
-                         sliding_window=sliding_window, use_gate=use_gate,
-                         kernel_initializer=kernel_initializer,
-                         bias_initializer=bias_initializer, seed=seed, dtype=dtype, name=name,
-                         arg_names=("num_query_heads", "num_key_value_heads", "head_dim"))
-        self._no_effect = dict(zip(_NO_EFFECT, (
-            flash_attention, kernel_regularizer, bias_regularizer, activity_regularizer,
-            kernel_constraint, bias_constraint)))
+                 sliding_window: Optional[int] = None, **options: Any) -> None:
+        super().__init__((num_query_heads, num_key_value_heads, head_dim, head_dim),
+                         ("num_query_heads", "num_key_value_heads", "head_dim"),
+                         {"dropout": dropout, "use_bias": use_bias,
+                          "sliding_window": sliding_window}, options)
 
     def _check_rank(self, rank: int) -> None:
         if rank != 3:
@@ -152,13 +125,8 @@ class GroupQueryAttention(KerasAttention):
 
     def get_config(self) -> Dict[str, Any]:
         """The constructor arguments, as Keras' ``get_config`` names them."""
-        return {"name": self.name, "dtype": self.dtype.name, "head_dim": self.key_dim,
-                "num_query_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-                "dropout": self.dropout, "use_bias": self.use_bias, "use_gate": self.use_gate,
-                "sliding_window": self.sliding_window,
-                "kernel_initializer": self.kernel_initializer,
-                "bias_initializer": self.bias_initializer, "seed": self.seed,
-                **self._no_effect}
+        return {"head_dim": self.key_dim, "num_query_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads, **self._shared_config()}
 
 
 # Keras' class name (keras.layers exports it as GroupQueryAttention).
