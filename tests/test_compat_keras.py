@@ -334,3 +334,17 @@ def test_arguments_checked_with_their_names():
     with pytest.raises(tileattn.DTypeError, match="attention_mask"):
         x = np.ones((1, 3, 8), np.float32)
         tk.MultiHeadAttention(2, 4)(x, x, attention_mask=np.array([["a"] * 3] * 3))
+
+
+def test_fully_masked_row_gives_zeros_as_keras_scoring_path(rng):
+    """A query row that sees no key: zero attention (the output is the
+    output bias), as Keras computes it when it returns the scores."""
+    theirs, ours = twins(keras.layers.MultiHeadAttention, tk.MultiHeadAttention,
+                         dict(num_heads=2, key_dim=4), ((2, 4, 8), (2, 6, 8)), rng)
+    query, value = normal(rng, 2, 4, 8), normal(rng, 2, 6, 8)
+    m = mask_bsts(rng, 2, 4, 6)
+    m[1, 2] = False
+    assert_same(theirs, ours, query, value, attention_mask=m, return_attention_scores=True)
+    y, scores = ours(query, value, attention_mask=m, return_attention_scores=True)
+    assert (scores[1, :, 2] == 0).all()
+    np.testing.assert_array_equal(y[1, 2], ours.get_weights()[-1])
