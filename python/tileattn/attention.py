@@ -12,7 +12,7 @@ from . import _validate as check
 from ._axes import layouts
 from ._errors import InvalidParameterError
 from ._mha_config import check_options, check_sizes
-from ._mha_core import Heads, attend_heads, core_backward, heads_first
+from ._mha_core import Heads, attend_heads, core_backward, heads_first, refuse_ambiguous_mask
 from ._mha_decode import check_cached_call, forward_cached
 from ._mha_saved import (AttentionSaved, cast_inputs, check_features, dtypes_of, same_inputs,
                          seq_shape, shape_weights)
@@ -172,10 +172,13 @@ class MultiHeadAttention(Module):
             None: self-attention (key = value = query).
         value : (B, Lk, vdim), optional
             None: value = key (``mha(q, kv)``).
-        attn_mask : bool or float, broadcastable (NumPy rules) to (B, Hq, Lq, Lk)
-            Bool True = may attend; float is added to the scores. A (B, Lq, Lk)
-            mask (Keras' layout) needs a head axis: ``mask[:, None]``.
-        key_padding_mask : bool (B, Lk), True = real token
+        attn_mask : bool, int or float: (Lq, Lk) or (B, Hq, Lq, Lk) (NumPy broadcasting)
+            Bool True (int nonzero) = may attend; float is added to the
+            scores. A 3-D mask is refused when the input is batched (NumPy,
+            Keras and PyTorch each read it differently): Keras' (B, Lq, Lk)
+            is ``mask[:, None]``, PyTorch's (B*Hq, Lq, Lk) is
+            ``mask.reshape(B, Hq, Lq, Lk)``. Unbatched, (Hq, Lq, Lk) as in PyTorch.
+        key_padding_mask : bool or int (B, Lk), True (nonzero) = real token
             The opposite of PyTorch's polarity (there True = ignore).
         is_causal, window, causal_alignment
             As in ``scaled_dot_product_attention``: bottom-right aligned by
@@ -235,6 +238,8 @@ class MultiHeadAttention(Module):
         q3 = q_lay.to_sequence(q_in)
         k3 = q3 if self_attn else k_lay.to_sequence(k_in)
         v3 = k3 if kv_same else k_lay.to_sequence(v_in)
+        if not unbatched:
+            refuse_ambiguous_mask(attn_mask, q3.shape[0], self.num_heads, q3.shape[1], k3.shape[1])
 
         q, k, v = self.split_heads(*self.projections.project(q3, k3, v3, self_attn, kv_same))
         q, k = self.norm_and_rotate(q, k, training=training)

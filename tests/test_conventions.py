@@ -1,0 +1,160 @@
+"""The conventions of the libraries tileattn's users come from (Keras 3,
+PyTorch, Kaun, Edifice, R's ag_multihead_attention, deepbox), each against
+the real library on the same inputs and weights, the float64 reference or
+the other library's formula written out here."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import tileattn
+from conftest import close
+from reference import attention
+from tileattn import DTypeError, InvalidParameterError, ShapeError
+
+sdpa = tileattn.scaled_dot_product_attention
+
+
+@pytest.fixture(scope="module")
+def keras():
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip("these comparisons run Keras on its torch backend")
+    return keras
+
+
+def keras_mha(keras, rng, x, heads, key_dim):
+    """A built Keras MultiHeadAttention with random biases (Keras starts them
+    at zero, which would hide bias bugs) and its weights as NumPy arrays."""
+    layer = keras.layers.MultiHeadAttention(num_heads=heads, key_dim=key_dim)
+    layer(x, x)
+    weights = [rng.uniform(-0.5, 0.5, v.shape).astype(np.float32) for v in layer.weights]
+    layer.set_weights(weights)
+    return layer, weights
+
+
+def run_keras(layer, x, mask):
+    return layer(x, x, attention_mask=mask).detach().numpy()
+
+
+# -- 3-D attn_mask: three readings, refused -----------------------------------
+
+def test_keras_mask_with_batch_equal_heads_is_refused_and_its_4d_spelling_matches_keras(keras, rng):
+    """B == heads: NumPy broadcasting read Keras' (B, T, S) mask as (heads, T, S)
+    and silently gave another function; now the 3-D mask is refused, and the
+    fix the message names gives Keras' result."""
+    b = heads = 2
+    x = rng.standard_normal((b, 7, 16)).astype(np.float32)
+    mask = rng.random((b, 7, 7)) < 0.6
+    mask[..., 0] = True
+    layer, weights = keras_mha(keras, rng, x, heads, 8)
+    want = run_keras(layer, x, mask)
+    m = tileattn.MultiHeadAttention(16, heads, head_dim=8)
+    tileattn.load_keras_weights(m, weights)
+    with pytest.raises(ShapeError) as err:
+        m(x, attn_mask=mask)
+    msg = str(err.value)
+    for reading in ("attn_mask", "(heads, Lq, Lk)", "(B, Lq, Lk)", "(B*heads, Lq, Lk)",
+                    "mask[:, None]", "mask.reshape(2, 2, 7, 7)"):
+        assert reading in msg, (reading, msg)
+    close(m(x, attn_mask=mask[:, None]), want, np.float32)
+    # What the 3-D mask used to mean (per head) is another function:
+    assert np.abs(m(x, attn_mask=mask[None]) - want).max() > 1e-2
+
+
+def test_pytorch_3d_mask_reshaped_as_the_message_says_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    b, heads, lq, e = 3, 2, 6, 16
+    torch.manual_seed(0)
+    tm = torch.nn.MultiheadAttention(e, heads, batch_first=True).eval()
+    m = tileattn.MultiHeadAttention(e, heads)
+    m.load_state_dict(tm.state_dict())
+    x = rng.standard_normal((b, lq, e)).astype(np.float32)
+    ignore = rng.random((b * heads, lq, lq)) < 0.4
+    ignore[..., 0] = False
+    with torch.inference_mode():
+        want = tm(*(torch.from_numpy(x),) * 3, attn_mask=torch.from_numpy(ignore),
+                  need_weights=False)[0].numpy()
+    with pytest.raises(ShapeError, match=r"attn_mask: a 3-D mask \(6, 6, 6\) is ambiguous"):
+        m(x, attn_mask=~ignore)
+    close(m(x, attn_mask=~ignore.reshape(b, heads, lq, lq)), want, np.float32)
+
+
+def test_unbatched_3d_mask_stays_per_head(rng):
+    """Unbatched, a 3-D mask is (Hq, Lq, Lk), as PyTorch reads it: kept."""
+    m = tileattn.MultiHeadAttention(8, 2, dtype=np.float64, seed=0)
+    x = rng.standard_normal((5, 8))
+    mask = rng.random((2, 5, 5)) < 0.6
+    mask[..., 0] = True
+    y = m(x, attn_mask=mask)
+    y_batched = m(x[None], attn_mask=mask[None])[0]
+    np.testing.assert_allclose(y, y_batched, rtol=0, atol=1e-14)
+
+
+def test_refused_3d_mask_computes_and_keeps_nothing(rng):
+    m = tileattn.MultiHeadAttention(8, 2, seed=0)
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    before = {k: v.copy() for k, v in m.state_dict().items()}
+    with pytest.raises(ShapeError):
+        m(x, attn_mask=np.ones((2, 5, 5), bool), training=True)
+    with pytest.raises(InvalidParameterError, match="nothing to differentiate"):
+        m.backward(np.ones((2, 5, 8), np.float32))
+    assert all(np.array_equal(before[k], v) for k, v in m.state_dict().items())
+
+
+# -- integer masks: nonzero = may attend / real token -------------------------
+
+def test_integer_attn_mask_is_nonzero_may_attend(rng):
+    q, k, v = (rng.standard_normal((2, 3, 9, 8)) for _ in range(3))
+    ints = rng.integers(-2, 3, (2, 1, 9, 9)).astype(np.int32)
+    ints[..., 0] = 5
+    want, _ = attention(q, k, v, attn_mask=ints != 0)
+    got = sdpa(q, k, v, attn_mask=ints)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(got, sdpa(q, k, v, attn_mask=ints != 0))
+
+
+def test_keras_int_attention_mask_matches_keras(keras, rng):
+    """Keras masks are often 0/1 integers (1 = attend); tileattn refused them."""
+    x = rng.standard_normal((3, 8, 12)).astype(np.float32)
+    mask = (rng.random((3, 8, 8)) < 0.6).astype(np.int32)
+    mask[..., 0] = 1
+    layer, weights = keras_mha(keras, rng, x, 3, 4)
+    want = run_keras(layer, x, mask)
+    m = tileattn.MultiHeadAttention(12, 3, head_dim=4)
+    tileattn.load_keras_weights(m, weights)
+    close(m(x, attn_mask=mask[:, None]), want, np.float32)
+
+
+def test_kaun_nonzero_keeps_padding_mask(rng):
+    """Kaun: an int32 (B, Lk) mask, nonzero keeps the position (any nonzero)."""
+    m = tileattn.MultiHeadAttention(16, 4, dtype=np.float64, seed=3)
+    q, kv = rng.standard_normal((2, 5, 16)), rng.standard_normal((2, 9, 16))
+    kaun = np.array([[3, 1, 0, 7, 0, -1, 2, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0, 0]], np.int32)
+    want = m(q, kv, key_padding_mask=kaun != 0)
+    np.testing.assert_array_equal(m(q, kv, key_padding_mask=kaun), want)
+    assert np.abs(want - m(q, kv, key_padding_mask=kaun == 1)).max() > 1e-3
+    # the functional API too, against the reference
+    qh, kh, vh = (rng.standard_normal((2, 2, 9, 4)) for _ in range(3))
+    ref, _ = attention(qh, kh, vh, key_padding_mask=kaun != 0)
+    np.testing.assert_allclose(sdpa(qh, kh, vh, key_padding_mask=kaun), ref, rtol=0, atol=1e-13)
+
+
+def test_integer_padding_mask_with_a_cache(rng):
+    m = tileattn.MultiHeadAttention(16, 2, seed=0)
+    x = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    real = np.array([[2, 5, 1, 0], [1, 0, 0, 0]])
+    c1, c2 = tileattn.KVCache(2, 2, 8, 8), tileattn.KVCache(2, 2, 8, 8)
+    np.testing.assert_array_equal(m(x, cache=c1, key_padding_mask=real),
+                                  m(x, cache=c2, key_padding_mask=real != 0))
+    np.testing.assert_array_equal(c1.lengths, [3, 1])
+
+
+def test_float_padding_mask_still_refused(rng):
+    q = rng.standard_normal((2, 2, 4, 4)).astype(np.float32)
+    with pytest.raises(DTypeError, match=r"key_padding_mask: expected bool or integers "
+                                         r"\(True / nonzero = real token\), got float32"):
+        sdpa(q, q, q, key_padding_mask=np.ones((2, 4), np.float32))
