@@ -158,3 +158,40 @@ def test_float_padding_mask_still_refused(rng):
     with pytest.raises(DTypeError, match=r"key_padding_mask: expected bool or integers "
                                          r"\(True / nonzero = real token\), got float32"):
         sdpa(q, q, q, key_padding_mask=np.ones((2, 4), np.float32))
+
+
+# -- Keras weights must fit the module's heads and dims ------------------------
+
+def test_keras_weights_with_other_heads_are_refused(keras, rng):
+    """2 heads of 8 flatten to the matrices of 4 heads of 4: they loaded and
+    computed another function. Now a typed error names the array and shapes."""
+    x = rng.standard_normal((2, 6, 16)).astype(np.float32)
+    layer, weights = keras_mha(keras, rng, x, 2, 8)
+    m = tileattn.MultiHeadAttention(16, 4, seed=0)          # head_dim 4
+    before = m.state_dict()
+    for load in (lambda: tileattn.load_keras_weights(m, weights),
+                 lambda: m.load_state_dict(tileattn.keras_state_dict(weights))):
+        with pytest.raises(ShapeError) as err:
+            load()
+        msg = str(err.value)
+        assert "query/kernel (q_proj.weight) has shape (16, 2, 8), the module expects " \
+               "(16, 4, 4)" in msg, msg
+        assert "attention_output/kernel (out_proj.weight) has shape (2, 8, 16)" in msg, msg
+        assert "num_heads=4" in msg and "head_dim=4" in msg
+        assert all(np.array_equal(before[k], v) for k, v in m.state_dict().items())
+    # The module that fits gives Keras' result; the misfit would not have.
+    fits = tileattn.MultiHeadAttention(16, 2, head_dim=8)
+    tileattn.load_keras_weights(fits, weights)
+    close(fits(x), run_keras(layer, x, None), np.float32)
+    m.load_state_dict(dict(tileattn.keras_state_dict(weights)))   # a plain dict: shapes only
+    assert np.abs(m(x) - run_keras(layer, x, None)).max() > 1e-2
+
+
+def test_keras_weights_with_other_value_dim_or_kv_heads_are_refused(rng):
+    w = [rng.standard_normal(s) for s in ((8, 2, 4), (2, 4), (8, 2, 4), (2, 4),
+                                          (8, 2, 4), (2, 4), (2, 4, 8), (8,))]
+    gqa = tileattn.MultiHeadAttention(8, 2, num_kv_heads=1, head_dim=4, value_dim=8)
+    with pytest.raises(ShapeError, match=r"key/kernel \(k_proj.weight\) has shape \(8, 2, 4\), "
+                                         r"the module expects \(8, 1, 4\)"):
+        tileattn.load_keras_weights(gqa, w)
+    tileattn.load_keras_weights(tileattn.MultiHeadAttention(8, 2, head_dim=4), w)  # fits

@@ -4,7 +4,7 @@ tileattn's core."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -14,8 +14,8 @@ from ._errors import InvalidParameterError
 from ._mha_config import check_options, check_sizes
 from ._mha_core import Heads, attend_heads, core_backward, heads_first, refuse_ambiguous_mask
 from ._mha_decode import check_cached_call, forward_cached
-from ._mha_saved import (AttentionSaved, cast_inputs, check_features, dtypes_of, same_inputs,
-                         seq_shape, shape_weights)
+from ._mha_saved import (AttentionSaved, cast_inputs, check_features, dtypes_of, input_grads,
+                         same_inputs, seq_shape, shape_weights)
 from ._padding import RealTokens, scatter_rows
 from .functional import scaled_dot_product_attention
 from .linear import Linear, grad_input
@@ -361,19 +361,4 @@ class MultiHeadAttention(Module):
         if self.qk_norm:
             dq, dk = self.q_norm.backward(dq), self.k_norm.backward(dk)
         flat = [a.reshape(a.shape[:2] + (-1,)) for a in (dq, dk, dv)]
-        grads = self.projections.input_backward(s.inputs, s.fused, *flat)
-        for i in (1, 2):                   # one gradient per distinct input array
-            j = s.same[i]
-            if j != i and grads[i] is not None:
-                gj, gi = grads[j], grads[i]
-                grads[j] = gi if gj is None else gj + gi
-                grads[i] = None
-        out: List[Optional[np.ndarray]] = []
-        for i, gr in enumerate(grads):
-            if gr is not None:
-                gr = (q_lay if i == 0 else k_lay).from_sequence(gr)
-                gr = (gr[0] if s.unbatched else gr).astype(s.dtypes[i], copy=False)
-            out.append(gr)
-        if s.same == (0, 0, 0):
-            return out[0]
-        return tuple(out)
+        return input_grads(self.projections.input_backward(s.inputs, s.fused, *flat), s)

@@ -286,13 +286,20 @@ class Module:
             Missing or unexpected keys (strict), listing every one of them
             and every mis-shaped key too.
         ShapeError
-            Only mis-shaped keys; each named with both shapes.
+            Only mis-shaped keys; each named with both shapes. Also a
+            ``keras_state_dict`` whose heads or dims differ from the module's.
 
         Nothing is modified unless the whole load succeeds.
         """
         if not isinstance(state_dict, Mapping):
             raise InvalidParameterError(
                 f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
+        # A converted foreign state dict (``keras_state_dict``'s) may know more
+        # than its flattened shapes say, e.g. the heads: it refuses a module
+        # it does not fit.
+        check_fits = getattr(state_dict, "check_fits", None)
+        if callable(check_fits):
+            check_fits(self)
         sd = self._canonical_state_dict(state_dict)
         own = dict(self.named_parameters())
         missing = [k for k in own if k not in sd]
