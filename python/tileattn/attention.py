@@ -254,7 +254,7 @@ class MultiHeadAttention(Module):
                 inputs=(q3, k3, v3), layouts=(q_lay, k_lay), dtypes=dtypes_of(query, key, value),
                 same=same_inputs(query, key, value), fused=(self_attn, kv_same),
                 unbatched=unbatched, core=core, masks=masks, attn_out=y))
-        y = self.out_proj(y)
+        y = self.out_proj(y, training=False)   # its backward runs in self.projections
         y = q_lay.from_sequence(y)[0] if unbatched else q_lay.from_sequence(y)
         y = y.astype(out_dtype, copy=False)
         if w is None:

@@ -10,6 +10,8 @@
 
 Both map (B, L, embed_dim) frames to one (B, features) vector per sequence
 (the state after the last frame), the shape a policy or value head takes.
+They have no backward, so their own layers are called with training=False
+(nothing kept), whatever their mode; ``training`` switches the dropout.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class MLPHead(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         for lin in self.layers:
-            x = activation_(self.activation, np.ascontiguousarray(lin(x)))
+            x = activation_(self.activation, np.ascontiguousarray(lin(x, training=False)))
         return x
 
     def get_config(self) -> Dict[str, Any]:
@@ -175,7 +177,7 @@ class SlidingWindowModel(Module):
         representation after the last frame.
         """
         a = _frames(x, self.embed_dim)
-        h = self.input_proj(a.astype(self.dtype, copy=False))
+        h = self.input_proj(a.astype(self.dtype, copy=False), training=False)
         h += sinusoidal_positions(h.shape[-2], self.hidden_size).astype(self.dtype, copy=False)
         h = self.encoder(h, key_padding_mask=key_padding_mask, training=training)
         out = h if check.flag("return_sequence", return_sequence) else h[..., -1, :]
@@ -287,7 +289,7 @@ class HybridLSTMAttention(Module):
         if train:
             dropout_(y, self.dropout, self._dropout_rng)
         y += q
-        y = self.norm(y)
+        y = self.norm(y, training=False)
         if self.mlp_sizes is not None:
             y = self.mlp(y)
         out = y if full else y[..., 0, :]
