@@ -282,3 +282,67 @@ def test_mode_is_not_state_and_old_pickles_load(rng, tmp_path):
     assert old.training is False
     np.testing.assert_array_equal(old(x), dropout_mha()(x))
     np.testing.assert_array_equal(old.train()(x), dropout_mha()(x, training=True))
+
+
+# -- Edifice: the models' last REAL position; causal/window masks; QK norm ----
+
+def sliding(**kw):
+    return tileattn.models.SlidingWindowModel(12, window_size=3, num_heads=2, head_dim=4,
+                                              ffn_dim=8, seed=0, **kw)
+
+
+def hybrid(**kw):
+    return tileattn.models.HybridLSTMAttention(12, lstm_hidden=8, num_heads=2, head_dim=4,
+                                               mlp=[5], seed=0, **kw)
+
+
+@pytest.mark.parametrize("make", [sliding, hybrid])
+def test_right_padded_sequences_give_what_they_give_alone(rng, make):
+    """Position -1 of a right-padded row is padding: the models returned its
+    state. Now each row's last real position: the sequence alone."""
+    m = make()
+    x = rng.standard_normal((3, 9, 12)).astype(np.float32)
+    n = np.array([9, 5, 1])
+    real = np.arange(9) < n[:, None]
+    x[~real] = rng.standard_normal((int((~real).sum()), 12)) * 50   # padding: anything
+    alone = np.stack([m(x[b, :n[b]]) for b in range(3)])
+    got = m(x, key_padding_mask=real)
+    close(got, alone.astype(np.float64), np.float32)
+    np.testing.assert_array_equal(m(x, lengths=n), got)
+    np.testing.assert_array_equal(m(x, key_padding_mask=real.astype(np.int8) * 3), got)
+    # (GEMMs of other row counts may round differently: not bitwise)
+    np.testing.assert_allclose(m(x[1], lengths=5), got[1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(m(x[1], key_padding_mask=real[1]), got[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [sliding, hybrid])
+def test_left_padding_still_ends_at_the_last_position(rng, make):
+    m = make()
+    x = rng.standard_normal((2, 8, 12)).astype(np.float32)
+    real = np.ones((2, 8), bool)
+    real[0, :3] = False
+    got = m(x, key_padding_mask=real)
+    np.testing.assert_array_equal(got, m(x, key_padding_mask=real, return_sequence=True)[:, -1])
+    np.testing.assert_allclose(got[1], m(x[1]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [sliding, hybrid])
+def test_model_padding_errors(rng, make):
+    m = make()
+    x = rng.standard_normal((2, 4, 12)).astype(np.float32)
+    real = np.ones((2, 4), bool)
+    with pytest.raises(InvalidParameterError, match="key_padding_mask, lengths: pass one"):
+        m(x, key_padding_mask=real, lengths=[4, 4])
+    real[1] = False
+    with pytest.raises(InvalidParameterError, match="key_padding_mask: sequence 1 has no real"):
+        m(x, key_padding_mask=real)
+    with pytest.raises(InvalidParameterError, match=r"lengths: entry 1 is 0, expected 1 <= "):
+        m(x, lengths=[4, 0])
+    with pytest.raises(InvalidParameterError, match=r"lengths: entry 0 is 5"):
+        m(x, lengths=[5, 1])
+    with pytest.raises(ShapeError, match=r"lengths: expected shape \(B,\) = \(2,\)"):
+        m(x, lengths=[4])
+    with pytest.raises(DTypeError, match="lengths: expected integers"):
+        m(x, lengths=[4.0, 2.0])
+    with pytest.raises(DTypeError, match="key_padding_mask: expected bool or integers"):
+        m(x, key_padding_mask=np.ones((2, 4), np.float32))
