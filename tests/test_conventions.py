@@ -346,3 +346,82 @@ def test_model_padding_errors(rng, make):
         m(x, lengths=[4.0, 2.0])
     with pytest.raises(DTypeError, match="key_padding_mask: expected bool or integers"):
         m(x, key_padding_mask=np.ones((2, 4), np.float32))
+
+
+def edifice_window_mask(seq_len, window_size):
+    """Edifice's window_mask, as its source writes it with Nx.iota."""
+    rows = np.broadcast_to(np.arange(seq_len)[:, None], (seq_len, seq_len))
+    cols = np.broadcast_to(np.arange(seq_len)[None, :], (seq_len, seq_len))
+    return (rows >= cols) & (cols >= rows - (window_size - 1))
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 130])
+def test_causal_and_window_masks_are_edifices(rng, n):
+    rows, cols = np.indices((n, n))
+    assert tileattn.causal_mask(n).dtype == bool
+    np.testing.assert_array_equal(tileattn.causal_mask(n), rows >= cols)
+    for w in (1, 3, n + 5):
+        got = tileattn.window_mask(n, w)
+        assert got.dtype == bool and got.shape == (n, n)
+        np.testing.assert_array_equal(got, edifice_window_mask(n, w))
+
+
+def test_masks_as_attn_mask_equal_the_described_masks(rng):
+    q, k, v = (rng.standard_normal((2, 2, 37, 8)) for _ in range(3))
+    want, _ = attention(q, k, v, attn_mask=edifice_window_mask(37, 5))
+    np.testing.assert_allclose(sdpa(q, k, v, attn_mask=tileattn.window_mask(37, 5)), want,
+                               rtol=0, atol=1e-13)
+    np.testing.assert_allclose(sdpa(q, k, v, window=5), want, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(sdpa(q, k, v, attn_mask=tileattn.causal_mask(37)),
+                               sdpa(q, k, v, is_causal=True), rtol=0, atol=1e-13)
+
+
+def test_mask_helper_errors():
+    for bad in (-1, 2.0, True, "4"):
+        with pytest.raises(InvalidParameterError, match="seq_len: expected a non-negative int"):
+            tileattn.causal_mask(bad)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(InvalidParameterError, match="window_size: expected a positive int"):
+            tileattn.window_mask(4, bad)
+    with pytest.raises(MemoryError, match="mask"):
+        tileattn.causal_mask(2**40)
+
+
+def edifice_qk_layer_norm(x, eps=1e-6):
+    """Edifice's qk_layer_norm in float64: Nx.mean and Nx.variance (population)
+    over the last axis."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=-1, keepdims=True)
+    variance = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(variance + eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_qk_layer_norm_is_edifices(rng, dtype):
+    # Rows of small spread, where eps (1e-6, not LayerNorm's 1e-5) shows; an
+    # offset only in float64 (in float32 the mean's rounding over a 1e-3
+    # spread is a 1e-4 error, a property of the arithmetic, not of the rule).
+    offset = 2.0 if dtype == np.float64 else 0.0
+    x = (rng.standard_normal((2, 3, 5, 16)) * np.array([1.0, 1e-3, 3e-3, 10.0, 0.0])[:, None]
+         + offset).astype(dtype)
+    before = x.copy()
+    got = tileattn.qk_layer_norm(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    np.testing.assert_array_equal(x, before)
+    tol = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    want = edifice_qk_layer_norm(x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * 4)
+    assert np.abs(edifice_qk_layer_norm(x, 1e-5) - want).max() > 0.1   # eps matters here
+    np.testing.assert_allclose(tileattn.qk_layer_norm(x, eps=1e-5),
+                               edifice_qk_layer_norm(x, 1e-5), rtol=0, atol=tol * 4)
+
+
+def test_qk_layer_norm_errors_and_empty():
+    with pytest.raises(DTypeError, match="x: expected float16, float32 or float64"):
+        tileattn.qk_layer_norm(np.ones((2, 4), np.int32))
+    with pytest.raises(InvalidParameterError, match="eps"):
+        tileattn.qk_layer_norm(np.ones((2, 4)), eps=0.0)
+    with pytest.raises(ShapeError, match="x: expected at least one axis"):
+        tileattn.qk_layer_norm(np.float64(1.0))
+    assert tileattn.qk_layer_norm(np.ones((3, 0))).shape == (3, 0)
+    assert tileattn.qk_layer_norm(np.ones((0, 4))).shape == (0, 4)

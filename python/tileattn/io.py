@@ -160,7 +160,7 @@ class KerasStateDict(Dict[str, np.ndarray]):
         super().__init__(arrays)
         self.keras_shapes = keras_shapes
 
-    def check_fits(self, module: Module) -> None:
+    def check_target(self, module: Module) -> None:
         """ShapeError naming each Keras array whose heads or dims differ from
         ``module``'s (a MultiHeadAttention; other modules check shapes only)."""
         if not isinstance(module, MultiHeadAttention):

@@ -309,9 +309,9 @@ class Module:
         # A converted foreign state dict (``keras_state_dict``'s) may know more
         # than its flattened shapes say, e.g. the heads: it refuses a module
         # it does not fit.
-        check_fits = getattr(state_dict, "check_fits", None)
-        if callable(check_fits):
-            check_fits(self)
+        check_target = getattr(state_dict, "check_target", None)
+        if callable(check_target):
+            check_target(self)
         sd = self._canonical_state_dict(state_dict)
         own = dict(self.named_parameters())
         missing = [k for k in own if k not in sd]
