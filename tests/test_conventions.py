@@ -425,3 +425,87 @@ def test_qk_layer_norm_errors_and_empty():
         tileattn.qk_layer_norm(np.float64(1.0))
     assert tileattn.qk_layer_norm(np.ones((3, 0))).shape == (3, 0)
     assert tileattn.qk_layer_norm(np.ones((0, 4))).shape == (0, 4)
+
+
+# -- R's ag_multihead_attention: output-only bias, [d_model, seq_len] data -----
+
+def r_multihead_attention(sd, x, n_heads):
+    """ag_multihead_attention's forward on [d_model, seq_len] data (columns
+    are tokens), in float64: Q = W_q q, K = W_k k, V = W_v v (no biases),
+    per head A_h = softmax(t(q_h) k_h / sqrt(d_k)) over the keys, each
+    token's head output the A_h-weighted sum of v_h's columns, then
+    out = W_o rbind(heads) + b_o. (The seed writes ``v_h %*% A_h``; with
+    A_h[i, j] = query i's weight of key j, token i's output is v_h t(A_h)'s
+    column i.)"""
+    q, k, v = (sd[f"{n}_proj.weight"] @ x for n in ("q", "k", "v"))
+    d_k = q.shape[0] // n_heads
+    heads = []
+    for h in range(n_heads):
+        rows = slice(h * d_k, (h + 1) * d_k)
+        s = q[rows].T @ k[rows] / np.sqrt(d_k)                       # [seq_len, seq_len]
+        a = np.exp(s - s.max(axis=1, keepdims=True))
+        a /= a.sum(axis=1, keepdims=True)
+        heads.append(v[rows] @ a.T)                                   # [d_v, seq_len]
+    return sd["out_proj.weight"] @ np.vstack(heads) + sd["out_proj.bias"][:, None]
+
+
+def test_output_only_bias_and_r_layout_match_r(rng):
+    d_model, n_heads, seq_len = 16, 4, 10
+    mha = tileattn.MultiHeadAttention(d_model, n_heads, bias="output", seed=0)
+    assert sorted(mha.state_dict()) == ["k_proj.weight", "out_proj.bias", "out_proj.weight",
+                                        "q_proj.weight", "v_proj.weight"]
+    mha.out_proj.bias = rng.uniform(-0.5, 0.5, d_model)              # zero at first
+    x_r = rng.standard_normal((d_model, seq_len)).astype(np.float32)  # R's [d_model, seq_len]
+    y_r = mha(x_r.T).T                                                # views, no copy
+    assert y_r.shape == (d_model, seq_len)
+    sd = {n: p.astype(np.float64) for n, p in mha.state_dict().items()}
+    close(y_r, r_multihead_attention(sd, x_r.astype(np.float64), n_heads), np.float32)
+    np.testing.assert_array_equal(y_r, mha(np.ascontiguousarray(x_r.T)).T)
+    # Cross-attention R's way: mha$forward(q, kv, kv)
+    kv_r = rng.standard_normal((d_model, 15)).astype(np.float32)
+    np.testing.assert_array_equal(mha(x_r.T, kv_r.T).T,
+                                  mha(np.ascontiguousarray(x_r.T), np.ascontiguousarray(kv_r.T)).T)
+
+
+def test_output_only_bias_options_and_round_trips(rng, tmp_path):
+    m = tileattn.MultiHeadAttention(8, 2, bias="output", qk_norm=True, seed=0)
+    assert m.q_proj.bias is None and m.k_norm.bias is None and m.out_proj.bias is not None
+    assert m.get_config()["bias"] == "output"
+    for bias in (True, False):
+        assert tileattn.MultiHeadAttention(8, 2, bias=bias).get_config()["bias"] is bias
+    m.out_proj.bias = rng.standard_normal(8)
+    tileattn.save(m, tmp_path / "m.npz")
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    np.testing.assert_array_equal(tileattn.load(tmp_path / "m.npz")(x), m(x))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(m))(x), m(x))
+    for bad in ("input", "yes", 1, None):
+        with pytest.raises(InvalidParameterError, match=r"bias: expected True, False or 'output'"):
+            tileattn.MultiHeadAttention(8, 2, bias=bad)
+
+
+def test_output_only_bias_gradients(rng):
+    """backward with bias="output": the output bias' gradient is the sum of
+    dL/dy, the other gradients agree with finite differences."""
+    m = tileattn.MultiHeadAttention(8, 2, bias="output", dtype=np.float64, seed=0)
+    x = rng.standard_normal((2, 5, 8))
+    g = rng.standard_normal((2, 5, 8))
+    m(x, training=True)
+    dx = m.backward(g)
+    assert sorted(m.grads) == ["k_proj.weight", "out_proj.bias", "out_proj.weight",
+                               "q_proj.weight", "v_proj.weight"]
+    np.testing.assert_allclose(m.grads["out_proj.bias"], g.sum(axis=(0, 1)), rtol=1e-12)
+    h = 1e-6
+    for idx in [(0, 1, 2), (1, 4, 7)]:
+        e = np.zeros_like(x)
+        e[idx] = h
+        fd = ((m(x + e) * g).sum() - (m(x - e) * g).sum()) / (2 * h)
+        np.testing.assert_allclose(dx[idx], fd, rtol=1e-6, atol=1e-8)
+    w = m.q_proj.weight
+    old = w[1, 3]
+    w[1, 3] = old + h
+    up = (m(x) * g).sum()
+    w[1, 3] = old - h
+    down = (m(x) * g).sum()
+    w[1, 3] = old
+    np.testing.assert_allclose(m.grads["q_proj.weight"][1, 3], (up - down) / (2 * h),
+                               rtol=1e-6, atol=1e-8)

@@ -11,7 +11,7 @@ import numpy as np
 from . import _validate as check
 from ._axes import layouts
 from ._errors import InvalidParameterError
-from ._mha_config import check_options, check_sizes
+from ._mha_config import bias_option, check_options, check_sizes
 from ._mha_core import Heads, attend_heads, core_backward, heads_first, refuse_ambiguous_mask
 from ._mha_decode import check_cached_call, forward_cached
 from ._mha_saved import (AttentionSaved, cast_inputs, check_features, dtypes_of, input_grads,
@@ -49,8 +49,9 @@ class MultiHeadAttention(Module):
         Feature sizes of the key and value inputs. Default embed_dim.
     output_dim : int, optional
         Output features. Default embed_dim.
-    bias : bool
-        Biases in the four projections (and the QK-norms).
+    bias : bool or "output"
+        Biases in the four projections (and the QK-norms); ``"output"``: in
+        the output projection only (R's ``ag_multihead_attention``).
     dropout : float in [0, 1)
         Dropout on the attention weights, applied only with ``training=True``.
     rope : bool
@@ -89,7 +90,7 @@ class MultiHeadAttention(Module):
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, value_dim: Optional[int] = None,
                  kdim: Optional[int] = None, vdim: Optional[int] = None,
-                 output_dim: Optional[int] = None, bias: bool = True, dropout: float = 0.0,
+                 output_dim: Optional[int] = None, bias: Any = True, dropout: float = 0.0,
                  rope: bool = False, rope_theta: float = 10000.0, qk_norm: bool = False,
                  attention_axes: Any = None, dtype: Any = np.float32,
                  seed: Optional[int] = None) -> None:
@@ -97,21 +98,21 @@ class MultiHeadAttention(Module):
         (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim,
          self.kdim, self.vdim, self.output_dim) = check_sizes(
             embed_dim, num_heads, num_kv_heads, head_dim, value_dim, kdim, vdim, output_dim)
-        self.dropout, self.rope, self.rope_theta, self.qk_norm, self.attention_axes, self.seed = \
-            check_options(self.head_dim, bias, dropout, rope, rope_theta, qk_norm,
-                          attention_axes, seed)
+        (in_bias, out_bias, self.dropout, self.rope, self.rope_theta, self.qk_norm,
+         self.attention_axes, self.seed) = check_options(
+            self.head_dim, bias, dropout, rope, rope_theta, qk_norm, attention_axes, seed)
         init_seq, drop_seq = np.random.SeedSequence(seed).spawn(2)
         self._dropout_rng = np.random.default_rng(drop_seq)
         rng = np.random.default_rng(init_seq)
         hq, hkv, d, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim
         self.projections = AttentionProjections(
-            Linear(self.embed_dim, hq * d, bias, self.dtype, rng),
-            Linear(self.kdim, hkv * d, bias, self.dtype, rng),
-            Linear(self.vdim, hkv * dv, bias, self.dtype, rng),
-            Linear(hq * dv, self.output_dim, bias, self.dtype, rng))
+            Linear(self.embed_dim, hq * d, in_bias, self.dtype, rng),
+            Linear(self.kdim, hkv * d, in_bias, self.dtype, rng),
+            Linear(self.vdim, hkv * dv, in_bias, self.dtype, rng),
+            Linear(hq * dv, self.output_dim, out_bias, self.dtype, rng))
         if self.qk_norm:
-            self.q_norm = LayerNorm(d, bias=bias, dtype=self.dtype)
-            self.k_norm = LayerNorm(d, bias=bias, dtype=self.dtype)
+            self.q_norm = LayerNorm(d, bias=in_bias, dtype=self.dtype)
+            self.k_norm = LayerNorm(d, bias=in_bias, dtype=self.dtype)
 
     # -- construction ---------------------------------------------------------
     @property
@@ -145,7 +146,8 @@ class MultiHeadAttention(Module):
             "embed_dim": self.embed_dim, "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
             "value_dim": self.value_dim, "kdim": self.kdim, "vdim": self.vdim,
-            "output_dim": self.output_dim, "bias": self.q_proj.bias is not None,
+            "output_dim": self.output_dim,
+            "bias": bias_option(self.q_proj.bias is not None, self.out_proj.bias is not None),
             "dropout": self.dropout, "rope": self.rope, "rope_theta": self.rope_theta,
             "qk_norm": self.qk_norm,
             "attention_axes": list(self.attention_axes) if self.attention_axes else None,
