@@ -102,7 +102,7 @@ def test_self_attention_is_one_fused_matmul(rng, monkeypatch):
     calls, seen = [], {}
     real_forward = tileattn.Linear.forward
     monkeypatch.setattr(tileattn.Linear, "forward",
-                        lambda self, x: calls.append(self) or real_forward(self, x))
+                        lambda self, x, **kw: calls.append(self) or real_forward(self, x, **kw))
     real_forward_call = call_module.forward
 
     def spy(call, **kw):

@@ -16,7 +16,7 @@ from .backward import scaled_dot_product_attention_backward
 from . import optim
 from .module import Module
 from .linear import Linear
-from .norm import LayerNorm
+from .norm import LayerNorm, qk_layer_norm
 from .attention import MultiHeadAttention
 from .cache import KVCache
 from .encoder import FeedForward, TransformerEncoder, TransformerEncoderLayer
@@ -24,6 +24,7 @@ from .lstm import LSTM
 from . import models
 from .positional import rope, sinusoidal_positions
 from .io import keras_state_dict, load, load_keras_weights, save
+from .masks import causal_mask, window_mask
 
 _check_env()
 _apply_isa_env()
@@ -42,6 +43,7 @@ __all__ = [
     "TransformerEncoder",
     "TransformerEncoderLayer",
     "__version__",
+    "causal_mask",
     "config",
     "get_num_threads",
     "keras_state_dict",
@@ -51,9 +53,11 @@ __all__ = [
     "rope",
     "save",
     "optim",
+    "qk_layer_norm",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_backward",
     "set_num_threads",
     "show_config",
     "sinusoidal_positions",
+    "window_mask",
 ]

@@ -182,6 +182,13 @@ def dropout_and_seed(dropout_p: float, seed: Optional[int]) -> tuple[float, int]
     return p, seed
 
 
+def integers_as_bool(m: np.ndarray) -> np.ndarray:
+    """An integer mask as bool, nonzero = True (may attend / real token), the
+    rule of every mask: a tokenizer's or Keras' 0/1 masks and Kaun's
+    "nonzero keeps" masks mean the same as their bool. Other dtypes as is."""
+    return m != 0 if m.dtype.kind in "iu" else m
+
+
 def _broadcast_or_raise(m: np.ndarray, full: tuple[int, ...],
                         message: Callable[[], str]) -> np.ndarray:
     """m broadcast (a read-only view) to full, or ShapeError(message())."""
@@ -193,15 +200,15 @@ def _broadcast_or_raise(m: np.ndarray, full: tuple[int, ...],
 
 def broadcast_attn_mask(mask: ArrayLike, target: tuple[int, ...], dtype: np.dtype[Any],
                batched: bool) -> np.ndarray:
-    m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
+    m = integers_as_bool(mask if isinstance(mask, np.ndarray) else np.asarray(mask))
     if m.dtype == np.bool_:
         kind = "bool"
     elif m.dtype.kind == "f":
         kind = "float"
     else:
         raise DTypeError(
-            f"attn_mask: expected bool (True = may attend) or float (added to the scores), "
-            f"got {m.dtype}"
+            f"attn_mask: expected bool or integers (True / nonzero = may attend) or float "
+            f"(added to the scores), got {m.dtype}"
         )
     full = target if batched else target[1:]
     if m.ndim > len(full):
@@ -225,17 +232,12 @@ def broadcast_attn_mask(mask: ArrayLike, target: tuple[int, ...], dtype: np.dtyp
 
 
 def check_key_padding(mask: ArrayLike, b: int, lk: int, batched: bool) -> np.ndarray:
-    m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
+    m = integers_as_bool(mask if isinstance(mask, np.ndarray) else np.asarray(mask))
     if m.dtype != np.bool_:
-        if m.dtype.kind in "iu" and m.size and np.all((m == 0) | (m == 1)):
-            m = m.astype(bool)  # a tokenizer's 1/0 attention mask
-        elif m.dtype.kind in "iu" and not m.size:
-            m = m.astype(bool)
-        else:
-            raise DTypeError(
-                f"key_padding_mask: expected bool (True = real token) or 0/1 integers, "
-                f"got {m.dtype}"
-            )
+        raise DTypeError(
+            f"key_padding_mask: expected bool or integers (True / nonzero = real token), "
+            f"got {m.dtype}"
+        )
     full = (b, lk) if batched else (lk,)
     view = _broadcast_or_raise(m, full, lambda: (
         f"key_padding_mask: expected shape {'(B, Lk)' if batched else '(Lk,)'} = {full}, "

@@ -23,6 +23,8 @@ class HeadSizes(NamedTuple):
 
 
 class Options(NamedTuple):
+    in_bias: bool       # biases of the Q/K/V projections (and the QK-norms)
+    out_bias: bool      # bias of the output projection
     dropout: float
     rope: bool
     rope_theta: float
@@ -52,7 +54,10 @@ def check_sizes(embed_dim: Any, num_heads: Any, num_kv_heads: Any, head_dim: Any
 
 def check_options(head_dim: int, bias: Any, dropout: Any, rope: Any, rope_theta: Any,
                   qk_norm: Any, attention_axes: Any, seed: Any) -> Options:
-    check.flag("bias", bias)
+    if not (check.is_bool(bias) or isinstance(bias, str) and bias == "output"):
+        raise InvalidParameterError(
+            f"bias: expected True, False or 'output' (the output projection only), got {bias!r}")
+    in_bias, out_bias = (False, True) if isinstance(bias, str) else (bool(bias), bool(bias))
     rate = check.dropout_rate(dropout)
     use_rope = check.flag("rope", rope)
     if use_rope and head_dim % 2:
@@ -68,4 +73,10 @@ def check_options(head_dim: int, bias: Any, dropout: Any, rope: Any, rope_theta:
         raise InvalidParameterError(
             f"rope: positions over several attention_axes {axes} are not "
             f"defined; use one attention axis with rope")
-    return Options(rate, use_rope, float(rope_theta), norm, axes, check.seed(seed))
+    return Options(in_bias, out_bias, rate, use_rope, float(rope_theta), norm, axes,
+                   check.seed(seed))
+
+
+def bias_option(in_bias: bool, out_bias: bool) -> Any:
+    """The ``bias`` argument that builds these biases (``get_config``)."""
+    return "output" if out_bias and not in_bias else in_bias

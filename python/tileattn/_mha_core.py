@@ -10,6 +10,8 @@ import numpy as np
 
 from . import _call
 from ._call_checks import check_out
+from ._errors import ShapeError
+from ._validate import shape_str
 from ._mha_saved import AttentionSaved, CoreSaved
 
 Heads = Tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -19,6 +21,22 @@ def heads_first(a: np.ndarray, unbatched: bool = False) -> np.ndarray:
     """(B, L, H, D) -> the (B, H, L, D) view the core takes ((H, L, D) unbatched)."""
     a = a.transpose(0, 2, 1, 3)
     return a[0] if unbatched else a
+
+
+def refuse_ambiguous_mask(attn_mask: Any, b: int, hq: int, lq: int, lk: int) -> None:
+    """A module's batched call refuses a 3-D ``attn_mask``: NumPy broadcasting
+    reads it as (heads, Lq, Lk), Keras as (B, Lq, Lk) and PyTorch as
+    (B*heads, Lq, Lk), and with B == heads a Keras mask would silently give
+    another function. 2-D and 4-D masks mean one thing to all three."""
+    if attn_mask is None or np.ndim(attn_mask) != 3:
+        return
+    raise ShapeError(
+        f"attn_mask: a 3-D mask {shape_str(np.shape(attn_mask))} is ambiguous: NumPy "
+        f"broadcasting reads it as (heads, Lq, Lk), Keras as (B, Lq, Lk) and PyTorch as "
+        f"(B*heads, Lq, Lk). Pass (Lq, Lk) or (B, Hq, Lq, Lk) = ({b}, {hq}, {lq}, {lk}): "
+        f"mask[:, None] for a per-batch (B, Lq, Lk) mask, "
+        f"mask.reshape({b}, {hq}, {lq}, {lk}) for PyTorch's (B*heads, Lq, Lk), "
+        f"mask[None] for a per-head (heads, Lq, Lk) mask")
 
 
 def attend_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray, unbatched: bool, value_dim: int,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._call_checks import integers_as_bool
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._mha_core import heads_first
 from ._validate import float_array
@@ -65,7 +66,7 @@ def forward_cached(mha: "MultiHeadAttention", query: Any, cache: KVCache, *,
                          f"{cache.batch}; got shape {x.shape}")
     counts = None
     if key_padding_mask is not None:
-        kpm = np.asarray(key_padding_mask)
+        kpm = integers_as_bool(np.asarray(key_padding_mask))   # nonzero = real, as everywhere
         counts = prefix_lengths(kpm[None] if unbatched else kpm, "key_padding_mask", (b, t))
     x3 = x3.astype(mha.dtype, copy=False)
     q, k, v = mha.split_heads(*mha.projections.project(x3, x3, x3, True, True))
@@ -76,6 +77,8 @@ def forward_cached(mha: "MultiHeadAttention", query: Any, cache: KVCache, *,
     cache.attend(heads_first(q), heads_first(k), heads_first(v),
                  counts=counts, is_causal=is_causal, window=window, dropout_p=p, seed=seed,
                  out=heads_first(buf))
-    y: np.ndarray = mha.out_proj(buf.reshape(b, t, mha.num_heads * mha.value_dim))
+    # A cached forward keeps nothing for a backward, whatever out_proj's own mode.
+    y: np.ndarray = mha.out_proj(buf.reshape(b, t, mha.num_heads * mha.value_dim),
+                                 training=False)
     out: np.ndarray = (y[0] if unbatched else y).astype(in_dtype, copy=False)
     return out

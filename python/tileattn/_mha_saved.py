@@ -3,7 +3,7 @@ and the helpers that check and describe the forward's inputs."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -107,3 +107,28 @@ def shape_weights(w: np.ndarray, layouts: Tuple[SequenceLayout, SequenceLayout],
     w = w.reshape(q_lay.weights_shape(k_lay, () if heads is None else (heads,)))
     out: np.ndarray = (w[0] if unbatched else w).astype(dtype, copy=False)
     return out
+
+
+def input_grads(grads: List[Optional[np.ndarray]], s: AttentionSaved
+                ) -> Union[np.ndarray, Tuple[Optional[np.ndarray], ...]]:
+    """The projections' input gradients (B', L, F) as ``backward`` returns
+    them: one per distinct input array (the whole gradient at the first
+    argument that is that array), in the inputs' layouts and dtypes; one
+    array for self-attention."""
+    grads = list(grads)
+    for i in (1, 2):
+        j = s.same[i]
+        if j != i and grads[i] is not None:
+            gj, gi = grads[j], grads[i]
+            grads[j] = gi if gj is None else gj + gi
+            grads[i] = None
+    out: List[Optional[np.ndarray]] = []
+    for i, gr in enumerate(grads):
+        if gr is not None:
+            gr = s.layouts[0 if i == 0 else 1].from_sequence(gr)
+            gr = (gr[0] if s.unbatched else gr).astype(s.dtypes[i], copy=False)
+        out.append(gr)
+    if s.same == (0, 0, 0):
+        assert out[0] is not None
+        return out[0]
+    return tuple(out)

@@ -4,18 +4,18 @@ tileattn's core."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from . import _validate as check
 from ._axes import layouts
 from ._errors import InvalidParameterError
-from ._mha_config import check_options, check_sizes
-from ._mha_core import Heads, attend_heads, core_backward, heads_first
+from ._mha_config import bias_option, check_options, check_sizes
+from ._mha_core import Heads, attend_heads, core_backward, heads_first, refuse_ambiguous_mask
 from ._mha_decode import check_cached_call, forward_cached
-from ._mha_saved import (AttentionSaved, cast_inputs, check_features, dtypes_of, same_inputs,
-                         seq_shape, shape_weights)
+from ._mha_saved import (AttentionSaved, cast_inputs, check_features, dtypes_of, input_grads,
+                         same_inputs, seq_shape, shape_weights)
 from ._padding import RealTokens, scatter_rows
 from .functional import scaled_dot_product_attention
 from .linear import Linear, grad_input
@@ -49,8 +49,9 @@ class MultiHeadAttention(Module):
         Feature sizes of the key and value inputs. Default embed_dim.
     output_dim : int, optional
         Output features. Default embed_dim.
-    bias : bool
-        Biases in the four projections (and the QK-norms).
+    bias : bool or "output"
+        Biases in the four projections (and the QK-norms); ``"output"``: in
+        the output projection only (R's ``ag_multihead_attention``).
     dropout : float in [0, 1)
         Dropout on the attention weights, applied only with ``training=True``.
     rope : bool
@@ -89,7 +90,7 @@ class MultiHeadAttention(Module):
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, value_dim: Optional[int] = None,
                  kdim: Optional[int] = None, vdim: Optional[int] = None,
-                 output_dim: Optional[int] = None, bias: bool = True, dropout: float = 0.0,
+                 output_dim: Optional[int] = None, bias: Any = True, dropout: float = 0.0,
                  rope: bool = False, rope_theta: float = 10000.0, qk_norm: bool = False,
                  attention_axes: Any = None, dtype: Any = np.float32,
                  seed: Optional[int] = None) -> None:
@@ -97,21 +98,21 @@ class MultiHeadAttention(Module):
         (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim,
          self.kdim, self.vdim, self.output_dim) = check_sizes(
             embed_dim, num_heads, num_kv_heads, head_dim, value_dim, kdim, vdim, output_dim)
-        self.dropout, self.rope, self.rope_theta, self.qk_norm, self.attention_axes, self.seed = \
-            check_options(self.head_dim, bias, dropout, rope, rope_theta, qk_norm,
-                          attention_axes, seed)
+        (in_bias, out_bias, self.dropout, self.rope, self.rope_theta, self.qk_norm,
+         self.attention_axes, self.seed) = check_options(
+            self.head_dim, bias, dropout, rope, rope_theta, qk_norm, attention_axes, seed)
         init_seq, drop_seq = np.random.SeedSequence(seed).spawn(2)
         self._dropout_rng = np.random.default_rng(drop_seq)
         rng = np.random.default_rng(init_seq)
         hq, hkv, d, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim
         self.projections = AttentionProjections(
-            Linear(self.embed_dim, hq * d, bias, self.dtype, rng),
-            Linear(self.kdim, hkv * d, bias, self.dtype, rng),
-            Linear(self.vdim, hkv * dv, bias, self.dtype, rng),
-            Linear(hq * dv, self.output_dim, bias, self.dtype, rng))
+            Linear(self.embed_dim, hq * d, in_bias, self.dtype, rng),
+            Linear(self.kdim, hkv * d, in_bias, self.dtype, rng),
+            Linear(self.vdim, hkv * dv, in_bias, self.dtype, rng),
+            Linear(hq * dv, self.output_dim, out_bias, self.dtype, rng))
         if self.qk_norm:
-            self.q_norm = LayerNorm(d, bias=bias, dtype=self.dtype)
-            self.k_norm = LayerNorm(d, bias=bias, dtype=self.dtype)
+            self.q_norm = LayerNorm(d, bias=in_bias, dtype=self.dtype)
+            self.k_norm = LayerNorm(d, bias=in_bias, dtype=self.dtype)
 
     # -- construction ---------------------------------------------------------
     @property
@@ -145,7 +146,8 @@ class MultiHeadAttention(Module):
             "embed_dim": self.embed_dim, "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
             "value_dim": self.value_dim, "kdim": self.kdim, "vdim": self.vdim,
-            "output_dim": self.output_dim, "bias": self.q_proj.bias is not None,
+            "output_dim": self.output_dim,
+            "bias": bias_option(self.q_proj.bias is not None, self.out_proj.bias is not None),
             "dropout": self.dropout, "rope": self.rope, "rope_theta": self.rope_theta,
             "qk_norm": self.qk_norm,
             "attention_axes": list(self.attention_axes) if self.attention_axes else None,
@@ -172,10 +174,13 @@ class MultiHeadAttention(Module):
             None: self-attention (key = value = query).
         value : (B, Lk, vdim), optional
             None: value = key (``mha(q, kv)``).
-        attn_mask : bool or float, broadcastable (NumPy rules) to (B, Hq, Lq, Lk)
-            Bool True = may attend; float is added to the scores. A (B, Lq, Lk)
-            mask (Keras' layout) needs a head axis: ``mask[:, None]``.
-        key_padding_mask : bool (B, Lk), True = real token
+        attn_mask : bool, int or float: (Lq, Lk) or (B, Hq, Lq, Lk) (NumPy broadcasting)
+            Bool True (int nonzero) = may attend; float is added to the
+            scores. A 3-D mask is refused when the input is batched (NumPy,
+            Keras and PyTorch each read it differently): Keras' (B, Lq, Lk)
+            is ``mask[:, None]``, PyTorch's (B*Hq, Lq, Lk) is
+            ``mask.reshape(B, Hq, Lq, Lk)``. Unbatched, (Hq, Lq, Lk) as in PyTorch.
+        key_padding_mask : bool or int (B, Lk), True (nonzero) = real token
             The opposite of PyTorch's polarity (there True = ignore).
         is_causal, window, causal_alignment
             As in ``scaled_dot_product_attention``: bottom-right aligned by
@@ -235,6 +240,8 @@ class MultiHeadAttention(Module):
         q3 = q_lay.to_sequence(q_in)
         k3 = q3 if self_attn else k_lay.to_sequence(k_in)
         v3 = k3 if kv_same else k_lay.to_sequence(v_in)
+        if not unbatched:
+            refuse_ambiguous_mask(attn_mask, q3.shape[0], self.num_heads, q3.shape[1], k3.shape[1])
 
         q, k, v = self.split_heads(*self.projections.project(q3, k3, v3, self_attn, kv_same))
         q, k = self.norm_and_rotate(q, k, training=training)
@@ -249,7 +256,7 @@ class MultiHeadAttention(Module):
                 inputs=(q3, k3, v3), layouts=(q_lay, k_lay), dtypes=dtypes_of(query, key, value),
                 same=same_inputs(query, key, value), fused=(self_attn, kv_same),
                 unbatched=unbatched, core=core, masks=masks, attn_out=y))
-        y = self.out_proj(y)
+        y = self.out_proj(y, training=False)   # its backward runs in self.projections
         y = q_lay.from_sequence(y)[0] if unbatched else q_lay.from_sequence(y)
         y = y.astype(out_dtype, copy=False)
         if w is None:
@@ -356,19 +363,4 @@ class MultiHeadAttention(Module):
         if self.qk_norm:
             dq, dk = self.q_norm.backward(dq), self.k_norm.backward(dk)
         flat = [a.reshape(a.shape[:2] + (-1,)) for a in (dq, dk, dv)]
-        grads = self.projections.input_backward(s.inputs, s.fused, *flat)
-        for i in (1, 2):                   # one gradient per distinct input array
-            j = s.same[i]
-            if j != i and grads[i] is not None:
-                gj, gi = grads[j], grads[i]
-                grads[j] = gi if gj is None else gj + gi
-                grads[i] = None
-        out: List[Optional[np.ndarray]] = []
-        for i, gr in enumerate(grads):
-            if gr is not None:
-                gr = (q_lay if i == 0 else k_lay).from_sequence(gr)
-                gr = (gr[0] if s.unbatched else gr).astype(s.dtypes[i], copy=False)
-            out.append(gr)
-        if s.same == (0, 0, 0):
-            return out[0]
-        return tuple(out)
+        return input_grads(self.projections.input_backward(s.inputs, s.fused, *flat), s)

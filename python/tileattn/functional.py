@@ -41,13 +41,14 @@ def scaled_dot_product_attention(
         ``Hq`` must be a multiple of ``Hkv``: query head ``h`` uses key/value
         head ``h // (Hq // Hkv)`` (grouped-query / multi-query attention).
     v : array, shape (B, Hkv, Lk, Dv) or (Hkv, Lk, Dv)
-    attn_mask : bool or float array broadcastable to (B, Hq, Lq, Lk), optional
-        Bool: True means "may attend". Float: added to the scaled scores
+    attn_mask : bool, integer or float array broadcastable to (B, Hq, Lq, Lk), optional
+        Bool: True means "may attend"; integers: nonzero means "may attend"
+        (Keras' 0/1 masks, Kaun's). Float: added to the scaled scores
         (``-inf`` blocks). Broadcast by strides, never expanded in memory.
-    key_padding_mask : bool array (B, Lk) (or (Lk,) unbatched), optional
-        True marks a real token, False padding. 0/1 integer masks (as
-        tokenizers return) are accepted. Note: PyTorch's polarity is the
-        opposite (True = ignore). A mask of prefix form (each row all True,
+    key_padding_mask : bool or integer array (B, Lk) (or (Lk,) unbatched), optional
+        True (nonzero) marks a real token, False (0) padding: a tokenizer's
+        1/0 attention mask as is. Float masks are refused. Note: PyTorch's
+        polarity is the opposite (True = ignore). A mask of prefix form (each row all True,
         then all False) without causal/window options is passed to the
         kernel as key lengths, so it stops at each sequence's end.
     key_lengths : int array (B,) (a scalar unbatched), optional

@@ -9,7 +9,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._errors import InvalidParameterError, ShapeError
+from ._validate import shape_str
 from ._version import __version__
+from .attention import MultiHeadAttention
 from .module import MODULE_CLASSES, Module
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -133,7 +135,51 @@ def _keras_entries(weights: Union[Sequence[Any], Mapping[str, Any]]) -> Dict[Tup
     return dict(zip(keys, weights))
 
 
-def keras_state_dict(weights: Union[Sequence[Any], Mapping[str, Any]]) -> Dict[str, np.ndarray]:
+_KERAS_AXES = {"kernel": "(in, heads, dim)", "bias": "(heads, dim)"}
+_KERAS_OUTPUT_AXES = {"kernel": "(heads, dim, out)", "bias": "(out,)"}
+
+
+def _expected_keras_shapes(mha: MultiHeadAttention) -> Dict[Tuple[str, str], Tuple[int, ...]]:
+    """The shape of each Keras array that fits ``mha``, by (part, kind)."""
+    hq, hkv, d, dv = mha.num_heads, mha.num_kv_heads, mha.head_dim, mha.value_dim
+    return {("query", "kernel"): (mha.embed_dim, hq, d), ("query", "bias"): (hq, d),
+            ("key", "kernel"): (mha.kdim, hkv, d), ("key", "bias"): (hkv, d),
+            ("value", "kernel"): (mha.vdim, hkv, dv), ("value", "bias"): (hkv, dv),
+            ("attention_output", "kernel"): (hq, dv, mha.output_dim),
+            ("attention_output", "bias"): (mha.output_dim,)}
+
+
+class KerasStateDict(Dict[str, np.ndarray]):
+    """What ``keras_state_dict`` returns: a plain state dict that also keeps
+    the shape of the Keras array each entry came from. Flattened, 2 heads of
+    8 and 4 heads of 4 are the same matrix; loading checks the heads and
+    dims against the module's instead of computing another function."""
+
+    def __init__(self, arrays: Dict[str, np.ndarray],
+                 keras_shapes: Dict[Tuple[str, str], Tuple[int, ...]]) -> None:
+        super().__init__(arrays)
+        self.keras_shapes = keras_shapes
+
+    def check_target(self, module: Module) -> None:
+        """ShapeError naming each Keras array whose heads or dims differ from
+        ``module``'s (a MultiHeadAttention; other modules check shapes only)."""
+        if not isinstance(module, MultiHeadAttention):
+            return
+        want = _expected_keras_shapes(module)
+        bad = [f"{part}/{kind} ({_OWN_NAMES[part]}.{'weight' if kind == 'kernel' else kind}) "
+               f"has shape {shape_str(got)}, the module expects {shape_str(want[part, kind])} "
+               f"{(_KERAS_OUTPUT_AXES if part == 'attention_output' else _KERAS_AXES)[kind]}"
+               for (part, kind), got in self.keras_shapes.items() if got != want[part, kind]]
+        if bad:
+            raise ShapeError(
+                f"keras weights do not fit MultiHeadAttention(embed_dim={module.embed_dim}, "
+                f"num_heads={module.num_heads}, num_kv_heads={module.num_kv_heads}, "
+                f"head_dim={module.head_dim}, value_dim={module.value_dim}, "
+                f"kdim={module.kdim}, vdim={module.vdim}, output_dim={module.output_dim}): "
+                + "; ".join(bad))
+
+
+def keras_state_dict(weights: Union[Sequence[Any], Mapping[str, Any]]) -> KerasStateDict:
     """Keras ``MultiHeadAttention`` weights as a tileattn state dict.
 
     Keras keeps einsum kernels: query/key/value ``(in, heads, dim)`` with
@@ -150,7 +196,10 @@ def keras_state_dict(weights: Union[Sequence[Any], Mapping[str, Any]]) -> Dict[s
     -------
     dict for ``MultiHeadAttention.load_state_dict``; build the module with
     ``embed_dim=query features, num_heads, head_dim=key_dim, value_dim,
-    kdim=key features, vdim=value features, output_dim``.
+    kdim=key features, vdim=value features, output_dim``. It remembers the
+    Keras shapes: loading it into a module with other heads or dims raises
+    ``ShapeError`` naming each array and both shapes (flattened, 2 heads of
+    8 would fit a 4-head module's matrices and compute another function).
 
     Note the call order: Keras calls ``layer(query, value, key)``; tileattn
     calls ``mha(query, key, value)``.
@@ -161,8 +210,10 @@ def keras_state_dict(weights: Union[Sequence[Any], Mapping[str, Any]]) -> Dict[s
     >>> mha.load_state_dict(tileattn.keras_state_dict(layer.get_weights()))  # doctest: +SKIP
     """
     sd: Dict[str, np.ndarray] = {}
+    shapes: Dict[Tuple[str, str], Tuple[int, ...]] = {}
     for (part, kind), value in _keras_entries(weights).items():
         a = np.asarray(value)
+        shapes[part, kind] = a.shape
         own = _OWN_NAMES[part]
         if kind == "kernel":
             if a.ndim != 3:
@@ -174,13 +225,15 @@ def keras_state_dict(weights: Union[Sequence[Any], Mapping[str, Any]]) -> Dict[s
             sd[f"{own}.weight"] = np.ascontiguousarray(mat.T)
         else:
             sd[f"{own}.bias"] = np.ascontiguousarray(a.reshape(-1))
-    return sd
+    return KerasStateDict(sd, shapes)
 
 
 def load_keras_weights(module: Module, weights: Union[Sequence[Any], Mapping[str, Any]]) -> Module:
-    """``module.load_state_dict(keras_state_dict(weights))``; returns module."""
+    """``module.load_state_dict(keras_state_dict(weights))``; returns module.
+    Weights whose heads or dims differ from the module's raise ``ShapeError``
+    and load nothing."""
     module.load_state_dict(keras_state_dict(weights))
     return module
 
 
-__all__: List[str] = ["save", "load", "keras_state_dict", "load_keras_weights"]
+__all__: List[str] = ["save", "load", "keras_state_dict", "load_keras_weights", "KerasStateDict"]

@@ -10,6 +10,8 @@
 
 Both map (B, L, embed_dim) frames to one (B, features) vector per sequence
 (the state after the last frame), the shape a policy or value head takes.
+They have no backward, so their own layers are called with training=False
+(nothing kept), whatever their mode; ``training`` switches the dropout.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _validate as check
-from ._errors import InvalidParameterError, ShapeError
+from ._call_checks import check_key_padding
+from ._errors import DTypeError, InvalidParameterError, ShapeError
+from ._validate import shape_str
 from .activations import activation_, check_activation
 from .attention import MultiHeadAttention
 from .dropout import dropout_
@@ -38,6 +42,44 @@ def _frames(x: Any, embed_dim: int) -> np.ndarray:
         raise ShapeError(f"x: expected (B, L, {embed_dim}) or unbatched (L, {embed_dim}) "
                          f"with L >= 1, got shape {a.shape}")
     return a
+
+
+def _real_frames(key_padding_mask: Any, lengths: Any, b: int, length: int,
+                 batched: bool) -> Optional[np.ndarray]:
+    """The (B, L) bool mask of the real frames from either argument (None
+    when neither is given); every sequence needs a real frame."""
+    if key_padding_mask is not None and lengths is not None:
+        raise InvalidParameterError("key_padding_mask, lengths: pass one of them, not both")
+    if lengths is not None:
+        n = np.asarray(lengths)
+        if n.dtype.kind not in "iu":
+            raise DTypeError(f"lengths: expected integers, got dtype {n.dtype}")
+        if n.shape != ((b,) if batched else ()):
+            raise ShapeError(f"lengths: expected shape {'(B,) = ' + str((b,)) if batched else '()'}"
+                             f" (one length per sequence), got {shape_str(n.shape)}")
+        n = n.reshape(b).astype(np.int64)
+        check.entries_within(n - 1, length - 1, lambda i: (
+            f"lengths: entry {i} is {int(n[i])}, expected 1 <= length <= L = {length}"))
+        return np.arange(length) < n[:, None]
+    if key_padding_mask is None:
+        return None
+    mask = np.ascontiguousarray(check_key_padding(key_padding_mask, b, length, batched))
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise InvalidParameterError(
+            f"key_padding_mask: sequence {int(empty[0])} has no real frame (no True / nonzero "
+            f"entry), so it has no last real position")
+    return mask
+
+
+def _last_real(rows: np.ndarray, real: Optional[np.ndarray]) -> np.ndarray:
+    """(B, L, F) -> (B, F): each sequence's last real position (the last
+    position without a mask; right- and left-padded batches alike)."""
+    if real is None:
+        return rows[:, -1]
+    last = real.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)
+    out: np.ndarray = rows[np.arange(rows.shape[0]), last]
+    return out
 
 
 def _positive_ints(**values: Any) -> Tuple[int, ...]:
@@ -80,7 +122,7 @@ class MLPHead(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         for lin in self.layers:
-            x = activation_(self.activation, np.ascontiguousarray(lin(x)))
+            x = activation_(self.activation, np.ascontiguousarray(lin(x, training=False)))
         return x
 
     def get_config(self) -> Dict[str, Any]:
@@ -154,16 +196,20 @@ class SlidingWindowModel(Module):
     def output_size(self) -> int:
         return self.hidden_size
 
-    def forward(self, x: Any, *, key_padding_mask: Any = None, return_sequence: bool = False,
-                training: bool = False) -> np.ndarray:
+    def forward(self, x: Any, *, key_padding_mask: Any = None, lengths: Any = None,
+                return_sequence: bool = False, training: bool = False) -> np.ndarray:
         """Encode frames.
 
         Parameters
         ----------
         x : (B, L, embed_dim) or unbatched (L, embed_dim)
-        key_padding_mask : bool (B, L), True = real frame, optional
-            Pad at the start, so that the last position is a real frame
-            (padded positions output zeros).
+        key_padding_mask : bool or int (B, L), True / nonzero = real frame, optional
+            Padding anywhere; the output is each sequence's last real
+            position (padded positions output zeros). Right-padded, a
+            sequence gives what it gives alone.
+        lengths : int (B,) (unbatched: an int), optional
+            Instead of a mask: sequence b is frames ``[0, lengths[b])``
+            (right padding), 1 <= lengths[b] <= L.
         return_sequence : bool
             Return every position (B, L, hidden_size) instead of the last.
         training : bool
@@ -172,14 +218,17 @@ class SlidingWindowModel(Module):
         Returns
         -------
         (B, hidden_size) (unbatched: (hidden_size,)), x's dtype: the
-        representation after the last frame.
+        representation after each sequence's last real frame.
         """
         a = _frames(x, self.embed_dim)
-        h = self.input_proj(a.astype(self.dtype, copy=False))
+        full = check.flag("return_sequence", return_sequence)
+        a3 = a if a.ndim == 3 else a[None]
+        real = _real_frames(key_padding_mask, lengths, a3.shape[0], a3.shape[1], a.ndim == 3)
+        h = self.input_proj(a3.astype(self.dtype, copy=False), training=False)
         h += sinusoidal_positions(h.shape[-2], self.hidden_size).astype(self.dtype, copy=False)
-        h = self.encoder(h, key_padding_mask=key_padding_mask, training=training)
-        out = h if check.flag("return_sequence", return_sequence) else h[..., -1, :]
-        return np.ascontiguousarray(out, dtype=a.dtype)
+        h = self.encoder(h, key_padding_mask=real, training=training)
+        out = h if full else _last_real(h, real)
+        return np.ascontiguousarray(out if a.ndim == 3 else out[0], dtype=a.dtype)
 
     def get_config(self) -> Dict[str, Any]:
         return {"embed_dim": self.embed_dim, "window_size": self.window_size,
@@ -257,16 +306,21 @@ class HybridLSTMAttention(Module):
     def output_size(self) -> int:
         return self.lstm_hidden if self.mlp_sizes is None else self.mlp_sizes[-1]
 
-    def forward(self, x: Any, *, key_padding_mask: Any = None, return_sequence: bool = False,
-                training: bool = False) -> np.ndarray:
+    def forward(self, x: Any, *, key_padding_mask: Any = None, lengths: Any = None,
+                return_sequence: bool = False, training: bool = False) -> np.ndarray:
         """Encode frames.
 
         Parameters
         ----------
         x : (B, L, embed_dim) or unbatched (L, embed_dim)
-        key_padding_mask : bool (B, L), True = real frame, optional
-            Masks padded states out of the attention (pad at the start, so
-            that the last position is a real frame).
+        key_padding_mask : bool or int (B, L), True / nonzero = real frame, optional
+            Masks padded states out of the attention; the output is each
+            sequence's last real position. Right-padded, a sequence gives
+            what it gives alone (the LSTM runs forward, so padding after a
+            frame does not reach its state); left padding runs through the
+            LSTM first.
+        lengths : int (B,) (unbatched: an int), optional
+            Instead of a mask: sequence b is frames ``[0, lengths[b])``.
         return_sequence : bool
             Every position (B, L, output_size) instead of the last.
         training : bool
@@ -278,20 +332,21 @@ class HybridLSTMAttention(Module):
         a = _frames(x, self.embed_dim)
         train = check.flag("training", training)
         full = check.flag("return_sequence", return_sequence)
-        h, _ = self.lstm(a.astype(self.dtype, copy=False), training=train)
-        # The last query against every state is the last row of the causal
-        # pass: with bottom-right aligned causality it sees all keys.
-        q = h if full else h[..., -1:, :]
-        y = self.attn(q, h, is_causal=True, key_padding_mask=key_padding_mask,
-                      training=train)
+        a3 = a if a.ndim == 3 else a[None]
+        real = _real_frames(key_padding_mask, lengths, a3.shape[0], a3.shape[1], a.ndim == 3)
+        h, _ = self.lstm(a3.astype(self.dtype, copy=False), training=train)
+        # The last real state's query is that row of the causal pass: it sees
+        # every state up to it, and the ones after it are padding (masked).
+        q = h if full else _last_real(h, real)[:, None]
+        y = self.attn(q, h, is_causal=True, key_padding_mask=real, training=train)
         if train:
             dropout_(y, self.dropout, self._dropout_rng)
         y += q
-        y = self.norm(y)
+        y = self.norm(y, training=False)
         if self.mlp_sizes is not None:
             y = self.mlp(y)
-        out = y if full else y[..., 0, :]
-        return np.ascontiguousarray(out, dtype=a.dtype)
+        out = y if full else y[:, 0]
+        return np.ascontiguousarray(out if a.ndim == 3 else out[0], dtype=a.dtype)
 
     def get_config(self) -> Dict[str, Any]:
         return {"embed_dim": self.embed_dim, "lstm_hidden": self.lstm_hidden,

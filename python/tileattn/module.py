@@ -13,12 +13,13 @@ edits and attribute assignment.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from ._validate import dtype_in
+from ._validate import dtype_in, flag
 
 _MODULE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -64,9 +65,18 @@ class Module:
     ----------
     dtype : np.dtype
         float32 or float64; every parameter has this dtype.
+    training : bool
+        The mode ``train()`` / ``eval()`` set (False, inference, at first):
+        the default of ``training`` in calls whose ``forward`` takes it. An
+        explicit ``training=`` argument wins. Not part of the state dict.
     """
 
     dtype: np.dtype
+    # A class attribute, so modules pickled before the modes existed load in
+    # eval mode; train() and eval() set it on each instance.
+    training = False
+    # Whether forward takes a keyword-only ``training`` (set per subclass).
+    _forward_takes_training = False
     # True for a part split out of a layer whose names must not change: its
     # parameters and children are named as its parent's own (``q_proj.weight``,
     # not ``projections.q_proj.weight``), and its parent's attribute lookup
@@ -76,6 +86,8 @@ class Module:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         MODULE_CLASSES[cls.__name__] = cls
+        param = inspect.signature(cls.forward).parameters.get("training")
+        cls._forward_takes_training = param is not None and param.kind == param.KEYWORD_ONLY
 
     def __init__(self, dtype: Any = np.float32) -> None:
         d = self.__dict__
@@ -286,13 +298,20 @@ class Module:
             Missing or unexpected keys (strict), listing every one of them
             and every mis-shaped key too.
         ShapeError
-            Only mis-shaped keys; each named with both shapes.
+            Only mis-shaped keys; each named with both shapes. Also a
+            ``keras_state_dict`` whose heads or dims differ from the module's.
 
         Nothing is modified unless the whole load succeeds.
         """
         if not isinstance(state_dict, Mapping):
             raise InvalidParameterError(
                 f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
+        # A converted foreign state dict (``keras_state_dict``'s) may know more
+        # than its flattened shapes say, e.g. the heads: it refuses a module
+        # it does not fit.
+        check_target = getattr(state_dict, "check_target", None)
+        if callable(check_target):
+            check_target(self)
         sd = self._canonical_state_dict(state_dict)
         own = dict(self.named_parameters())
         missing = [k for k in own if k not in sd]
@@ -327,7 +346,22 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not define forward")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._forward_takes_training and "training" not in kwargs:
+            kwargs["training"] = self.training
         return self.forward(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "Module":
+        """Set the mode of this module and every descendant: ``training``
+        becomes the default of calls that take it (dropout, and keeping what
+        ``backward`` needs). Returns self, so ``m = Model(...).train()``."""
+        training = flag("mode", mode)
+        for _, module in self.named_modules():
+            module.__dict__["training"] = training
+        return self
+
+    def eval(self) -> "Module":
+        """``train(False)``: inference calls (no dropout, nothing kept)."""
+        return self.train(False)
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)

@@ -8,6 +8,7 @@ from typing import Any, Dict, cast
 import numpy as np
 
 from ._errors import InvalidParameterError, ShapeError
+from ._validate import float_array, positive_real
 from .linear import as_2d_rows, grad_input
 from .module import Module
 
@@ -117,6 +118,35 @@ def _normalize_rows_(rows: np.ndarray, eps: float) -> np.ndarray:
     np.divide(rows.dtype.type(1.0), inv, out=inv)
     rows *= inv[:, None]
     return inv
+
+
+def qk_layer_norm(x: Any, eps: float = 1e-6) -> np.ndarray:
+    """Edifice's QK LayerNorm: ``(x - mean) / sqrt(var + eps)`` over the last
+    axis (the head's features), with no learnable parameters.
+
+    Parameters
+    ----------
+    x : float16, float32 or float64 array (..., D), e.g. q or k heads
+    eps : float > 0
+        Edifice's 1e-6 by default (``LayerNorm``'s is PyTorch's 1e-5).
+
+    Returns
+    -------
+    A new array of x's shape and dtype (float16 is computed in float32). The
+    variance is the mean square deviation (no Bessel correction), as in
+    Edifice and ``LayerNorm``, whose arithmetic this shares.
+    ``MultiHeadAttention(qk_norm=True)`` also learns a weight (and bias).
+    """
+    a = float_array(x, "x")
+    eps = positive_real("eps", eps)
+    if a.ndim == 0:
+        raise ShapeError("x: expected at least one axis (the features), got a scalar")
+    compute = np.float32 if a.dtype == np.float16 else a.dtype
+    y = np.array(a, dtype=compute, order="C")
+    if y.shape[-1]:
+        _normalize_rows_(as_2d_rows(y), eps)
+    out: np.ndarray = y.astype(a.dtype, copy=False)
+    return out
 
 
 def layer_norm_train(x: np.ndarray, norm: LayerNorm) -> np.ndarray:

@@ -39,6 +39,8 @@ def _kw_for_reference(kw):
         ref["window"] = min(ref["window"], 2**40)
     if "attn_mask" in ref:
         ref["attn_mask"] = np.asarray(ref["attn_mask"])
+        if ref["attn_mask"].dtype.kind in "iu":
+            ref["attn_mask"] = ref["attn_mask"] != 0   # integer masks: nonzero = may attend
     if kw.get("dropout_p"):
         ref["dropout_p"] = float(kw["dropout_p"])
         ref["seed"] = kw["seed"]

@@ -56,8 +56,9 @@ def mha_cases(draw):
     c["lk"] = draw(st.sampled_from([None, 0, 1, 5, 9]))
     c["call_mut"] = draw(st.sampled_from([None, None, None, "query_dim", "key_dim", "value_dim",
                                           "kv_len", "batch", "rank1", "int", "list", "mask_bad",
-                                          "kpm_bad", "nan"]))
-    c["mask"] = draw(st.sampled_from([None, None, "bool", "float", "kpm", "causal", "window"]))
+                                          "kpm_bad", "nan", "mask3d"]))
+    c["mask"] = draw(st.sampled_from([None, None, "bool", "float", "kpm", "causal", "window",
+                                      "int", "int_kpm"]))
     c["need_weights"] = draw(st.sampled_from([False, False, True]))
     c["average"] = draw(st.booleans())
     c["layout"] = draw(st.sampled_from(LAYOUTS))
@@ -83,6 +84,8 @@ def mha_oracle(mha, query, key, value, dtype, kw, need_weights, average):
         q = rope_oracle(q, mha.rope_theta, 2, 0).astype(dtype)
         k = rope_oracle(k, mha.rope_theta, 2, 0).astype(dtype)
     kw = dict(kw)
+    if "attn_mask" in kw and np.asarray(kw["attn_mask"]).dtype.kind in "iu":
+        kw["attn_mask"] = np.asarray(kw["attn_mask"]) != 0   # integers: nonzero = may attend
     if unb:
         for n in ("key_padding_mask",):
             if n in kw:
@@ -186,6 +189,10 @@ def call_mha(mha, c, rng):
         kw["attn_mask"] = m.astype(dtype)
     elif c["mask"] == "kpm":
         kw["key_padding_mask"] = rng.random((lk,) if b is None else (bq, lk)) < 0.7
+    elif c["mask"] == "int":
+        kw["attn_mask"] = rng.integers(-1, 3, (lq, lk))
+    elif c["mask"] == "int_kpm":
+        kw["key_padding_mask"] = rng.integers(-1, 3, (lk,) if b is None else (bq, lk))
     elif c["mask"] == "causal":
         kw["is_causal"] = True
     elif c["mask"] == "window":
@@ -193,6 +200,12 @@ def call_mha(mha, c, rng):
     if mut == "mask_bad":
         kw["attn_mask"] = np.ones((lq + 2, lk + 2), bool)
         e.add(BAD, {"attn_mask"}, (ShapeError,))
+    elif mut == "mask3d":
+        # (Hq, Lq, Lk) unbatched, as PyTorch reads it; batched, a 3-D mask is
+        # ambiguous (NumPy: heads, Keras: B, PyTorch: B*heads) and refused
+        kw["attn_mask"] = rng.random((mha.num_heads, lq, lk)) < 0.7
+        if b is not None:
+            e.add(BAD, {"attn_mask"}, (ShapeError,))
     elif mut == "kpm_bad":
         kw["key_padding_mask"] = np.ones((3, lk + 2), np.float32)
         e.add(BAD, {"key_padding_mask"}, (ShapeError, DTypeError))

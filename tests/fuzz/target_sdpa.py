@@ -176,8 +176,8 @@ def build_sdpa(c):
                     m[..., : max(1, m.shape[-2] // 2), :] = -np.inf
             kw["attn_mask"] = m
         elif mk == "int":
-            kw["attn_mask"] = np.ones(mshape, np.int32)
-            e.add(BAD, "attn_mask", (DTypeError,))
+            # nonzero = may attend (Keras' 0/1, Kaun's "nonzero keeps")
+            kw["attn_mask"] = rng.integers(-2, 3, mshape).astype(np.int32)
         elif mk == "str":
             kw["attn_mask"] = "everything"
             e.add(BAD, "attn_mask", (DTypeError,))
@@ -203,10 +203,7 @@ def build_sdpa(c):
         elif kp == "none_real":
             kw["key_padding_mask"] = np.zeros(kshape, bool)
         elif kp == "int2":
-            m = np.full(kshape, 2)
-            kw["key_padding_mask"] = m
-            if m.size:
-                e.add(BAD, "key_padding_mask", (DTypeError,))
+            kw["key_padding_mask"] = rng.integers(-1, 3, kshape)   # nonzero = real token
         elif kp == "float":
             kw["key_padding_mask"] = np.ones(kshape, np.float32)
             e.add(BAD, "key_padding_mask", (DTypeError,))
