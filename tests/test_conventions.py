@@ -253,12 +253,9 @@ def test_models_follow_the_mode(rng):
         fresh = make().train()
         fresh(frames, training=False)
         kept = [n for n, c in fresh.named_modules() if c.__dict__.get("_saved") is not None]
-        assert kept in ([], ["attn.q_proj"])   # (see the xfail test below)
+        assert kept == []
 
 
-@pytest.mark.xfail(strict=True, reason="AttentionProjections.project calls q_proj/k_proj/v_proj "
-                   "without training=, so in train mode an unfused projection keeps a reference "
-                   "to its input after a training=False call (values are right)")
 def test_unfused_projections_keep_nothing_after_an_explicit_inference_call(rng):
     m = tileattn.MultiHeadAttention(16, 2, kdim=8, vdim=8, seed=0).train()
     x, kv = rng.standard_normal((2, 6, 16)), rng.standard_normal((2, 4, 8))

@@ -149,6 +149,18 @@ def _expected_keras_shapes(mha: MultiHeadAttention) -> Dict[Tuple[str, str], Tup
             ("attention_output", "bias"): (mha.output_dim,)}
 
 
+def _keras_shape_fits(part: str, kind: str, got: Tuple[int, ...],
+                      want: Tuple[int, ...]) -> bool:
+    """Whether a Keras array's shape fits the module's. The output's own axes
+    may be several (Keras' ``output_shape`` as a tuple): they fit the
+    module's output_dim by their product."""
+    if part != "attention_output":
+        return got == want
+    lead = 2 if kind == "kernel" else 0  # the kernel's (heads, value_dim) first
+    return (got[:lead] == want[:lead] and len(got) > lead
+            and int(np.prod(got[lead:])) == want[lead])
+
+
 class KerasStateDict(Dict[str, np.ndarray]):
     """What ``keras_state_dict`` returns: a plain state dict that also keeps
     the shape of the Keras array each entry came from. Flattened, 2 heads of
@@ -169,7 +181,8 @@ class KerasStateDict(Dict[str, np.ndarray]):
         bad = [f"{part}/{kind} ({_OWN_NAMES[part]}.{'weight' if kind == 'kernel' else kind}) "
                f"has shape {shape_str(got)}, the module expects {shape_str(want[part, kind])} "
                f"{(_KERAS_OUTPUT_AXES if part == 'attention_output' else _KERAS_AXES)[kind]}"
-               for (part, kind), got in self.keras_shapes.items() if got != want[part, kind]]
+               for (part, kind), got in self.keras_shapes.items()
+               if not _keras_shape_fits(part, kind, got, want[part, kind])]
         if bad:
             raise ShapeError(
                 f"keras weights do not fit MultiHeadAttention(embed_dim={module.embed_dim}, "

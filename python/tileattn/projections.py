@@ -152,10 +152,14 @@ class AttentionProjections(Module):
         if self_attn:
             qkv = self._packed_matmul(q3, 0)
             return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        # training=False: the attention's own backward differentiates the
+        # projections from its saved inputs, so they keep nothing themselves
+        # (in a module's train mode they would otherwise hold their inputs).
         if kv_same:
             kv = self._packed_matmul(k3, nq)
-            return self.q_proj(q3), kv[..., :nk], kv[..., nk:]
-        return self.q_proj(q3), self.k_proj(k3), self.v_proj(v3)
+            return self.q_proj(q3, training=False), kv[..., :nk], kv[..., nk:]
+        return (self.q_proj(q3, training=False), self.k_proj(k3, training=False),
+                self.v_proj(v3, training=False))
 
     def _packed_matmul(self, x3: np.ndarray, row0: int) -> np.ndarray:
         """x3 @ packed[row0:].T (+ bias): one GEMM over rows row0.. of the
