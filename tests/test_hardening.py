@@ -246,3 +246,114 @@ def test_cache_inputs_from_its_own_storage_and_out_over_q(rng):
     q1 = q[:, :1].copy()
     want = twin.attend(q1.copy(), k, v)
     np.testing.assert_array_equal(c.attend(q1, k, v, out=q1), want)
+
+
+# -- typed errors naming the argument -------------------------------------------
+T = tileattn
+
+
+@pytest.mark.parametrize("make, error, name", [
+    (lambda: T.Linear(-1, 5), InvalidParameterError, "in_features"),
+    (lambda: T.Linear(1.7, 5), InvalidParameterError, "in_features"),
+    (lambda: T.Linear(3, True), InvalidParameterError, "out_features"),
+    (lambda: T.Linear(3, 5, bias="yes"), InvalidParameterError, "bias"),
+    (lambda: T.Linear(3, 5, rng=7), InvalidParameterError, "rng"),
+    (lambda: T.Linear(3, 5, dtype="int32"), DTypeError, "dtype"),
+    (lambda: T.LayerNorm(-3), InvalidParameterError, "normalized_shape"),
+    (lambda: T.LayerNorm(4.5), InvalidParameterError, "normalized_shape"),
+    (lambda: T.LayerNorm(4, eps="x"), InvalidParameterError, "eps"),
+    (lambda: T.LayerNorm(4, eps=float("inf")), InvalidParameterError, "eps"),
+    (lambda: T.LayerNorm(4, bias=None), InvalidParameterError, "bias"),
+    (lambda: T.TransformerEncoderLayer(8, 2, 16, layer_norm_eps="x"), InvalidParameterError,
+     "layer_norm_eps"),
+    (lambda: T.optim.SGD(None), InvalidParameterError, "params"),
+    (lambda: T.optim.AdamW(5), InvalidParameterError, "params"),
+    (lambda: T.optim.SGD([np.ones(3)]).step(5), InvalidParameterError, "grads"),
+    (lambda: T.optim.SGD([np.ones(3)]).step({5: np.ones(3), "0": np.ones(3)}),
+     InvalidParameterError, "grads"),
+    (lambda: T.optim.SGD([np.ones(3)]).load_state_dict(5), InvalidParameterError, "state"),
+    (lambda: T.optim.SGD([np.ones(3)]).load_state_dict({"0": 5}), InvalidParameterError,
+     "state"),
+    (lambda: T.Linear(2, 2).load_state_dict({5: 1}), InvalidParameterError, "state_dict"),
+    (lambda: T.Linear(2, 2).load_state_dict({}, strict="no"), InvalidParameterError, "strict"),
+])
+def test_constructor_and_state_errors_are_typed_and_named(make, error, name):
+    """Bug: builtin ValueError/TypeError/AttributeError without the argument's
+    name (and Linear(1.7, 5) was accepted as Linear(1, 5))."""
+    with pytest.raises(error, match=rf"^{name}\b"):
+        make()
+
+
+@pytest.mark.parametrize("x, error", [
+    ([1.0, 2.0], None),                              # a list of floats is fine
+    (np.float32(1.0), ShapeError),                   # no feature axis
+    (np.ones((3, 2), np.int64), DTypeError),         # was float64 silently
+    (np.ones((3, 2), np.complex64), DTypeError),     # was complex silently
+    (np.full((3, 2), None, object), DTypeError),     # was object silently
+    (np.ones((3, 4), np.float32), ShapeError),
+])
+@pytest.mark.parametrize("module", ["Linear", "LayerNorm"])
+def test_call_inputs_are_checked(x, error, module):
+    m = T.Linear(2, 3, rng=np.random.default_rng(0)) if module == "Linear" else T.LayerNorm(2)
+    if error is None:
+        got = m(x)
+        a = np.asarray(x, np.float64)
+        want = a @ m.weight.T.astype(np.float64) + m.bias if module == "Linear" else \
+            (a - a.mean()) / np.sqrt(a.var() + m.eps)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        return
+    with pytest.raises(error, match=r"^x\b"):
+        m(x)
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda: T.LayerNorm(10**20), "LayerNorm"),
+    (lambda: T.LSTM(10**10, 10**10), "weight_ih_l0"),
+    (lambda: T.Linear(10**10, 10**10), "Linear"),
+    (lambda: T.FeedForward(8, 10**19), "Linear"),
+])
+def test_sizes_no_memory_holds_raise_memory_error(make, what):
+    """Bug: NumPy's "array is too big" / "Maximum allowed dimension" ValueError."""
+    with pytest.raises(MemoryError, match=what):
+        make()
+
+
+def test_big_endian_inputs_are_converted_not_refused(rng):
+    """Decision: a float array in the other byte order (a big-endian file)
+    holds the same values; it is converted, not refused as another dtype."""
+    q, k, v = (rng.standard_normal((2, 5, 4)) for _ in range(3))
+    big = [a.astype(">f8") for a in (q, k, v)]
+    got = sdpa(*big, is_causal=True)
+    np.testing.assert_array_equal(got, sdpa(q, k, v, is_causal=True))
+    assert_close_to_reference(got, q, k, v, is_causal=True)
+    lin = T.Linear(4, 3, dtype=np.float64, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(lin(q.astype(">f8")), lin(q))
+    c, twin = T.KVCache(1, 1, 4, 4), T.KVCache(1, 1, 4, 4)
+    q4, k4 = q[None, :1, :1].astype(np.float32), k[None, :1, :1].astype(np.float32)
+    np.testing.assert_array_equal(c.attend(q4.astype(">f4"), k4.astype(">f4"), k4),
+                                  twin.attend(q4, k4, k4))
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0)])
+@pytest.mark.parametrize("name", ["Linear", "LayerNorm", "FeedForward", "MultiHeadAttention",
+                                  "TransformerEncoderLayer", "TransformerEncoder"])
+def test_empty_batches_forward_and_backward(shape, name):
+    """Bug: MultiHeadAttention's backward (and every layer built on it) of
+    an empty batch raised "cannot reshape array of size 0". The forward gives
+    an empty output of the right shape, the backward an empty input gradient
+    and zero parameter gradients (a sum over no token)."""
+    m = {"Linear": lambda: T.Linear(8, 8),
+         "LayerNorm": lambda: T.LayerNorm(8),
+         "FeedForward": lambda: T.FeedForward(8, 16),
+         "MultiHeadAttention": lambda: T.MultiHeadAttention(8, 2),
+         "TransformerEncoderLayer": lambda: T.TransformerEncoderLayer(8, 2, 16),
+         "TransformerEncoder": lambda: T.TransformerEncoder(
+             T.TransformerEncoderLayer(8, 2, 16), 2)}[name]()
+    x = np.ones(shape + (8,), np.float32)
+    assert m(x).shape == shape + (8,)
+    y = m(x, training=True)
+    assert y.shape == shape + (8,)
+    dx = m.backward(np.ones_like(y))
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    for gname, g in m.grads.items():
+        assert not g.any(), gname

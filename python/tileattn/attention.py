@@ -355,7 +355,7 @@ class MultiHeadAttention(Module):
             dq, dk = self._rope(dq, inverse=True), self._rope(dk, inverse=True)
         if self.qk_norm:
             dq, dk = self.q_norm.backward(dq), self.k_norm.backward(dk)
-        flat = [a.reshape(a.shape[:2] + (-1,)) for a in (dq, dk, dv)]
+        flat = [a.reshape(a.shape[:2] + (a.shape[2] * a.shape[3],)) for a in (dq, dk, dv)]
         grads = self.projections.input_backward(s.inputs, s.fused, *flat)
         for i in (1, 2):                   # one gradient per distinct input array
             j = s.same[i]

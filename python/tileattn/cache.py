@@ -34,8 +34,8 @@ from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._call_checks import (check_out, dropout_and_seed, kernel_array, kernel_can_write,
                            scale_value, window_bounds)
 from ._overlap import may_overlap
-from ._validate import (FLOAT_DTYPES, dtype_in, entries_within, is_bool, optional_positive_int,
-                        positive_int, shape_str)
+from ._validate import (FLOAT_DTYPES, dtype_in, entries_within, is_bool, native_byte_order,
+                        optional_positive_int, positive_int, shape_str)
 
 # The constructor's settings, as pickled (with the layout's rows and the lengths).
 _SETTINGS = ("batch", "num_kv_heads", "max_len", "head_dim", "value_dim", "dtype", "window",
@@ -252,7 +252,7 @@ class KVCache:
         arrays = []
         for name, x, dim, dname in (("k", k, self.head_dim, "head_dim"),
                                     ("v", v, self.value_dim, "value_dim")):
-            a = x if isinstance(x, np.ndarray) else np.asarray(x)
+            a = native_byte_order(x if isinstance(x, np.ndarray) else np.asarray(x))
             if a.dtype not in FLOAT_DTYPES:
                 raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype}")
             want = (self.batch, self.num_kv_heads)
@@ -370,7 +370,7 @@ class KVCache:
             Ctrl-C during the kernel; the new tokens may or may not have been
             appended then (``lengths`` says), the cache stays consistent.
         """
-        qa = q if isinstance(q, np.ndarray) else np.asarray(q)
+        qa = native_byte_order(q if isinstance(q, np.ndarray) else np.asarray(q))
         k4, v4 = self._check_new(k, v)
         t = k4.shape[2]
         qdt = np.dtype(np.float64) if self.dtype == np.float64 else np.dtype(np.float32)

@@ -140,6 +140,7 @@ class TransformerEncoderLayer(Module):
         self.dim_feedforward = check.positive_int("dim_feedforward", dim_feedforward)
         self.dropout = check.dropout_rate(dropout)
         self.activation = check_activation(activation)
+        check.positive_real("layer_norm_eps", layer_norm_eps)  # (LayerNorm would say "eps")
         self.norm_first = check.flag("norm_first", norm_first)
         check.flag("bias", bias)
         if window is not None:

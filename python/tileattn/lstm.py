@@ -13,7 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ._budget import charge
 from ._errors import DTypeError, InvalidParameterError, ShapeError
+from ._memory import check_fits
 from ._validate import FLOAT_DTYPES, dropout_rate, flag, float_array, positive_int
 from ._validate import seed as check_seed
 from .dropout import dropout_
@@ -67,6 +69,9 @@ class LSTM(Module):
         a = 1.0 / math.sqrt(h)
         for k in range(self.num_layers):
             n_in = self.input_size if k == 0 else h
+            # Drawn in float64: the size check is of that draw.
+            check_fits(f"weight_ih_l{k}", (4 * h, max(n_in, h)), 8)
+            charge("LSTM", (4 * h, n_in + h + 2 * self.bias))
             self.register_parameter(f"weight_ih_l{k}", rng.uniform(-a, a, (4 * h, n_in)))
             self.register_parameter(f"weight_hh_l{k}", rng.uniform(-a, a, (4 * h, h)))
             self.register_parameter(f"bias_ih_l{k}", rng.uniform(-a, a, 4 * h) if bias else None)

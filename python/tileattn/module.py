@@ -293,6 +293,12 @@ class Module:
         if not isinstance(state_dict, Mapping):
             raise InvalidParameterError(
                 f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
+        bad_keys = [k for k in state_dict if not isinstance(k, str)]
+        if bad_keys:
+            raise InvalidParameterError(
+                f"state_dict: keys must be parameter names (str), got {bad_keys[0]!r}")
+        if not isinstance(strict, (bool, np.bool_)):
+            raise InvalidParameterError(f"strict: expected a bool, got {strict!r}")
         sd = self._canonical_state_dict(state_dict)
         own = dict(self.named_parameters())
         missing = [k for k in own if k not in sd]
