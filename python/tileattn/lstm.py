@@ -67,6 +67,10 @@ class LSTM(Module):
         self._dropout_rng = np.random.default_rng(drop_seq)
         h = self.hidden_size
         a = 1.0 / math.sqrt(h)
+        # All layers at once first: num_layers=10**19 would otherwise loop
+        # for ever on small layers instead of raising MemoryError.
+        check_fits("LSTM parameters", (self.num_layers, 4 * h, max(self.input_size, h) + h + 2),
+                   8)
         for k in range(self.num_layers):
             n_in = self.input_size if k == 0 else h
             # Drawn in float64: the size check is of that draw.
