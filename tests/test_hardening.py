@@ -266,6 +266,7 @@ T = tileattn
     (lambda: T.LayerNorm(4, bias=None), InvalidParameterError, "bias"),
     (lambda: T.TransformerEncoderLayer(8, 2, 16, layer_norm_eps="x"), InvalidParameterError,
      "layer_norm_eps"),
+    (lambda: T.TransformerEncoderLayer(4, 10**19), InvalidParameterError, "nhead"),
     (lambda: T.optim.SGD(None), InvalidParameterError, "params"),
     (lambda: T.optim.AdamW(5), InvalidParameterError, "params"),
     (lambda: T.optim.SGD([np.ones(3)]).step(5), InvalidParameterError, "grads"),
