@@ -31,7 +31,8 @@ FIXED_SEED = "20261201"
 
 DEFAULT_EXAMPLES = {
     "sdpa": 2000, "mha": 500, "cache": 400, "state_dict": 300, "rope": 400,
-    "sinusoidal": 300, "threads": 200,
+    "sinusoidal": 300, "threads": 200, "files": 300,
+    "modules": 400,
 }
 
 

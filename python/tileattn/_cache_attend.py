@@ -47,24 +47,34 @@ def attend_and_write(layout: CacheLayout, q: np.ndarray, k: np.ndarray, v: np.nd
                      run: Dict[str, Any]) -> None:
     """Attend q (B, Hq, T, D) over each item's cached positions plus its
     first counts[b] new keys/values (window (left, right), kernel options
-    `run`) into out, and append those new rows to the layout."""
+    `run`) into out, and append those new rows to the layout. q and out are
+    ready for the kernel (aligned, apart from the storage and each other):
+    every allocation is made before the layout is written, and a kernel
+    that fails after an in-place write takes the write back, so a failed
+    call leaves the cache as it was wherever the layout allows it."""
     t = k.shape[2]
     new = layout.lengths + counts
     # Cast the new rows to the storage dtype first: every path must attend
     # to exactly the values a later step will read back from the cache.
     k = k.astype(layout.dtype, copy=False)
     v = v.astype(layout.dtype, copy=False)
+    block = QueryBlock(q, out, counts)
 
     ordered = layout.ordered_rows(new)
     if ordered is not None:
-        # Views of the storage: they show the rows written next.
+        # Views of the storage: they show the rows written next. The write
+        # only fills rows past each item's length, so trimming undoes it.
         layout.write(k, v, counts)
-        kernel(q, ordered[0], ordered[1], out, counts, new, left, right, run)
+        try:
+            block.run(ordered[0], ordered[1], new, left, right, run)
+        except BaseException:
+            layout.trim(counts)
+            raise
         return
     kept = layout.kept_rows(new) if t == 1 and left + 1 == layout.span else None
     if kept is not None:
         layout.write(k, v, counts)
-        kernel(q, kept[0], kept[1], out, counts, kept[2], -1, -1, run)
+        block.run(kept[0], kept[1], kept[2], -1, -1, run)
         return
     # left == -1 (unbounded) sees every cached position; a ring's window
     # is always bounded, so it gathers at most W - 1 of them.
@@ -79,29 +89,37 @@ def attend_and_write(layout: CacheLayout, q: np.ndarray, k: np.ndarray, v: np.nd
         kb[b, :, :mb], vb[b, :, :mb] = layout.recent(b, mb)
         kb[b, :, mb:mb + nb] = k[b, :, :nb]
         vb[b, :, mb:mb + nb] = v[b, :, :nb]
-    kernel(q, kb, vb, out, counts, m + counts, left, right, run)
+    block.run(kb, vb, m + counts, left, right, run)
     layout.write(k, v, counts)
 
 
-def kernel(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
-           counts: np.ndarray, key_lengths: np.ndarray, left: int, right: int,
-           run: Dict[str, Any]) -> None:
-    """One kernel call; items with fewer than T new tokens get their queries
-    moved to the last rows (see the module notes) and back."""
-    t = q.shape[2]
-    ragged = bool(np.any(counts != t))
-    if not ragged:
-        _core.attention_forward(q, k, v, out, _core.AttentionOptions(
+class QueryBlock:
+    """The queries and output of one kernel call, made up front (before the
+    cache is written). Items with fewer than T new tokens get their queries
+    moved to the last rows of a scratch block (see the module notes) and
+    their results moved back."""
+
+    def __init__(self, q: np.ndarray, out: np.ndarray, counts: np.ndarray) -> None:
+        t = q.shape[2]
+        self.out, self.counts = out, counts
+        self.ragged = bool(np.any(counts != t))
+        if not self.ragged:
+            self.q, self.result = q, out
+            return
+        self.q = np.zeros(q.shape, q.dtype)
+        self.result = np.empty(out.shape, out.dtype)
+        for b, n in enumerate(counts.tolist()):
+            if n:
+                self.q[b, :, t - n:] = q[b, :, :n]
+
+    def run(self, k: np.ndarray, v: np.ndarray, key_lengths: np.ndarray, left: int,
+            right: int, run: Dict[str, Any]) -> None:
+        _core.attention_forward(self.q, k, v, self.result, _core.AttentionOptions(
             window_left=left, window_right=right, key_lengths=key_lengths, **run))
-        return
-    qs = np.zeros(q.shape, q.dtype)
-    res = np.empty(out.shape, out.dtype)
-    for b, n in enumerate(counts.tolist()):
-        if n:
-            qs[b, :, t - n:] = q[b, :, :n]
-    _core.attention_forward(qs, k, v, res, _core.AttentionOptions(
-        window_left=left, window_right=right, key_lengths=key_lengths, **run))
-    out[...] = 0
-    for b, n in enumerate(counts.tolist()):
-        if n:
-            out[b, :, :n] = res[b, :, t - n:]
+        if not self.ragged:
+            return
+        t = self.q.shape[2]
+        self.out[...] = 0
+        for b, n in enumerate(self.counts.tolist()):
+            if n:
+                self.out[b, :, :n] = self.result[b, :, t - n:]

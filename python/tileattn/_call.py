@@ -36,6 +36,7 @@ from ._call_checks import (
     window_bounds,
 )
 from ._errors import InvalidParameterError
+from ._memory import check_fits
 
 
 # NamedTuples, not frozen dataclasses: a small call builds two of these, and
@@ -155,6 +156,15 @@ def describe(q: ArrayLike, k: ArrayLike, v: ArrayLike, *,
                          seed_v)
 
 
+def read_arrays(call: AttentionCall) -> Tuple[np.ndarray, ...]:
+    """Every caller array the kernel reads: an output whose memory meets one
+    of them is computed into a temporary and copied in after the kernel
+    (the kernel would otherwise read values it has already overwritten)."""
+    x = call.inputs
+    extra = (call.mask_given, call.key_padding, call.key_lengths)
+    return (x.q, x.k, x.v) + tuple(a for a in extra if a is not None)
+
+
 def forward(call: AttentionCall, *, out: Optional[np.ndarray] = None,
             return_weights: bool = False, return_lse: bool = False) -> List[np.ndarray]:
     """Runs the forward: [out, weights (if asked), lse (if asked)], each as
@@ -163,12 +173,15 @@ def forward(call: AttentionCall, *, out: Optional[np.ndarray] = None,
     b, hq, lq, lk = x.scores_shape
     # The weights first: when they cannot be had (MemoryError), nothing else
     # has been allocated or copied yet.
+    if return_weights:
+        check_fits("weights", (b, hq, lq, lk), x.dtype.itemsize)
     weights = np.zeros((b, hq, lq, lk), x.dtype) if return_weights else None
     q4, k4, v4 = (kernel_array(a, x.dtype) for a in (x.q4, x.k4, x.v4))
     if lq >= DENSE_COPY_MIN_QUERIES:
         k4, v4 = dense_rows(k4), dense_rows(v4)
-    # Compute into `out` directly when we can; otherwise into a fresh array.
-    direct = out is not None and kernel_can_write(out, x.dtype, (x.q, x.k, x.v))
+    # Compute into `out` directly when we can; otherwise into a fresh array
+    # (also when `out` overlaps an input: see read_arrays).
+    direct = out is not None and kernel_can_write(out, x.dtype, read_arrays(call))
     result = x.batch(out) if direct and out is not None else np.empty(x.out_shape4, x.dtype)
     lse = np.full((b, hq, lq, 1), -np.inf, np.float64) if return_lse else None
 
@@ -196,16 +209,27 @@ def backward(call: AttentionCall, dout: np.ndarray, out: np.ndarray, lse: np.nda
              return_mask_grad: bool = False,
              grads_out: Tuple[Any, ...] = (None, None, None)) -> List[np.ndarray]:
     """Runs the backward: [dq, dk, dv, dmask (if asked)]. dout, out, lse as
-    the forward's caller saw them, already checked; grads_out checked."""
+    the forward's caller saw them, already checked; grads_out checked (no
+    two of them share memory)."""
     x = call.inputs
     b, hq, lq, lk = x.scores_shape
     dtype = x.dtype
-    q4, k4, v4, o4, g4 = (kernel_array(a, dtype) for a in (x.q4, x.k4, x.v4, x.batch(out),
+    shapes = (x.q4.shape, x.k4.shape, x.v4.shape)
+    # Every allocation's size first, so that MemoryError comes before any work.
+    for name, shape, u in zip(("dq", "dk", "dv"), shapes, grads_out):
+        if u is None or u.dtype != dtype:
+            check_fits(name, shape, dtype.itemsize)
+    if return_mask_grad:
+        check_fits("mask gradient", (b, hq, lq, lk), dtype.itemsize)
+    # The kernel only reads `out`, but the core takes it through the forward's
+    # parameters, which want it writeable: a read-only one goes as a copy.
+    o4 = x.batch(out) if out.flags.writeable else np.array(x.batch(out))
+    q4, k4, v4, o4, g4 = (kernel_array(a, dtype) for a in (x.q4, x.k4, x.v4, o4,
                                                               x.batch(dout)))
     l4 = kernel_array(x.batch(lse)[..., np.newaxis], np.dtype(np.float64))
-    inputs = (x.q, x.k, x.v, out, dout)
-    shapes = (q4.shape, k4.shape, v4.shape)
-    # Write straight into the caller's arrays when the kernel can.
+    inputs = read_arrays(call) + (out, dout, lse)
+    # Write straight into the caller's arrays when the kernel can; one that
+    # overlaps an input gets a temporary, copied in after the kernel.
     direct = [u is not None and kernel_can_write(u, dtype, inputs) for u in grads_out]
     dq, dk, dv = (x.batch(u) if ok and u is not None else np.empty(shape, dtype)
                   for u, ok, shape in zip(grads_out, direct, shapes))

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from ._validate import entries_within, flag, shape_str
+from ._validate import entries_within, flag, native_byte_order, shape_str
 
 ArrayLike = Any
 Window = Union[int, Tuple[int, int], None]
@@ -26,7 +26,7 @@ FLOAT_INPUTS = (np.dtype(np.float16),) + NATIVE
 
 
 def as_input(x: ArrayLike, name: str) -> np.ndarray:
-    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    a = native_byte_order(x if isinstance(x, np.ndarray) else np.asarray(x))
     if a.dtype not in FLOAT_INPUTS:
         raise DTypeError(
             f"{name}: expected float16, float32 or float64, got {a.dtype} with shape "

@@ -15,3 +15,9 @@ class DTypeError(TypeError):
 
 class InvalidParameterError(ValueError):
     """A scalar option is out of range or of the wrong kind."""
+
+
+class FileFormatError(ValueError):
+    """A file ``tileattn.load`` cannot use: unreadable, truncated, corrupt or
+    crafted (its arrays, metadata or config do not hold together). The
+    message names the file and what is wrong with it."""

@@ -72,9 +72,19 @@ def shape_str(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def native_byte_order(a: np.ndarray) -> np.ndarray:
+    """a itself, or a copy in the machine's byte order when it is a float
+    array stored the other way round (a big-endian file read on x86): the
+    same values, which the kernels can read."""
+    if a.dtype.kind == "f" and not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
 def float_array(x: Any, name: str) -> np.ndarray:
-    """x as an array of a storage dtype (no copy of an ndarray)."""
-    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    """x as an array of a storage dtype (no copy of an ndarray in the
+    machine's byte order; see native_byte_order)."""
+    a = native_byte_order(x if isinstance(x, np.ndarray) else np.asarray(x))
     if a.dtype not in FLOAT_DTYPES:
         raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype} "
                          f"with shape {a.shape}")

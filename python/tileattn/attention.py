@@ -362,5 +362,6 @@ class MultiHeadAttention(Module):
             dq, dk = self._rope(dq, inverse=True), self._rope(dk, inverse=True)
         if self.qk_norm:
             dq, dk = self.q_norm.backward(dq), self.k_norm.backward(dk)
-        flat = [a.reshape(a.shape[:2] + (-1,)) for a in (dq, dk, dv)]
+        # Explicit sizes: an empty batch has no -1 to infer.
+        flat = [a.reshape(a.shape[:2] + (a.shape[2] * a.shape[3],)) for a in (dq, dk, dv)]
         return input_grads(self.projections.input_backward(s.inputs, s.fused, *flat), s)

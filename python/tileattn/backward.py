@@ -11,6 +11,7 @@ import numpy as np
 from . import _call
 from ._call_checks import ArrayLike, Window, as_input
 from ._errors import DTypeError, InvalidParameterError, ShapeError
+from ._overlap import refuse_shared_outputs
 from ._validate import flag, shape_str
 
 Grads = Union[Tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -57,6 +58,7 @@ def _check_grads_out(grads_out: Any, like: Tuple[np.ndarray, ...]) -> Tuple[Any,
             raise DTypeError(f"grads_out: {name} must have dtype {a.dtype}, got {u.dtype}")
         if not u.flags.writeable:
             raise InvalidParameterError(f"grads_out: {name} is read-only")
+    refuse_shared_outputs("grads_out", list(zip(("dq", "dk", "dv"), grads_out)))
     return tuple(grads_out)
 
 
@@ -101,7 +103,7 @@ def scaled_dot_product_attention_backward(
     q, k, v : arrays (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv)
         The forward's inputs (unbatched without the leading axis).
     out : array (B, Hq, Lq, Dv)
-        The forward's output (after dropout).
+        The forward's output (after dropout); only read (it may be read-only).
     lse : array (B, Hq, Lq)
         The forward's log-sum-exp (``return_lse=True``, float64).
     attn_mask, key_padding_mask, is_causal, window, causal_alignment, scale
@@ -116,7 +118,11 @@ def scaled_dot_product_attention_backward(
     grads_out : (dq, dk, dv) arrays, optional
         Preallocated outputs shaped and typed like q, k, v (they may be
         strided views, e.g. into the gradient of a fused QKV projection);
-        they are overwritten and returned.
+        they are overwritten and returned. Two of them sharing an element
+        raise ``InvalidParameterError`` naming both (views of one fused
+        buffer that share none are fine). One that overlaps an input (q,
+        k, v, out, dout, lse or a mask) is computed into a temporary and
+        copied in at the end, so the result is as if it did not overlap.
 
     Returns
     -------

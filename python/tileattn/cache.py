@@ -31,9 +31,11 @@ import numpy as np
 from ._cache_attend import attend_and_write
 from ._cache_layout import make_layout
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from ._call_checks import check_out, dropout_and_seed, scale_value, window_bounds
-from ._validate import (FLOAT_DTYPES, dtype_in, entries_within, is_bool, optional_positive_int,
-                        positive_int, shape_str)
+from ._call_checks import (check_out, dropout_and_seed, kernel_array, kernel_can_write,
+                           scale_value, window_bounds)
+from ._overlap import may_overlap
+from ._validate import (FLOAT_DTYPES, dtype_in, entries_within, is_bool, native_byte_order,
+                        optional_positive_int, positive_int, shape_str)
 
 # The constructor's settings, as pickled (with the layout's rows and the lengths).
 _SETTINGS = ("batch", "num_kv_heads", "max_len", "head_dim", "value_dim", "dtype", "window",
@@ -243,11 +245,14 @@ class KVCache:
                 f"dtype={self.dtype.name}{win}; lengths={self._layout.lengths.tolist()})")
 
     # -- appending --------------------------------------------------------------
+    def _storage(self) -> Tuple[np.ndarray, np.ndarray]:
+        return self._layout.k, self._layout.v
+
     def _check_new(self, k: Any, v: Any) -> Tuple[np.ndarray, np.ndarray]:
         arrays = []
         for name, x, dim, dname in (("k", k, self.head_dim, "head_dim"),
                                     ("v", v, self.value_dim, "value_dim")):
-            a = x if isinstance(x, np.ndarray) else np.asarray(x)
+            a = native_byte_order(x if isinstance(x, np.ndarray) else np.asarray(x))
             if a.dtype not in FLOAT_DTYPES:
                 raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype}")
             want = (self.batch, self.num_kv_heads)
@@ -255,7 +260,9 @@ class KVCache:
                 raise ShapeError(
                     f"{name}: expected (B, Hkv, T, {dname}) = ({self.batch}, "
                     f"{self.num_kv_heads}, T, {dim}), got shape {shape_str(a.shape)}")
-            arrays.append(a)
+            # New rows read from the cache's own storage are copied first:
+            # the write would otherwise move rows it still has to read.
+            arrays.append(a.copy() if may_overlap(a, self._storage()) else a)
         if arrays[0].shape[2] != arrays[1].shape[2]:
             raise ShapeError(f"k and v: expected the same number of new positions T, got "
                              f"k {shape_str(arrays[0].shape)}, v {shape_str(arrays[1].shape)}")
@@ -343,7 +350,10 @@ class KVCache:
         dropout_p, seed
             Dropout on the attention weights, as in the functional API.
         out : array (B, Hq, T, Dv) of q's dtype, optional
-            Where to write (may be a strided view).
+            Where to write (may be a strided or unaligned view). One that
+            overlaps q, k or v is filled after the kernel from a temporary;
+            one that overlaps the cache's own storage is refused
+            (``InvalidParameterError``).
 
         Returns
         -------
@@ -353,12 +363,14 @@ class KVCache:
         Raises
         ------
         ShapeError, DTypeError, InvalidParameterError
-            Bad input, or max_len would be passed: nothing is appended.
+            Bad input, or max_len would be passed: every argument is checked
+            before anything is written, so nothing is appended and the
+            cache (lengths and contents) is exactly as it was.
         KeyboardInterrupt
             Ctrl-C during the kernel; the new tokens may or may not have been
             appended then (``lengths`` says), the cache stays consistent.
         """
-        qa = q if isinstance(q, np.ndarray) else np.asarray(q)
+        qa = native_byte_order(q if isinstance(q, np.ndarray) else np.asarray(q))
         k4, v4 = self._check_new(k, v)
         t = k4.shape[2]
         qdt = np.dtype(np.float64) if self.dtype == np.float64 else np.dtype(np.float32)
@@ -374,9 +386,23 @@ class KVCache:
         scale_v = scale_value(scale, self.head_dim)
         p, seed_v = dropout_and_seed(dropout_p, seed)
         out_shape = (self.batch, hq, t, self.value_dim)
-        out = np.empty(out_shape, qdt) if out is None else check_out(out, out_shape, qdt)
+        if out is not None:
+            out = check_out(out, out_shape, qdt)
+            if may_overlap(out, self._storage()):
+                raise InvalidParameterError(
+                    "out: overlaps the cache's storage (cache.k or cache.v); writing the "
+                    "output there would overwrite cached keys or values")
+        # The kernel's q: aligned, and a copy when it lives in the storage
+        # that the call writes before it reads q.
+        qk = kernel_array(qa, qdt)
+        qk = qk.copy() if qk is qa and may_overlap(qa, self._storage()) else qk
+        direct = out is not None and kernel_can_write(out, qdt, (qa, k4, v4))
+        result = out if direct and out is not None else np.empty(out_shape, qdt)
         with self._in_use():
             c = self._new_counts(counts, t)
-            attend_and_write(self._layout, qa, k4, v4, out, c, left, right,
+            attend_and_write(self._layout, qk, k4, v4, result, c, left, right,
                              dict(scale=scale_v, dropout_p=p, seed=seed_v))
-        return out
+        if out is not None and result is not out:
+            out[...] = result  # (an unaligned out, or one over q, k or v)
+            result = out
+        return result

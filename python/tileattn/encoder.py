@@ -137,9 +137,14 @@ class TransformerEncoderLayer(Module):
         super().__init__(dtype)
         self.d_model = check.positive_int("d_model", d_model)
         self.nhead = check.positive_int("nhead", nhead)
+        if head_dim is None and self.d_model % self.nhead:
+            # (MultiHeadAttention would say embed_dim and num_heads)
+            raise InvalidParameterError(f"nhead: d_model ({self.d_model}) must be divisible by "
+                                        f"nhead ({self.nhead}), or pass head_dim")
         self.dim_feedforward = check.positive_int("dim_feedforward", dim_feedforward)
         self.dropout = check.dropout_rate(dropout)
         self.activation = check_activation(activation)
+        check.positive_real("layer_norm_eps", layer_norm_eps)  # (LayerNorm would say "eps")
         self.norm_first = check.flag("norm_first", norm_first)
         check.flag("bias", bias)
         if window is not None:

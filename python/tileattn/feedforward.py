@@ -56,7 +56,7 @@ class FeedForward(Module):
 
     def forward(self, x: Any, *, training: bool = False) -> np.ndarray:
         """x (..., d_model) -> (..., d_model), in x's dtype."""
-        a = x if isinstance(x, np.ndarray) else np.asarray(x)
+        a = check.native_byte_order(x if isinstance(x, np.ndarray) else np.asarray(x))
         if a.dtype not in check.FLOAT_DTYPES:    # (float_array's message adds the shape)
             raise DTypeError(f"x: expected float16, float32 or float64, got {a.dtype}")
         if a.ndim < 1 or a.shape[-1] != self.d_model:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import zipfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._errors import InvalidParameterError, ShapeError
+from ._budget import BudgetExceeded, parameter_budget
+from ._errors import DTypeError, FileFormatError, InvalidParameterError, ShapeError
 from ._validate import shape_str
 from ._version import __version__
 from .attention import MultiHeadAttention
@@ -64,17 +67,158 @@ def save(module: Module, path: PathLike) -> None:
         _safetensors_numpy().save_file(arrays, path, metadata={_META_KEY: meta})
 
 
+# Bounds on what a file may claim before it is believed: the stored metadata
+# (class and config, a few hundred bytes in practice) and its nesting (a
+# TransformerEncoder's config holds its layer's: depth 3).
+MAX_METADATA_BYTES = 1 << 20
+MAX_METADATA_DEPTH = 16
+# A module may allocate, while it is built from a stored config, at most
+# this many times the parameter elements the file holds: a
+# TransformerEncoder builds its template layer besides its copies.
+_BUILD_BUDGET_FACTOR = 2
+# What a reader of the file system raises for a path (not for its
+# contents): passed on as it is, not as a FileFormatError.
+_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError)
+
+
 def _read(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
-    if _format(path) == "npz":
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        meta = arrays.pop(_META_KEY, None)
-        return arrays, (json.loads(str(meta)) if meta is not None else None)
-    st = _safetensors_numpy()
+    """The file's arrays and its tileattn metadata (None when it has none).
+    Anything the file's contents make a parser raise becomes a
+    FileFormatError naming the file; nothing in it is ever executed."""
+    try:
+        if _format(path) == "npz":
+            arrays, meta = _read_npz(path)
+        else:
+            arrays, meta = _read_safetensors(path)
+    except (FileFormatError,) + _PATH_ERRORS:
+        raise
+    except Exception as e:   # zipfile, NumPy's header parser, safetensors, ...
+        raise FileFormatError(f"{path!r}: unreadable or corrupt ({type(e).__name__}: "
+                              f"{e})") from e
+    return arrays, None if meta is None else _parse_metadata(path, meta)
+
+
+def _read_npz(path: str) -> Tuple[Dict[str, np.ndarray], Optional[str]]:
+    """An .npz read member by member: each .npy header is checked against the
+    bytes the member holds before its data is read, and no member may hold
+    Python objects (they would need unpickling)."""
+    arrays: Dict[str, np.ndarray] = {}
+    meta: Optional[str] = None
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else None
+            if name is None or name in arrays:
+                raise FileFormatError(f"{path!r}: member {info.filename!r} is not a distinct "
+                                      f".npy array")
+            with zf.open(info) as f:
+                a = _read_npy(path, info, f)
+            if name == _META_KEY:
+                if a.dtype.kind != "U" or a.shape != ():
+                    raise FileFormatError(f"{path!r}: {_META_KEY} is not a string")
+                meta = str(a[()])
+            else:
+                arrays[name] = a
+    return arrays, meta
+
+
+def _read_npy(path: str, info: zipfile.ZipInfo, f: Any) -> np.ndarray:
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise FileFormatError(f"{path!r}: {info.filename}: unsupported .npy version {version}")
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if dtype.hasobject:
+        raise FileFormatError(f"{path!r}: {info.filename} holds Python objects, which "
+                              f"tileattn never unpickles")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if info.filename == _META_KEY + ".npy" and nbytes > 4 * MAX_METADATA_BYTES:
+        raise FileFormatError(f"{path!r}: metadata of {nbytes} bytes, more than the "
+                              f"{4 * MAX_METADATA_BYTES} allowed")
+    stored = info.file_size - f.tell()
+    if nbytes != stored:
+        raise FileFormatError(f"{path!r}: {info.filename} declares {shape} {dtype} "
+                              f"({nbytes} bytes) but holds {stored} bytes")
+    # Read as the data arrives (never allocated from a claimed size): a
+    # member's stated size is checked by zipfile only as it is read.
+    data = bytearray()
+    while len(data) < nbytes:
+        chunk = f.read(min(nbytes - len(data), 1 << 24))
+        if not chunk:
+            raise FileFormatError(f"{path!r}: {info.filename} is truncated")
+        data += chunk
+    a = np.frombuffer(data, dtype)
+    return a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
+
+
+def _read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Optional[str]]:
+    """The safetensors library checks the header (its size, and each
+    tensor's bytes inside the file) before any tensor is read."""
+    _safetensors_numpy()   # the ImportError that says what to install
     from safetensors import safe_open
     with safe_open(path, framework="np") as f:
         meta = (f.metadata() or {}).get(_META_KEY)
-    return st.load_file(path), (json.loads(meta) if meta is not None else None)
+        arrays = {name: f.get_tensor(name) for name in f.keys()}
+    return arrays, meta
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and dicts nest in a parsed JSON value (iteratively)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d)
+            if d <= MAX_METADATA_DEPTH:
+                stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _parse_metadata(path: str, text: Any) -> Dict[str, Any]:
+    """{"class": str, "config": dict, ...} from the stored JSON, bounded in
+    size and nesting before and after parsing."""
+    if not isinstance(text, str) or len(text) > MAX_METADATA_BYTES:
+        size = len(text) if isinstance(text, str) else type(text).__name__
+        raise FileFormatError(f"{path!r}: metadata is not a string of at most "
+                              f"{MAX_METADATA_BYTES} characters ({size})")
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise FileFormatError(f"{path!r}: metadata is not valid JSON ({type(e).__name__}: "
+                              f"{e})") from None
+    if _depth(meta) > MAX_METADATA_DEPTH:
+        raise FileFormatError(f"{path!r}: metadata nests deeper than {MAX_METADATA_DEPTH}")
+    if not (isinstance(meta, dict) and isinstance(meta.get("class"), str)
+            and isinstance(meta.get("config"), dict)):
+        raise FileFormatError(f"{path!r}: metadata must be an object with a \"class\" name "
+                              f"and a \"config\" object")
+    return meta
+
+
+def _build(path: str, meta: Dict[str, Any], arrays: Mapping[str, np.ndarray]) -> Module:
+    """The module the stored config describes, built within a parameter
+    budget set by the file's own arrays: a config that claims more
+    parameters than the file holds fails before they are allocated."""
+    name = meta["class"]
+    cls = MODULE_CLASSES.get(name)
+    if cls is None or not cls.__module__.startswith("tileattn."):
+        raise FileFormatError(f"{path!r}: unknown module class {name!r}")
+    held = sum(int(a.size) for a in arrays.values())
+    try:
+        with parameter_budget(_BUILD_BUDGET_FACTOR * held):
+            module: Module = cls(**meta["config"])
+    except BudgetExceeded as e:
+        raise FileFormatError(f"{path!r}: its config describes a {name} with more "
+                              f"parameters than the file's {held} array elements ({e})") from None
+    except Exception as e:   # unknown keyword, a bad value, a size no memory holds
+        raise FileFormatError(f"{path!r}: its config does not build a {name} "
+                              f"({type(e).__name__}: {e})") from None
+    try:
+        module.load_state_dict(arrays)
+    except (InvalidParameterError, ShapeError, DTypeError) as e:
+        raise FileFormatError(f"{path!r}: its arrays do not fit the {name} its config "
+                              f"describes: {e}") from None
+    return module
 
 
 def load(path: PathLike, module: Optional[Module] = None) -> Module:
@@ -91,19 +235,33 @@ def load(path: PathLike, module: Optional[Module] = None) -> Module:
     Returns
     -------
     Module
+
+    Raises
+    ------
+    FileFormatError
+        (a ``ValueError``) naming the file and what is wrong, for any file
+        that is unreadable, truncated, corrupt or crafted: a bad archive or
+        header, an array whose header disagrees with its bytes, Python
+        objects (never unpickled), metadata that is not JSON, larger than
+        ``MAX_METADATA_BYTES`` or nested deeper than ``MAX_METADATA_DEPTH``,
+        an unknown class or config, a config that describes more
+        parameters than the file holds (refused before they are
+        allocated: memory stays bounded by the file's own arrays), or
+        arrays that do not fit the module the config describes.
+    InvalidParameterError, ShapeError, DTypeError
+        With ``module``: the file's arrays do not fit that module.
+    FileNotFoundError, PermissionError
+        The path itself.
     """
     path = os.fspath(path)
     arrays, meta = _read(path)
-    if module is None:
-        if meta is None:
-            raise InvalidParameterError(
-                f"load: {path!r} holds no tileattn config; pass the module to load into")
-        cls = MODULE_CLASSES.get(str(meta.get("class")))
-        if cls is None:
-            raise InvalidParameterError(f"load: unknown module class {meta.get('class')!r} in {path!r}")
-        module = cls(**meta["config"])
-    module.load_state_dict(arrays)
-    return module
+    if module is not None:
+        module.load_state_dict(arrays)
+        return module
+    if meta is None:
+        raise InvalidParameterError(
+            f"load: {path!r} holds no tileattn config; pass the module to load into")
+    return _build(path, meta, arrays)
 
 
 # -- Keras --------------------------------------------------------------------

@@ -7,8 +7,10 @@ from typing import Any, Dict, Optional, Tuple, cast
 import numpy as np
 
 from . import _core
-from ._errors import DTypeError, ShapeError
+from ._budget import charge
+from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._memory import check_fits
+from ._validate import flag, float_array, positive_int, shape_str
 from .module import Module
 
 
@@ -93,10 +95,16 @@ class Linear(Module):
     Parameters
     ----------
     in_features, out_features : int
+        Positive.
     bias : bool
     dtype : float32 or float64
     rng : numpy Generator, optional
         Source of the Glorot-uniform weight; the bias starts at zero.
+
+    Raises ``InvalidParameterError`` naming the argument for a size that is
+    not a positive int (``1.7``, ``-1``, ``True``), a non-bool ``bias`` or an
+    ``rng`` that is not a Generator; ``DTypeError`` for another dtype;
+    ``MemoryError`` for a weight no memory holds.
 
     Parameters (arrays)
     -------------------
@@ -107,22 +115,32 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = np.float32, rng: Optional[np.random.Generator] = None) -> None:
         super().__init__(dtype)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
+        bias = flag("bias", bias)
+        if rng is not None and not isinstance(rng, np.random.Generator):
+            raise InvalidParameterError(
+                f"rng: expected a numpy Generator or None, got {type(rng).__name__}")
+        check_fits("Linear weight", (self.out_features, self.in_features), self.dtype.itemsize)
+        charge("Linear", (self.out_features, self.in_features), (self.out_features * bias,))
         rng = np.random.default_rng() if rng is None else rng
         self.register_parameter("weight", glorot_uniform(rng, self.out_features,
                                                           self.in_features, self.dtype))
         self.register_parameter("bias", np.zeros(self.out_features, self.dtype) if bias else None)
 
-    def forward(self, x: np.ndarray, *, training: bool = False) -> np.ndarray:
-        """x (..., in_features) -> (..., out_features), in the module's dtype.
-        With ``training=True`` x is kept (not copied: leave it unchanged) for
-        ``backward``."""
-        if x.shape[-1] != self.in_features:
+    def forward(self, x: Any, *, training: bool = False) -> np.ndarray:
+        """x (..., in_features), a float16/32/64 array (or nested lists of
+        floats), -> (..., out_features), in the module's dtype (float16 in a
+        float32 module gives float32). With ``training=True`` x is kept (not
+        copied: leave it unchanged) for ``backward``. Integer, complex or
+        object input raises ``DTypeError``; x with no axis or another last
+        axis ``ShapeError``."""
+        x = float_array(x, "x")
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ShapeError(f"x: expected last axis {self.in_features} (in_features), "
-                             f"got shape {x.shape}")
+                             f"got shape {shape_str(x.shape)}")
         y = affine(as_2d_rows(x), self.weight, self.bias)
-        if training:
+        if flag("training", training):
             self._save(x)
         return cast(np.ndarray, y.reshape(x.shape[:-1] + (self.out_features,)))
 

@@ -13,7 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ._budget import charge
 from ._errors import DTypeError, InvalidParameterError, ShapeError
+from ._memory import check_fits
 from ._validate import FLOAT_DTYPES, dropout_rate, flag, float_array, positive_int
 from ._validate import seed as check_seed
 from .dropout import dropout_
@@ -65,8 +67,15 @@ class LSTM(Module):
         self._dropout_rng = np.random.default_rng(drop_seq)
         h = self.hidden_size
         a = 1.0 / math.sqrt(h)
+        # All layers at once first: num_layers=10**19 would otherwise loop
+        # for ever on small layers instead of raising MemoryError.
+        check_fits("LSTM parameters", (self.num_layers, 4 * h, max(self.input_size, h) + h + 2),
+                   8)
         for k in range(self.num_layers):
             n_in = self.input_size if k == 0 else h
+            # Drawn in float64: the size check is of that draw.
+            check_fits(f"weight_ih_l{k}", (4 * h, max(n_in, h)), 8)
+            charge("LSTM", (4 * h, n_in + h + 2 * self.bias))
             self.register_parameter(f"weight_ih_l{k}", rng.uniform(-a, a, (4 * h, n_in)))
             self.register_parameter(f"weight_hh_l{k}", rng.uniform(-a, a, (4 * h, h)))
             self.register_parameter(f"bias_ih_l{k}", rng.uniform(-a, a, 4 * h) if bias else None)

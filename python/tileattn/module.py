@@ -306,6 +306,12 @@ class Module:
         if not isinstance(state_dict, Mapping):
             raise InvalidParameterError(
                 f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
+        bad_keys = [k for k in state_dict if not isinstance(k, str)]
+        if bad_keys:
+            raise InvalidParameterError(
+                f"state_dict: keys must be parameter names (str), got {bad_keys[0]!r}")
+        if not isinstance(strict, (bool, np.bool_)):
+            raise InvalidParameterError(f"strict: expected a bool, got {strict!r}")
         # A converted foreign state dict (``keras_state_dict``'s) may know more
         # than its flattened shapes say, e.g. the heads: it refuses a module
         # it does not fit.

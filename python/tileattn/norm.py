@@ -7,8 +7,10 @@ from typing import Any, Dict, cast
 
 import numpy as np
 
+from ._budget import charge
 from ._errors import InvalidParameterError, ShapeError
-from ._validate import float_array, positive_real
+from ._memory import check_fits
+from ._validate import flag, float_array, positive_int, positive_real, shape_str
 from .linear import as_2d_rows, grad_input
 from .module import Module
 
@@ -19,8 +21,9 @@ class LayerNorm(Module):
     Parameters
     ----------
     normalized_shape : int
-        Size of the last axis.
+        Size of the last axis (positive).
     eps : float
+        Positive and finite.
     bias : bool
         Learn a bias (``weight`` is always learnt; it starts at one).
     dtype : float32 or float64
@@ -34,18 +37,23 @@ class LayerNorm(Module):
     def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = True,
                  dtype: Any = np.float32) -> None:
         super().__init__(dtype)
-        if not eps > 0:
-            raise InvalidParameterError(f"eps: expected a positive number, got {eps!r}")
-        self.normalized_shape = int(normalized_shape)
-        self.eps = float(eps)
+        self.normalized_shape = positive_int("normalized_shape", normalized_shape)
+        self.eps = positive_real("eps", eps)
+        bias = flag("bias", bias)
+        check_fits("LayerNorm", (self.normalized_shape,), self.dtype.itemsize)
+        charge("LayerNorm", (self.normalized_shape * (1 + bias),))
         self.register_parameter("weight", np.ones(self.normalized_shape, self.dtype))
         self.register_parameter("bias", np.zeros(self.normalized_shape, self.dtype) if bias else None)
 
-    def forward(self, x: np.ndarray, *, training: bool = False) -> np.ndarray:
-        """x (..., normalized_shape) -> same shape, a new array. With
-        ``training=True`` the normalised x and 1/std are kept for ``backward``."""
-        if x.shape[-1] != self.normalized_shape:
-            raise ShapeError(f"x: expected last axis {self.normalized_shape}, got shape {x.shape}")
+    def forward(self, x: Any, *, training: bool = False) -> np.ndarray:
+        """x (..., normalized_shape), float16/32/64, -> same shape, a new
+        array. With ``training=True`` the normalised x and 1/std are kept
+        for ``backward``."""
+        x = float_array(x, "x")
+        if x.ndim < 1 or x.shape[-1] != self.normalized_shape:
+            raise ShapeError(f"x: expected last axis {self.normalized_shape}, got shape "
+                             f"{shape_str(x.shape)}")
+        training = flag("training", training)
         mean = x.mean(axis=-1, keepdims=True)
         y = x - mean
         var = np.mean(np.square(y), axis=-1, keepdims=True)

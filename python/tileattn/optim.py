@@ -49,9 +49,21 @@ def _real(value: Any, name: str, *, low: float = 0.0, high: float = math.inf,
     return x
 
 
+def _not_iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return True
+    return isinstance(value, (str, bytes, np.ndarray))
+
+
 def _named(params: Params) -> List[Tuple[str, np.ndarray]]:
     if isinstance(params, Mapping):
         items = list(params.items())
+    elif _not_iterable(params):
+        raise InvalidParameterError(
+            f"params: expected a Module, a mapping name -> array, (name, array) pairs or a "
+            f"list of arrays, got {type(params).__name__}")
     else:
         items = []
         for i, entry in enumerate(params):
@@ -107,9 +119,13 @@ class Optimizer:
             unknown = set(grads) - {n for n, _ in self.params}
             if unknown:
                 raise InvalidParameterError(
-                    f"grads: no parameter is named {sorted(unknown)!r}"
+                    f"grads: no parameter is named {sorted(map(repr, unknown))}"
                 )
             looked_up = [grads.get(n) for n, _ in self.params]
+        elif _not_iterable(grads):
+            raise InvalidParameterError(
+                f"grads: expected a mapping name -> gradient or a list of gradients, got "
+                f"{type(grads).__name__}")
         else:
             looked_up = list(grads)
             if len(looked_up) != len(self.params):
@@ -142,10 +158,16 @@ class Optimizer:
                 for name, st in self.state.items()}
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        """Restore per-parameter state from ``state_dict()``'s output."""
+        if not isinstance(state, Mapping) or not all(isinstance(v, Mapping)
+                                                      for v in state.values()):
+            raise InvalidParameterError(
+                f"state: expected a mapping name -> mapping (an optimiser's state_dict()), "
+                f"got {type(state).__name__}")
         names = {n for n, _ in self.params}
         unknown = set(state) - names
         if unknown:
-            raise InvalidParameterError(f"state: no parameter is named {sorted(unknown)!r}")
+            raise InvalidParameterError(f"state: no parameter is named {sorted(map(repr, unknown))}")
         self.state = {name: {k: (np.array(v) if isinstance(v, np.ndarray) else v)
                              for k, v in st.items()} for name, st in state.items()}
 
