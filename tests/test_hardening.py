@@ -359,3 +359,9 @@ def test_empty_batches_forward_and_backward(shape, name):
     assert dx.shape == x.shape and dx.dtype == x.dtype
     for gname, g in m.grads.items():
         assert not g.any(), gname
+
+
+@pytest.mark.parametrize("weights", [None, 5, "query/kernel", np.zeros(8)])
+def test_keras_state_dict_of_no_weights_names_them(weights):
+    with pytest.raises(tileattn.InvalidParameterError, match="^keras weights: expected"):
+        tileattn.keras_state_dict(weights)

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import zipfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -283,6 +283,10 @@ def _keras_entries(weights: Union[Sequence[Any], Mapping[str, Any]]) -> Dict[Tup
                 raise InvalidParameterError(f"keras weights: cannot place variable {name!r}")
             out[("attention_output" if part == "output" else part, kind)] = value
         return out
+    if isinstance(weights, (str, bytes, np.ndarray)) or not isinstance(weights, Iterable):
+        raise InvalidParameterError(
+            f"keras weights: expected layer.get_weights() (a list of arrays) or a mapping of "
+            f"Keras variable paths to arrays, got {type(weights).__name__}")
     weights = list(weights)
     if len(weights) not in (4, 8):
         raise InvalidParameterError(

@@ -94,6 +94,51 @@ def _seeds(seed: Optional[int], n: int) -> List[int]:
     return [int(s) >> 1 for s in ss.generate_state(n, np.uint64)]
 
 
+class _FrameEncoder(Module):
+    """The Edifice models' calling convention: frames in, each sequence's
+    representation at its last real frame out (or every position). A model
+    supplies ``embed_dim``, ``dtype`` and ``_encode``."""
+
+    embed_dim: int
+
+    def forward(self, x: Any, *, key_padding_mask: Any = None, lengths: Any = None,
+                return_sequence: bool = False, training: bool = False) -> np.ndarray:
+        """Encode frames.
+
+        Parameters
+        ----------
+        x : (B, L, embed_dim) or unbatched (L, embed_dim)
+        key_padding_mask : bool or int (B, L), True / nonzero = real frame, optional
+            The output is each sequence's last real position (see the
+            model's notes on padding).
+        lengths : int (B,) (unbatched: an int), optional
+            Instead of a mask: sequence b is frames ``[0, lengths[b])``
+            (right padding), 1 <= lengths[b] <= L.
+        return_sequence : bool
+            Return every position (B, L, output_size) instead of the last.
+        training : bool
+            Apply dropout (only then).
+
+        Returns
+        -------
+        (B, output_size) (unbatched: (output_size,)), x's dtype: the
+        representation after each sequence's last real frame.
+        """
+        a = _frames(x, self.embed_dim)
+        train = check.flag("training", training)
+        full = check.flag("return_sequence", return_sequence)
+        a3 = a if a.ndim == 3 else a[None]
+        real = _real_frames(key_padding_mask, lengths, a3.shape[0], a3.shape[1], a.ndim == 3)
+        out = self._encode(a3.astype(self.dtype, copy=False), real, full, train)
+        return np.ascontiguousarray(out if a.ndim == 3 else out[0], dtype=a.dtype)
+
+    def _encode(self, frames: np.ndarray, real: Optional[np.ndarray], full: bool,
+                training: bool) -> np.ndarray:
+        """frames (B, L, embed_dim) in the model's dtype -> (B, L, out) with
+        full, else (B, out) at each sequence's last real frame."""
+        raise NotImplementedError
+
+
 class MLPHead(Module):
     """``Linear -> activation`` for each size in ``sizes`` (the last Linear too:
     Edifice's head is a stack of dense layers with an activation each).
@@ -130,7 +175,7 @@ class MLPHead(Module):
                 "activation": self.activation, "dtype": self.dtype.name, "seed": self.seed}
 
 
-class SlidingWindowModel(Module):
+class SlidingWindowModel(_FrameEncoder):
     """Stacked causal sliding-window attention over a frame sequence.
 
     Parameters
@@ -196,39 +241,14 @@ class SlidingWindowModel(Module):
     def output_size(self) -> int:
         return self.hidden_size
 
-    def forward(self, x: Any, *, key_padding_mask: Any = None, lengths: Any = None,
-                return_sequence: bool = False, training: bool = False) -> np.ndarray:
-        """Encode frames.
-
-        Parameters
-        ----------
-        x : (B, L, embed_dim) or unbatched (L, embed_dim)
-        key_padding_mask : bool or int (B, L), True / nonzero = real frame, optional
-            Padding anywhere; the output is each sequence's last real
-            position (padded positions output zeros). Right-padded, a
-            sequence gives what it gives alone.
-        lengths : int (B,) (unbatched: an int), optional
-            Instead of a mask: sequence b is frames ``[0, lengths[b])``
-            (right padding), 1 <= lengths[b] <= L.
-        return_sequence : bool
-            Return every position (B, L, hidden_size) instead of the last.
-        training : bool
-            Apply dropout (only then).
-
-        Returns
-        -------
-        (B, hidden_size) (unbatched: (hidden_size,)), x's dtype: the
-        representation after each sequence's last real frame.
-        """
-        a = _frames(x, self.embed_dim)
-        full = check.flag("return_sequence", return_sequence)
-        a3 = a if a.ndim == 3 else a[None]
-        real = _real_frames(key_padding_mask, lengths, a3.shape[0], a3.shape[1], a.ndim == 3)
-        h = self.input_proj(a3.astype(self.dtype, copy=False), training=False)
+    def _encode(self, frames: np.ndarray, real: Optional[np.ndarray], full: bool,
+                training: bool) -> np.ndarray:
+        # Padding anywhere: padded positions output zeros, and a
+        # right-padded sequence gives what it gives alone.
+        h = self.input_proj(frames, training=False)
         h += sinusoidal_positions(h.shape[-2], self.hidden_size).astype(self.dtype, copy=False)
         h = self.encoder(h, key_padding_mask=real, training=training)
-        out = h if full else _last_real(h, real)
-        return np.ascontiguousarray(out if a.ndim == 3 else out[0], dtype=a.dtype)
+        return h if full else _last_real(h, real)
 
     def get_config(self) -> Dict[str, Any]:
         return {"embed_dim": self.embed_dim, "window_size": self.window_size,
@@ -243,7 +263,7 @@ class SlidingWindowModel(Module):
                 f"window_size={self.window_size}, num_layers={self.num_layers}")
 
 
-class HybridLSTMAttention(Module):
+class HybridLSTMAttention(_FrameEncoder):
     """An LSTM over the frames, then self-attention over its hidden states.
 
     ``h = LSTM(x)``; ``y = norm(h + dropout(attn(h)))`` with causal attention
@@ -306,35 +326,13 @@ class HybridLSTMAttention(Module):
     def output_size(self) -> int:
         return self.lstm_hidden if self.mlp_sizes is None else self.mlp_sizes[-1]
 
-    def forward(self, x: Any, *, key_padding_mask: Any = None, lengths: Any = None,
-                return_sequence: bool = False, training: bool = False) -> np.ndarray:
-        """Encode frames.
-
-        Parameters
-        ----------
-        x : (B, L, embed_dim) or unbatched (L, embed_dim)
-        key_padding_mask : bool or int (B, L), True / nonzero = real frame, optional
-            Masks padded states out of the attention; the output is each
-            sequence's last real position. Right-padded, a sequence gives
-            what it gives alone (the LSTM runs forward, so padding after a
-            frame does not reach its state); left padding runs through the
-            LSTM first.
-        lengths : int (B,) (unbatched: an int), optional
-            Instead of a mask: sequence b is frames ``[0, lengths[b])``.
-        return_sequence : bool
-            Every position (B, L, output_size) instead of the last.
-        training : bool
-
-        Returns
-        -------
-        (B, output_size) (unbatched: (output_size,)), x's dtype.
-        """
-        a = _frames(x, self.embed_dim)
-        train = check.flag("training", training)
-        full = check.flag("return_sequence", return_sequence)
-        a3 = a if a.ndim == 3 else a[None]
-        real = _real_frames(key_padding_mask, lengths, a3.shape[0], a3.shape[1], a.ndim == 3)
-        h, _ = self.lstm(a3.astype(self.dtype, copy=False), training=train)
+    def _encode(self, frames: np.ndarray, real: Optional[np.ndarray], full: bool,
+                train: bool) -> np.ndarray:
+        # The mask keeps padded states out of the attention. Right-padded, a
+        # sequence gives what it gives alone (the LSTM runs forward, so
+        # padding after a frame does not reach its state); left padding runs
+        # through the LSTM first.
+        h, _ = self.lstm(frames, training=train)
         # The last real state's query is that row of the causal pass: it sees
         # every state up to it, and the ones after it are padding (masked).
         q = h if full else _last_real(h, real)[:, None]
@@ -345,8 +343,8 @@ class HybridLSTMAttention(Module):
         y = self.norm(y, training=False)
         if self.mlp_sizes is not None:
             y = self.mlp(y)
-        out = y if full else y[:, 0]
-        return np.ascontiguousarray(out if a.ndim == 3 else out[0], dtype=a.dtype)
+        out: np.ndarray = y if full else y[:, 0]
+        return out
 
     def get_config(self) -> Dict[str, Any]:
         return {"embed_dim": self.embed_dim, "lstm_hidden": self.lstm_hidden,
