@@ -434,6 +434,12 @@ _LINEAR_PICKLE = (
 def test_pickles_of_the_former_format_still_load():
     import base64
     import zlib
+    # The two pickles were made under NumPy 2, whose arrays pickle as
+    # numpy._core.multiarray._reconstruct: NumPy before 1.26 (no numpy._core)
+    # loads no NumPy 2 pickle at all, whoever made it. That is NumPy's limit,
+    # not the cache format's (seen on Debian bookworm's NumPy 1.24, the
+    # aarch64 check of tools/aarch64_check.sh).
+    pytest.importorskip("numpy._core", reason="NumPy < 1.26 cannot load NumPy 2 pickles")
     ring = pickle.loads(zlib.decompress(base64.b64decode(_RING_PICKLE)))
     assert ring.ring and ring.lengths.tolist() == [5, 2] and ring.k.shape == (2, 1, 3, 2)
     k0, v0 = ring.contents(0)
