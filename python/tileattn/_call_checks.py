@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
+from ._overlap import may_overlap
 from ._validate import entries_within, flag, native_byte_order, shape_str
 
 ArrayLike = Any
@@ -280,7 +281,7 @@ def kernel_can_write(out: np.ndarray, dtype: np.dtype[Any],
         out.dtype == dtype
         and out.flags.aligned
         and not any(s % out.itemsize for s in out.strides)
-        and not any(np.may_share_memory(out, a) for a in inputs)
+        and not may_overlap(out, inputs)
     )
 
 

@@ -19,9 +19,8 @@ from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tup
 import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from ._validate import dtype_in, flag
+from ._validate import COMPUTE_DTYPES, dtype_in, flag, shape_str
 
-_MODULE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # Every Module subclass by class name, so tileattn.load can rebuild a saved one.
 MODULE_CLASSES: Dict[str, type] = {}
@@ -36,11 +35,7 @@ class IncompatibleKeys(NamedTuple):
 
 def module_dtype(dtype: Any) -> np.dtype:
     """The dtype a module computes in: float32 or float64."""
-    return dtype_in("dtype", dtype, _MODULE_DTYPES, "float32 or float64")
-
-
-def _shape_str(shape: Tuple[int, ...]) -> str:
-    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+    return dtype_in("dtype", dtype, COMPUTE_DTYPES, "float32 or float64")
 
 
 def _as_value(key: str, value: Any) -> np.ndarray:
@@ -150,7 +145,7 @@ class Module:
                 f"{name}: cannot switch an optional parameter on or off after construction")
         a = _as_value(name, value)
         if a.shape != old.shape:
-            raise ShapeError(f"{name}: expected shape {_shape_str(old.shape)}, got {_shape_str(a.shape)}")
+            raise ShapeError(f"{name}: expected shape {shape_str(old.shape)}, got {shape_str(a.shape)}")
         np.copyto(old, a, casting="unsafe")
         self._parameters_changed()
 
@@ -323,7 +318,7 @@ class Module:
         missing = [k for k in own if k not in sd]
         unexpected = [k for k in sd if k not in own]
         values = {k: _as_value(k, sd[k]) for k in own if k in sd}
-        misshaped = [f"{k}: expected {_shape_str(own[k].shape)}, got {_shape_str(v.shape)}"
+        misshaped = [f"{k}: expected {shape_str(own[k].shape)}, got {shape_str(v.shape)}"
                      for k, v in values.items() if v.shape != own[k].shape]
         key_problem = strict and (missing or unexpected)
         if key_problem or misshaped:
