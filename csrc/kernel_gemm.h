@@ -22,13 +22,16 @@
 // in a row of b that a row of a does not use (a hidden key) stays out.
 // With a row vector `then_add` (NV * W values), each row of C gets it added
 // last: the projections' bias, in the epilogue of their last K slice.
-template <typename T, int NV, bool kSkipZero = false>
+// R rows instead of MR: the projections' skinny path (a decode step's few
+// rows); each element's chain is the same whatever R, so are its bits.
+template <typename T, int NV, bool kSkipZero = false, int R = Simd<T>::MR, int kAhead = 0>
 inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb,
                        int64_t kd, T* c, int64_t ldc, bool accumulate,
                        const T* then_add = nullptr) {
   using S = Simd<T>;
   using reg = typename S::reg;
-  constexpr int MR = S::MR, W = S::W;
+  constexpr int MR = R, W = S::W;
+  static_assert(R >= 1 && R <= S::MR, "at most MR rows: the accumulators fill the registers");
   reg acc[MR][NV];
   TILEATTN_UNROLL
   for (int r = 0; r < MR; ++r)
@@ -39,6 +42,11 @@ inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64
     reg bx[NV];
     TILEATTN_UNROLL
     for (int v = 0; v < NV; ++v) bx[v] = S::load(b + x * ldb + v * W);
+    if constexpr (kAhead > 0) {
+      TILEATTN_UNROLL
+      for (int v = 0; v < NV; ++v)
+        __builtin_prefetch(b + (x + kAhead) * ldb + v * W, 0, 2);
+    }
     const T* ax = a + x * a_cs;
     TILEATTN_UNROLL
     for (int r = 0; r < MR; ++r) {

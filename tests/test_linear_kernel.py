@@ -147,17 +147,20 @@ def test_packed_weight_gives_the_same_bits(each_isa, rng, dtype):
             np.testing.assert_array_equal(got, want)
 
 
-def test_a_row_has_the_same_bits_alone_and_in_any_batch(rng):
-    """Every row is summed in the same order whatever the rows around it:
-    the property the modules' batch independence rests on."""
-    w = rng.standard_normal((100, 300)).astype(np.float32)
-    b = rng.standard_normal(100).astype(np.float32)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_row_has_the_same_bits_alone_and_in_any_batch(each_isa, rng, dtype):
+    """Every row is summed in the same order whatever the rows around it
+    (a decode step's few rows take the skinny path, a batch the blocked
+    one): the property the modules' batch independence rests on."""
+    w = rng.standard_normal((100, 700)).astype(dtype)
+    b = rng.standard_normal(100).astype(dtype)
     packed = core.pack_linear(w)
-    x = rng.standard_normal((203, 300)).astype(np.float32)
-    full = np.empty((203, 100), np.float32)
+    x = rng.standard_normal((203, 700)).astype(dtype)
+    full = np.empty((203, 100), dtype)
     core.linear_forward_packed(x, packed, b, full)
-    for start, stop in [(0, 1), (5, 6), (7, 10), (100, 197), (202, 203), (17, 81)]:
-        part = np.empty((stop - start, 100), np.float32)
+    for start, stop in [(0, 1), (5, 6), (7, 10), (100, 197), (202, 203), (17, 81), (0, 32),
+                        (3, 36), (0, 33), (40, 48), (50, 59)]:
+        part = np.empty((stop - start, 100), dtype)
         core.linear_forward_packed(x[start:stop], packed, b, part)
         np.testing.assert_array_equal(part, full[start:stop])
         core.linear_forward(x[start:stop], w, b, part)
