@@ -22,6 +22,9 @@
 #include "backward_params.h"
 #include "cpu_features.h"
 #include "dense_copy.h"
+#include "row_ops.h"
+
+#include <cmath>
 #include "dispatch.h"
 #include "linear_params.h"
 #include "thread_pool.h"
@@ -377,6 +380,41 @@ void linear_forward_packed_py(py::array x, const PackedLinear& w, py::object bia
   run_cancellable([&] { kernels().linear_forward(lp); });
 }
 
+// A contiguous vector of n values of rows' dtype, or null for None.
+const void* optional_vector(const py::object& v, int64_t n, const py::dtype& dt,
+                            const char* name, bool writeable = false) {
+  if (v.is_none()) return nullptr;
+  py::array a = v.cast<py::array>();
+  require_shape(a, {n}, name);
+  require_dtype(a, dt, name);
+  if (n > 1 && a.strides(0) != a.itemsize())
+    throw std::invalid_argument(std::string(name) + ": expected a contiguous vector");
+  if (writeable) {
+    require_writeable(a, name);
+    return a.mutable_data();
+  }
+  return a.data();
+}
+
+// Layer norm of rows (M x E) in place, on the pool, GIL released; inv_std
+// (M,), if given, receives each row's 1 / sqrt(var + eps).
+void layer_norm_rows_py(py::array rows, py::object weight, py::object bias, double eps,
+                        py::object inv_std) {
+  require_ndim(rows, 2, "rows");
+  const DType dtype = dtype_of(rows, "rows");
+  require_writeable(rows, "rows");
+  const int64_t m = rows.shape(0), e = rows.shape(1), ld = row_stride(rows, "rows");
+  if (!(eps >= 0) || !std::isfinite(eps))
+    throw std::invalid_argument("eps: expected a finite number >= 0");
+  const py::dtype dt = rows.dtype();
+  const void* w = optional_vector(weight, e, dt, "weight");
+  const void* b = optional_vector(bias, e, dt, "bias");
+  if (b && !w) throw std::invalid_argument("bias: needs a weight");
+  void* inv = const_cast<void*>(optional_vector(inv_std, m, dt, "inv_std", true));
+  void* x = rows.mutable_data();
+  run_cancellable([&] { layer_norm_rows(dtype, m, e, x, ld, w, b, eps, inv); });
+}
+
 // dst (a C-contiguous 4-D array) = src (any 4-D array of its shape and
 // dtype), on the pool, GIL released.
 void copy_dense_py(py::array src, py::array dst) {
@@ -465,6 +503,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("linear_forward_packed", &linear_forward_packed_py, py::arg("x"), py::arg("w"),
         py::arg("bias"), py::arg("out"));
   m.def("copy_dense", &copy_dense_py, py::arg("src"), py::arg("dst"));
+  m.def("layer_norm_rows", &layer_norm_rows_py, py::arg("rows"), py::arg("weight"),
+        py::arg("bias"), py::arg("eps"), py::arg("inv_std") = py::none());
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw std::invalid_argument("num_threads must be >= 1");

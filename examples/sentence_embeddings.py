@@ -124,7 +124,10 @@ def pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mean over the real tokens, then L2 normalisation (sentence-transformers'
     Pooling(mean) + Normalize)."""
     w = mask.astype(hidden.dtype)
-    summed: np.ndarray = np.matmul(w[:, None, :], hidden)[:, 0]                  # (B, E)
+    # Token by token in position order (a reduction over a middle axis): the
+    # padding adds exact zeros, so a sentence sums to the same bits in any
+    # batch. A batched matmul's BLAS would pick its blocking by the padded length.
+    summed: np.ndarray = (hidden * w[:, :, None]).sum(axis=1)                     # (B, E)
     summed /= np.maximum(w.sum(axis=1, keepdims=True), 1e-9)
     summed /= np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
     return summed

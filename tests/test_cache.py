@@ -24,9 +24,11 @@ def rope_np(x, positions, theta=10000.0):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def dense_decoder(m, x, *, dtype, window=None, kv_dtype=None):
+def dense_decoder(m, x, *, dtype, window=None, kv_dtype=None, stored=None):
     """One causal pass of MultiHeadAttention m over x (B, L, E), computed
-    densely in `dtype`; K/V rounded to `kv_dtype` as a cache stores them."""
+    densely in `dtype`; K/V rounded to `kv_dtype` as a cache stores them:
+    from ``stored`` ((B, L, Hkv, D) keys after RoPE and values, float32, as
+    the module computes them) when given."""
     sd = {k: v.astype(dtype) for k, v in m.state_dict().items()}
     b, l, _ = x.shape
     hq, hkv, d = m.num_heads, m.num_kv_heads, m.head_dim
@@ -36,6 +38,8 @@ def dense_decoder(m, x, *, dtype, window=None, kv_dtype=None):
     v = (x @ sd["v_proj.weight"].T + sd["v_proj.bias"]).reshape(b, l, hkv, m.value_dim)
     if m.rope:
         q, k = rope_np(q, np.arange(l)), rope_np(k, np.arange(l))
+    if stored is not None:
+        k, v = stored
     if kv_dtype is not None:
         k, v = (a.astype(kv_dtype).astype(dtype) for a in (k, v))
     t = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
@@ -44,10 +48,27 @@ def dense_decoder(m, x, *, dtype, window=None, kv_dtype=None):
     return o @ sd["out_proj.weight"].T + sd["out_proj.bias"]
 
 
+def module_kv(m, x):
+    """The float32 keys (after RoPE) and values m computes for x (B, L, E),
+    as (B, L, Hkv, D) arrays, read from a float32 cache."""
+    b, l, _ = x.shape
+    c = KVCache(b, m.num_kv_heads, l, m.head_dim, value_dim=m.value_dim)
+    m(x, is_causal=True, cache=c)
+    k, v = zip(*(c.contents(i) for i in range(b)))
+    return tuple(np.stack(a).transpose(0, 2, 1, 3) for a in (k, v))
+
+
 def check_decoder(got, m, x, *, window=None, kv_dtype=None):
-    """got is as accurate as a float32 NumPy pass storing K/V in kv_dtype."""
-    oracle = dense_decoder(m, x, dtype=np.float64, window=window, kv_dtype=kv_dtype)
-    plain = dense_decoder(m, x, dtype=np.float32, window=window, kv_dtype=kv_dtype)
+    """got is as accurate as a float32 NumPy pass storing K/V in kv_dtype.
+    A narrower kv_dtype rounds the float32 K/V the module computed (which
+    the float32 cases check against the float64 projections): one float32
+    ulp of difference would otherwise flip elements near a float16 rounding
+    boundary by a whole float16 ulp, in ours or NumPy's arbitrarily."""
+    stored = None if kv_dtype is None else module_kv(m, x)
+    oracle = dense_decoder(m, x, dtype=np.float64, window=window, kv_dtype=kv_dtype,
+                           stored=stored)
+    plain = dense_decoder(m, x, dtype=np.float32, window=window, kv_dtype=kv_dtype,
+                          stored=stored)
     _check("decoded", got, oracle, plain, float(np.max(np.abs(oracle))))
 
 

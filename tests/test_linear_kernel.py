@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tileattn
-from tileattn.linear import AFFINE_MIN_ROWS, affine
+from tileattn.linear import affine
 
 core = tileattn._core
 
@@ -78,14 +78,20 @@ def test_bits_do_not_depend_on_threads_or_row_position(rng):
     np.testing.assert_array_equal(affine(x[7:], w, b), results[0][7:])  # rows move between tiles
 
 
-def test_affine_falls_back_to_numpy_where_the_kernel_does_not_apply(rng):
-    w = rng.standard_normal((20, 8)).astype(np.float32)   # 20 outputs: not a multiple of 16
+def test_affine_runs_every_shape_in_the_core(rng):
+    """Any rows, any width, strided operands: the core's bits (a row alone
+    equals the row in a batch), within a float32 dot product's rounding."""
+    w = rng.standard_normal((20, 8)).astype(np.float32)   # 20 outputs: not a whole register
+    b = rng.standard_normal(20).astype(np.float32)
     x = rng.standard_normal((100, 8)).astype(np.float32)
-    np.testing.assert_allclose(affine(x, w, None), x @ w.T, rtol=1e-6)
-    small = rng.standard_normal((AFFINE_MIN_ROWS - 1, 8)).astype(np.float32)
-    w16 = rng.standard_normal((16, 8)).astype(np.float32)
-    np.testing.assert_array_equal(affine(small, w16, None), small @ w16.T)
-    mixed = affine(x.astype(np.float64), w16, None)       # NumPy's promotion, as before
+    full = affine(x, w, b)
+    assert_close(full, x, w, b)
+    for m in (1, 3, 63):
+        np.testing.assert_array_equal(affine(x[:m], w, b), full[:m])
+    np.testing.assert_array_equal(affine(x[::2], w, b), full[::2])           # strided rows
+    np.testing.assert_array_equal(affine(x, np.asfortranarray(w), b), full)  # column-major w
+    np.testing.assert_array_equal(affine(x, w, b, core.pack_linear(w)), full)
+    mixed = affine(x.astype(np.float64), w, None)         # NumPy's promotion, as before
     assert mixed.dtype == np.float64
 
 

@@ -127,7 +127,10 @@ def test_self_attention_is_one_fused_matmul(rng, monkeypatch):
 def test_packed_weights_follow_loads_and_edits(rng):
     m = tileattn.MultiHeadAttention(16, 2, seed=0, dtype=np.float64)
     x = rng.standard_normal((1, 6, 16))
-    m.q_proj.weight[:] *= 2.0                       # in-place edit
+    with pytest.raises(ValueError, match="read-only"):
+        m.q_proj.weight[:] *= 2.0                   # handed out read-only: never stale
+    with m.editing():
+        m.q_proj.weight[:] *= 2.0                   # in-place edit, seen after the block
     m.k_proj.weight = rng.standard_normal((16, 16))  # assignment copies in
     m.load_state_dict({"v_proj.bias": np.ones(16)}, strict=False)
     close(m(x), reference(m, x, x), np.float64)

@@ -2,6 +2,7 @@
 bookkeeping around them: accumulation, zero_grad, errors, no saved state in
 inference, optimisers reading a module's gradients."""
 
+import contextlib
 import pickle
 
 import numpy as np
@@ -36,18 +37,23 @@ def make_loss(module, args, kwargs, weights):
     return loss
 
 
-def fd_entries(loss, array, rng):
-    """(flat indices, central differences of loss) at a few entries of array."""
+def fd_entries(loss, array, rng, owner=None):
+    """(flat indices, central differences of loss) at a few entries of array
+    (a parameter of ``owner``, which is then edited through it)."""
     idx = rng.choice(array.size, size=min(SAMPLES, array.size), replace=False)
-    flat = array.reshape(-1)
     out = []
+
+    def put(i, value):
+        with owner.editing() if owner is not None else contextlib.nullcontext():
+            array.reshape(-1)[i] = value
+
     for i in idx:
-        old = flat[i]
-        flat[i] = old + EPS
+        old = array.reshape(-1)[i]
+        put(i, old + EPS)
         up = loss()
-        flat[i] = old - EPS
+        put(i, old - EPS)
         down = loss()
-        flat[i] = old
+        put(i, old)
         out.append((up - down) / (2 * EPS))
     return idx, np.array(out)
 
@@ -82,7 +88,7 @@ def check_module(module, inputs, rng, n_grads=None, **kwargs):
     grads = module.grads
     assert grads.keys() == dict(module.named_parameters()).keys()
     for name, p in module.named_parameters():
-        idx, want = fd_entries(loss, p, rng)
+        idx, want = fd_entries(loss, p, rng, owner=module)
         assert_close(name, grads[name], idx, want)
     return d
 
@@ -96,23 +102,23 @@ def x64(rng, *shape):
 def test_linear(rng, bias):
     m = tileattn.Linear(5, 7, bias=bias, dtype=F64, rng=rng)
     if bias:
-        m.bias[:] = rng.standard_normal(7)
+        m.bias = rng.standard_normal(7)
     check_module(m, (x64(rng, 2, 3, 5),), rng)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_layer_norm(rng, bias):
     m = tileattn.LayerNorm(6, bias=bias, dtype=F64)
-    m.weight[:] = 1 + 0.3 * rng.standard_normal(6)
+    m.weight = 1 + 0.3 * rng.standard_normal(6)
     if bias:
-        m.bias[:] = rng.standard_normal(6)
+        m.bias = rng.standard_normal(6)
     check_module(m, (3 * x64(rng, 2, 4, 6) + 1,), rng)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 def test_feed_forward(rng, activation):
     m = tileattn.FeedForward(6, 10, activation, dtype=F64, seed=1)
-    m.linear1.bias[:] = 0.3 * rng.standard_normal(10)
+    m.linear1.bias = 0.3 * rng.standard_normal(10)
     check_module(m, (x64(rng, 2, 5, 6),), rng)
 
 
@@ -128,11 +134,12 @@ E = 8
 def mha(**kw):
     m = tileattn.MultiHeadAttention(E, kw.pop("num_heads", 2), dtype=F64, seed=3, **kw)
     rng = np.random.default_rng(9)
-    for name, p in m.named_parameters():     # non-trivial biases and norm weights
-        if name.endswith("bias"):
-            p[:] = 0.3 * rng.standard_normal(p.shape)
-        elif "norm" in name:
-            p[:] = 1 + 0.3 * rng.standard_normal(p.shape)
+    with m.editing():
+        for name, p in m.named_parameters():     # non-trivial biases and norm weights
+            if name.endswith("bias"):
+                p[:] = 0.3 * rng.standard_normal(p.shape)
+            elif "norm" in name:
+                p[:] = 1 + 0.3 * rng.standard_normal(p.shape)
     return m
 
 
@@ -224,11 +231,12 @@ def test_attention_axes(rng):
 # -- encoder ------------------------------------------------------------------------
 def randomise(module, seed):
     r = np.random.default_rng(seed)
-    for name, p in module.named_parameters():
-        if name.endswith("bias"):
-            p[:] = 0.3 * r.standard_normal(p.shape)
-        elif "norm" in name:
-            p[:] = 1 + 0.3 * r.standard_normal(p.shape)
+    with module.editing():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p[:] = 0.3 * r.standard_normal(p.shape)
+            elif "norm" in name:
+                p[:] = 1 + 0.3 * r.standard_normal(p.shape)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
@@ -257,9 +265,10 @@ def test_encoder(rng, norm_first):
                                              activation="gelu_tanh", dtype=F64, seed=4)
     randomise(layer, 3)
     norm = tileattn.LayerNorm(E, dtype=F64)
-    norm.bias[:] = 0.2
+    norm.bias = np.full(E, 0.2)
     enc = tileattn.TransformerEncoder(layer, 2, norm=norm if norm_first else None)
-    enc.layers[1].linear1.weight[:] *= 1.5           # the copies start equal: make them differ
+    lin = enc.layers[1].linear1
+    lin.weight = lin.weight * 1.5           # the copies start equal: make them differ
     check_module(enc, (x64(rng, 2, 5, E),), rng, is_causal=True)
 
 

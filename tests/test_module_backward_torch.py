@@ -233,11 +233,12 @@ GQA_CASES = {
 def test_gqa_rope_qk_norm(rng, dtype, case, cross):
     ours = tileattn.MultiHeadAttention(E, H, dtype=dtype, seed=4, **GQA_CASES[case])
     r = np.random.default_rng(7)
-    for name, a in ours.named_parameters():
-        if name.endswith("bias"):
-            a[:] = r.uniform(-0.5, 0.5, a.shape)
-        elif "norm" in name:
-            a[:] = r.uniform(0.75, 1.25, a.shape)
+    with ours.editing():
+        for name, a in ours.named_parameters():
+            if name.endswith("bias"):
+                a[:] = r.uniform(-0.5, 0.5, a.shape)
+            elif "norm" in name:
+                a[:] = r.uniform(0.75, 1.25, a.shape)
     p = {n: leaf(a.copy()) for n, a in ours.named_parameters()}
     b, lq, lk = 2, 9, (13 if cross else 9)
     q = rng.standard_normal((b, lq, E)).astype(dtype)

@@ -11,7 +11,7 @@ from . import _validate as check
 from ._errors import DTypeError, ShapeError
 from .activations import activation_, activation_backward, check_activation
 from .dropout import dropout_, dropout_backward, dropout_keep_
-from .linear import Linear, as_2d_rows, grad_input
+from .linear import Linear, affine, as_2d_rows, grad_input
 from .module import Module
 
 
@@ -96,12 +96,10 @@ def feed_forward(x: np.ndarray, linear1: Linear, linear2: Linear, activation: st
     (N, F) array, the largest of a transformer layer, is made once and then
     updated in place (bias and activation in one chunked pass, dropout)."""
     rows = as_2d_rows(x)
-    h = rows @ linear1.weight.T
+    h = affine(rows, linear1.weight, None, linear1.packed_weight())
     activation_(activation, h, linear1.bias)
     dropout_(h, p, rng)
-    y: np.ndarray = h @ linear2.weight.T
-    if linear2.bias is not None:
-        y += linear2.bias
+    y = affine(h, linear2.weight, linear2.bias, linear2.packed_weight())
     return y.reshape(x.shape)
 
 

@@ -30,11 +30,8 @@ def as_2d_rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
-# Products of fewer rows go to NumPy: they are matrix-vector products bound
-# by reading the weight, which packing it for the kernel would read twice more.
-AFFINE_MIN_ROWS = 64
-# Widths the kernel takes on every path (the widest SIMD register's lanes).
-_AFFINE_LANES = {np.dtype(np.float32): 16, np.dtype(np.float64): 8}
+# The dtypes the core's GEMM computes in.
+_CORE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _rows_contiguous(a: np.ndarray) -> bool:
@@ -42,28 +39,38 @@ def _rows_contiguous(a: np.ndarray) -> bool:
         and a.strides[0] >= 0 and a.strides[0] % a.itemsize == 0
 
 
-def affine(rows: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray]) -> np.ndarray:
+def affine(rows: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
+           packed: Optional["_core.PackedLinear"] = None) -> np.ndarray:
     """rows (M, in) @ weight.T (+ bias) -> (M, out), as NumPy would type it.
 
-    Where the operands allow (one float dtype, contiguous rows, M >= 64, out
-    a multiple of 16 float32 or 8 float64 lanes) the product runs in the C++
-    core on tileattn's pool, not in NumPy's BLAS: OpenBLAS keeps its threads
-    spinning for ~0.1 s after a call, and the attention core after a
-    projection then shares the cores with them (measured 1.5x slower). Each
-    output element is summed in a fixed order, so the bits do not depend on
-    the thread count."""
+    For float32 and float64 operands of one dtype (every module's) the
+    product runs in the C++ core on tileattn's pool, for any M, not in
+    NumPy's BLAS: each output element is summed in a fixed order, so a row
+    has the same bits whatever the thread count and whatever rows are
+    around it (NumPy's BLAS picks its method by the shape); a decode step's
+    few rows take the core's skinny path, which streams the weight once.
+    And OpenBLAS keeps its threads spinning for ~0.1 s after a call, which
+    slowed the attention core after a projection 1.5x. ``packed``, the
+    weight packed by ``_core.pack_linear`` (a ``Linear``'s
+    ``packed_weight()``), saves packing it on every call."""
     dt = weight.dtype
-    if (rows.dtype == dt and dt in _AFFINE_LANES and rows.shape[0] >= AFFINE_MIN_ROWS
-            and weight.shape[0] % _AFFINE_LANES[dt] == 0 and _rows_contiguous(rows)
-            and _rows_contiguous(weight) and (bias is None or bias.dtype == dt)):
-        out = np.empty((rows.shape[0], weight.shape[0]), dt)
-        _core.linear_forward(rows, weight, None if bias is None else
-                             np.ascontiguousarray(bias), out)
+    if rows.dtype != dt or dt not in _CORE_DTYPES or (bias is not None and bias.dtype != dt):
+        y: np.ndarray = rows @ weight.T
+        if bias is not None:
+            y += bias
+        return y
+    if not _rows_contiguous(rows):
+        rows = np.ascontiguousarray(rows)
+    out = np.empty((rows.shape[0], weight.shape[0]), dt)
+    if out.size == 0:
         return out
-    y: np.ndarray = rows @ weight.T
-    if bias is not None:
-        y += bias
-    return y
+    b = None if bias is None else np.ascontiguousarray(bias)
+    if packed is not None:
+        _core.linear_forward_packed(rows, packed, b, out)
+    else:
+        _core.linear_forward(rows, weight if _rows_contiguous(weight)
+                             else np.ascontiguousarray(weight), b, out)
+    return out
 
 
 def grad_input(grad: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -139,7 +146,8 @@ class Linear(Module):
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ShapeError(f"x: expected last axis {self.in_features} (in_features), "
                              f"got shape {shape_str(x.shape)}")
-        y = affine(as_2d_rows(x), self.weight, self.bias)
+        y = affine(as_2d_rows(x.astype(self.dtype, copy=False)), self.weight, self.bias,
+                   self.packed_weight())
         if flag("training", training):
             self._save(x)
         return cast(np.ndarray, y.reshape(x.shape[:-1] + (self.out_features,)))
@@ -158,6 +166,24 @@ class Linear(Module):
         self._accumulate("weight", dweight)
         if dbias is not None:
             self._accumulate("bias", dbias)
+
+    def packed_weight(self) -> "_core.PackedLinear":
+        """The weight packed in the layout the core's GEMM streams, made on
+        first use and again after the weight changed (``version``) or the
+        ISA path did. Kept beside the weight: a float32 layer holds its
+        weight twice."""
+        key = (self.version, _core.isa())
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            cached = (key, _core.pack_linear(self.weight))
+            self.__dict__["_packed"] = cached
+        packed: _core.PackedLinear = cached[1]
+        return packed
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_packed", None)     # derived from the weight; remade on use
+        return state
 
     def share_storage(self, name: str, array: np.ndarray) -> None:
         """Make parameter ``name`` ("weight" or "bias") *be* ``array``, a

@@ -7,17 +7,23 @@ tileattn and PyTorch with the same keys.
 Loading never replaces a parameter array: values are copied *into* the
 existing arrays. A layer may therefore keep several parameters as views of one
 packed buffer (``MultiHeadAttention`` packs its Q/K/V weights so that one
-matrix multiply projects all three) and the packing survives loads, in-place
-edits and attribute assignment.
+matrix multiply projects all three) and the packing survives loads and
+attribute assignment.
+
+Parameters are handed out read-only (``_parameters.py`` says why): writes
+go through the module (assignment, ``load_state_dict``, an optimiser), which
+counts them in ``version`` so what is derived from the weights is remade.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from . import _parameters
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._validate import COMPUTE_DTYPES, dtype_in, flag, shape_str
 
@@ -90,6 +96,7 @@ class Module:
         d["_modules"] = {}
         d["_grads"] = {}
         d["_saved"] = None
+        d["_version"] = 0
         d["dtype"] = module_dtype(dtype)
 
     # -- registration -------------------------------------------------------
@@ -98,8 +105,8 @@ class Module:
         ``None`` declares an absent optional parameter (e.g. a bias turned off)."""
         if "." in name or not name:
             raise InvalidParameterError(f"parameter name: expected a non-empty name without '.', got {name!r}")
-        if value is not None:
-            value = np.ascontiguousarray(value, dtype=self.dtype)
+        if value is not None:   # a copy: the caller's array does not become read-only
+            value = _parameters.adopt(self, np.array(value, dtype=self.dtype, order="C"))
         self._params[name] = value
 
     def add_module(self, name: str, module: Optional["Module"]) -> None:
@@ -113,7 +120,8 @@ class Module:
         old = self._params[name]
         if old is None or array.shape != old.shape or array.dtype != self.dtype:
             raise ShapeError(f"{name}: cannot rebind to an array of shape {array.shape}")
-        self._params[name] = array
+        self._params[name] = _parameters.adopt(self, array)
+        self._parameters_changed()
 
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails: parameters and children.
@@ -146,12 +154,31 @@ class Module:
         a = _as_value(name, value)
         if a.shape != old.shape:
             raise ShapeError(f"{name}: expected shape {shape_str(old.shape)}, got {shape_str(a.shape)}")
-        np.copyto(old, a, casting="unsafe")
-        self._parameters_changed()
+        with _parameters.updating([old]):
+            np.copyto(old, a, casting="unsafe")
+
+    @contextmanager
+    def editing(self) -> Iterator["Module"]:
+        """``with module.editing(): module.weight[:] = ...``: the parameters
+        of this module and its descendants are writeable in the body, and
+        what is derived from them is remade after it (the escape hatch for
+        edits by hand; ``torch.no_grad()`` plus in-place ops in PyTorch)."""
+        with _parameters.updating(self.parameters()):
+            yield self
+
+    @property
+    def version(self) -> int:
+        """How many times this module's own parameters were written (assigned,
+        loaded, stepped by an optimiser): what is derived from them (a packed
+        weight) is remade when it differs from the version it was made at."""
+        v: int = self.__dict__.get("_version", 0)
+        return v
 
     def _parameters_changed(self) -> None:
-        """Hook run after parameters were assigned or loaded: a subclass that
-        caches something derived from its parameters drops it here."""
+        """Run after this module's parameters were written: counts the write.
+        A subclass that caches something derived from its parameters may also
+        drop it here (or compare ``version``)."""
+        self.__dict__["_version"] = self.version + 1
 
     # -- traversal ------------------------------------------------------------
     def named_modules(self, prefix: str = "") -> Iterator[Tuple[str, "Module"]]:
@@ -182,7 +209,8 @@ class Module:
                     yield (f"{mod_name}.{name}" if mod_name else name), p
 
     def parameters(self) -> List[np.ndarray]:
-        """The parameter arrays (the module's own, not copies)."""
+        """The parameter arrays (the module's own, not copies; read-only: write
+        through the module or an optimiser)."""
         return [p for _, p in self.named_parameters()]
 
     def num_parameters(self) -> int:
@@ -331,8 +359,9 @@ class Module:
                 lines.append(f"  mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
             err = InvalidParameterError if key_problem else ShapeError
             raise err("\n".join(lines))
-        for k, v in values.items():
-            np.copyto(own[k], v, casting="unsafe")
+        with _parameters.updating(own.values()):
+            for k, v in values.items():
+                np.copyto(own[k], v, casting="unsafe")
         for _, mod in self.named_modules():
             mod._parameters_changed()
         return IncompatibleKeys(missing if not strict else [], unexpected if not strict else [])
@@ -370,9 +399,13 @@ class Module:
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        # Bypass __setattr__: the parameter dicts are restored wholesale.
+        # Bypass __setattr__: the parameter dicts are restored wholesale
+        # (pickled arrays come back writeable: lock them again).
         self.__dict__["_saved"] = None
         self.__dict__.update(state)
+        for p in self._params.values():
+            if p is not None:
+                _parameters.adopt(self, p)
 
     def extra_repr(self) -> str:
         return ""

@@ -7,6 +7,7 @@ from typing import Any, Dict, cast
 
 import numpy as np
 
+from . import _core
 from ._budget import charge
 from ._errors import InvalidParameterError, ShapeError
 from ._memory import check_fits
@@ -99,32 +100,24 @@ class LayerNorm(Module):
 
 def layer_norm_(x: np.ndarray, norm: LayerNorm) -> np.ndarray:
     """``norm(x)`` computed in place in x (C-contiguous, the layer's dtype,
-    owned by the caller): the row means by one matrix-vector product, the
-    variances by one einsum, then three in-place passes; fewer passes and
-    temporaries than ``LayerNorm.forward``, same formula. Use the returned
-    array (x itself unless x was not C-contiguous)."""
+    owned by the caller) by the core, on tileattn's pool, one pass per row
+    for the statistics and one for the result; same formula as
+    ``LayerNorm.forward``. Each row is reduced in one fixed order, so its
+    bits do not depend on the rows around it or the thread count. Use the
+    returned array (x itself unless x was not C-contiguous)."""
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)
-    rows = as_2d_rows(x)
-    _normalize_rows_(rows, norm.eps)
-    rows *= norm.weight
-    if norm.bias is not None:
-        rows += norm.bias
+    _core.layer_norm_rows(as_2d_rows(x), norm.weight, norm.bias, norm.eps)
     return x
 
 
 def _normalize_rows_(rows: np.ndarray, eps: float) -> np.ndarray:
     """rows (N, E) -> (rows - mean) / std in place; returns 1/std (N,). The
-    arithmetic both layer-norm forwards share, so they agree bitwise."""
-    e = rows.shape[1]
-    mean = rows @ np.full(e, 1.0 / e, rows.dtype)
-    rows -= mean[:, None]
-    inv: np.ndarray = np.einsum("ij,ij->i", rows, rows)
-    inv *= rows.dtype.type(1.0 / e)
-    inv += rows.dtype.type(eps)
-    np.sqrt(inv, out=inv)
-    np.divide(rows.dtype.type(1.0), inv, out=inv)
-    rows *= inv[:, None]
+    core's arithmetic of ``layer_norm_`` (which then computes
+    ``xhat * weight + bias``, unfused, as NumPy does), so training and
+    inference agree bitwise."""
+    inv = np.empty(rows.shape[0], rows.dtype)
+    _core.layer_norm_rows(rows, None, None, eps, inv)
     return inv
 
 

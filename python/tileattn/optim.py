@@ -10,6 +10,12 @@ mapping with the same names connect directly::
 
 A plain dict ``{name: array}`` or a list of arrays (named "0", "1", ...) works
 too; with a list, ``step`` also takes the gradients as a list in the same order.
+So does ``model.parameters()``, as in PyTorch.
+
+A module's parameters are read-only outside it (its packed weights would go
+stale otherwise): the optimiser unlocks them for each step and then tells
+the module, which repacks before its next call. Arrays of your own must be
+writeable.
 
 Given a module itself, the optimiser reads the gradients its ``backward``
 accumulated, so ``step()`` and ``zero_grad()`` need no arguments::
@@ -27,6 +33,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import _parameters
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from .module import Module
 
@@ -82,8 +89,9 @@ def _named(params: Params) -> List[Tuple[str, np.ndarray]]:
             )
         if p.dtype.kind != "f":
             raise DTypeError(f"params: parameter {name!r} has dtype {p.dtype}, expected a float")
-        if not p.flags.writeable:
-            raise InvalidParameterError(f"params: parameter {name!r} is read-only")
+        if not p.flags.writeable and _parameters.owner_of(p) is None:
+            raise InvalidParameterError(
+                f"params: parameter {name!r} is read-only (and no module's parameter)")
         if name in seen:
             raise InvalidParameterError(f"params: the name {name!r} appears twice")
         seen.add(name)
@@ -150,6 +158,12 @@ class Optimizer:
     def step(self, grads: Optional[GradsArg] = None) -> None:
         """Update the parameters in place from ``grads`` (default: the
         module's ``grads``, when built from a module)."""
+        pairs = self._pairs(grads)
+        with _parameters.updating(p for _, p, _ in pairs):
+            self._update(pairs)
+
+    def _update(self, pairs: List[Tuple[str, np.ndarray, np.ndarray]]) -> None:
+        """One step on (name, parameter, gradient) triples, in place."""
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
@@ -198,8 +212,8 @@ class SGD(Optimizer):
             )
         self.nesterov = bool(nesterov)
 
-    def step(self, grads: Optional[GradsArg] = None) -> None:
-        for name, p, g in self._pairs(grads):
+    def _update(self, pairs: List[Tuple[str, np.ndarray, np.ndarray]]) -> None:
+        for name, p, g in pairs:
             if self.weight_decay:
                 g = g + p * p.dtype.type(self.weight_decay)
             if self.momentum:
@@ -240,9 +254,9 @@ class AdamW(Optimizer):
             raise InvalidParameterError(f"amsgrad: expected a bool, got {amsgrad!r}")
         self.amsgrad = bool(amsgrad)
 
-    def step(self, grads: Optional[GradsArg] = None) -> None:
+    def _update(self, pairs: List[Tuple[str, np.ndarray, np.ndarray]]) -> None:
         beta1, beta2 = self.betas
-        for name, p, g in self._pairs(grads):
+        for name, p, g in pairs:
             t = p.dtype.type
             st = self.state.setdefault(name, {})
             if not st:

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from .linear import Linear, affine, as_2d_rows, linear_backward
 from .module import Module
@@ -33,9 +34,9 @@ class AttentionProjections(Module):
 
     When the three input projections read inputs of one width their weights
     (and biases) are views into one packed (rows, E) matrix: self-attention
-    projects with a single matrix multiply, and loads, assignments and
-    in-place edits of the separate weights are seen by it with no cache to
-    invalidate.
+    projects with a single matrix multiply. That matrix is kept packed for
+    the core's GEMM too, and packed again when a projection's ``version``
+    moved (a load, an assignment, an optimiser step).
 
     Parameters
     ----------
@@ -58,9 +59,25 @@ class AttentionProjections(Module):
 
     @property
     def in_weight(self) -> Optional[np.ndarray]:
-        """The packed (q rows + k rows + v rows, E) weight (None unless packed)."""
+        """The packed (q rows + k rows + v rows, E) weight (None unless
+        packed); read-only, as the parameters are."""
         w: Optional[np.ndarray] = self.__dict__["_in_weight"]
-        return w
+        if w is None:
+            return None
+        view = w.view()
+        view.flags.writeable = False
+        return view
+
+    def _in_packed(self) -> "_core.PackedLinear":
+        """``in_weight`` packed for the core's GEMM, remade when a projection's
+        parameters changed or the ISA path did."""
+        key = (tuple(p.version for p in self._in_projs()), _core.isa())
+        cached = self.__dict__.get("_in_packed_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, _core.pack_linear(self.__dict__["_in_weight"]))
+            self.__dict__["_in_packed_cache"] = cached
+        packed: _core.PackedLinear = cached[1]
+        return packed
 
     @property
     def in_bias(self) -> Optional[np.ndarray]:
@@ -114,6 +131,7 @@ class AttentionProjections(Module):
         # The packed buffers are rebuilt on unpickling; don't store weights twice.
         state.pop("_in_weight", None)
         state.pop("_in_bias", None)
+        state.pop("_in_packed_cache", None)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -150,44 +168,28 @@ class AttentionProjections(Module):
         q3 is k3 is v3; ``kv_same``: k3 is v3), which needs ``packed``."""
         nq, nk = self.q_proj.out_features, self.k_proj.out_features
         if self_attn:
-            qkv = self._packed_matmul(q3, 0)
+            qkv = self.project_rows(as_2d_rows(q3))
+            qkv = qkv.reshape(q3.shape[:2] + qkv.shape[-1:])
             return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
         # training=False: the attention's own backward differentiates the
         # projections from its saved inputs, so they keep nothing themselves
         # (in a module's train mode they would otherwise hold their inputs).
-        if kv_same:
-            kv = self._packed_matmul(k3, nq)
-            return self.q_proj(q3, training=False), kv[..., :nk], kv[..., nk:]
+        # With k3 is v3 (``kv_same``) two products as well: in the core every
+        # column has its bits whatever columns are computed beside it.
         return (self.q_proj(q3, training=False), self.k_proj(k3, training=False),
                 self.v_proj(v3, training=False))
 
-    def _packed_matmul(self, x3: np.ndarray, row0: int) -> np.ndarray:
-        """x3 @ packed[row0:].T (+ bias): one GEMM over rows row0.. of the
-        packed Q/K/V matrix; returns (B, L, rows)."""
-        packed, bias = self.in_weight, self.in_bias
-        assert packed is not None
-        w = packed[row0:]
-        y = affine(as_2d_rows(x3), w, None if bias is None else bias[row0:])
-        return y.reshape(x3.shape[:2] + (w.shape[0],))
-
     def project_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Self-attention's Q/K/V of token rows (N, E) -> (N, q + k + v rows)
-        by NumPy's matrix multiply (the padding-skipping encoder path's
-        arithmetic, kept so its results keep their bits). Needs ``packed``."""
-        packed, bias = self.in_weight, self.in_bias
+        """Self-attention's Q/K/V of token rows (N, E) -> (N, q + k + v rows):
+        one GEMM with the packed matrix. Needs ``packed``."""
+        packed, bias = self.__dict__["_in_weight"], self.__dict__["_in_bias"]
         assert packed is not None
-        qkv: np.ndarray = rows @ packed.T
-        if bias is not None:
-            qkv += bias
-        return qkv
+        return affine(rows, packed, bias, self._in_packed())
 
     def output_rows(self, rows: np.ndarray) -> np.ndarray:
-        """``out_proj`` of rows (N, Hq*Dv) by NumPy's matrix multiply (the
-        companion of ``project_rows``)."""
-        y: np.ndarray = rows @ self.out_proj.weight.T
-        if self.out_proj.bias is not None:
-            y += self.out_proj.bias
-        return y
+        """``out_proj`` of rows (N, Hq*Dv) (the companion of ``project_rows``)."""
+        out = self.out_proj
+        return affine(rows, out.weight, out.bias, out.packed_weight())
 
     # -- backward -------------------------------------------------------------
     def output_backward(self, attn_out: np.ndarray, g: np.ndarray) -> np.ndarray:
