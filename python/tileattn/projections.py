@@ -64,7 +64,7 @@ class AttentionProjections(Module):
         w: Optional[np.ndarray] = self.__dict__["_in_weight"]
         if w is None:
             return None
-        view = w.view()
+        view: np.ndarray = w.view()
         view.flags.writeable = False
         return view
 
