@@ -16,6 +16,9 @@
 #if defined(__GLIBCXX__)
 #include <cxxabi.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>  // madvise
+#endif
 
 #include "array_checks.h"
 #include "attention_params.h"
@@ -282,15 +285,25 @@ int64_t row_stride(const py::array& a, const char* name) {
 // A weight packed once for the projections' GEMM (linear_forward_packed):
 // the active path's panel layout, so it is valid for that path only.
 class PackedLinear {
+  static constexpr size_t kHugePage = size_t(2) << 20;
+
  public:
   PackedLinear(DType dtype, int64_t n, int64_t k)
       : dtype_(dtype), n_(n), k_(k), isa_(active_isa()) {
     const int64_t elems = kernels().linear_packed_size(dtype, n, k);
     bytes_ = static_cast<size_t>(std::max<int64_t>(elems, 1)) *
              (dtype == DType::f64 ? sizeof(double) : sizeof(float));
-    bytes_ = (bytes_ + 63) / 64 * 64;
-    data_.reset(static_cast<char*>(std::aligned_alloc(64, bytes_)));
+    // A large weight in 2 MiB pages: the skinny path streams it from memory,
+    // and with 4 KiB pages every 4 KiB of the stream is a TLB miss that
+    // hardware prefetching does not cross (measured in BENCHMARKS.md,
+    // "Projections"). NumPy asks the same for its large arrays.
+    const size_t align = bytes_ >= kHugePage ? kHugePage : 64;
+    bytes_ = (bytes_ + align - 1) / align * align;
+    data_.reset(static_cast<char*>(std::aligned_alloc(align, bytes_)));
     if (!data_) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    if (align == kHugePage) madvise(data_.get(), bytes_, MADV_HUGEPAGE);  // a hint: may be refused
+#endif
   }
   DType dtype() const { return dtype_; }
   int64_t out_features() const { return n_; }
