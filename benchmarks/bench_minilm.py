@@ -83,6 +83,7 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
     pooling is left out."""
     from tileattn.activations import activation_
     from tileattn._padding import scatter_rows
+    from tileattn.linear import affine
     from tileattn.norm import layer_norm_
 
     acc: Dict[str, float] = {}
@@ -104,8 +105,7 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
         rows = timed("gather/scatter rows", lambda: x.reshape(-1, e)[idx])
         for layer in model.encoder.layers:   # TransformerEncoderLayer.forward_rows, step by step
             a = layer.self_attn
-            qkv_rows = timed("GEMM qkv", lambda: rows @ a.projections.in_weight.T)
-            timed("bias/residual adds", lambda: qkv_rows.__iadd__(a.projections.in_bias))
+            qkv_rows = timed("GEMM qkv (+bias)", lambda: a.projections.project_rows(rows))
             qkv = timed("gather/scatter rows", lambda: scatter_rows(
                 qkv_rows, real, (b, length, qkv_rows.shape[1]), np.float32))
             hd, nh = a.head_dim, a.num_heads
@@ -115,13 +115,16 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
             timed("attention core", lambda: tileattn.scaled_dot_product_attention(
                 q, k, v, key_padding_mask=mask, out=buf.transpose(0, 2, 1, 3)))
             o = timed("gather/scatter rows", lambda: buf.reshape(b * length, e)[idx])
-            y = timed("GEMM out_proj", lambda: o @ a.out_proj.weight.T)
-            timed("bias/residual adds", lambda: (y.__iadd__(a.out_proj.bias), y.__iadd__(rows)))
+            y = timed("GEMM out_proj (+bias)", lambda: a.projections.output_rows(o))
+            timed("residual adds", lambda: y.__iadd__(rows))
             x1 = timed("layernorm", lambda: layer_norm_(y, layer.norm1))
-            h = timed("GEMM linear1", lambda: x1 @ layer.linear1.weight.T)
+            h = timed("GEMM linear1", lambda: affine(x1, layer.linear1.weight, None,
+                                                     layer.linear1.packed_weight()))
             timed("gelu (+bias)", lambda: activation_("gelu", h, layer.linear1.bias))
-            z = timed("GEMM linear2", lambda: h @ layer.linear2.weight.T)
-            timed("bias/residual adds", lambda: (z.__iadd__(layer.linear2.bias), z.__iadd__(x1)))
+            z = timed("GEMM linear2 (+bias)", lambda: affine(h, layer.linear2.weight,
+                                                             layer.linear2.bias,
+                                                             layer.linear2.packed_weight()))
+            timed("residual adds", lambda: z.__iadd__(x1))
             rows = timed("layernorm", lambda: layer_norm_(z, layer.norm2))
         timed("gather/scatter rows", lambda: scatter_rows(rows, real, x.shape, np.float32))
     total = sum(acc.values())

@@ -38,6 +38,7 @@ namespace TILEATTN_ISA_NS {
 #include "kernel_gemm.h"
 #include "kernel_backward.h"
 #include "kernel_linear.h"
+#include "kernel_activation.h"
 
 // Few queries against the keys (decode) take the decode path unless the
 // weights or dropout are asked for; both paths give a row the same bits.
@@ -71,7 +72,7 @@ void attention_backward(const BackwardParams& bp) {
 
 extern const KernelTable kernels;
 const KernelTable kernels = {&attention_forward, &attention_backward, &linear_forward,
-                             &linear_packed_size, &linear_pack};
+                             &linear_packed_size, &linear_pack, &activation};
 
 }  // namespace TILEATTN_ISA_NS
 }  // namespace tileattn

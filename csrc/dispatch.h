@@ -19,6 +19,8 @@ struct KernelTable {
   int64_t (*linear_packed_size)(DType dtype, int64_t N, int64_t K);
   // Packs lp.w into dst (linear_packed_size elements, 64-byte aligned).
   void (*linear_pack)(const LinearParams& lp, void* dst);
+  // The feed-forward activation of float32 rows, in place.
+  void (*activation)(const ActivationParams& ap);
 };
 
 // Defined in kernel_<isa>.cpp (attention_kernel.h).

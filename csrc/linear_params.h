@@ -25,4 +25,16 @@ struct LinearParams {
   const void* packed = nullptr;
 };
 
+// The feed-forward activations the core computes (float32; kernel_activation.h).
+enum class ActivationKind : int { gelu = 0, gelu_tanh = 1, silu = 2 };
+
+// x (rows x cols, row stride ld elements, in place) = act(x + bias); bias
+// (cols) or null.
+struct ActivationParams {
+  ActivationKind kind = ActivationKind::gelu;
+  int64_t rows = 0, cols = 0, ld = 0;
+  float* x = nullptr;
+  const float* bias = nullptr;
+};
+
 }  // namespace tileattn

@@ -409,6 +409,29 @@ const void* optional_vector(const py::object& v, int64_t n, const py::dtype& dt,
   return a.data();
 }
 
+// act(rows + bias) in place for float32 rows (M x N), on the pool, GIL
+// released; kind: "gelu", "gelu_tanh" or "silu".
+void activation_rows_py(py::array rows, const std::string& kind, py::object bias) {
+  ActivationParams ap;
+  if (kind == "gelu")
+    ap.kind = ActivationKind::gelu;
+  else if (kind == "gelu_tanh")
+    ap.kind = ActivationKind::gelu_tanh;
+  else if (kind == "silu")
+    ap.kind = ActivationKind::silu;
+  else
+    throw std::invalid_argument("kind: expected 'gelu', 'gelu_tanh' or 'silu', got '" + kind + "'");
+  require_ndim(rows, 2, "rows");
+  require_dtype(rows, py::dtype::of<float>(), "rows");
+  require_writeable(rows, "rows");
+  ap.rows = rows.shape(0);
+  ap.cols = rows.shape(1);
+  ap.ld = row_stride(rows, "rows");
+  ap.bias = static_cast<const float*>(optional_vector(bias, ap.cols, rows.dtype(), "bias"));
+  ap.x = static_cast<float*>(rows.mutable_data());
+  run_cancellable([&] { kernels().activation(ap); });
+}
+
 // Layer norm of rows (M x E) in place, on the pool, GIL released; inv_std
 // (M,), if given, receives each row's 1 / sqrt(var + eps).
 void layer_norm_rows_py(py::array rows, py::object weight, py::object bias, double eps,
@@ -516,6 +539,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("linear_forward_packed", &linear_forward_packed_py, py::arg("x"), py::arg("w"),
         py::arg("bias"), py::arg("out"));
   m.def("copy_dense", &copy_dense_py, py::arg("src"), py::arg("dst"));
+  m.def("activation_rows", &activation_rows_py, py::arg("rows"), py::arg("kind"),
+        py::arg("bias") = py::none());
   m.def("layer_norm_rows", &layer_norm_rows_py, py::arg("rows"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), py::arg("inv_std") = py::none());
   m.def("num_threads", &num_threads);

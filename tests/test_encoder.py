@@ -27,7 +27,7 @@ POINTS = np.concatenate([np.linspace(-30, 30, 60001),
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 2.5e-7), (np.float64, 5e-16)])
-def test_gelu_is_exact_to_round_off(dtype, tol):
+def test_gelu_is_exact_to_round_off(each_isa, dtype, tol):
     x = POINTS.astype(dtype)
     got = activation("gelu", x)
     assert got.dtype == dtype
@@ -38,7 +38,7 @@ def test_gelu_is_exact_to_round_off(dtype, tol):
 
 @pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_huge_inputs_without_warnings(dtype, name):
+def test_huge_inputs_without_warnings(each_isa, dtype, name):
     x = np.array([1e30, -1e30, 1e5, -1e5, 3e38 if dtype == np.float32 else 1e300, np.inf],
                  dtype=dtype)
     y = activation(name, x)            # filterwarnings=error: an overflow warning fails
@@ -57,7 +57,7 @@ def test_gelu_float64_keeps_relative_precision_in_the_tails():
 
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 2.5e-7), (np.float64, 5e-16)])
 @pytest.mark.parametrize("name", ["relu", "gelu_tanh", "silu"])
-def test_other_activations(name, dtype, tol):
+def test_other_activations(each_isa, name, dtype, tol):
     x = POINTS.astype(dtype)
     v = x.astype(np.float64)
     want = {"relu": np.maximum(v, 0.0),
