@@ -82,7 +82,7 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
     padding mask (real tokens only, see TransformerEncoderLayer.forward_rows);
     pooling is left out."""
     from tileattn.activations import activation_
-    from tileattn._padding import scatter_rows
+    from tileattn._padding import scatter_rows, take_rows
     from tileattn.linear import affine
     from tileattn.norm import layer_norm_
 
@@ -102,7 +102,7 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
         mask = tokens.mask
         real = (mask, np.flatnonzero(mask), np.flatnonzero(~mask))
         idx = real[1]
-        rows = timed("gather/scatter rows", lambda: x.reshape(-1, e)[idx])
+        rows = timed("gather/scatter rows", lambda: take_rows(x.reshape(-1, e), idx))
         for layer in model.encoder.layers:   # TransformerEncoderLayer.forward_rows, step by step
             a = layer.self_attn
             qkv_rows = timed("GEMM qkv (+bias)", lambda: a.projections.project_rows(rows))
@@ -114,7 +114,7 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
             buf = np.empty((b, length, nh, hd), np.float32)
             timed("attention core", lambda: tileattn.scaled_dot_product_attention(
                 q, k, v, key_padding_mask=mask, out=buf.transpose(0, 2, 1, 3)))
-            o = timed("gather/scatter rows", lambda: buf.reshape(b * length, e)[idx])
+            o = timed("gather/scatter rows", lambda: take_rows(buf.reshape(b * length, e), idx))
             y = timed("GEMM out_proj (+bias)", lambda: a.projections.output_rows(o))
             timed("residual adds", lambda: y.__iadd__(rows))
             x1 = timed("layernorm", lambda: layer_norm_(y, layer.norm1))

@@ -432,6 +432,52 @@ void activation_rows_py(py::array rows, const std::string& kind, py::object bias
   run_cancellable([&] { kernels().activation(ap); });
 }
 
+// An int64 index vector whose entries are in [0, bound), or null for None.
+const int64_t* row_index(const py::object& v, int64_t n, int64_t bound, const char* name) {
+  if (v.is_none()) return nullptr;
+  py::array a = v.cast<py::array>();
+  require_shape(a, {n}, name);
+  require_dtype(a, py::dtype::of<int64_t>(), name);
+  if (n > 1 && a.strides(0) != a.itemsize())
+    throw std::invalid_argument(std::string(name) + ": expected a contiguous vector");
+  const int64_t* idx = static_cast<const int64_t*>(a.data());
+  for (int64_t i = 0; i < n; ++i)
+    if (idx[i] < 0 || idx[i] >= bound)
+      throw std::invalid_argument(std::string(name) + ": entry " + std::to_string(i) + " (" +
+                                  std::to_string(idx[i]) + ") is outside [0, " +
+                                  std::to_string(bound) + ")");
+  return idx;
+}
+
+// dst[dst_index[i]] = src[src_index[i]] row by row (an absent index: i),
+// then dst[zero_index] = 0; 2-D arrays of one dtype and width, on the pool.
+void move_rows_py(py::array src, py::object src_index, py::array dst, py::object dst_index,
+                  py::object zero_index) {
+  require_ndim(src, 2, "src");
+  require_ndim(dst, 2, "dst");
+  require_dtype(dst, src.dtype(), "dst");
+  require_writeable(dst, "dst");
+  if (dst.shape(1) != src.shape(1))
+    throw std::invalid_argument("dst: expected " + std::to_string(src.shape(1)) +
+                                " columns like src, got shape " + shape_string(dst));
+  const int64_t item = src.itemsize(), cols = src.shape(1);
+  row_stride(src, "src");
+  row_stride(dst, "dst");
+  const int64_t n = src_index.is_none() ? (dst_index.is_none() ? std::min(src.shape(0), dst.shape(0))
+                                                                : dst_index.cast<py::array>().shape(0))
+                                        : src_index.cast<py::array>().shape(0);
+  const int64_t* si = row_index(src_index, n, src.shape(0), "src_index");
+  const int64_t* di = row_index(dst_index, n, dst.shape(0), "dst_index");
+  if (!si && n > src.shape(0)) throw std::invalid_argument("src: fewer rows than the index");
+  if (!di && n > dst.shape(0)) throw std::invalid_argument("dst: fewer rows than the index");
+  const int64_t nz = zero_index.is_none() ? 0 : zero_index.cast<py::array>().shape(0);
+  const int64_t* zi = row_index(zero_index, nz, dst.shape(0), "zero_index");
+  const char* s = static_cast<const char*>(src.data());
+  char* d = static_cast<char*>(dst.mutable_data());
+  const int64_t ss = src.shape(0) > 1 ? src.strides(0) : 0, ds = dst.shape(0) > 1 ? dst.strides(0) : 0;
+  run_cancellable([&] { move_rows(s, ss, si, d, ds, di, n, cols * item, zi, nz); });
+}
+
 // Layer norm of rows (M x E) in place, on the pool, GIL released; inv_std
 // (M,), if given, receives each row's 1 / sqrt(var + eps).
 void layer_norm_rows_py(py::array rows, py::object weight, py::object bias, double eps,
@@ -541,6 +587,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("copy_dense", &copy_dense_py, py::arg("src"), py::arg("dst"));
   m.def("activation_rows", &activation_rows_py, py::arg("rows"), py::arg("kind"),
         py::arg("bias") = py::none());
+  m.def("move_rows", &move_rows_py, py::arg("src"), py::arg("src_index"), py::arg("dst"),
+        py::arg("dst_index"), py::arg("zero_index") = py::none());
   m.def("layer_norm_rows", &layer_norm_rows_py, py::arg("rows"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), py::arg("inv_std") = py::none());
   m.def("num_threads", &num_threads);

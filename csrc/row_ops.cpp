@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "thread_pool.h"
 
@@ -62,6 +63,29 @@ void layer_norm_typed(int64_t M, int64_t E, T* rows, int64_t ld, const T* weight
 }
 
 }  // namespace
+
+void move_rows(const char* src, int64_t src_stride, const int64_t* src_index, char* dst,
+               int64_t dst_stride, const int64_t* dst_index, int64_t n, int64_t row_bytes,
+               const int64_t* zero_index, int64_t n_zero) {
+  if (row_bytes == 0) return;
+  // ~256 KiB per task, as copy_dense.
+  const int64_t per_task = std::max<int64_t>(1, (256 * 1024) / row_bytes);
+  const int64_t copy_tasks = (n + per_task - 1) / per_task;
+  const int64_t zero_tasks = (n_zero + per_task - 1) / per_task;
+  parallel_for(copy_tasks + zero_tasks, [&](int64_t task, int) {
+    if (task < copy_tasks) {
+      const int64_t i1 = std::min(n, (task + 1) * per_task);
+      for (int64_t i = task * per_task; i < i1; ++i) {
+        const int64_t s = src_index ? src_index[i] : i, d = dst_index ? dst_index[i] : i;
+        std::memcpy(dst + d * dst_stride, src + s * src_stride, static_cast<size_t>(row_bytes));
+      }
+    } else {
+      const int64_t z0 = (task - copy_tasks) * per_task, z1 = std::min(n_zero, z0 + per_task);
+      for (int64_t j = z0; j < z1; ++j)
+        std::memset(dst + zero_index[j] * dst_stride, 0, static_cast<size_t>(row_bytes));
+    }
+  });
+}
 
 void layer_norm_rows(DType dtype, int64_t M, int64_t E, void* rows, int64_t ld,
                      const void* weight, const void* bias, double eps, void* inv_std) {

@@ -7,6 +7,8 @@ from typing import Any, Iterable, Optional, Protocol, Tuple
 
 import numpy as np
 
+from . import _core
+
 # (the (B, L) bool mask, flat indices of the real tokens, of the padding)
 RealTokens = Tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -39,6 +41,25 @@ def scatter_rows(rows: np.ndarray, real: RealTokens, shape: Tuple[int, ...],
     array maps fresh pages, and faulting them in cost 2x here.)"""
     _, idx, pad = real
     out = np.empty((shape[0] * shape[1], rows.shape[1]), dtype)
-    out[idx] = rows
-    out[pad] = 0
+    if rows.dtype == out.dtype and _contiguous_rows(rows):   # on tileattn's pool
+        _core.move_rows(rows, None, out, idx, pad)
+    else:
+        out[idx] = rows
+        out[pad] = 0
     return out.reshape(shape)
+
+
+def take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """a[idx] for a 2-D array and an int64 index vector, on tileattn's pool
+    (NumPy's fancy indexing copies on one core)."""
+    if not _contiguous_rows(a):
+        out: np.ndarray = a[idx]
+        return out
+    rows = np.empty((idx.shape[0], a.shape[1]), a.dtype)
+    _core.move_rows(a, idx, rows, None)
+    return rows
+
+
+def _contiguous_rows(a: np.ndarray) -> bool:
+    return a.ndim == 2 and (a.shape[1] <= 1 or a.strides[1] == a.itemsize) \
+        and a.strides[0] >= 0 and a.strides[0] % a.itemsize == 0

@@ -16,7 +16,7 @@ from ._mha_core import Heads, attend_heads, core_backward, heads_first, refuse_a
 from ._mha_decode import check_cached_call, forward_cached
 from ._mha_saved import (AttentionSaved, cast_inputs, check_features, dtypes_of, input_grads,
                          same_inputs, seq_shape, shape_weights)
-from ._padding import RealTokens, scatter_rows
+from ._padding import RealTokens, scatter_rows, take_rows
 from .functional import scaled_dot_product_attention
 from .linear import Linear, grad_input
 from .module import Module
@@ -289,7 +289,7 @@ class MultiHeadAttention(Module):
                                      key_padding_mask=mask, is_causal=is_causal, window=window,
                                      out=heads_first(out))
         return self.projections.output_rows(
-            out.reshape(b * length, self.num_heads * self.value_dim)[idx])
+            take_rows(out.reshape(b * length, self.num_heads * self.value_dim), idx))
 
     def split_heads(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Heads:
         """Projections (B, L, H*D) -> q (B, Lq, Hq, D), k (B, Lk, Hkv, D),

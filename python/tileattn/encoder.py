@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _validate as check
 from ._errors import InvalidParameterError, ShapeError
-from ._padding import RealTokens, padding_rows, scatter_rows
+from ._padding import RealTokens, padding_rows, scatter_rows, take_rows
 from .activations import check_activation
 from .attention import MultiHeadAttention
 from ._call_checks import Window, window_bounds
@@ -209,7 +209,7 @@ class TransformerEncoderLayer(Module):
         win = self.window if window is None else window
         real = None if train else padding_rows(x, attn_mask, key_padding_mask, 0.0, [self])
         if real is not None:
-            rows = self.forward_rows(as_2d_rows(x)[real[1]], real, is_causal, win)
+            rows = self.forward_rows(take_rows(as_2d_rows(x), real[1]), real, is_causal, win)
             return scatter_rows(rows, real, x.shape, x_in.dtype)
 
         def attend(h: np.ndarray) -> np.ndarray:
@@ -361,7 +361,7 @@ class TransformerEncoder(Module):
         real = None if train else padding_rows(x, attn_mask, key_padding_mask, p, layers)
         if real is not None:
             # Gather the real tokens once for the whole stack.
-            rows = as_2d_rows(x)[real[1]]
+            rows = take_rows(as_2d_rows(x), real[1])
             for lay in layers:
                 rows = lay.forward_rows(rows, real, is_causal,
                                         lay.window if window is None else window)
