@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -38,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 import tileattn
-from tileattn._bench import paired_times
+from tileattn._bench import paired_times, read_bandwidth
 from tileattn.activations import activation_
 
 
@@ -130,27 +129,6 @@ def torch_block(block: Block, torch: Any) -> Any:
     return step
 
 
-def read_bandwidth(threads: int, rounds: int) -> float:
-    flat = np.ones(1 << 28, np.float32)          # 1 GiB
-    parts = np.array_split(flat, threads)
-
-    def numpy_sum() -> None:
-        ts = [threading.Thread(target=p.sum) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-    readers: Dict[str, Callable[[], object]] = {"numpy": numpy_sum}
-    try:
-        import torch
-        tf = torch.from_numpy(flat)
-        readers["torch"] = lambda: tf.sum()
-    except ImportError:
-        pass
-    t = paired_times(readers, rounds=rounds)
-    return max(flat.nbytes / statistics.median(v) for v in t.values())
-
-
 def fill(cache: tileattn.KVCache, ctx: int, rng: np.random.Generator) -> None:
     """ctx random positions in every sequence (a random block tiled: values
     do not matter for the time, generating 4 GiB of them would)."""
@@ -226,7 +204,7 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         except ImportError:
             pass
-    bandwidth = read_bandwidth(args.threads, args.rounds)
+    bandwidth, _ = read_bandwidth(np.ones(1 << 28, np.float32), args.threads, args.rounds)
     print(f"{args.threads} threads, ISA path {tileattn._core.isa()}, read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s; torch {torch.__version__ if torch else 'absent'}")
     print(f"{'stack':11s} {'B':>3s} {'ctx':>5s} {'cache':8s} {'ms/step':>8s} {'tok/s':>8s} "

@@ -17,25 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
-from typing import Callable, Dict, List
 
 import numpy as np
 
 import tileattn
-from tileattn._bench import paired_times
+from tileattn._bench import paired_times, read_bandwidth
 
 E, LAYERS = 4096, 6
-
-
-def threaded_sum(parts: List[np.ndarray]) -> Callable[[], None]:
-    def run() -> None:
-        ts = [threading.Thread(target=p.sum) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-    return run
 
 
 def main() -> None:
@@ -49,17 +37,8 @@ def main() -> None:
     weights = [lin.weight for lin in layers]
     flat = np.concatenate([w.reshape(-1) for w in weights])
     nbytes = flat.nbytes
-    readers: Dict[str, Callable[[], None]] = {
-        "numpy sum": threaded_sum(np.array_split(flat, args.threads))}
-    try:
-        import torch
-        torch.set_num_threads(args.threads)
-        tflat = torch.from_numpy(flat)
-        readers["torch sum"] = lambda: tflat.sum()
-    except ImportError:
-        pass
-    read = paired_times(readers, rounds=args.rounds)
-    bandwidth = max(nbytes / statistics.median(t) for t in read.values())
+    bandwidth, readers = read_bandwidth(flat, args.threads, args.rounds)
+    del flat
     x256 = rng.standard_normal((256, E), dtype=np.float32)
     big = paired_times({"numpy": lambda: x256 @ weights[0].T,
                         "tileattn": lambda: layers[0](x256)}, rounds=args.rounds)

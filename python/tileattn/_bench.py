@@ -222,3 +222,29 @@ def matmul_gflops(n: int = 1024, rounds: int = 7, threads: Optional[int] = None)
     c = np.empty_like(a)
     t = paired_times({"mm": lambda: np.matmul(a, b, out=c)}, rounds=rounds, warmup=2)["mm"]
     return 2.0 * n**3 / statistics.median(t) / 1e9
+
+
+def read_bandwidth(flat: np.ndarray, threads: int, rounds: int = 7) -> Tuple[float, List[str]]:
+    """The machine's read bandwidth in bytes/s, for a roofline: the best
+    median of NumPy summing ``flat`` in ``threads`` Python threads (each its
+    share; NumPy releases the GIL) and of PyTorch's threaded sum, if PyTorch
+    is installed; and the names of the readers that ran."""
+    import threading
+    parts = np.array_split(flat.reshape(-1), threads)
+
+    def numpy_sum() -> None:
+        ts = [threading.Thread(target=p.sum) for p in parts]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    readers: Dict[str, Callable[[], object]] = {"numpy sum": numpy_sum}
+    try:
+        import torch
+        torch.set_num_threads(threads)
+        tflat = torch.from_numpy(flat.reshape(-1))
+        readers["torch sum"] = lambda: tflat.sum()
+    except ImportError:
+        pass
+    t = paired_times(readers, rounds=rounds)
+    return max(flat.nbytes / statistics.median(v) for v in t.values()), list(readers)
