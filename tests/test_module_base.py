@@ -86,3 +86,44 @@ def test_linear_and_layer_norm_match_torch(rng, dtype):
     got = ln(lin(x))
     assert got.dtype == dtype
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_read_only_parameters_and_every_write_is_seen(rng):
+    """Parameters are read-only outside the module; each way of writing them
+    (assignment, load_state_dict, an optimiser from the module or from
+    model.parameters(), editing()) reaches the packed weight, also in a
+    shallow copy that shares the arrays."""
+    import copy
+
+    lin = tileattn.Linear(6, 5, rng=rng)
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+
+    def fresh(w, b):
+        ref = tileattn.Linear(6, 5)
+        ref.load_state_dict({"weight": w, "bias": b})
+        return ref(x)
+
+    lin(x)                                              # packs the weight
+    with pytest.raises(ValueError, match="read-only"):
+        lin.weight[0, 0] = 1.0
+    lin.weight = lin.weight * 2
+    np.testing.assert_array_equal(lin(x), fresh(lin.weight, lin.bias))
+    lin.load_state_dict({"weight": np.ones((5, 6)), "bias": np.zeros(5)})
+    np.testing.assert_array_equal(lin(x), fresh(lin.weight, lin.bias))
+    with lin.editing():
+        lin.weight[1] = -3.0
+    np.testing.assert_array_equal(lin(x), fresh(lin.weight, lin.bias))
+    twin = copy.copy(lin)
+    twin(x)
+    g = [np.full((5, 6), 0.5, np.float32), np.ones(5, np.float32)]
+    tileattn.optim.SGD(lin.parameters(), lr=0.1).step(g)   # PyTorch's spelling
+    assert not lin.weight.flags.writeable
+    want = fresh(lin.weight, lin.bias)
+    np.testing.assert_array_equal(lin(x), want)
+    np.testing.assert_array_equal(twin(x), want)            # the copy sees it too
+    tileattn.optim.SGD(twin, lr=0.1).step({"weight": g[0], "bias": g[1]})
+    np.testing.assert_array_equal(lin(x), fresh(lin.weight, lin.bias))
+    with pytest.raises(tileattn.InvalidParameterError, match="read-only"):
+        ro = np.ones(3)
+        ro.flags.writeable = False
+        tileattn.optim.SGD([ro])

@@ -27,24 +27,39 @@ import numpy as np
 if TYPE_CHECKING:
     from .module import Module
 
-# id(parameter array) -> the module that owns it. Checked by identity on
-# lookup (an id may be reused once its array is gone).
-_OWNERS: "weakref.WeakValueDictionary[int, Module]" = weakref.WeakValueDictionary()
+# id(parameter array) -> weak references to the modules that hold it (more
+# than one after copy.copy of a module: the copies share their arrays, and
+# each keeps its own derived copies, so each must hear of a write). An
+# entry goes when its array does (weakref.finalize in adopt).
+_OWNERS: Dict[int, List["weakref.ref[Module]"]] = {}
 
 
 def adopt(module: "Module", array: np.ndarray) -> np.ndarray:
     """Make ``array`` one of ``module``'s parameters: read-only from now on."""
     array.flags.writeable = False
-    _OWNERS[id(array)] = module
+    refs = _OWNERS.get(id(array))
+    if refs is None:
+        refs = _OWNERS[id(array)] = []
+        weakref.finalize(array, _OWNERS.pop, id(array), None)
+    refs[:] = [r for r in refs if r() is not None and r() is not module]
+    refs.append(weakref.ref(module))
     return array
 
 
+def owners_of(array: np.ndarray) -> List["Module"]:
+    """The live modules whose parameter ``array`` is (checked by identity)."""
+    found = []
+    for ref in _OWNERS.get(id(array), ()):
+        module = ref()
+        if module is not None and any(p is array for p in module._params.values()):
+            found.append(module)
+    return found
+
+
 def owner_of(array: np.ndarray) -> Optional["Module"]:
-    """The module whose parameter ``array`` is, or None."""
-    module = _OWNERS.get(id(array))
-    if module is not None and any(p is array for p in module._params.values()):
-        return module
-    return None
+    """A module whose parameter ``array`` is, or None."""
+    owners = owners_of(array)
+    return owners[0] if owners else None
 
 
 @contextmanager
@@ -56,11 +71,11 @@ def updating(arrays: Iterable[np.ndarray]) -> Iterator[None]:
     owners: Dict[int, "Module"] = {}
     try:
         for a in arrays:
-            module = owner_of(a)
-            if module is not None and not a.flags.writeable:
+            holders = owners_of(a)
+            if holders and not a.flags.writeable:
                 a.flags.writeable = True
                 unlocked.append(a)
-                owners[id(module)] = module
+                owners.update((id(m), m) for m in holders)
         yield
     finally:
         for a in unlocked:
