@@ -81,7 +81,7 @@ struct Job {
   int64_t num_tasks;
   std::atomic<int64_t> next{0};
   std::exception_ptr error;  // the first task's exception, under the mutex
-  int users = 0;             // workers inside work(), under the mutex
+  std::atomic<int> users{0};  // workers inside work(); changed under the mutex
 };
 
 class ThreadPool {
@@ -123,6 +123,18 @@ class ThreadPool {
     work(job, 0, true);
     std::unique_lock<std::mutex> lock(mutex_);
     job_ = nullptr;  // no worker joins from here on
+    // A worker that joined is on its last task: watch it finish (up to
+    // kSpinFor) before sleeping on done_, whose wake-up doubled a small
+    // call (2 threads, (2, 1, 16, 64): 18 -> 33 us once workers joined
+    // at once).
+    if (job.users.load() != 0) {
+      lock.unlock();
+      const auto until = std::chrono::steady_clock::now() + kSpinFor;
+      while (job.users.load(std::memory_order_acquire) != 0 &&
+             std::chrono::steady_clock::now() < until)
+        for (int i = 0; i < 16; ++i) cpu_relax();
+      lock.lock();
+    }
     // While the joined workers finish, keep polling so a cancel is seen.
     while (!done_.wait_for(lock, kPollInterval, [&] { return job.users == 0; })) {
       lock.unlock();
