@@ -159,25 +159,20 @@ class Module:
 
     @contextmanager
     def editing(self) -> Iterator["Module"]:
-        """``with module.editing(): module.weight[:] = ...``: the parameters
-        of this module and its descendants are writeable in the body, and
-        what is derived from them is remade after it (the escape hatch for
-        edits by hand; ``torch.no_grad()`` plus in-place ops in PyTorch)."""
+        """``with module.editing(): module.weight[:] = ...``: edits by hand;
+        what is derived from the parameters is remade after the block."""
         with _parameters.updating(self.parameters()):
             yield self
 
     @property
     def version(self) -> int:
-        """How many times this module's own parameters were written (assigned,
-        loaded, stepped by an optimiser): what is derived from them (a packed
-        weight) is remade when it differs from the version it was made at."""
+        """Counts writes of this module's own parameters; what is derived
+        from them (a packed weight) is remade when it moves."""
         v: int = self.__dict__.get("_version", 0)
         return v
 
     def _parameters_changed(self) -> None:
-        """Run after this module's parameters were written: counts the write.
-        A subclass that caches something derived from its parameters may also
-        drop it here (or compare ``version``)."""
+        """Run after this module's parameters were written: counts the write."""
         self.__dict__["_version"] = self.version + 1
 
     # -- traversal ------------------------------------------------------------
@@ -359,11 +354,10 @@ class Module:
                 lines.append(f"  mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
             err = InvalidParameterError if key_problem else ShapeError
             raise err("\n".join(lines))
+        # updating() tells every module holding a parameter, once.
         with _parameters.updating(own.values()):
             for k, v in values.items():
                 np.copyto(own[k], v, casting="unsafe")
-        for _, mod in self.named_modules():
-            mod._parameters_changed()
         return IncompatibleKeys(missing if not strict else [], unexpected if not strict else [])
 
     # -- config, calling, pickling --------------------------------------------
