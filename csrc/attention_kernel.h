@@ -15,6 +15,7 @@
 #include <new>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -61,6 +62,19 @@ void attention_forward(const AttentionParams& p) {
     forward_typed<float, float>(p);
 }
 
+// Calls that share the dtype, D, Dv and the strides, as one job: the
+// sequences of a variable-length batch. Always the prefill path (the decode
+// path gives a row the same bits).
+void attention_forward_items(const AttentionParams* items, int64_t n) {
+  if (n == 0) return;
+  if (items[0].kv_half)
+    prefill_forward_items<float, Half>(items, n);
+  else if (items[0].dtype == DType::f64)
+    prefill_forward_items<double, double>(items, n);
+  else
+    prefill_forward_items<float, float>(items, n);
+}
+
 // The backward reads K and V in the compute dtype only (no binary16 cache).
 void attention_backward(const BackwardParams& bp) {
   if (bp.fwd.B == 0 || bp.fwd.Hq == 0) return;
@@ -71,7 +85,8 @@ void attention_backward(const BackwardParams& bp) {
 }
 
 extern const KernelTable kernels;
-const KernelTable kernels = {&attention_forward, &attention_backward, &linear_forward,
+const KernelTable kernels = {&attention_forward, &attention_forward_items, &attention_backward,
+                             &linear_forward,
                              &linear_packed_size, &linear_pack, &activation};
 
 }  // namespace TILEATTN_ISA_NS

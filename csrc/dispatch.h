@@ -13,6 +13,8 @@ namespace tileattn {
 // The entry points every compiled path provides, declared once.
 struct KernelTable {
   void (*attention_forward)(const AttentionParams& p);
+  // n calls sharing dtype, D, Dv and strides, run as one job on the pool.
+  void (*attention_forward_items)(const AttentionParams* items, int64_t n);
   void (*attention_backward)(const BackwardParams& bp);
   void (*linear_forward)(const LinearParams& lp);
   // Elements of an N x K weight packed for this path's linear_forward.

@@ -767,25 +767,46 @@ struct PrefillTask {
 // the time at L = 1024). Last block first: with a causal mask the last
 // blocks see the most keys, so the pool ends on the small first blocks of
 // the last head, and no core idles long at the end.
+//
+// items: n calls that share the dtype, D, Dv and the strides (so one
+// tiling serves them all) and run as one job on the pool, item after item
+// in the task order; the sequences of a variable-length batch
+// (attention_forward_items). Each task computes exactly what it would in a
+// call of its item alone.
 template <typename T, typename KV>
-void prefill_forward(const AttentionParams& p) {
+void prefill_forward_items(const AttentionParams* items, int64_t n) {
   using Tl = PrefillTiling<T>;
-  const Tl t(p);
-  const int64_t blocks = (p.Lq + Tl::BR - 1) / Tl::BR;
-  const int64_t heads = p.B * p.Hq;
-  const int64_t group = p.group_size();
-  FiniteBlocks finite_v(p, t.bc);
-  parallel_for(blocks * heads, [&](int64_t task, int) {
+  const Tl t(items[0]);
+  std::vector<int64_t> first_task(static_cast<size_t>(n) + 1, 0);
+  std::vector<FiniteBlocks> finite_v;
+  finite_v.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const AttentionParams& p = items[i];
+    const int64_t blocks = (p.Lq + Tl::BR - 1) / Tl::BR;
+    first_task[i + 1] = first_task[i] + blocks * p.B * p.Hq;
+    finite_v.emplace_back(p, t.bc);
+  }
+  parallel_for(first_task[n], [&](int64_t task, int) {
     static thread_local Arena arena;
     PrefillScratch<T> sc(arena, t);
-    const int64_t bh = task / blocks;
-    const int64_t qb = blocks - 1 - task % blocks;
+    const int64_t item =
+        std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+    const AttentionParams& p = items[item];
+    const int64_t local = task - first_task[item];
+    const int64_t blocks = (p.Lq + Tl::BR - 1) / Tl::BR;
+    const int64_t bh = local / blocks;
+    const int64_t qb = blocks - 1 - local % blocks;
     RowRange rr;
     rr.b = bh / p.Hq;
     rr.h = bh % p.Hq;
-    rr.hk = rr.h / group;
+    rr.hk = rr.h / p.group_size();
     rr.i0 = qb * Tl::BR;
     rr.rows = std::min<int64_t>(Tl::BR, p.Lq - rr.i0);
-    PrefillTask<T, KV>(p, t, rr, sc, finite_v).run();
+    PrefillTask<T, KV>(p, t, rr, sc, finite_v[item]).run();
   });
+}
+
+template <typename T, typename KV>
+void prefill_forward(const AttentionParams& p) {
+  prefill_forward_items<T, KV>(&p, 1);
 }

@@ -12,6 +12,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #if defined(__GLIBCXX__)
 #include <cxxabi.h>
@@ -229,6 +230,63 @@ void attention_forward_py(py::array q, py::array k, py::array v, py::array out,
     p.lse_stride = strides_of(l, "lse");
   }
   run_cancellable([&] { kernels().attention_forward(p); });
+}
+
+// Offsets of sequences packed end to end: `name` is (n + 1,) int64,
+// contiguous, from 0 up to `total` without decreasing. Returns n.
+int64_t check_offsets(const py::array& a, int64_t total, const char* name) {
+  require_ndim(a, 1, name);
+  require_dtype(a, py::dtype::of<int64_t>(), name);
+  const int64_t n = a.shape(0) - 1;
+  if (n < 0) throw std::invalid_argument(std::string(name) + ": expected at least one entry (0)");
+  if (n > 0 && a.strides(0) != static_cast<py::ssize_t>(sizeof(int64_t)))
+    throw std::invalid_argument(std::string(name) + ": expected a contiguous array");
+  const int64_t* c = static_cast<const int64_t*>(a.data());
+  if (c[0] != 0 || c[n] != total)
+    throw std::invalid_argument(std::string(name) + ": expected to run from 0 to " +
+                                std::to_string(total) + ", got " + std::to_string(c[0]) +
+                                " to " + std::to_string(c[n]));
+  for (int64_t i = 0; i < n; ++i)
+    if (c[i + 1] < c[i])
+      throw std::invalid_argument(std::string(name) + ": entry " + std::to_string(i + 1) +
+                                  " is below entry " + std::to_string(i));
+  return n;
+}
+
+// Sequences of different lengths packed end to end (flash-attention's
+// variable-length layout), each attended as if alone: q (1, Hq, Tq, D),
+// k (1, Hkv, Tk, D), v (1, Hkv, Tk, Dv), out (1, Hq, Tq, Dv) are head-major
+// views of (T, H, D) rows; sequence i is rows [cu_q[i], cu_q[i+1]) of q and
+// out and [cu_k[i], cu_k[i+1]) of k and v. Causal and window bounds align
+// within each sequence; no mask, key padding, key lengths or dropout (the
+// offsets say where each sequence ends). No padding is computed or read.
+void attention_varlen_py(py::array q, py::array k, py::array v, py::array out, py::array cu_q,
+                         py::array cu_k, const AttentionOptions& options) {
+  require_writeable(out, "out");
+  const AttentionParams p = params_from(q, k, v, out, options);
+  if (p.B != 1) throw std::invalid_argument("q: expected one packed batch (B = 1)");
+  if (p.mask || p.key_padding || p.key_lengths || p.dropout_p != 0.0)
+    throw std::invalid_argument(
+        "options: variable-length attention takes no mask, key padding, key lengths or dropout");
+  const int64_t n = check_offsets(cu_q, p.Lq, "cu_seqlens_q");
+  if (check_offsets(cu_k, p.Lk, "cu_seqlens_k") != n)
+    throw std::invalid_argument("cu_seqlens_k: expected as many sequences as cu_seqlens_q (" +
+                                std::to_string(n) + ")");
+  const int64_t* oq = static_cast<const int64_t*>(cu_q.data());
+  const int64_t* ok = static_cast<const int64_t*>(cu_k.data());
+  const int64_t q_item = p.dtype == DType::f64 ? sizeof(double) : sizeof(float);
+  const int64_t kv_item = p.kv_half ? 2 : q_item;
+  std::vector<AttentionParams> items(static_cast<size_t>(n), p);
+  for (int64_t i = 0; i < n; ++i) {
+    AttentionParams& it = items[i];
+    it.Lq = oq[i + 1] - oq[i];
+    it.Lk = ok[i + 1] - ok[i];
+    it.q = static_cast<const char*>(p.q) + oq[i] * p.q_stride.r * q_item;
+    it.out = static_cast<char*>(p.out) + oq[i] * p.out_stride.r * q_item;
+    it.k = static_cast<const char*>(p.k) + ok[i] * p.k_stride.r * kv_item;
+    it.v = static_cast<const char*>(p.v) + ok[i] * p.v_stride.r * kv_item;
+  }
+  run_cancellable([&] { kernels().attention_forward_items(items.data(), n); });
 }
 
 // One gradient output: `name` of `shape` in the compute dtype, writeable.
@@ -571,6 +629,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("attention_forward", &attention_forward_py, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("options"), py::arg("weights") = py::none(),
         py::arg("lse") = py::none());
+  m.def("attention_varlen", &attention_varlen_py, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("options"));
   m.def("attention_backward", &attention_backward_py, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("options"), py::arg("dscores") = py::none());

@@ -52,18 +52,47 @@ def test_sequences(each_isa, rng, kind):
         np.testing.assert_array_equal(m(x[2:4], is_causal=True), full[2:4])
 
 
-@pytest.mark.parametrize("kind", ["encoder_layer", "encoder"])
-def test_padded_sequences_equal_the_sequence_alone(each_isa, rng, kind):
-    """The padding-skipping path: each sequence of a right-padded batch
-    gives, at its real positions, the bits of the sequence alone."""
-    layer = tileattn.TransformerEncoderLayer(E, H, 96, seed=2)
-    m = layer if kind == "encoder_layer" else tileattn.TransformerEncoder(layer, 2)
-    lengths = [7, 1, 12, 4, 12, 9]
+@pytest.mark.parametrize("kind", ["encoder_layer", "encoder", "gqa_rope_layer"])
+@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True), dict(window=(3, 2))])
+def test_padded_sequences_equal_the_sequence_alone(each_isa, rng, kind, kw):
+    """The padding-skipping path (right padding: sequences packed end to end
+    through varlen_attention): each sequence of the batch gives, at its real
+    positions, the bits of the sequence alone."""
+    extra = dict(num_kv_heads=2, rope=True, qk_norm=True) if kind == "gqa_rope_layer" else {}
+    layer = tileattn.TransformerEncoderLayer(E, H, 96, seed=2, **extra)
+    m = tileattn.TransformerEncoder(layer, 2) if kind == "encoder" else layer
+    lengths = [7, 1, 12, 4, 0, 12, 9]
     x = rng.standard_normal((len(lengths), 12, E)).astype(np.float32)
     real = np.arange(12)[None, :] < np.array(lengths)[:, None]
-    got = m(x, key_padding_mask=real)
+    got = m(x, key_padding_mask=real, **kw)
     for i, n in enumerate(lengths):
-        np.testing.assert_array_equal(got[i, :n], m(x[i:i + 1, :n])[0])
+        if n:
+            np.testing.assert_array_equal(got[i, :n], m(x[i:i + 1, :n], **kw)[0])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True)])
+def test_left_padded_sequences_equal_the_sequence_alone(each_isa, rng, kw):
+    """Padding before the tokens: packed end to end as well, the same bits
+    (no RoPE here: it rotates by a token's place in the padded layout)."""
+    m = tileattn.TransformerEncoderLayer(E, H, 96, seed=4)
+    lengths = [5, 10, 1, 0]
+    x = rng.standard_normal((4, 10, E)).astype(np.float32)
+    real = np.arange(10)[None, :] >= 10 - np.array(lengths)[:, None]
+    got = m(x, key_padding_mask=real, **kw)
+    for i, n in enumerate(lengths):
+        if n:
+            np.testing.assert_array_equal(got[i, 10 - n:], m(x[i:i + 1, 10 - n:], **kw)[0])
+
+
+def test_holes_in_the_padding_mask_agree_with_the_reference_path(rng):
+    """A mask whose real tokens are not one run takes the scatter/gather
+    path; its result matches the full computation on the padded batch."""
+    m = tileattn.TransformerEncoderLayer(E, H, 96, seed=5)
+    x = rng.standard_normal((2, 8, E)).astype(np.float32)
+    real = np.array([[1, 1, 0, 1, 1, 1, 0, 0], [1] * 8], bool)
+    got = m(x, key_padding_mask=real)
+    full = m(x, attn_mask=np.broadcast_to(real[:, None, None, :], (2, 1, 8, 8)))
+    np.testing.assert_allclose(got[real], full[real], rtol=2e-6, atol=2e-6)
 
 
 def test_same_bits_for_any_thread_count(rng, restore_threads):

@@ -14,6 +14,7 @@ from ._threads import _check_env, get_num_threads, set_num_threads
 from ._version import __version__
 from .functional import scaled_dot_product_attention
 from .backward import scaled_dot_product_attention_backward
+from .varlen import varlen_attention
 from . import optim
 from .module import Module
 from .linear import Linear
@@ -61,5 +62,6 @@ __all__ = [
     "set_num_threads",
     "show_config",
     "sinusoidal_positions",
+    "varlen_attention",
     "window_mask",
 ]

@@ -43,6 +43,15 @@ def attention_forward(
     weights: Optional[_Floats] = None,
     lse: Optional[_Floats] = None,
 ) -> None: ...
+def attention_varlen(
+    q: _Floats,
+    k: _Floats,
+    v: _Floats,
+    out: _Floats,
+    cu_seqlens_q: npt.NDArray[np.int64],
+    cu_seqlens_k: npt.NDArray[np.int64],
+    options: AttentionOptions,
+) -> None: ...
 def linear_forward(x: _Floats, w: _Floats, bias: Optional[_Floats], out: _Floats) -> None: ...
 
 class PackedLinear:

@@ -34,6 +34,17 @@ def padding_rows(x: np.ndarray, attn_mask: Any, key_padding_mask: Any, p: float,
     return mask, np.flatnonzero(flat), np.flatnonzero(~flat)
 
 
+def token_runs(mask: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(first position, length) of each row's real tokens when they form one
+    unbroken run (right or left padding), else None."""
+    lengths = mask.sum(axis=1, dtype=np.int64)
+    first = np.where(lengths > 0, mask.argmax(axis=1), 0).astype(np.int64)
+    pos = np.arange(mask.shape[1])[None, :]
+    if not np.array_equal(mask, (pos >= first[:, None]) & (pos < (first + lengths)[:, None])):
+        return None
+    return first, lengths
+
+
 def scatter_rows(rows: np.ndarray, real: RealTokens, shape: Tuple[int, ...],
                  dtype: Any) -> np.ndarray:
     """(N, F) real-token rows into a (B * L, F) array (or ``shape``), zeros at

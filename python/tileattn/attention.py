@@ -16,13 +16,14 @@ from ._mha_core import Heads, attend_heads, core_backward, heads_first, refuse_a
 from ._mha_decode import check_cached_call, forward_cached
 from ._mha_saved import (AttentionSaved, cast_inputs, check_features, dtypes_of, input_grads,
                          same_inputs, seq_shape, shape_weights)
-from ._padding import RealTokens, scatter_rows, take_rows
+from ._padding import RealTokens, scatter_rows, take_rows, token_runs
 from .functional import scaled_dot_product_attention
 from .linear import Linear, grad_input
 from .module import Module
 from .norm import LayerNorm
 from .positional import apply_rope, rope_tables
 from .projections import PROJECTION_NAMES, AttentionProjections
+from .varlen import varlen_attention
 
 
 class MultiHeadAttention(Module):
@@ -270,18 +271,25 @@ class MultiHeadAttention(Module):
 
         rows (N, E) are the real tokens of a (B, L) batch; ``real`` is (mask,
         their flat positions, the padding's) as ``padding_rows`` gives it. The
-        projections run on the N rows; Q/K/V are scattered into a zeroed
-        (B, L) layout for the QK-norms, RoPE (positions are those of the
-        layout) and the core, and its output gathered back. Needs ``packed``.
-        Returns (N, output_dim).
+        projections run on the N rows. When each sequence's real tokens form
+        one run (right or left padding), the attention core takes them
+        packed end to end (``varlen_attention``): nothing is computed or
+        moved for the padding, and a sequence has the same bits in any
+        batch. Otherwise Q/K/V are scattered into a
+        zeroed (B, L) layout for the QK-norms, RoPE (positions are those of
+        the layout) and the core, and its output gathered back. Needs
+        ``packed``. Returns (N, output_dim).
         """
         mask, idx, _ = real
         b, length = mask.shape
         qkv_rows = self.projections.project_rows(rows)
+        nq, nk = self.q_proj.out_features, self.k_proj.out_features
+        runs = token_runs(mask)
+        if runs is not None:
+            return self._attend_packed(qkv_rows, runs, is_causal, window)
         # Zeros, not garbage, at the padding: masked keys' values still meet
         # zero weights (0 * NaN would not be 0).
         qkv = scatter_rows(qkv_rows, real, (b, length, qkv_rows.shape[1]), self.dtype)
-        nq, nk = self.q_proj.out_features, self.k_proj.out_features
         q, k, v = self.split_heads(qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:])
         q, k = self.norm_and_rotate(q, k)
         out = np.empty((b, length, self.num_heads, self.value_dim), self.dtype)
@@ -290,6 +298,25 @@ class MultiHeadAttention(Module):
                                      out=heads_first(out))
         return self.projections.output_rows(
             take_rows(out.reshape(b * length, self.num_heads * self.value_dim), idx))
+
+    def _attend_packed(self, qkv_rows: np.ndarray, runs: Tuple[np.ndarray, np.ndarray],
+                       is_causal: bool, window: Any) -> np.ndarray:
+        """forward_rows for sequences packed end to end: qkv_rows (N, nq+nk+nv)
+        holds sequence i's tokens, at positions first[i] .. first[i] +
+        lengths[i] - 1 of the padded layout, one sequence after another.
+        Returns (N, output_dim)."""
+        first, lengths = runs
+        n = qkv_rows.shape[0]
+        nq, nk = self.q_proj.out_features, self.k_proj.out_features
+        rows = qkv_rows[np.newaxis]
+        q, k, v = self.split_heads(rows[..., :nq], rows[..., nq:nq + nk], rows[..., nq + nk:])
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        positions = None
+        if self.rope:     # each token's place in the padded layout, as the scatter path has it
+            positions = (np.arange(n) + np.repeat(first - offsets[:-1], lengths))[np.newaxis]
+        q, k = self.norm_and_rotate(q, k, positions=positions)
+        out = varlen_attention(q[0], k[0], v[0], offsets, is_causal=is_causal, window=window)
+        return self.projections.output_rows(out.reshape(n, self.num_heads * self.value_dim))
 
     def split_heads(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Heads:
         """Projections (B, L, H*D) -> q (B, Lq, Hq, D), k (B, Lk, Hkv, D),
