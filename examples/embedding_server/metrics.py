@@ -35,6 +35,9 @@ class Metrics:
                                         buckets=_SIZE_BUCKETS, registry=r)
         self.batch_tokens = Histogram("embedding_batch_tokens", "Tokens per model call",
                                       buckets=_TOKEN_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("embedding_batch_seconds",
+                                       "Time of one model call (a batch)",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.queued_texts = Gauge("embedding_queued_texts", "Texts waiting for the model",
                                   registry=r)
 
@@ -43,6 +46,9 @@ class Metrics:
         self.batch_texts.observe(texts)
         self.batch_tokens.observe(tokens)
         self.batch_requests.observe(requests)
+
+    def batch_computed(self, seconds: float) -> None:
+        self.batch_seconds.observe(seconds)
 
     def queue_waited(self, seconds: float) -> None:
         self.queue_wait.observe(seconds)
