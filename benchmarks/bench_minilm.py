@@ -79,8 +79,9 @@ def torch_runner(model_dir: Path, batches: List[se.Tokens], torch: Any) -> Calla
 
 def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
     """Time the pieces of one batch's forward, as the encoder runs them with a
-    padding mask (real tokens only, see TransformerEncoderLayer.forward_rows);
-    pooling is left out."""
+    right-padding mask (real tokens only, packed end to end through
+    varlen_attention: TransformerEncoderLayer.forward_rows); pooling is left
+    out."""
     from tileattn.activations import activation_
     from tileattn._padding import scatter_rows, take_rows
     from tileattn.linear import affine
@@ -102,20 +103,18 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
         mask = tokens.mask
         real = (mask, np.flatnonzero(mask), np.flatnonzero(~mask))
         idx = real[1]
+        lengths = mask.sum(axis=1)
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
         rows = timed("gather/scatter rows", lambda: take_rows(x.reshape(-1, e), idx))
         for layer in model.encoder.layers:   # TransformerEncoderLayer.forward_rows, step by step
             a = layer.self_attn
             qkv_rows = timed("GEMM qkv (+bias)", lambda: a.projections.project_rows(rows))
-            qkv = timed("gather/scatter rows", lambda: scatter_rows(
-                qkv_rows, real, (b, length, qkv_rows.shape[1]), np.float32))
             hd, nh = a.head_dim, a.num_heads
-            q, k, v = (qkv.reshape(b, length, 3, nh, hd)[:, :, i].transpose(0, 2, 1, 3)
-                       for i in range(3))
-            buf = np.empty((b, length, nh, hd), np.float32)
-            timed("attention core", lambda: tileattn.scaled_dot_product_attention(
-                q, k, v, key_padding_mask=mask, out=buf.transpose(0, 2, 1, 3)))
-            o = timed("gather/scatter rows", lambda: take_rows(buf.reshape(b * length, e), idx))
-            y = timed("GEMM out_proj (+bias)", lambda: a.projections.output_rows(o))
+            qkv = qkv_rows.reshape(-1, 3, nh, hd)
+            o = timed("attention core", lambda: tileattn.varlen_attention(
+                qkv[:, 0], qkv[:, 1], qkv[:, 2], offsets))
+            y = timed("GEMM out_proj (+bias)", lambda: a.projections.output_rows(
+                o.reshape(-1, nh * hd)))
             timed("residual adds", lambda: y.__iadd__(rows))
             x1 = timed("layernorm", lambda: layer_norm_(y, layer.norm1))
             h = timed("GEMM linear1", lambda: affine(x1, layer.linear1.weight, None,

@@ -21,7 +21,7 @@ class Limits:
     max_target_bytes: int = 4096         # request line's target (path + query), 414 beyond
     max_headers: int = 64                # header lines, 431 beyond
     max_header_bytes: int = 16384        # all header names + values, 431 beyond
-    header_timeout: float = 10.0         # first byte of a request to its last header, 408
+    header_timeout: float = 5.0          # first byte of a request to its last header, 408
     body_timeout: float = 10.0           # last header to the body's last byte, 408
     idle_timeout: float = 5.0            # connection without a request in flight
     max_connections: int = 512           # open connections; 503 to the next
