@@ -23,7 +23,8 @@ start=$(date +%s)
 # examples (they spend their time in PyTorch and NumPy, not in our code).
 default_tests="test_attention.py test_masks.py test_errors.py test_layouts_dtypes.py
   test_core_kv.py test_threads.py test_hypothesis.py test_mha_features.py
-  test_cache.py test_edge_cases.py test_fuzz.py test_resources.py test_linear_kernel.py test_dense_copy.py"
+  test_cache.py test_edge_cases.py test_fuzz.py test_resources.py test_linear_kernel.py test_dense_copy.py
+  test_varlen.py test_batch_independence.py test_row_ops.py"
 tests=()
 for t in ${SAN_TESTS:-$default_tests}; do
   [ -e "$root/tests/$t" ] && tests+=("$root/tests/$t")

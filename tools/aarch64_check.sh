@@ -46,7 +46,7 @@ default_tests="test_attention.py test_masks.py test_errors.py test_layouts_dtype
   test_core_kv.py test_cache.py test_linear_kernel.py test_dense_copy.py test_edge_cases.py
   test_backward.py test_mha_features.py test_encoder.py test_module_base.py
   test_threads.py test_hardening.py test_module_backward.py test_row_ops.py
-  test_batch_independence.py"
+  test_batch_independence.py test_varlen.py"
 
 [ "$(id -u)" = 0 ] || { echo "aarch64_check.sh: needs root (debootstrap, chroot, mount)" >&2; exit 1; }
 
