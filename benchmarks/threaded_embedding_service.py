@@ -19,10 +19,10 @@ API::
 Every error answer is JSON ``{"error": "<what was wrong>"}`` and leaves the
 service running.
 
-Run the service, or the load test against an in-process instance::
+Its load test is the new service's (``examples/embedding_server/loadtest.py``,
+driven by ``benchmarks/bench_service.py``)::
 
     python benchmarks/threaded_embedding_service.py serve --port 8000
-    python benchmarks/threaded_embedding_service.py loadtest --requests 200 --concurrency 8
 """
 
 from __future__ import annotations
@@ -38,18 +38,12 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import http.client
 import json
-import statistics
 import sys
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
-
-import numpy as np
+from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from sentence_embeddings import MiniLM, load_minilm  # noqa: E402
@@ -219,97 +213,6 @@ class EmbeddingServer(ThreadingHTTPServer):
             self.status_counts[status] = self.status_counts.get(status, 0) + 1
 
 
-def start(model: MiniLM, port: int = 0, **kw: Any) -> Tuple[EmbeddingServer, threading.Thread]:
-    """A running server (port 0: a free one) and the thread serving it;
-    ``server.shutdown()`` stops it."""
-    server = EmbeddingServer(model, port, **kw)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              name="embedding-service", daemon=True)
-    thread.start()
-    return server, thread
-
-
-# -- client and load test ---------------------------------------------------------
-def post(conn: http.client.HTTPConnection, path: str, body: bytes,
-         content_type: str = "application/json") -> Tuple[int, Dict[str, Any]]:
-    conn.request("POST", path, body=body, headers={"Content-Type": content_type})
-    resp = conn.getresponse()
-    data = resp.read()
-    return resp.status, json.loads(data) if data else {}
-
-
-SENTENCES = [
-    "A man is eating food.", "A man is eating a piece of bread.",
-    "The girl is carrying a baby.", "A man is riding a horse.",
-    "A woman is playing violin.", "Two men pushed carts through the woods.",
-    "A monkey is playing drums.", "Flash attention never materialises the score matrix.",
-    "Sliding windows keep the memory of a stream bounded.",
-    "The quick brown fox jumps over the lazy dog, " * 6,
-]
-
-
-def request_mix(n: int, seed: int = 0) -> List[List[str]]:
-    """n requests of 1-6 sentences each (fixed by the seed)."""
-    rng = np.random.default_rng(seed)
-    return [[SENTENCES[i] for i in rng.integers(0, len(SENTENCES), rng.integers(1, 7))]
-            for _ in range(n)]
-
-
-def load_test(port: int, requests: Sequence[List[str]], concurrency: int,
-              expect: Callable[[List[str]], np.ndarray], timeout: float = 60.0
-              ) -> Dict[str, Any]:
-    """Send `requests` from `concurrency` client threads (one keep-alive
-    connection each) to 127.0.0.1:port; check every answer against
-    ``expect(texts)`` bit for bit. Returns counts, requests/s and latency
-    percentiles (ms). Stops by itself after the last request."""
-    want = {}
-    for texts in requests:
-        key = tuple(texts)
-        if key not in want:
-            want[key] = expect(list(texts))
-    latencies: List[float] = []
-    failures: List[str] = []
-    lock = threading.Lock()
-    chunks = [list(range(i, len(requests), concurrency)) for i in range(concurrency)]
-
-    def client(indices: List[int]) -> None:
-        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
-        try:
-            for i in indices:
-                texts = requests[i]
-                t0 = time.perf_counter()
-                status, payload = post(conn, "/embed", json.dumps({"texts": texts}).encode())
-                dt = time.perf_counter() - t0
-                problem = None
-                if status != 200:
-                    problem = f"request {i}: status {status} {payload}"
-                else:
-                    got = np.asarray(payload["embeddings"], np.float32)
-                    if not np.array_equal(got, want[tuple(texts)]):
-                        problem = f"request {i}: embeddings differ from a direct call"
-                with lock:
-                    latencies.append(dt)
-                    if problem:
-                        failures.append(problem)
-        finally:
-            conn.close()
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for f in [pool.submit(client, c) for c in chunks]:
-            f.result(timeout=timeout * max(1, len(requests)))
-    wall = time.perf_counter() - t0
-    ms = sorted(x * 1e3 for x in latencies)
-
-    def pct(p: float) -> float:
-        return ms[min(len(ms) - 1, int(round(p / 100 * (len(ms) - 1))))]
-
-    return {"requests": len(latencies), "failures": failures, "concurrency": concurrency,
-            "seconds": wall, "requests_per_s": len(latencies) / wall,
-            "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": ms[-1],
-                           "mean": statistics.fmean(ms)}}
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -319,47 +222,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     s.add_argument("--max-texts", type=int, default=MAX_TEXTS)
     s.add_argument("--max-chars", type=int, default=MAX_TEXT_CHARS)
     s.add_argument("--max-body", type=int, default=MAX_BODY_BYTES)
-    lt = sub.add_parser("loadtest", help="start a server on a free port and load-test it")
-    lt.add_argument("--requests", type=int, default=200)
-    lt.add_argument("--concurrency", type=int, default=8)
-    for p in (s, lt):
-        p.add_argument("--threads", type=int, default=None, help="tileattn threads")
+    s.add_argument("--threads", type=int, default=None, help="tileattn threads")
     args = ap.parse_args(argv)
     import tileattn
 
     if args.threads is not None:
         tileattn.set_num_threads(args.threads)
     model = load_minilm()
-    if args.cmd == "serve":
-        server = EmbeddingServer(model, args.port, verbose=args.verbose,
-                                 max_texts=args.max_texts, max_chars=args.max_chars,
-                                 max_body=args.max_body)
-        print(f"serving all-MiniLM-L6-v2 embeddings on http://{LOOPBACK}:{server.port}/embed "
-              f"(Ctrl-C stops)", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
-        return
-    server, thread = start(model)
+    server = EmbeddingServer(model, args.port, verbose=args.verbose,
+                             max_texts=args.max_texts, max_chars=args.max_chars,
+                             max_body=args.max_body)
+    print(f"serving all-MiniLM-L6-v2 embeddings on http://{LOOPBACK}:{server.port}/embed "
+          f"(Ctrl-C stops)", flush=True)
     try:
-        stats = load_test(server.port, request_mix(args.requests), args.concurrency, model.embed)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
     finally:
-        server.shutdown()
         server.server_close()
-        thread.join(10)
-    lat = stats["latency_ms"]
-    print(f"{stats['requests']} requests, {args.concurrency} concurrent clients, "
-          f"{len(stats['failures'])} failures, {stats['seconds']:.2f} s: "
-          f"{stats['requests_per_s']:.1f} requests/s; latency p50 {lat['p50']:.1f} ms, "
-          f"p90 {lat['p90']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms "
-          f"(tileattn threads {tileattn.get_num_threads()})")
-    for f in stats["failures"][:5]:
-        print("  ", f)
-    if stats["failures"]:
-        raise SystemExit(1)
 
 
 if __name__ == "__main__":
