@@ -256,3 +256,40 @@ def test_graceful_stop_finishes_a_request_in_flight():
         socket.create_connection((LOOPBACK, port), timeout=2).close()
     proc.stdout.close()
     proc.stderr.close()
+
+
+def test_a_full_queue_answers_503_with_retry_after():
+    """--max-queued-texts 8: while a batch computes, one 8-text request
+    fills the queue and the next ones are refused at once, not queued."""
+    proc, port = loadtest.start_service(loadtest.service_command(
+        str(EXAMPLE), "--max-texts", "8", "--max-queued-texts", "8", "--token-budget", "64"))
+    texts = ["The quick brown fox jumps over the lazy dog, " * 5] * 8
+    answers = []
+    lock = threading.Lock()
+
+    def client():
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=60)
+        try:
+            conn.request("POST", "/embed", body=json.dumps({"texts": texts}).encode())
+            resp = conn.getresponse()
+            body = json.loads(resp.read())
+            with lock:
+                answers.append((resp.status, resp.getheader("Retry-After"), body))
+        finally:
+            conn.close()
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        assert loadtest.stop_service(proc) == 0
+    statuses = sorted(a[0] for a in answers)
+    assert len(answers) == 12 and set(statuses) == {200, 503}, statuses
+    for status, retry_after, body in answers:
+        if status == 503:
+            assert retry_after == "1" and "max_queued_texts 8" in body["error"]
+        else:
+            assert len(body["embeddings"]) == 8
