@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace tileattn {
 namespace baseline {
@@ -14,7 +15,6 @@ template <typename T, typename I, int Lanes, int Bits, int Bias>
 struct VecExtSimd {
   using scalar = T;
   typedef T reg __attribute__((vector_size(16)));
-  typedef I ireg __attribute__((vector_size(16)));
   static constexpr int W = Lanes;
   static constexpr int MR = 4;  // micro-tile: MR rows x NV registers
   static constexpr int kRegisters = 16;  // vector registers (x86-64 SSE2; aarch64 has 32)
@@ -56,12 +56,18 @@ struct VecExtSimd {
       for (int c = 0; c < W; ++c) dst[c * W + r] = src[r * ld + c];
   }
   static constexpr T round_magic() { return T(1.5) * T(I(1) << Bits); }
+  // The exponent arithmetic wraps, as the SIMD paths' integer lanes do, in
+  // unsigned lanes: for an x far below the underflow limit (a result the
+  // caller zeroes) the signed difference would overflow, which C++ leaves
+  // undefined (UBSan's report, on GELU of large negative inputs).
+  typedef std::make_unsigned_t<I> U;
+  typedef U ureg __attribute__((vector_size(16)));
   static reg scale_by_pow2(reg p, reg t) {
-    ireg ti, mi;
+    ureg ti, mi;
     const reg magic = set1(round_magic());
     std::memcpy(&ti, &t, sizeof t);
     std::memcpy(&mi, &magic, sizeof magic);
-    const ireg bits = (ti - mi + I(Bias)) << Bits;
+    const ureg bits = (ti - mi + U(Bias)) << Bits;
     reg scale;
     std::memcpy(&scale, &bits, sizeof bits);
     return p * scale;
