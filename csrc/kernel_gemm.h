@@ -24,10 +24,16 @@
 // last: the projections' bias, in the epilogue of their last K slice.
 // R rows instead of MR: the projections' skinny path (a decode step's few
 // rows); each element's chain is the same whatever R, so are its bits.
-template <typename T, int NV, bool kSkipZero = false, int R = Simd<T>::MR, int kAhead = 0>
+// kAhead > 0 prefetches b that many rows ahead into L2. kStream: each step
+// also prefetches `per_step` 64-byte lines of another region into L2,
+// consecutive from `stream` (the skinny path's next K slice, fetched while
+// this one computes). Prefetches change no value.
+template <typename T, int NV, bool kSkipZero = false, int R = Simd<T>::MR, int kAhead = 0,
+          bool kStream = false>
 inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb,
                        int64_t kd, T* c, int64_t ldc, bool accumulate,
-                       const T* then_add = nullptr) {
+                       const T* then_add = nullptr, const char* stream = nullptr,
+                       int64_t per_step = 0) {
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int MR = R, W = S::W;
@@ -46,6 +52,10 @@ inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64
       TILEATTN_UNROLL
       for (int v = 0; v < NV; ++v)
         __builtin_prefetch(b + (x + kAhead) * ldb + v * W, 0, 2);
+    }
+    if constexpr (kStream) {
+      const char* line = stream + x * per_step * 64;
+      for (int64_t i = 0; i < per_step; ++i) __builtin_prefetch(line + i * 64, 0, 2);
     }
     const T* ax = a + x * a_cs;
     TILEATTN_UNROLL

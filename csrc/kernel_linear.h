@@ -104,25 +104,32 @@ struct LinearPlan {
   }
 
   // R (<= MR) rows held k-major (a[k * R + r]) times a panel's K slice:
-  // the same strips, R accumulator rows, the panel prefetched ahead.
+  // the same strips, R accumulator rows, the panel prefetched ahead, and
+  // `per_step` lines a step of the region at `stream` prefetched too.
   template <int R>
   static void few_rows_times_slice(const T* a, const T* b, int64_t nw, int64_t kd,
-                                   T* c, int64_t ldc, bool accumulate, const T* bias) {
+                                   T* c, int64_t ldc, bool accumulate, const T* bias,
+                                   const char* stream, int64_t per_step) {
     int64_t j = 0;
     const auto at = [bias](int64_t col) { return bias ? bias + col : nullptr; };
-    for (; j + 3 * W <= nw; j += 3 * W)
-      gemm_micro<T, 3, false, R, kLinearAhead>(a, 1, R, b + j, nw, kd, c + j, ldc, accumulate, at(j));
-    for (; j + 2 * W <= nw; j += 2 * W)
-      gemm_micro<T, 2, false, R, kLinearAhead>(a, 1, R, b + j, nw, kd, c + j, ldc, accumulate, at(j));
-    for (; j < nw; j += W)
-      gemm_micro<T, 1, false, R, kLinearAhead>(a, 1, R, b + j, nw, kd, c + j, ldc, accumulate, at(j));
+    for (; j + 3 * W <= nw; j += 3 * W, per_step = 0)
+      gemm_micro<T, 3, false, R, kLinearAhead, true>(a, 1, R, b + j, nw, kd, c + j, ldc,
+                                                     accumulate, at(j), stream, per_step);
+    for (; j + 2 * W <= nw; j += 2 * W, per_step = 0)
+      gemm_micro<T, 2, false, R, kLinearAhead, true>(a, 1, R, b + j, nw, kd, c + j, ldc,
+                                                     accumulate, at(j), stream, per_step);
+    for (; j < nw; j += W, per_step = 0)
+      gemm_micro<T, 1, false, R, kLinearAhead, true>(a, 1, R, b + j, nw, kd, c + j, ldc,
+                                                     accumulate, at(j), stream, per_step);
   }
   template <int R = MR>
   static void rows_times_slice_n(int rows, const T* a, const T* b, int64_t nw, int64_t kd,
-                                 T* c, int64_t ldc, bool accumulate, const T* bias) {
+                                 T* c, int64_t ldc, bool accumulate, const T* bias,
+                                 const char* stream, int64_t per_step) {
     if constexpr (R >= 1) {
-      if (rows == R) return few_rows_times_slice<R>(a, b, nw, kd, c, ldc, accumulate, bias);
-      rows_times_slice_n<R - 1>(rows, a, b, nw, kd, c, ldc, accumulate, bias);
+      if (rows == R)
+        return few_rows_times_slice<R>(a, b, nw, kd, c, ldc, accumulate, bias, stream, per_step);
+      rows_times_slice_n<R - 1>(rows, a, b, nw, kd, c, ldc, accumulate, bias, stream, per_step);
     }
   }
 
@@ -158,14 +165,32 @@ struct LinearPlan {
       for (int64_t m = 0; m < lp.M; ++m)
         for (int64_t n = 0; n < nw; ++n) c[m * ldc + n] = pb ? T(0) + pb[n] : T(0);
     }
+    // With more than one strip of rows, the strips after the first fetch
+    // the next K slice of the panel into L2 while they compute on this one
+    // (from L1), so the first strip of the next slice finds it there: with
+    // only the first strip's own prefetch ahead, reading the panel and
+    // computing on it alternated (BENCHMARKS.md, "Projections").
+    const int64_t strips = (lp.M + MR - 1) / MR;
     for (int64_t k0 = 0; k0 < lp.K; k0 += kLinearKc) {
       const int64_t kd = std::min(kLinearKc, lp.K - k0);
       const T* slice_bias = k0 + kd == lp.K ? pb : nullptr;
       const T* b = panel(p) + k0 * ns;
-      for (int64_t m = 0; m < lp.M; m += MR) {
+      // After the last slice: the next panel's first (it follows this one
+      // in memory when the panel is full width; a thread's run of panels
+      // goes on into it).
+      const int64_t next_kd = k0 + kd < lp.K ? std::min(kLinearKc, lp.K - k0 - kd)
+                              : ns == NR  ? std::min(kLinearKc, lp.K)
+                                          : 0;
+      const int64_t next_lines =
+          strips > 1 ? (next_kd * ns * static_cast<int64_t>(sizeof(T)) + 63) / 64 : 0;
+      const int64_t share = strips > 1 ? (next_lines + strips - 2) / (strips - 1) : 0;
+      for (int64_t s = 0, m = 0; m < lp.M; ++s, m += MR) {
         const int rows = static_cast<int>(std::min<int64_t>(MR, lp.M - m));
+        const char* stream =
+            s > 0 ? reinterpret_cast<const char*>(b + kd * ns) + (s - 1) * share * 64 : nullptr;
+        const int64_t per_step = s > 0 && kd > 0 ? (share + kd - 1) / kd : 0;
         rows_times_slice_n(rows, xk + m * lp.K + k0 * rows, b, ns, kd, c + m * ldc, ldc, k0 > 0,
-                           slice_bias);
+                           slice_bias, stream, per_step);
       }
     }
     if (ns != nw)
