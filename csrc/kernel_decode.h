@@ -14,14 +14,18 @@
 // Every per-row operation reproduces the prefill's lane arithmetic (the
 // same fused multiply-adds in the same order, the same two-chain sums, the
 // same 2^x and merges), so a row gets the same bits on either path. One
-// exception, for speed: with a single row per task (Lq = 1 and no GQA
-// group) and no lse asked for, the scores sum across the head dimension in
-// lanes (scores_across_d), which rounds differently. Either way a row's bits
-// depend only on its own (batch, head): a sequence decoded alone equals the
-// same sequence inside a larger batch.
+// exception, for speed: decoding one token (Lq = 1, a GQA group of at most
+// kAcrossDMaxRows query heads per KV head) with no lse asked for, the
+// scores sum across the head dimension in lanes (scores_across_d), which
+// rounds differently. Either way a row's bits depend only on its own
+// (batch, head): a sequence decoded alone equals the same sequence inside
+// a larger batch.
 
 constexpr int64_t kDecodeMaxQueries = 4;
 constexpr int kKeyTiles = 4;  // W-key tiles scored together (independent chains)
+// Query rows per task up to which one token's scores sum across the head
+// dimension (see scores_across_d).
+constexpr int64_t kAcrossDMaxRows = 4;
 
 template <typename T>
 struct DecodeShape {
@@ -132,34 +136,38 @@ struct DecodeTask {
     }
   }
 
-  // One query row per task (multi-head attention decoding): no other row
-  // shares a transposed key tile, so lanes run across the head dimension
-  // instead: one chain per key over the D / W vectors of its row, then a
-  // fixed tree adds each key's lanes (S::lane_sums). A fifth of the
-  // instructions of the transposes (whose shuffles bound this case), at the
+  // One token per query head (decoding: Lq = 1) and few rows per task (no
+  // GQA group, or a group of at most kAcrossDMaxRows): lanes run across the
+  // head dimension instead of across keys: one chain per key over the
+  // D / W vectors of its row, then a fixed tree adds each key's lanes
+  // (S::lane_sums), each row in turn over the same W keys (in L1 after
+  // the first). No transposes, whose shuffles bound this case: measured
+  // (B = 8, 16 query heads over 8 KV heads, 4096 keys, D = 128), 17 GB/s
+  // with them, the memory's 25 without (BENCHMARKS.md, "Decode"). The
   // same accuracy; the dot products round differently from the prefill's
   // chains, so this case agrees with the prefill to round-off, not bitwise.
   // Not when the lse is asked for: a backward recomputes the weights as
   // e^(s - lse) with the prefill's chains, and only the same score bits
   // cancel in that difference (else a dominant key's weight carries its
   // score's rounding, |s| ulp, where the softmax itself is off by far less).
+  // Half keys without in-register widening (the portable path) are widened
+  // into krows first, so float and half caches give the same bits.
   bool scores_across_d() const {
-    constexpr bool half = std::is_same<KV, Half>::value;
-    return (!half || S::kHalfTile) && ds.rows == 1 && !p.lse && p.k_stride.c == 1 &&
+    return p.Lq == 1 && ds.rows <= kAcrossDMaxRows && !p.lse && p.k_stride.c == 1 &&
            p.D > 0 && p.D % W == 0;
   }
 
-  // The scores of the task's row against the W whole keys at k, NX = D / W
+  // The scores of query q against the W whole keys at k, NX = D / W
   // vectors per key: the query's vectors stay in registers and each key row
   // is read front to back, one chain per key.
-  template <int NX>
-  reg row_scores_across_d(const KV* k) const {
+  template <int NX, typename KT>
+  reg row_scores_across_d(const KT* k, int64_t ldk, const T* q) const {
     reg qv[NX], acc[W];
     TILEATTN_UNROLL
-    for (int x = 0; x < NX; ++x) qv[x] = S::loadu(qs + x * W);
+    for (int x = 0; x < NX; ++x) qv[x] = S::loadu(q + x * W);
     TILEATTN_UNROLL
     for (int t = 0; t < W; ++t) {
-      const KV* row = k + t * p.k_stride.r;
+      const KT* row = k + t * ldk;
       acc[t] = S::mul(load_row(row), qv[0]);
       TILEATTN_UNROLL
       for (int x = 1; x < NX; ++x) acc[t] = S::fmadd(load_row(row + x * W), qv[x], acc[t]);
@@ -167,36 +175,50 @@ struct DecodeTask {
     return S::lane_sums(acc);
   }
   // The same for any D multiple of W (the query read from L1).
-  reg row_scores_across_d_any(const KV* k) const {
+  template <typename KT>
+  reg row_scores_across_d_any(const KT* k, int64_t ldk, const T* q) const {
     reg acc[W];
     TILEATTN_UNROLL
     for (int t = 0; t < W; ++t) {
-      const KV* row = k + t * p.k_stride.r;
-      acc[t] = S::mul(load_row(row), S::loadu(qs));
+      const KT* row = k + t * ldk;
+      acc[t] = S::mul(load_row(row), S::loadu(q));
       for (int64_t x0 = W; x0 < p.D; x0 += W)
-        acc[t] = S::fmadd(load_row(row + x0), S::loadu(qs + x0), acc[t]);
+        acc[t] = S::fmadd(load_row(row + x0), S::loadu(q + x0), acc[t]);
     }
     return S::lane_sums(acc);
   }
-  // Scores of the block's whole W-key tiles at k; returns how many keys
-  // that covered (the rest go through the transposes).
+  // Every row's scores of the block's whole W-key tiles at k (row r's at
+  // s + r * ldt); returns how many keys that covered (the rest go through
+  // the transposes).
   template <int NX>
-  int64_t row_scores_loop(const KV* k, int64_t cols) {
+  int64_t row_scores_loop(const KV* k, int64_t cols, int64_t ldt) {
     int64_t jj = 0;
     for (; jj + W <= cols; jj += W) {
       const KV* kt = k + jj * p.k_stride.r;
-      S::store(s + jj, NX ? row_scores_across_d<NX ? NX : 1>(kt) : row_scores_across_d_any(kt));
+      const auto each_row = [&](const auto* keys, int64_t ldk) {
+        for (int64_t r = 0; r < ds.rows; ++r) {
+          const T* q = qs + r * p.D;
+          S::store(s + r * ldt + jj, NX ? row_scores_across_d<NX ? NX : 1>(keys, ldk, q)
+                                        : row_scores_across_d_any(keys, ldk, q));
+        }
+      };
+      if constexpr (std::is_same<KV, Half>::value && !S::kHalfTile) {
+        for (int t = 0; t < W; ++t) widen_row(kt + t * p.k_stride.r, p.D, krows + t * p.D);
+        each_row(static_cast<const T*>(krows), p.D);
+      } else {
+        each_row(kt, p.k_stride.r);
+      }
     }
     return jj;
   }
-  int64_t row_scores(const KV* k, int64_t cols) {
+  int64_t row_scores(const KV* k, int64_t cols, int64_t ldt) {
     switch (p.D / W) {
-      case 1: return row_scores_loop<1>(k, cols);
-      case 2: return row_scores_loop<2>(k, cols);
-      case 4: return row_scores_loop<4>(k, cols);
-      case 8: return row_scores_loop<8>(k, cols);
-      case 16: return row_scores_loop<16>(k, cols);
-      default: return row_scores_loop<0>(k, cols);
+      case 1: return row_scores_loop<1>(k, cols, ldt);
+      case 2: return row_scores_loop<2>(k, cols, ldt);
+      case 4: return row_scores_loop<4>(k, cols, ldt);
+      case 8: return row_scores_loop<8>(k, cols, ldt);
+      case 16: return row_scores_loop<16>(k, cols, ldt);
+      default: return row_scores_loop<0>(k, cols, ldt);
     }
   }
 
@@ -232,7 +254,7 @@ struct DecodeTask {
                  j0 * p.k_stride.r;
     const int64_t ldt = PrefillTiling<T>::round_up(ds.bc, W);
     int64_t jj = 0;
-    if (scores_across_d()) jj = row_scores(k, cols);
+    if (scores_across_d()) jj = row_scores(k, cols, ldt);
     for (; jj < cols; jj += kKeyTiles * W) {
       const int tiles = static_cast<int>(
           std::min<int64_t>(kKeyTiles, (cols - jj + W - 1) / W));

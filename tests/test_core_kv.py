@@ -93,13 +93,14 @@ def test_key_lengths_errors(rng):
 
 @pytest.mark.parametrize("d", [40, 64, 128])
 @pytest.mark.parametrize("half", [False, True])
-def test_one_row_decode(each_isa, rng, d, half):
-    """Multi-head decoding (one query row per KV head: the decode path sums
-    each score across the head dimension in SIMD lanes, which rounds
-    differently from the prefill's chains) is within round-off of the
-    float64 reference, for whole and partial key tiles, on float32 and half
-    K/V; an item's bits do not depend on the rest of the batch."""
-    q, k, v = make_qkv(rng, 2, 3, 3, 30, 1007, d)
+@pytest.mark.parametrize("hq", [3, 6, 12])
+def test_one_token_decode(each_isa, rng, d, half, hq):
+    """Decoding one token with 1, 2 or 4 query heads per KV head (the decode
+    path sums each score across the head dimension in SIMD lanes, which
+    rounds differently from the prefill's chains) is within round-off of
+    the float64 reference, for whole and partial key tiles, on float32 and
+    half K/V; an item's bits do not depend on the rest of the batch."""
+    q, k, v = make_qkv(rng, 2, hq, 3, 30, 1007, d)
     if half:
         k, v = k.astype(np.float16), v.astype(np.float16)
     kf, vf = k.astype(np.float32), v.astype(np.float32)

@@ -167,12 +167,15 @@ def test_return_weights(each_isa, rng):
     assert_close_to_reference(out, q, k, v, weights=w, window=(30, 30))
 
 
-@pytest.mark.parametrize("lq_small", [1, 2, 4])
+@pytest.mark.parametrize("lq_small, hkv", [(1, 1), (2, 2), (4, 2)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_decode_path_gives_prefill_bits(each_isa, rng, lq_small, dtype):
+def test_decode_path_gives_prefill_bits(each_isa, rng, lq_small, hkv, dtype):
     """The last queries computed alone (the decode path, Lq <= 4) give the
-    same bits as inside a long prefill over the same keys."""
-    b, hq, hkv, lk, d = 2, 8, 2, 1500, 64
+    same bits as inside a long prefill over the same keys: several queries,
+    or one token with a GQA group of more than 4 query heads per KV head
+    (one token with fewer sums its scores across D: test_core_kv's
+    test_one_token_decode)."""
+    b, hq, lk, d = 2, 8, 1500, 64
     q, k, v = make_qkv(rng, b, hq, hkv, 40, lk, d, dtype=dtype)
     kpm = rng.random((b, lk)) < 0.9
     fmask = rng.standard_normal((40, lk)).astype(dtype)
