@@ -283,14 +283,13 @@ class MultiHeadAttention(Module):
         mask, idx, _ = real
         b, length = mask.shape
         qkv_rows = self.projections.project_rows(rows)
-        nq, nk = self.q_proj.out_features, self.k_proj.out_features
         runs = token_runs(mask)
         if runs is not None:
             return self._attend_packed(qkv_rows, runs, is_causal, window)
         # Zeros, not garbage, at the padding: masked keys' values still meet
         # zero weights (0 * NaN would not be 0).
         qkv = scatter_rows(qkv_rows, real, (b, length, qkv_rows.shape[1]), self.dtype)
-        q, k, v = self.split_heads(qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:])
+        q, k, v = self._split_fused(qkv)
         q, k = self.norm_and_rotate(q, k)
         out = np.empty((b, length, self.num_heads, self.value_dim), self.dtype)
         scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v),
@@ -307,9 +306,7 @@ class MultiHeadAttention(Module):
         Returns (N, output_dim)."""
         first, lengths = runs
         n = qkv_rows.shape[0]
-        nq, nk = self.q_proj.out_features, self.k_proj.out_features
-        rows = qkv_rows[np.newaxis]
-        q, k, v = self.split_heads(rows[..., :nq], rows[..., nq:nq + nk], rows[..., nq + nk:])
+        q, k, v = self._split_fused(qkv_rows[np.newaxis])
         offsets = np.concatenate(([0], np.cumsum(lengths)))
         positions = None
         if self.rope:     # each token's place in the padded layout, as the scatter path has it
@@ -317,6 +314,11 @@ class MultiHeadAttention(Module):
         q, k = self.norm_and_rotate(q, k, positions=positions)
         out = varlen_attention(q[0], k[0], v[0], offsets, is_causal=is_causal, window=window)
         return self.projections.output_rows(out.reshape(n, self.num_heads * self.value_dim))
+
+    def _split_fused(self, qkv: np.ndarray) -> Heads:
+        """The fused projection's (B, L, nq + nk + nv) columns as heads (views)."""
+        nq, nk = self.q_proj.out_features, self.k_proj.out_features
+        return self.split_heads(qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:])
 
     def split_heads(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Heads:
         """Projections (B, L, H*D) -> q (B, Lq, Hq, D), k (B, Lk, Hkv, D),
