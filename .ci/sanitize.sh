@@ -24,7 +24,7 @@ start=$(date +%s)
 default_tests="test_attention.py test_masks.py test_errors.py test_layouts_dtypes.py
   test_core_kv.py test_threads.py test_hypothesis.py test_mha_features.py
   test_cache.py test_edge_cases.py test_fuzz.py test_resources.py test_linear_kernel.py test_dense_copy.py
-  test_varlen.py test_batch_independence.py test_row_ops.py"
+  test_varlen.py test_batch_independence.py test_row_ops.py test_bf16_linear.py"
 tests=()
 for t in ${SAN_TESTS:-$default_tests}; do
   [ -e "$root/tests/$t" ] && tests+=("$root/tests/$t")
@@ -37,7 +37,7 @@ fi
 # seed draws the same cases only with the same release.
 hyp=$(grep -o 'hypothesis==[0-9.]*' "$root/pyproject.toml")
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  numpy pytest "$hyp" safetensors scikit-build-core pybind11 ninja cmake
+  numpy ml_dtypes pytest "$hyp" safetensors scikit-build-core pybind11 ninja cmake
 
 # A build directory configured for another source tree cannot be reused.
 if [ -f "$build/CMakeCache.txt" ] &&

@@ -1,6 +1,8 @@
 """The projections against their roofline: six ``Linear(4096, 4096)`` layers
 (384 MiB of float32 weights, beyond any cache) at decode-sized batches, and
-one layer at M = 256 against NumPy's sgemm.
+one layer at M = 256 against NumPy's sgemm; then the same layers with
+bf16 products (``compute_dtype="bfloat16"``: the weights packed in bf16,
+half the bytes) against the float32 ones.
 
 The roofline of the six layers at M rows is max(weight bytes / read
 bandwidth, flops / sgemm rate), both measured in the same run: the read
@@ -64,6 +66,32 @@ def main() -> None:
     ours_rate = 2 * 256 * E * E / statistics.median(big["tileattn"])
     print(f"M = 256, one layer: tileattn {ours_rate / 1e9:.0f} GFLOP/s, NumPy "
           f"{sgemm / 1e9:.0f} GFLOP/s: {ours_rate / sgemm:.2f}x (target >= 0.95x)")
+    bf16_against_float32(layers, rng, args.rounds, bandwidth)
+
+
+def bf16_against_float32(layers: list, rng: np.random.Generator, rounds: int,
+                         bandwidth: float) -> None:
+    """The same layers with bf16 products, paired with the float32 ones."""
+    bf16 = []
+    for lin in layers:
+        b = tileattn.Linear(E, E, bias=False, compute_dtype="bfloat16")
+        b.load_state_dict(lin.state_dict())
+        bf16.append(b)
+    nbytes = sum(b.packed_weight().nbytes for b in bf16)
+    print(f"bf16 products on the {tileattn._core.isa()} path "
+          f"({tileattn.config()['bf16_products']}); packed bf16 weights {nbytes / 2**20:.0f} MiB")
+    print(f"{'rows':>5s} {'layers':>6s} {'float32 ms':>11s} {'bf16 ms':>8s} {'bf16/f32':>9s} "
+          f"{'bf16 bytes / bandwidth':>23s}  (target at M = 1: bf16/f32 <= 0.60)")
+    for m, count in ((1, LAYERS), (8, LAYERS), (32, LAYERS), (256, 1)):
+        x = rng.standard_normal((m, E), dtype=np.float32)
+        def run(mods: list) -> None:
+            for lin in mods[:count]:
+                lin(x)
+        t = paired_times({"f32": lambda: run(layers), "bf16": lambda: run(bf16)}, rounds=rounds)
+        ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        roof = nbytes * count / LAYERS / bandwidth * 1e3
+        print(f"{m:5d} {count:6d} {ms['f32']:11.1f} {ms['bf16']:8.1f} "
+              f"{ms['bf16'] / ms['f32']:9.2f} {roof:20.1f} ms")
 
 
 if __name__ == "__main__":

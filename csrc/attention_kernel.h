@@ -38,6 +38,7 @@ namespace TILEATTN_ISA_NS {
 #include "kernel_decode.h"
 #include "kernel_gemm.h"
 #include "kernel_backward.h"
+#include "kernel_bf16.h"
 #include "kernel_linear.h"
 #include "kernel_activation.h"
 
@@ -87,7 +88,7 @@ void attention_backward(const BackwardParams& bp) {
 extern const KernelTable kernels;
 const KernelTable kernels = {&attention_forward, &attention_forward_items, &attention_backward,
                              &linear_forward,
-                             &linear_packed_size, &linear_pack, &activation};
+                             &linear_packed_bytes, &linear_pack, &activation};
 
 }  // namespace TILEATTN_ISA_NS
 }  // namespace tileattn

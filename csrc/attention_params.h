@@ -13,6 +13,9 @@
 namespace tileattn {
 
 enum class DType : int { f32 = 0, f64 = 1 };
+// The operands of the products: the data's own dtype, or rounded to
+// bfloat16 with float32 sums (compute_dtype="bfloat16"; kernel_bf16.h).
+enum class Products : int { native = 0, bf16 = 1 };
 enum class MaskKind : int { none = 0, boolean = 1, additive = 2 };
 
 // Strides in elements, in the order (batch, head, row, column).

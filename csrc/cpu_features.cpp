@@ -4,6 +4,7 @@ namespace tileattn {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512_bf16: return "avx512_bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "baseline";
@@ -12,7 +13,7 @@ const char* isa_name(Isa isa) {
 
 std::vector<Isa> isas_built() {
 #if defined(TILEATTN_HAVE_X86)
-  return {Isa::baseline, Isa::avx2, Isa::avx512};
+  return {Isa::baseline, Isa::avx2, Isa::avx512, Isa::avx512_bf16};
 #else
   return {Isa::baseline};
 #endif
@@ -32,6 +33,8 @@ bool cpu_supports(Isa isa) {
       return cpu_supports(Isa::avx2) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl");
+    case Isa::avx512_bf16:
+      return cpu_supports(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else
@@ -59,6 +62,7 @@ std::vector<std::pair<std::string, bool>> cpu_feature_list() {
   out.emplace_back("avx512dq", __builtin_cpu_supports("avx512dq"));
   out.emplace_back("avx512bw", __builtin_cpu_supports("avx512bw"));
   out.emplace_back("avx512vl", __builtin_cpu_supports("avx512vl"));
+  out.emplace_back("avx512bf16", __builtin_cpu_supports("avx512bf16"));
 #elif defined(__aarch64__)
   out.emplace_back("neon", true);
 #endif

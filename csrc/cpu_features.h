@@ -6,7 +6,10 @@
 
 namespace tileattn {
 
-enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
+// Each path is one compiled copy of the kernels (kernel_<isa>.cpp).
+// avx512_bf16 is avx512 plus the bf16 dot product (vdpbf16ps) for bf16
+// products; its float32 and float64 code is avx512's, with the same bits.
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
 
 const char* isa_name(Isa isa);
 // Paths compiled into this build, best last.

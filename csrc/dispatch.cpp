@@ -33,6 +33,7 @@ void set_active_isa(Isa isa) {
 const KernelTable& kernels() {
   switch (active_isa()) {
 #if defined(TILEATTN_HAVE_X86)
+    case Isa::avx512_bf16: return avx512_bf16::kernels;
     case Isa::avx512: return avx512::kernels;
     case Isa::avx2: return avx2::kernels;
 #endif

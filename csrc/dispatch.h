@@ -17,9 +17,9 @@ struct KernelTable {
   void (*attention_forward_items)(const AttentionParams* items, int64_t n);
   void (*attention_backward)(const BackwardParams& bp);
   void (*linear_forward)(const LinearParams& lp);
-  // Elements of an N x K weight packed for this path's linear_forward.
-  int64_t (*linear_packed_size)(DType dtype, int64_t N, int64_t K);
-  // Packs lp.w into dst (linear_packed_size elements, 64-byte aligned).
+  // Bytes of lp's N x K weight packed for this path's linear_forward.
+  int64_t (*linear_packed_bytes)(const LinearParams& lp);
+  // Packs lp.w into dst (linear_packed_bytes, 64-byte aligned).
   void (*linear_pack)(const LinearParams& lp, void* dst);
   // The feed-forward activation of float32 rows, in place.
   void (*activation)(const ActivationParams& ap);
@@ -29,6 +29,7 @@ struct KernelTable {
 namespace baseline { extern const KernelTable kernels; }
 namespace avx2 { extern const KernelTable kernels; }
 namespace avx512 { extern const KernelTable kernels; }
+namespace avx512_bf16 { extern const KernelTable kernels; }
 
 Isa active_isa();
 // Throws std::invalid_argument when the path is not built or the CPU lacks it.

@@ -341,16 +341,16 @@ int64_t row_stride(const py::array& a, const char* name) {
 }
 
 // A weight packed once for the projections' GEMM (linear_forward_packed):
-// the active path's panel layout, so it is valid for that path only.
+// the active path's panel layout, so it is valid for that path only. Its
+// storage: the dtype's own values, or bf16 pairs (Products::bf16, for
+// float32 rows), half the bytes.
 class PackedLinear {
   static constexpr size_t kHugePage = size_t(2) << 20;
 
  public:
-  PackedLinear(DType dtype, int64_t n, int64_t k)
-      : dtype_(dtype), n_(n), k_(k), isa_(active_isa()) {
-    const int64_t elems = kernels().linear_packed_size(dtype, n, k);
-    bytes_ = static_cast<size_t>(std::max<int64_t>(elems, 1)) *
-             (dtype == DType::f64 ? sizeof(double) : sizeof(float));
+  explicit PackedLinear(const LinearParams& lp)
+      : dtype_(lp.dtype), products_(lp.products), n_(lp.N), k_(lp.K), isa_(active_isa()) {
+    bytes_ = static_cast<size_t>(std::max<int64_t>(kernels().linear_packed_bytes(lp), 1));
     // A large weight in 2 MiB pages: the skinny path streams it from memory,
     // and with 4 KiB pages every 4 KiB of the stream is a TLB miss that
     // hardware prefetching does not cross (measured in BENCHMARKS.md,
@@ -364,6 +364,7 @@ class PackedLinear {
 #endif
   }
   DType dtype() const { return dtype_; }
+  Products products() const { return products_; }
   int64_t out_features() const { return n_; }
   int64_t in_features() const { return k_; }
   Isa isa() const { return isa_; }
@@ -375,6 +376,7 @@ class PackedLinear {
     void operator()(char* p) const { std::free(p); }
   };
   DType dtype_;
+  Products products_;
   int64_t n_, k_;
   Isa isa_;
   size_t bytes_ = 0;
@@ -424,16 +426,30 @@ void linear_forward_py(py::array x, py::array w, py::object bias, py::array out)
   run_cancellable([&] { kernels().linear_forward(lp); });
 }
 
+bool is_bfloat16(const py::array& a) {
+  return a.itemsize() == 2 && py::str(a.dtype().attr("name")).cast<std::string>() == "bfloat16";
+}
+
 // w (N x K) packed for the active path: the product then reads it once.
-PackedLinear pack_linear_py(py::array w) {
+// bf16: for products on bf16 operands (w float32, rounded as it is packed,
+// or ml_dtypes.bfloat16).
+PackedLinear pack_linear_py(py::array w, bool bf16) {
   require_ndim(w, 2, "w");
   LinearParams lp;
-  lp.dtype = dtype_of(w, "w");
+  if (bf16) {
+    lp.products = Products::bf16;
+    lp.w_bf16 = is_bfloat16(w);
+    if (!lp.w_bf16 && !w.dtype().equal(py::dtype::of<float>()))
+      throw std::invalid_argument("w: expected float32 or bfloat16 for bf16 products, got " +
+                                  py::str(w.dtype()).cast<std::string>());
+  } else {
+    lp.dtype = dtype_of(w, "w");
+  }
   lp.N = w.shape(0);
   lp.K = w.shape(1);
   lp.w_ld = row_stride(w, "w");
   lp.w = w.data();
-  PackedLinear packed(lp.dtype, lp.N, lp.K);
+  PackedLinear packed(lp);
   run_cancellable([&] { kernels().linear_pack(lp, packed.data()); });
   return packed;
 }
@@ -447,6 +463,7 @@ void linear_forward_packed_py(py::array x, const PackedLinear& w, py::object bia
                                 "' is active; pack it again");
   const py::dtype dt = w.dtype() == DType::f64 ? py::dtype::of<double>() : py::dtype::of<float>();
   LinearParams lp = linear_params(x, w.out_features(), w.in_features(), dt, bias, out);
+  lp.products = w.products();
   lp.packed = w.data();
   run_cancellable([&] { kernels().linear_forward(lp); });
 }
@@ -577,11 +594,10 @@ void copy_dense_py(py::array src, py::array dst) {
 }
 
 Isa isa_from_name(const std::string& name) {
-  if (name == "avx512") return Isa::avx512;
-  if (name == "avx2") return Isa::avx2;
-  if (name == "baseline") return Isa::baseline;
+  for (Isa isa : {Isa::baseline, Isa::avx2, Isa::avx512, Isa::avx512_bf16})
+    if (name == isa_name(isa)) return isa;
   throw std::invalid_argument("unknown ISA path '" + name +
-                              "'; expected 'avx512', 'avx2' or 'baseline'");
+                              "'; expected 'avx512_bf16', 'avx512', 'avx2' or 'baseline'");
 }
 
 
@@ -640,8 +656,9 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("out_features", &PackedLinear::out_features)
       .def_property_readonly("in_features", &PackedLinear::in_features)
       .def_property_readonly("isa", [](const PackedLinear& w) { return std::string(isa_name(w.isa())); })
-      .def_property_readonly("nbytes", &PackedLinear::nbytes);
-  m.def("pack_linear", &pack_linear_py, py::arg("w"));
+      .def_property_readonly("nbytes", &PackedLinear::nbytes)
+      .def_property_readonly("bf16", [](const PackedLinear& w) { return w.products() == Products::bf16; });
+  m.def("pack_linear", &pack_linear_py, py::arg("w"), py::arg("bf16") = false);
   m.def("linear_forward_packed", &linear_forward_packed_py, py::arg("x"), py::arg("w"),
         py::arg("bias"), py::arg("out"));
   m.def("copy_dense", &copy_dense_py, py::arg("src"), py::arg("dst"));

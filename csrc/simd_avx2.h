@@ -117,6 +117,17 @@ template <> struct Simd<float> {
   static reg keep_where_zero(reg p, reg keep, reg value) {
     return _mm256_blendv_ps(value, keep, _mm256_cmp_ps(p, zero(), _CMP_EQ_OQ));
   }
+  // bfloat16 pairs, as in simd_avx512.h; no bf16 dot product on this path.
+  static reg set1_bits(uint32_t bits) { return _mm256_castsi256_ps(_mm256_set1_epi32(int(bits))); }
+  static reg bf16_low(reg pairs) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(pairs), 16));
+  }
+  static reg bf16_high(reg pairs) {
+    return _mm256_castsi256_ps(
+        _mm256_and_si256(_mm256_castps_si256(pairs), _mm256_set1_epi32(int(0xFFFF0000u))));
+  }
+  static constexpr bool kBf16Dot = false;
+  static reg dot_bf16(reg acc, reg, reg) { return acc; }  // not called
 };
 
 template <> struct Simd<double> {

@@ -6,8 +6,14 @@
 
 #include <cstdint>
 
+// The namespace: avx512, or the avx512_bf16 path's own copy (its translation
+// unit defines TILEATTN_SIMD512_NS; see kernel_avx512_bf16.cpp).
+#ifndef TILEATTN_SIMD512_NS
+#define TILEATTN_SIMD512_NS avx512
+#endif
+
 namespace tileattn {
-namespace avx512 {
+namespace TILEATTN_SIMD512_NS {
 
 template <typename T> struct Simd;
 
@@ -119,7 +125,27 @@ template <> struct Simd<float> {
   // Lanes of `keep` where p == 0, of `value` elsewhere.
   static reg keep_where_zero(reg p, reg keep, reg value) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(p, zero(), _CMP_EQ_OQ), value, keep);
+  }  // bfloat16 (the high half of a float32) in pairs: each 32-bit lane holds
+  // elements 2i (low half) and 2i + 1 (high half). Widened exactly.
+  static reg set1_bits(uint32_t bits) { return _mm512_castsi512_ps(_mm512_set1_epi32(int(bits))); }
+  static reg bf16_low(reg pairs) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(pairs), 16));
   }
+  static reg bf16_high(reg pairs) {
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_castps_si512(pairs), _mm512_set1_epi32(int(0xFFFF0000u))));
+  }
+#if defined(__AVX512BF16__)
+  // acc + a.low * b.low + a.high * b.high, lane by lane, in one instruction
+  // (vdpbf16ps; bf16 subnormal inputs count as zero).
+  static constexpr bool kBf16Dot = true;
+  static reg dot_bf16(reg acc, reg a, reg b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  }
+#else
+  static constexpr bool kBf16Dot = false;
+  static reg dot_bf16(reg acc, reg, reg) { return acc; }  // not called without the instruction
+#endif
 };
 
 template <> struct Simd<double> {

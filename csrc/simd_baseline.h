@@ -80,7 +80,15 @@ struct VecExtSimd {
   static reg zero_where_less(reg x, reg limit, reg value) {
     for (int i = 0; i < W; ++i) value[i] = x[i] < limit[i] ? T(0) : value[i];
     return value;
-  }
+  }  // bfloat16 pairs, as in simd_avx512.h (float lanes only); no bf16 dot
+  // product on this path.
+  static reg set1_bits(U bits) { reg r; ureg u = ureg{} + bits; std::memcpy(&r, &u, sizeof r); return r; }
+  static reg bf16_low(reg pairs) { return from_bits(bits_of(pairs) << 16); }
+  static reg bf16_high(reg pairs) { return from_bits(bits_of(pairs) & U(0xFFFF0000u)); }
+  static ureg bits_of(reg a) { ureg u; std::memcpy(&u, &a, sizeof u); return u; }
+  static reg from_bits(ureg u) { reg r; std::memcpy(&r, &u, sizeof r); return r; }
+  static constexpr bool kBf16Dot = false;
+  static reg dot_bf16(reg acc, reg, reg) { return acc; }  // not called
 };
 
 template <typename T> struct Simd;

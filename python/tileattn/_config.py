@@ -12,11 +12,20 @@ from . import _core
 from ._errors import InvalidParameterError
 from ._version import __version__
 
-ISA_NAMES = ("avx512", "avx2", "baseline")
+ISA_NAMES = ("avx512_bf16", "avx512", "avx2", "baseline")
+
+# How each path computes bf16 products (compute_dtype="bfloat16").
+_BF16_METHODS = {"avx512_bf16": "vdpbf16ps (AVX512-BF16)"}
+
+
+def bf16_method(isa: str) -> str:
+    """How the ISA path ``isa`` runs products on bf16 operands."""
+    return _BF16_METHODS.get(isa, "widened to float32, FMA (no bf16 units used)")
 
 
 def _apply_isa_env() -> None:
-    """Honour TILEATTN_ISA=avx512|avx2|baseline, refusing a path the CPU lacks."""
+    """Honour TILEATTN_ISA=avx512_bf16|avx512|avx2|baseline, refusing a path
+    the CPU lacks."""
     name = os.environ.get("TILEATTN_ISA", "")
     if not name:
         return
@@ -42,6 +51,7 @@ def config() -> dict[str, Any]:
         "isa_paths_built": list(info["isas_built"]),
         "isa_paths_supported": list(_core.isas_supported()),
         "isa_path_in_use": _core.isa(),
+        "bf16_products": bf16_method(_core.isa()),
         "cpu_features": {k: bool(v) for k, v in _core.cpu_features().items()},
         "machine": platform.machine(),
         "num_threads": int(_core.num_threads()),
@@ -60,6 +70,7 @@ def show_config() -> None:
         f"  ISA paths built : {', '.join(cfg['isa_paths_built'])}",
         f"  ISA paths usable: {', '.join(cfg['isa_paths_supported'])}",
         f"  ISA path in use : {cfg['isa_path_in_use']}",
+        f"  bf16 products   : {cfg['bf16_products']}",
         f"  CPU features    : {features} ({cfg['machine']})",
         f"  threads         : {cfg['num_threads']}",
         f"  numpy           : {cfg['numpy']}  python {cfg['python']}",

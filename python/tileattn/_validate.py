@@ -21,6 +21,46 @@ from ._errors import DTypeError, InvalidParameterError
 # widened to float32 by the kernel) and the dtypes the kernels compute in.
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# bfloat16, the NumPy extension dtype of ml_dtypes (as JAX and ONNX tooling
+# use it). Its kind is 'V' and it is no np.floating: test for it by name.
+# ml_dtypes is a dependency; without it (a source build into a bare
+# environment) bf16 arrays are unavailable, bf16 products still run.
+try:
+    import ml_dtypes
+    BFLOAT16: Optional[np.dtype[Any]] = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    BFLOAT16 = None
+
+
+def is_bfloat16(dtype: Any) -> bool:
+    return BFLOAT16 is not None and isinstance(dtype, np.dtype) and dtype == BFLOAT16
+
+
+def bf16_products(value: Any, dtype: np.dtype[Any], name: str = "compute_dtype") -> bool:
+    """Whether a module of ``dtype`` computes its products on bfloat16
+    operands: ``compute_dtype`` None or the module's dtype (no), or
+    "bfloat16" / ml_dtypes.bfloat16 (yes: float32 modules only; inputs and
+    outputs stay float32, sums float32)."""
+    if value is None:
+        return False
+    if isinstance(value, str) and value == "bfloat16":
+        dt: Optional[np.dtype[Any]] = BFLOAT16
+        named = True
+    else:
+        named = False
+        try:
+            dt = np.dtype(value)
+        except TypeError:
+            dt = None
+    if dt is not None and dt == dtype:
+        return False
+    if not named and (dt is None or not is_bfloat16(dt)):
+        raise DTypeError(f"{name}: expected None, 'bfloat16' or the module's dtype "
+                         f"({dtype.name}), got {value!r}")
+    if dtype != np.float32:
+        raise DTypeError(f"{name}: 'bfloat16' products take a float32 module, "
+                         f"got dtype {dtype.name}")
+    return True
 
 
 def is_bool(value: Any) -> bool:
