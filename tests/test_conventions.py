@@ -414,7 +414,7 @@ def test_qk_layer_norm_is_edifices(rng, dtype):
 
 
 def test_qk_layer_norm_errors_and_empty():
-    with pytest.raises(DTypeError, match="x: expected float16, float32 or float64"):
+    with pytest.raises(DTypeError, match="x: expected float16, bfloat16, float32 or float64"):
         tileattn.qk_layer_norm(np.ones((2, 4), np.int32))
     with pytest.raises(InvalidParameterError, match="eps"):
         tileattn.qk_layer_norm(np.ones((2, 4)), eps=0.0)

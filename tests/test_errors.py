@@ -43,7 +43,7 @@ def test_shape_errors(change, pattern):
 @pytest.mark.parametrize("bad", [np.int32, np.int64, np.complex64, np.bool_, object])
 def test_dtype_errors(bad):
     q, k, v = qkv()
-    with pytest.raises(DTypeError, match="q: expected float16, float32 or float64"):
+    with pytest.raises(DTypeError, match="q: expected float16, bfloat16, float32 or float64"):
         sdpa(q.astype(bad), k, v)
 
 

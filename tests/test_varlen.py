@@ -122,7 +122,7 @@ def test_no_sequences_and_empty_rows(rng):
     (dict(cu_seqlens_k=[0, 10]), ShapeError, "cu_seqlens_k: expected 3 offsets"),
     (dict(k="4d"), ShapeError, r"k: expected packed rows \(Tk, Hkv, D\)"),
     (dict(k="heads3"), ShapeError, "whole multiple"),
-    (dict(v="int"), DTypeError, "v: expected float16, float32 or float64"),
+    (dict(v="int"), DTypeError, "v: expected float16, bfloat16, float32 or float64"),
     (dict(window=0), InvalidParameterError, "window"),
 ])
 def test_errors_name_the_argument_and_write_nothing(rng, change, error, message):

@@ -15,22 +15,23 @@ import numpy as np
 from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._overlap import may_overlap
-from ._validate import entries_within, flag, native_byte_order, shape_str
+from ._validate import (INPUT_DTYPES, FLOAT_NAMES, entries_within, flag, is_bfloat16,
+                        native_byte_order, shape_str)
 
 ArrayLike = Any
 Window = Union[int, Tuple[int, int], None]
 
-# The dtypes the kernel computes in, and those it also takes (float16 is
-# computed in float32).
+# The dtypes the kernel computes in, and those it also takes (float16 and
+# bfloat16 are computed in float32).
 NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
-FLOAT_INPUTS = (np.dtype(np.float16),) + NATIVE
+FLOAT_INPUTS = INPUT_DTYPES
 
 
 def as_input(x: ArrayLike, name: str) -> np.ndarray:
     a = native_byte_order(x if isinstance(x, np.ndarray) else np.asarray(x))
     if a.dtype not in FLOAT_INPUTS:
         raise DTypeError(
-            f"{name}: expected float16, float32 or float64, got {a.dtype} with shape "
+            f"{name}: expected {FLOAT_NAMES}, got {a.dtype} with shape "
             f"{shape_str(a.shape)}"
         )
     return a
@@ -204,7 +205,7 @@ def broadcast_attn_mask(mask: ArrayLike, target: tuple[int, ...], dtype: np.dtyp
     m = integers_as_bool(mask if isinstance(mask, np.ndarray) else np.asarray(mask))
     if m.dtype == np.bool_:
         kind = "bool"
-    elif m.dtype.kind == "f":
+    elif m.dtype.kind == "f" or is_bfloat16(m.dtype):
         kind = "float"
     else:
         raise DTypeError(

@@ -17,9 +17,6 @@ import numpy as np
 
 from ._errors import DTypeError, InvalidParameterError
 
-# The storage dtypes of the functional API and the cache (float16 is
-# widened to float32 by the kernel) and the dtypes the kernels compute in.
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # bfloat16, the NumPy extension dtype of ml_dtypes (as JAX and ONNX tooling
 # use it). Its kind is 'V' and it is no np.floating: test for it by name.
@@ -30,6 +27,13 @@ try:
     BFLOAT16: Optional[np.dtype[Any]] = np.dtype(ml_dtypes.bfloat16)
 except ImportError:  # pragma: no cover - ml_dtypes is a dependency
     BFLOAT16 = None
+
+# The IEEE storage dtypes (float16 is widened to float32 by the kernels), and
+# those the attention functions and the modules' inputs take (bfloat16 too,
+# computed in float32).
+FLOAT_DTYPES = (np.dtype(np.float16),) + COMPUTE_DTYPES
+INPUT_DTYPES = FLOAT_DTYPES + ((BFLOAT16,) if BFLOAT16 is not None else ())
+FLOAT_NAMES = "float16, bfloat16, float32 or float64"
 
 
 def is_bfloat16(dtype: Any) -> bool:
@@ -125,8 +129,8 @@ def float_array(x: Any, name: str) -> np.ndarray:
     """x as an array of a storage dtype (no copy of an ndarray in the
     machine's byte order; see native_byte_order)."""
     a = native_byte_order(x if isinstance(x, np.ndarray) else np.asarray(x))
-    if a.dtype not in FLOAT_DTYPES:
-        raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype} "
+    if a.dtype not in INPUT_DTYPES:
+        raise DTypeError(f"{name}: expected {FLOAT_NAMES}, got {a.dtype} "
                          f"with shape {a.shape}")
     return a
 

@@ -11,7 +11,7 @@ from . import _core
 from ._budget import charge
 from ._errors import InvalidParameterError, ShapeError
 from ._memory import check_fits
-from ._validate import flag, float_array, positive_int, positive_real, shape_str
+from ._validate import COMPUTE_DTYPES, flag, float_array, positive_int, positive_real, shape_str
 from .linear import as_2d_rows, grad_input
 from .module import Module
 
@@ -145,7 +145,7 @@ def qk_layer_norm(x: Any, eps: float = 1e-6) -> np.ndarray:
     eps = positive_real("eps", eps)
     if a.ndim == 0:
         raise ShapeError("x: expected at least one axis (the features), got a scalar")
-    compute = np.float32 if a.dtype == np.float16 else a.dtype
+    compute = a.dtype if a.dtype in COMPUTE_DTYPES else np.dtype(np.float32)
     y = np.array(a, dtype=compute, order="C")
     if y.shape[-1]:
         _normalize_rows_(as_2d_rows(y), eps)
