@@ -34,11 +34,11 @@ namespace TILEATTN_ISA_NS {
 #include "dropout_hash.h"
 #include "kernel_common.h"
 #include "score_mask.h"
+#include "kernel_bf16.h"
 #include "kernel_prefill.h"
 #include "kernel_decode.h"
 #include "kernel_gemm.h"
 #include "kernel_backward.h"
-#include "kernel_bf16.h"
 #include "kernel_linear.h"
 #include "kernel_activation.h"
 
@@ -55,7 +55,12 @@ void forward_typed(const AttentionParams& p) {
 
 void attention_forward(const AttentionParams& p) {
   if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
-  if (p.kv_half)
+  if (p.products == Products::bf16) {
+    if (p.kv_half)
+      prefill_forward_bf16<Half>(p);
+    else
+      prefill_forward_bf16<float>(p);
+  } else if (p.kv_half)
     forward_typed<float, Half>(p);
   else if (p.dtype == DType::f64)
     forward_typed<double, double>(p);

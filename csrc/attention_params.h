@@ -25,6 +25,9 @@ struct Strides4 {
 
 struct AttentionParams {
   DType dtype = DType::f32;
+  // Products::bf16 (float32 only): both products on bf16 operands, float32
+  // softmax and sums (kernel_prefill_bf16.h).
+  Products products = Products::native;
 
   // Shapes: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv),
   // out (B, Hq, Lq, Dv). Query head h reads key/value head h / (Hq / Hkv).

@@ -32,12 +32,14 @@ struct PrefillTiling {
   int64_t d, dv, dvp, bc;
   bool k_direct;  // read K in place (else copy each block)
   bool v_direct;  // read V in place (else pack each block into panels)
+  bool pairs;     // bf16 products: K and V converted once per call (kernel_prefill_bf16.h)
 
-  explicit PrefillTiling(const AttentionParams& p) : d(p.D), dv(p.Dv) {
+  explicit PrefillTiling(const AttentionParams& p)
+      : d(p.D), dv(p.Dv), pairs(p.products == Products::bf16) {
     dvp = round_up(std::max<int64_t>(dv, 1), MR);
     // K and V of one block (bc * (d + dvp) values) take about 192 KiB,
     // leaving room in a 512 KiB L2 for Q^T, S^T and O^T.
-    const int64_t bytes_per_key = static_cast<int64_t>(sizeof(T)) * (d + dvp);
+    const int64_t bytes_per_key = (pairs ? 2 : static_cast<int64_t>(sizeof(T))) * (d + dvp);
     const int64_t keys = (192 * 1024) / std::max<int64_t>(bytes_per_key, 1);
     bc = std::max<int64_t>(24, std::min<int64_t>(kMaxBlockKeys, keys) / 24 * 24);
     k_direct = p.k_stride.c == 1 && !p.kv_half;
@@ -46,6 +48,7 @@ struct PrefillTiling {
     // key step. Packing it cost every (query block, key block) a copy of
     // the block (~5% of the time at D = 64).
     v_direct = p.v_stride.c == 1 && !p.kv_half && dv % MR == 0;
+    if (pairs) k_direct = v_direct = true;  // the converted pairs, in place
   }
   static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 };
@@ -57,6 +60,7 @@ struct PrefillScratch {
   T *ot_run, *m_run, *l_run, *scale_c;  // state merged over finished chunks
   T* colmax;                            // per-query max of the block's scores
   uint8_t* visible;
+  Bf16Pair *qt2 = nullptr, *pt2 = nullptr, *ktail2 = nullptr, *rows2 = nullptr;  // bf16 only
 
   PrefillScratch(Arena& a, const PrefillTiling<T>& t) {
     using Tl = PrefillTiling<T>;
@@ -64,7 +68,13 @@ struct PrefillScratch {
     const size_t n_qt = BR * t.d, n_k = t.k_direct ? 0 : t.bc * t.d;
     const size_t n_v = t.v_direct ? 0 : t.bc * t.dvp, n_st = t.bc * BR, n_o = t.dvp * BR;
     const size_t n_tail = Tl::MR * std::max<int64_t>(t.d, 1);
-    a.reset(sizeof(T) * (n_qt + n_k + n_tail + n_v + n_st + 2 * n_o + 8 * BR) + t.bc);
+    const size_t dp = static_cast<size_t>(t.d + 1) / 2;
+    const size_t dpw = (dp + Tl::W - 1) / Tl::W * Tl::W;
+    const size_t n_pairs =
+        t.pairs ? dp * BR + (t.bc / 2 + 1) * BR + Tl::MR * std::max<size_t>(dp, 1) + Tl::W * dpw
+                : 0;
+    a.reset(sizeof(T) * (n_qt + n_k + n_tail + n_v + n_st + 2 * n_o + 8 * BR) + t.bc +
+            sizeof(Bf16Pair) * n_pairs + 4 * 64);
     qt = a.carve<T>(n_qt);
     kbuf = a.carve<T>(n_k);
     ktail = a.carve<T>(n_tail);
@@ -80,6 +90,12 @@ struct PrefillScratch {
     scale_c = a.carve<T>(BR);
     colmax = a.carve<T>(BR);
     visible = a.carve<uint8_t>(t.bc);
+    if (t.pairs) {
+      qt2 = a.carve<Bf16Pair>(dp * BR);
+      pt2 = a.carve<Bf16Pair>((t.bc / 2 + 1) * BR);
+      ktail2 = a.carve<Bf16Pair>(Tl::MR * std::max<size_t>(dp, 1));
+      rows2 = a.carve<Bf16Pair>(Tl::W * dpw);
+    }
   }
 };
 
@@ -481,6 +497,16 @@ class FiniteBlocks {
     }
     return s == kFinite;
   }
+  // The flag of the block holding key j0 recorded by whoever read V first
+  // (bf16 products: Bf16Operands, while converting it), and read back.
+  void record(int64_t b, int64_t hk, int64_t j0, bool finite) {
+    flags_[(b * kv_heads_ + hk) * blocks_ + j0 / bc_].store(finite ? kFinite : kNotFinite,
+                                                           std::memory_order_relaxed);
+  }
+  bool recorded_finite(int64_t b, int64_t hk, int64_t j0) const {
+    return flags_[(b * kv_heads_ + hk) * blocks_ + j0 / bc_].load(std::memory_order_relaxed) ==
+           kFinite;
+  }
 
  private:
   static constexpr uint8_t kUnknown = 0, kFinite = 1, kNotFinite = 2;
@@ -574,14 +600,19 @@ void dropout_block(const Dropout& dr, const RowRange& rr, int64_t j0, int64_t co
   }
 }
 
+#include "kernel_prefill_bf16.h"
+
 // ---------------------------------------------------------------------------
 // One task.
 
+// KV = Bf16Pair: bf16 products, K and V the call's converted pairs
+// (Bf16Operands), q float32.
 template <typename T, typename KV>
 struct PrefillTask {
   using Tl = PrefillTiling<T>;
   using S = Simd<T>;
   static constexpr int BR = Tl::BR, W = Tl::W;
+  static constexpr bool kPairs = std::is_same_v<KV, Bf16Pair>;
   const AttentionParams& p;
   const Tl& t;
   const RowRange& rr;
@@ -604,21 +635,31 @@ struct PrefillTask {
   // Returns whether sc.colmax holds the block's per-query maxima (only
   // when no mask changed the scores after they were computed).
   bool scores(int64_t j0, int64_t cols, bool inside) {
-    const T* k = sc.kbuf;
-    int64_t ldk = t.d;
-    if (t.k_direct) {
-      k = reinterpret_cast<const T*>(k_head + j0 * p.k_stride.r);  // KV is T here
-      ldk = p.k_stride.r;
+    if constexpr (kPairs) {
+      const bool masked = mask.hides_any(inside);
+      block_scores_bf16<T>(t, k_head + j0 * p.k_stride.r, p.k_stride.r, cols, qcols, !masked,
+                           static_cast<float>(p.scale), sc);
+      if (masked)
+        mask.template apply<ScoreLayout::keys_major>(
+            sc.st, BR, ScoreTile{rr.h, rr.i0, rr.rows, qcols, j0, cols}, sc.visible, inside);
+      return !masked;
     } else {
-      copy_rows<T, KV>(k_head + j0 * p.k_stride.r, p.k_stride.r, p.k_stride.c, cols, cols, t.d,
-                       t.d, sc.kbuf);
+      const T* k = sc.kbuf;
+      int64_t ldk = t.d;
+      if (t.k_direct) {
+        k = reinterpret_cast<const T*>(k_head + j0 * p.k_stride.r);  // KV is T here
+        ldk = p.k_stride.r;
+      } else {
+        copy_rows<T, KV>(k_head + j0 * p.k_stride.r, p.k_stride.r, p.k_stride.c, cols, cols, t.d,
+                         t.d, sc.kbuf);
+      }
+      const bool masked = mask.hides_any(inside);
+      block_scores<T>(t, k, ldk, cols, qcols, !masked, sc);
+      if (masked)
+        mask.template apply<ScoreLayout::keys_major>(
+            sc.st, BR, ScoreTile{rr.h, rr.i0, rr.rows, qcols, j0, cols}, sc.visible, inside);
+      return !masked;
     }
-    const bool masked = mask.hides_any(inside);
-    block_scores<T>(t, k, ldk, cols, qcols, !masked, sc);
-    if (masked)
-      mask.template apply<ScoreLayout::keys_major>(
-          sc.st, BR, ScoreTile{rr.h, rr.i0, rr.rows, qcols, j0, cols}, sc.visible, inside);
-    return !masked;
   }
 
   void reset_chunk() {
@@ -655,7 +696,11 @@ struct PrefillTask {
     block_softmax<T>(sc.st, BR, cols, j0 % t.bc, qcols, sc.m, sc.l, sc.alpha,
                      have_max ? sc.colmax : nullptr);
     if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);
-    if (t.v_direct) {
+    if constexpr (kPairs) {
+      probabilities_to_pairs<T>(sc.st, cols, qcols, sc.pt2);
+      block_values_bf16<T>(t, v_head + (j0 / 2) * p.v_stride.r, p.v_stride.r, (cols + 1) / 2,
+                           (j0 % t.bc) / 2, qcols, finite_v.recorded_finite(rr.b, rr.hk, j0), sc);
+    } else if (t.v_direct) {
       const T* v = reinterpret_cast<const T*>(v_head + j0 * p.v_stride.r);  // KV is T here
       const bool finite = finite_v.finite<T>(rr.b, rr.hk, j0, reinterpret_cast<const T*>(v_head),
                                              p.v_stride.r, p.Lk, t.dv);
@@ -669,7 +714,10 @@ struct PrefillTask {
   }
 
   void run() {
-    pack_query_transposed<T>(p, t, rr, qcols, static_cast<T>(p.scale), sc.qt);
+    if constexpr (kPairs)
+      pack_query_pairs<T>(p, rr, qcols, (t.d + 1) / 2, sc.rows2, sc.qt2);
+    else
+      pack_query_transposed<T>(p, t, rr, qcols, static_cast<T>(p.scale), sc.qt);
     const int64_t chunk_keys = t.bc * kChunkBlocks;
     int64_t chunk = -1;
     bool first_chunk = true;
@@ -809,4 +857,29 @@ void prefill_forward_items(const AttentionParams* items, int64_t n) {
 template <typename T, typename KV>
 void prefill_forward(const AttentionParams& p) {
   prefill_forward_items<T, KV>(&p, 1);
+}
+
+// bf16 products (float32 q and out; K and V float32 or binary16, KV): K
+// and V rounded into pairs once, then the tasks as above on them. Every
+// call of this kind takes this path, also a decode step's few queries.
+template <typename KV>
+void prefill_forward_bf16(const AttentionParams& p) {
+  using Tl = PrefillTiling<float>;
+  const Tl t(p);
+  FiniteBlocks finite_v(p, t.bc);
+  const Bf16Operands ops(p, t.dvp, t.bc, finite_v, static_cast<const KV*>(nullptr));
+  const AttentionParams& q = ops.params;
+  const int64_t blocks = (q.Lq + Tl::BR - 1) / Tl::BR;
+  parallel_for(blocks * q.B * q.Hq, [&](int64_t task, int) {
+    static thread_local Arena arena;
+    PrefillScratch<float> sc(arena, t);
+    const int64_t bh = task / blocks, qb = blocks - 1 - task % blocks;
+    RowRange rr;
+    rr.b = bh / q.Hq;
+    rr.h = bh % q.Hq;
+    rr.hk = rr.h / q.group_size();
+    rr.i0 = qb * Tl::BR;
+    rr.rows = std::min<int64_t>(Tl::BR, q.Lq - rr.i0);
+    PrefillTask<float, Bf16Pair>(q, t, rr, sc, finite_v).run();
+  });
 }

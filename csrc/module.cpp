@@ -153,6 +153,7 @@ struct AttentionOptions {
   py::object key_lengths = py::none();  // (B,) int64
   double dropout_p = 0.0;
   uint64_t seed = 0;
+  bool bf16 = false;  // products on bf16 operands (float32 calls; forward only)
 };
 
 // The description of a call from q, k, v, out (B, Hq, Lq, Dv) and the mask
@@ -205,6 +206,11 @@ AttentionParams params_from(py::array q, py::array k, py::array v, py::array out
   set_key_lengths(p, o.key_lengths);
   p.dropout_p = o.dropout_p;
   p.seed = o.seed;
+  if (o.bf16) {
+    if (p.dtype != DType::f32)
+      throw std::invalid_argument("q: bf16 products take float32 (or float16) inputs");
+    p.products = Products::bf16;
+  }
   return p;
 }
 
@@ -622,17 +628,18 @@ PYBIND11_MODULE(_core, m) {
   py::class_<AttentionOptions>(m, "AttentionOptions")
       .def(py::init([](double scale, int64_t window_left, int64_t window_right, bool top_left,
                        py::object mask, py::object key_padding, py::object key_lengths,
-                       double dropout_p, uint64_t seed) {
+                       double dropout_p, uint64_t seed, bool bf16) {
              return AttentionOptions{scale,           window_left,           window_right,
                                      top_left,        std::move(mask),       std::move(key_padding),
-                                     std::move(key_lengths), dropout_p,      seed};
+                                     std::move(key_lengths), dropout_p,      seed, bf16};
            }),
            py::kw_only(), py::arg("scale") = defaults.scale,
            py::arg("window_left") = defaults.window_left,
            py::arg("window_right") = defaults.window_right,
            py::arg("top_left") = defaults.top_left, py::arg("mask") = py::none(),
            py::arg("key_padding") = py::none(), py::arg("key_lengths") = py::none(),
-           py::arg("dropout_p") = defaults.dropout_p, py::arg("seed") = defaults.seed)
+           py::arg("dropout_p") = defaults.dropout_p, py::arg("seed") = defaults.seed,
+           py::arg("bf16") = defaults.bf16)
       .def_readwrite("scale", &AttentionOptions::scale)
       .def_readwrite("window_left", &AttentionOptions::window_left)
       .def_readwrite("window_right", &AttentionOptions::window_right)
@@ -641,7 +648,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("key_padding", &AttentionOptions::key_padding)
       .def_readwrite("key_lengths", &AttentionOptions::key_lengths)
       .def_readwrite("dropout_p", &AttentionOptions::dropout_p)
-      .def_readwrite("seed", &AttentionOptions::seed);
+      .def_readwrite("seed", &AttentionOptions::seed)
+      .def_readwrite("bf16", &AttentionOptions::bf16);
   m.def("attention_forward", &attention_forward_py, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("options"), py::arg("weights") = py::none(),
         py::arg("lse") = py::none());

@@ -126,6 +126,22 @@ template <> struct Simd<float> {
     return _mm256_castsi256_ps(
         _mm256_and_si256(_mm256_castps_si256(pairs), _mm256_set1_epi32(int(0xFFFF0000u))));
   }
+  static reg bf16_round_pairs(reg lo, reg hi) {  // as in simd_avx512.h
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
+    const auto round = [&](reg x) {
+      const __m256i u = _mm256_castps_si256(x);
+      const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+      const __m256i nan = _mm256_or_si256(u, _mm256_set1_epi32(0x00400000));
+      return _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    };
+    return _mm256_castsi256_ps(_mm256_or_si256(
+        _mm256_srli_epi32(round(lo), 16), _mm256_and_si256(round(hi), _mm256_set1_epi32(int(0xFFFF0000u)))));
+  }
+  static void store_bf16(uint16_t* dst, reg x) {  // as in simd_avx512.h
+    const __m256i r = _mm256_castps_si256(bf16_round_pairs(x, zero()));  // < 2^16 per lane
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+  }
   static constexpr bool kBf16Dot = false;
   static reg dot_bf16(reg acc, reg, reg) { return acc; }  // not called
 };

@@ -135,6 +135,25 @@ template <> struct Simd<float> {
     return _mm512_castsi512_ps(
         _mm512_and_si512(_mm512_castps_si512(pairs), _mm512_set1_epi32(int(0xFFFF0000u))));
   }
+  // Pairs from two registers of float32, each rounded to bf16 to nearest
+  // even (kernel_bf16.h's bf16_round, lane by lane; a NaN stays a NaN).
+  static reg bf16_round_pairs(reg lo, reg hi) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+    const auto round = [&](reg x) {
+      const __m512i u = _mm512_castps_si512(x);
+      const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+      const __m512i nan = _mm512_or_si512(u, _mm512_set1_epi32(0x00400000));
+      return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, nan);
+    };
+    return _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_srli_epi32(round(lo), 16), _mm512_and_si512(round(hi), _mm512_set1_epi32(int(0xFFFF0000u)))));
+  }
+  // x's W lanes rounded to bf16 (as bf16_round_pairs) into dst[0, W).
+  static void store_bf16(uint16_t* dst, reg x) {
+    const reg pairs = bf16_round_pairs(x, zero());  // low halves: x rounded
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm512_cvtepi32_epi16(_mm512_castps_si512(pairs)));
+  }
 #if defined(__AVX512BF16__)
   // acc + a.low * b.low + a.high * b.high, lane by lane, in one instruction
   // (vdpbf16ps; bf16 subnormal inputs count as zero).

@@ -87,6 +87,22 @@ struct VecExtSimd {
   static reg bf16_high(reg pairs) { return from_bits(bits_of(pairs) & U(0xFFFF0000u)); }
   static ureg bits_of(reg a) { ureg u; std::memcpy(&u, &a, sizeof u); return u; }
   static reg from_bits(ureg u) { reg r; std::memcpy(&r, &u, sizeof r); return r; }
+  static reg bf16_round_pairs(reg lo, reg hi) {  // as in simd_avx512.h
+    const auto round = [](reg x) {
+      const ureg u = bits_of(x);
+      ureg r = u + (U(0x7FFF) + ((u >> 16) & U(1)));
+      for (int i = 0; i < W; ++i)
+        if (x[i] != x[i]) r[i] = u[i] | U(0x00400000);
+      return r;
+    };
+    return from_bits((round(lo) >> 16) | (round(hi) & U(0xFFFF0000u)));
+  }
+  static void store_bf16(uint16_t* dst, reg x) {  // as in simd_avx512.h
+    const ureg r = bits_of(bf16_round_pairs(x, zero()));
+    uint16_t h[W];
+    for (int i = 0; i < W; ++i) h[i] = static_cast<uint16_t>(r[i]);
+    std::memcpy(dst, h, sizeof h);
+  }
   static constexpr bool kBf16Dot = false;
   static reg dot_bf16(reg acc, reg, reg) { return acc; }  // not called
 };

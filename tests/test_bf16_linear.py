@@ -112,7 +112,7 @@ def test_saved_and_loaded_keeps_compute_dtype(tmp_path, rng):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"dtype": np.float64, "compute_dtype": "bfloat16"}, "float32 module"),
+    ({"dtype": np.float64, "compute_dtype": "bfloat16"}, "take float32 computations"),
     ({"compute_dtype": "float16"}, "compute_dtype: expected"),
     ({"compute_dtype": "nonsense"}, "compute_dtype: expected"),
 ])

@@ -37,6 +37,7 @@ from ._call_checks import (
 )
 from ._errors import InvalidParameterError
 from ._memory import check_fits
+from ._validate import bf16_products
 
 
 # NamedTuples, not frozen dataclasses: a small call builds two of these, and
@@ -104,6 +105,7 @@ class AttentionCall(NamedTuple):
     scale: float
     dropout_p: float
     seed: int
+    bf16: bool = False  # both products on bf16 operands (compute_dtype="bfloat16")
 
     def kernel_options(self, *, prefer_lengths: bool = False) -> _core.AttentionOptions:
         """The options as the core takes them. prefer_lengths: a padding
@@ -118,7 +120,7 @@ class AttentionCall(NamedTuple):
         return _core.AttentionOptions(
             scale=self.scale, window_left=self.window_left, window_right=self.window_right,
             top_left=self.top_left, mask=self.mask, key_padding=kpm, key_lengths=lengths,
-            dropout_p=self.dropout_p, seed=self.seed)
+            dropout_p=self.dropout_p, seed=self.seed, bf16=self.bf16)
 
 
 def describe(q: ArrayLike, k: ArrayLike, v: ArrayLike, *,
@@ -128,12 +130,15 @@ def describe(q: ArrayLike, k: ArrayLike, v: ArrayLike, *,
              is_causal: bool = False, window: Window = None,
              causal_alignment: str = "bottom_right", scale: Optional[float] = None,
              dropout_p: float = 0.0, seed: Optional[int] = None,
-             seed_from_forward: bool = False) -> AttentionCall:
+             seed_from_forward: bool = False, compute_dtype: Any = None) -> AttentionCall:
     """Checks one call's inputs and options, in the order errors are
     reported: q/k/v, window and is_causal, causal_alignment, scale, dropout_p and seed, the
     masks, key lengths. seed_from_forward: a backward regenerates the
-    forward's dropout mask, so it needs the forward's seed (none is drawn)."""
+    forward's dropout mask, so it needs the forward's seed (none is drawn).
+    compute_dtype: None or "bfloat16" (float32 computations only), checked
+    right after q/k/v."""
     inputs = check_inputs(q, k, v)
+    bf16 = bf16_products(compute_dtype, inputs.dtype)
     b, _, _, lk = inputs.scores_shape
     left, right = window_bounds(window, is_causal)
     top_left = top_left_alignment(causal_alignment)
@@ -153,7 +158,7 @@ def describe(q: ArrayLike, k: ArrayLike, v: ArrayLike, *,
     lengths = None if key_lengths is None else check_key_lengths(
         key_lengths, b, lk, inputs.batched)
     return AttentionCall(inputs, mask, given, kpm, lengths, left, right, top_left, scale_v, p,
-                         seed_v)
+                         seed_v, bf16)
 
 
 def read_arrays(call: AttentionCall) -> Tuple[np.ndarray, ...]:

@@ -20,6 +20,7 @@ class AttentionOptions:
     key_lengths: Optional[npt.NDArray[np.int64]]
     dropout_p: float  # default 0.0
     seed: int  # default 0
+    bf16: bool  # products on bf16 operands; default False
     def __init__(
         self,
         *,
@@ -32,6 +33,7 @@ class AttentionOptions:
         key_lengths: Optional[npt.NDArray[np.int64]] = None,
         dropout_p: float = 0.0,
         seed: int = 0,
+        bf16: bool = False,
     ) -> None: ...
 
 def attention_forward(

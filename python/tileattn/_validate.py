@@ -62,8 +62,8 @@ def bf16_products(value: Any, dtype: np.dtype[Any], name: str = "compute_dtype")
         raise DTypeError(f"{name}: expected None, 'bfloat16' or the module's dtype "
                          f"({dtype.name}), got {value!r}")
     if dtype != np.float32:
-        raise DTypeError(f"{name}: 'bfloat16' products take a float32 module, "
-                         f"got dtype {dtype.name}")
+        raise DTypeError(f"{name}: 'bfloat16' products take float32 computations (float32, "
+                         f"float16 or bfloat16 data), got {dtype.name}")
     return True
 
 

@@ -1,0 +1,376 @@
+// The prefill's two products on bfloat16 operands (compute_dtype
+// "bfloat16", AttentionParams::products): S^T = K Q^T and O^T += V^T P^T
+// with bf16 pairs (kernel_bf16.h) and float32 sums; the softmax, its running
+// max and sum, the rescaling and the output stay float32. A fragment
+// included by kernel_prefill.h before PrefillTask, which calls these where
+// its K/V type is Bf16Pair.
+//
+// Layouts (pairs run along the summed dimension):
+//   Q^T: qt2[x][i] = (q[i][2x], q[i][2x + 1])          dp = ceil(D / 2) rows of BR
+//   K:   k2[j][x]  = (k[j][2x], k[j][2x + 1])          rows of dp, converted once per call
+//   V:   v2[j][e]  = (v[2j][e], v[2j + 1][e])          rows of dvp, converted once per call
+//   P^T: pt2[j][i] = (p[i][2j], p[i][2j + 1])          rounded after the softmax
+// Key blocks start at even keys (ScoreMask trims by even counts and bc is
+// even), so a block's key pairs are whole pairs of the converted V.
+//
+// The numerical contract: each score is a float32 sum of exact products of
+// bf16 values, then multiplied by `scale` (Q is not scaled before it is
+// rounded, which would add a rounding to every score); P is rounded to bf16
+// for the P V product while the sum l is of the float32 exponentials. Sums
+// run in segments from zero as in the float32 kernel, counted in pairs, so a
+// row's bits do not depend on the tiling, the thread count or the batch.
+
+// n values of a row (element stride sc) rounded into (n + 1) / 2 pairs
+// (an odd n's last high half 0); W at a time where the row is float32 and
+// unit-stride.
+template <typename KV>
+inline void row_to_pairs(const KV* src, int64_t sc, int64_t n, Bf16Pair* dst) {
+  using S = Simd<float>;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<KV, float>) {
+    if (sc == 1)
+      for (; i + S::W <= n; i += S::W)
+        S::store_bf16(reinterpret_cast<uint16_t*>(dst) + i, S::loadu(src + i));
+  }
+  for (; i < n; i += 2)
+    dst[i / 2] = bf16_pair(bf16_round(widen(src[i * sc])),
+                           i + 1 < n ? bf16_round(widen(src[(i + 1) * sc])) : 0);
+}
+
+// qt2 = Q^T of the task's rows in pairs, zero for padding rows: W rows at a
+// time rounded into rows of pairs (rows2, W x dpw), then transposed by W x W
+// tiles (the pairs' bits moved as floats).
+template <typename T>
+void pack_query_pairs(const AttentionParams& p, const RowRange& rr, int64_t qcols, int64_t dp,
+                      Bf16Pair* rows2, Bf16Pair* qt2) {
+  using S = Simd<float>;
+  constexpr int BR = PrefillTiling<T>::BR, W = S::W;
+  const int64_t dpw = (dp + W - 1) / W * W;
+  const float* q = static_cast<const float*>(p.q) + rr.b * p.q_stride.b + rr.h * p.q_stride.h +
+                   rr.i0 * p.q_stride.r;
+  alignas(64) float tile[W * W];
+  for (int64_t i0 = 0; i0 < qcols; i0 += W) {
+    for (int64_t r = 0; r < W; ++r) {
+      Bf16Pair* dst = rows2 + r * dpw;
+      const int64_t i = i0 + r;
+      if (i < rr.rows) {
+        row_to_pairs(q + i * p.q_stride.r, p.q_stride.c, p.D, dst);
+        std::fill(dst + dp, dst + dpw, Bf16Pair{});
+      } else {
+        std::fill(dst, dst + dpw, Bf16Pair{});
+      }
+    }
+    for (int64_t x0 = 0; x0 < dp; x0 += W) {
+      S::transpose_tile(reinterpret_cast<const float*>(rows2 + x0), dpw, tile);
+      for (int64_t c = 0; c < std::min<int64_t>(W, dp - x0); ++c)
+        S::store(reinterpret_cast<float*>(qt2 + (x0 + c) * BR + i0), S::load(tile + c * W));
+    }
+  }
+}
+
+// scores_micro on pairs: st[MR][NR] (row stride lds) = scale * k2[MR][dp]
+// . qt2[dp][NR], with the per-query maximum folded into colmax when asked.
+template <int NV, bool kColMax>
+TILEATTN_MICRO_KERNEL void scores_micro_bf16(const Bf16Pair* k, int64_t ldk, const Bf16Pair* qt,
+                                             int64_t ldq, int64_t dp, float scale, float* st,
+                                             int64_t lds, float* colmax) {
+  using S = Simd<float>;
+  using reg = typename S::reg;
+  constexpr int MR = S::MR, W = S::W, MH = rows_per_pass<float, NV>();
+  constexpr bool kInRegisters = totals_in_registers<float, NV>();
+  constexpr int64_t kSegment = kScoreSegment / 2;  // pairs
+  for (int r0 = 0; r0 < MR; r0 += MH) {
+    const Bf16Pair* kr = k + r0 * ldk;
+    float* sr = st + r0 * lds;
+    reg total[MH][NV];
+    for (int64_t x0 = 0; x0 == 0 || x0 < dp; x0 += kSegment) {
+      const int64_t x1 = std::min(dp, x0 + kSegment);
+      reg acc[MH][NV];
+      TILEATTN_UNROLL
+      for (int r = 0; r < MH; ++r)
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) acc[r][c] = S::zero();
+      TILEATTN_UNROLL_STEPS
+      for (int64_t x = x0; x < x1; ++x) {
+        reg b[NV];
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) b[c] = S::load(reinterpret_cast<const float*>(qt + x * ldq + c * W));
+        if constexpr (S::kBf16Dot) {
+          TILEATTN_UNROLL
+          for (int r = 0; r < MH; ++r) {
+            const reg a = S::set1_bits(static_cast<uint32_t>(kr[r * ldk + x]));
+            TILEATTN_UNROLL
+            for (int c = 0; c < NV; ++c) acc[r][c] = S::dot_bf16(acc[r][c], a, b[c]);
+          }
+        } else {
+          TILEATTN_UNROLL
+          for (int r = 0; r < MH; ++r) {
+            const uint32_t pair = static_cast<uint32_t>(kr[r * ldk + x]);
+            const reg a_lo = S::set1_bits(pair << 16), a_hi = S::set1_bits(pair & 0xFFFF0000u);
+            TILEATTN_UNROLL
+            for (int c = 0; c < NV; ++c)
+              acc[r][c] = S::fmadd(a_hi, S::bf16_high(b[c]),
+                                   S::fmadd(a_lo, S::bf16_low(b[c]), acc[r][c]));
+          }
+        }
+      }
+      TILEATTN_UNROLL
+      for (int r = 0; r < MH; ++r)
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) {
+          float* dst = sr + r * lds + c * W;
+          if (x0 == 0)
+            total[r][c] = acc[r][c];
+          else
+            total[r][c] = S::add(kInRegisters ? total[r][c] : S::load(dst), acc[r][c]);
+          if (!kInRegisters) S::store(dst, total[r][c]);
+        }
+    }
+    TILEATTN_UNROLL
+    for (int r = 0; r < MH; ++r)
+      TILEATTN_UNROLL
+      for (int c = 0; c < NV; ++c) {
+        if (!kInRegisters) total[r][c] = S::load(sr + r * lds + c * W);
+        total[r][c] = S::mul(total[r][c], S::set1(scale));
+        S::store(sr + r * lds + c * W, total[r][c]);
+      }
+    if (kColMax) {
+      TILEATTN_UNROLL
+      for (int c = 0; c < NV; ++c) {
+        reg mx = S::load(colmax + c * W);
+        TILEATTN_UNROLL
+        for (int r = 0; r < MH; ++r) mx = S::max(mx, total[r][c]);
+        S::store(colmax + c * W, mx);
+      }
+    }
+  }
+}
+
+// values_micro on pairs: ot[MR][NR] (row stride ldo) (rescaled first when
+// asked) += v2[j][MR]^T . pt2[j][NR] over key pairs j < n, in segments of
+// kValueSegment keys counted from the block's first key (offset: pairs).
+// kSkipZero (a block of V with a non-finite value): widened products, each
+// half left out where its probability is 0, as the float32 kernel does.
+template <int NV, bool kSkipZero>
+TILEATTN_MICRO_KERNEL void values_micro_bf16(const Bf16Pair* vp, int64_t ldv, const Bf16Pair* pt,
+                                             int64_t ldp, int64_t n, int64_t offset, float* ot,
+                                             int64_t ldo, const float* rescale) {
+  using S = Simd<float>;
+  using reg = typename S::reg;
+  constexpr int MR = S::MR, W = S::W, MH = rows_per_pass<float, NV>();
+  constexpr bool kInRegisters = totals_in_registers<float, NV>();
+  constexpr int64_t kSegment = kValueSegment / 2;  // pairs
+  // The rescale factors are read where they are applied, not held in
+  // registers through the loop: with them held, GCC spilled an operand of
+  // the loop to the stack on every step (perf annotate).
+  const auto read_ot = [&](const float* src, int c, bool first) {
+    return rescale && first ? S::mul(S::load(src), S::load(rescale + c * W)) : S::load(src);
+  };
+  for (int r0 = 0; r0 < MR; r0 += MH) {
+    float* o = ot + r0 * ldo;
+    reg total[MH][NV];
+    if (kInRegisters) {
+      TILEATTN_UNROLL
+      for (int r = 0; r < MH; ++r)
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) total[r][c] = read_ot(o + r * ldo + c * W, c, true);
+    }
+    for (int64_t j0 = 0; j0 < n;) {
+      const int64_t j1 = std::min(n, ((offset + j0) / kSegment + 1) * kSegment - offset);
+      reg acc[MH][NV];
+      TILEATTN_UNROLL
+      for (int r = 0; r < MH; ++r)
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) acc[r][c] = S::zero();
+      TILEATTN_UNROLL_STEPS
+      for (int64_t j = j0; j < j1; ++j) {
+        reg b[NV];
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) b[c] = S::load(reinterpret_cast<const float*>(pt + j * ldp + c * W));
+        TILEATTN_UNROLL
+        for (int r = 0; r < MH; ++r) {
+          const uint32_t pair = static_cast<uint32_t>(vp[j * ldv + r0 + r]);
+          if constexpr (S::kBf16Dot && !kSkipZero) {
+            const reg a = S::set1_bits(pair);
+            TILEATTN_UNROLL
+            for (int c = 0; c < NV; ++c) acc[r][c] = S::dot_bf16(acc[r][c], a, b[c]);
+          } else {
+            const reg a_lo = S::set1_bits(pair << 16), a_hi = S::set1_bits(pair & 0xFFFF0000u);
+            TILEATTN_UNROLL
+            for (int c = 0; c < NV; ++c) {
+              const reg p_lo = S::bf16_low(b[c]), p_hi = S::bf16_high(b[c]);
+              if (kSkipZero) {
+                acc[r][c] = S::keep_where_zero(p_lo, acc[r][c], S::fmadd(a_lo, p_lo, acc[r][c]));
+                acc[r][c] = S::keep_where_zero(p_hi, acc[r][c], S::fmadd(a_hi, p_hi, acc[r][c]));
+              } else {
+                acc[r][c] = S::fmadd(a_hi, p_hi, S::fmadd(a_lo, p_lo, acc[r][c]));
+              }
+            }
+          }
+        }
+      }
+      TILEATTN_UNROLL
+      for (int r = 0; r < MH; ++r)
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) {
+          float* dst = o + r * ldo + c * W;
+          if (kInRegisters)
+            total[r][c] = S::add(total[r][c], acc[r][c]);
+          else
+            S::store(dst, S::add(read_ot(dst, c, j0 == 0), acc[r][c]));
+        }
+      j0 = j1;
+    }
+    if (kInRegisters) {
+      TILEATTN_UNROLL
+      for (int r = 0; r < MH; ++r)
+        TILEATTN_UNROLL
+        for (int c = 0; c < NV; ++c) S::store(o + r * ldo + c * W, total[r][c]);
+    }
+  }
+}
+
+// S^T (cols x qcols, row stride BR) = scale * K2[0 : cols] Q2^T; the last
+// partial micro-tile reads a zero-padded copy (ktail2, MR rows of dp).
+template <typename T>
+void block_scores_bf16(const PrefillTiling<T>& t, const Bf16Pair* k, int64_t ldk, int64_t cols,
+                       int64_t qcols, bool col_max, float scale, PrefillScratch<T>& sc) {
+  using Tl = PrefillTiling<T>;
+  using S = Simd<T>;
+  constexpr int MR = Tl::MR, BR = Tl::BR, W = Tl::W;
+  const int64_t dp = (t.d + 1) / 2;
+  const int64_t full = cols / MR * MR;
+  if (full < cols) {
+    std::fill(sc.ktail2, sc.ktail2 + MR * dp, Bf16Pair{});
+    for (int64_t j = full; j < cols; ++j)
+      std::copy(k + j * ldk, k + j * ldk + dp, sc.ktail2 + (j - full) * dp);
+  }
+  if (col_max) std::fill(sc.colmax, sc.colmax + qcols, -std::numeric_limits<T>::infinity());
+  for_each_strip<T>(qcols, [&](int64_t i, auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    for (int64_t j = 0; j < full; j += MR) {
+      if (col_max)
+        scores_micro_bf16<NV, true>(k + j * ldk, ldk, sc.qt2 + i, BR, dp, scale,
+                                    sc.st + j * BR + i, BR, sc.colmax + i);
+      else
+        scores_micro_bf16<NV, false>(k + j * ldk, ldk, sc.qt2 + i, BR, dp, scale,
+                                     sc.st + j * BR + i, BR, nullptr);
+    }
+    if (full < cols) {
+      scores_micro_bf16<NV, false>(sc.ktail2, dp, sc.qt2 + i, BR, dp, scale,
+                                   sc.st + full * BR + i, BR, nullptr);
+      if (col_max)
+        for (int64_t j = full; j < cols; ++j)
+          for (int64_t c = i; c < i + NV * W; c += W)
+            S::store(sc.colmax + c, S::max(S::load(sc.colmax + c), S::load(sc.st + j * BR + c)));
+    }
+  });
+}
+
+// pt2 = P^T of the block in pairs of keys, rounded to bf16 (an odd last
+// key's partner is 0).
+template <typename T>
+void probabilities_to_pairs(const T* st, int64_t cols, int64_t qcols, Bf16Pair* pt2) {
+  using S = Simd<T>;
+  constexpr int BR = PrefillTiling<T>::BR, W = S::W;
+  for (int64_t j = 0; j < cols; j += 2)
+    for (int64_t i = 0; i < qcols; i += W) {
+      const typename S::reg lo = S::load(st + j * BR + i);
+      const typename S::reg hi = j + 1 < cols ? S::load(st + (j + 1) * BR + i) : S::zero();
+      S::store(reinterpret_cast<float*>(pt2 + (j / 2) * BR + i), S::bf16_round_pairs(lo, hi));
+    }
+}
+
+// O^T (dvp x qcols) = O^T * alpha + V2^T P2^T over the block's key pairs
+// (n of them; offset: the block's first key pair within its block of bc),
+// in sub-blocks as block_values.
+template <typename T>
+void block_values_bf16(const PrefillTiling<T>& t, const Bf16Pair* v, int64_t ldv, int64_t n,
+                       int64_t offset, int64_t qcols, bool finite_values, PrefillScratch<T>& sc) {
+  using Tl = PrefillTiling<T>;
+  constexpr int MR = Tl::MR, BR = Tl::BR;
+  constexpr int64_t kSub = kValueSubBlock / 2;  // pairs
+  for_each_strip<T>(qcols, [&](int64_t i, auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    for (int64_t j0 = 0; j0 < n;) {
+      const int64_t j1 = std::min(n, ((offset + j0) / kSub + 1) * kSub - offset);
+      const Bf16Pair* pt = sc.pt2 + j0 * BR + i;
+      const T* rescale = j0 == 0 ? sc.alpha + i : nullptr;
+      for (int64_t e = 0; e < t.dvp; e += MR) {
+        const Bf16Pair* panel = v + e + j0 * ldv;
+        T* ot = sc.ot + e * BR + i;
+        if (finite_values)
+          values_micro_bf16<NV, false>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR, rescale);
+        else
+          values_micro_bf16<NV, true>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR, rescale);
+      }
+      j0 = j1;
+    }
+  });
+}
+
+// K and V of one call rounded into the pair layouts above, once per call
+// (every query block reads them): k2 (B, Hkv, Lk, dp) and v2 (B, Hkv,
+// ceil(Lk / 2), dvp), zero-padded; `params` is the call with k and v
+// pointing at them (strides in pairs). Whether each block of bc keys of V
+// is finite in bf16 is recorded on the way into `finite`.
+struct Bf16Operands {
+  std::unique_ptr<Bf16Pair[]> k2, v2;  // every element written below
+  AttentionParams params;
+
+  // The last argument only names KV (the element type of p.k and p.v).
+  template <typename KV>
+  Bf16Operands(const AttentionParams& p, int64_t dvp, int64_t bc, FiniteBlocks& finite,
+               const KV*)
+      : params(p) {
+    const int64_t dp = (p.D + 1) / 2, lkp = (p.Lk + 1) / 2;
+    k2.reset(new Bf16Pair[static_cast<size_t>(std::max<int64_t>(p.B * p.Hkv * p.Lk * dp, 1))]);
+    v2.reset(new Bf16Pair[static_cast<size_t>(std::max<int64_t>(p.B * p.Hkv * lkp * dvp, 1))]);
+    params.k = k2.get();
+    params.k_stride = {p.Hkv * p.Lk * dp, p.Lk * dp, dp, 1};
+    params.v = v2.get();
+    params.v_stride = {p.Hkv * lkp * dvp, lkp * dvp, dvp, 1};
+    const int64_t blocks = (p.Lk + bc - 1) / bc;
+    parallel_for(p.B * p.Hkv * blocks, [&](int64_t task, int) {
+      const int64_t bh = task / blocks, blk = task % blocks, b = bh / p.Hkv, hk = bh % p.Hkv;
+      const int64_t j0 = blk * bc, j1 = std::min(p.Lk, j0 + bc);
+      const KV* k = static_cast<const KV*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+      const KV* v = static_cast<const KV*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+      const auto value = [](const KV* src, int64_t i, int64_t stride) {
+        return bf16_round(widen(src[i * stride]));
+      };
+      for (int64_t j = j0; j < j1; ++j)
+        row_to_pairs(k + j * p.k_stride.r, p.k_stride.c, p.D, k2.get() + (bh * p.Lk + j) * dp);
+      // V in pairs of keys; whether every value is finite in bf16 (x * 0
+      // is 0 for finite x), lane-wise where the rows are unit-stride floats.
+      using S = Simd<float>;
+      constexpr int W = S::W;
+      const bool vector_rows = std::is_same_v<KV, float> && p.v_stride.c == 1;
+      const int64_t dv_w = vector_rows ? p.Dv / W * W : 0;
+      typename S::reg nonfinite = S::zero();
+      bool ok = true;
+      for (int64_t j = j0; j < j1; j += 2) {
+        Bf16Pair* dst = v2.get() + (bh * lkp + j / 2) * dvp;
+        const KV* row0 = v + j * p.v_stride.r;
+        const KV* row1 = j + 1 < j1 ? v + (j + 1) * p.v_stride.r : nullptr;
+        if constexpr (std::is_same_v<KV, float>) {
+          for (int64_t e = 0; e < dv_w; e += W) {
+            const auto pairs = S::bf16_round_pairs(S::loadu(row0 + e),
+                                                   row1 ? S::loadu(row1 + e) : S::zero());
+            nonfinite = S::add(nonfinite, S::mul(S::bf16_low(pairs), S::zero()));
+            nonfinite = S::add(nonfinite, S::mul(S::bf16_high(pairs), S::zero()));
+            S::storeu(reinterpret_cast<float*>(dst + e), pairs);
+          }
+        }
+        for (int64_t e = dv_w; e < dvp; ++e) {
+          const uint16_t lo = e < p.Dv ? value(row0, e, p.v_stride.c) : 0;
+          const uint16_t hi = e < p.Dv && row1 ? value(row1, e, p.v_stride.c) : 0;
+          ok = ok && (lo & 0x7F80u) != 0x7F80u && (hi & 0x7F80u) != 0x7F80u;
+          dst[e] = bf16_pair(lo, hi);
+        }
+      }
+      ok = ok && S::hsum(nonfinite) == 0.0f;
+      finite.record(b, hk, j0, ok);
+    });
+  }
+};
