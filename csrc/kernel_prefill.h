@@ -525,9 +525,12 @@ class FiniteBlocks {
 // (the max with -FLT_MAX below keeps -inf - -inf from making NaN). The
 // passes walk st row by row, G registers wide, so each row's cache lines
 // are read once per pass. Each lane's arithmetic does not depend on G.
+// With pt2 (bf16 products, float lanes), the exponentials are formed to
+// bf16 accuracy (vec_exp_diff_bf16) and written rounded, in pairs of keys,
+// to pt2 (pairs j / 2, row stride ld) instead of st; l sums them unrounded.
 template <typename T, int G>
 inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offset, T* m, T* l,
-                                  T* alpha, const T* colmax) {
+                                  T* alpha, const T* colmax, Bf16Pair* pt2 = nullptr) {
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int W = S::W;
@@ -559,6 +562,26 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offse
     reg acc[G];
     TILEATTN_UNROLL
     for (int g = 0; g < G; ++g) acc[g] = S::zero();
+    if constexpr (std::is_same_v<T, float>) {
+      if (pt2) {  // leaves start at even keys: pairs (j, j + 1) of one leaf
+        for (int64_t j = j_begin; j < j_end; j += 2) {
+          TILEATTN_UNROLL
+          for (int g = 0; g < G; ++g) {
+            const reg e0 = vec_exp_diff_bf16<S>(S::load(st + j * ld + g * W), mu[g]);
+            acc[g] = S::add(acc[g], e0);
+            reg e1 = S::zero();
+            if (j + 1 < j_end) {
+              e1 = vec_exp_diff_bf16<S>(S::load(st + (j + 1) * ld + g * W), mu[g]);
+              acc[g] = S::add(acc[g], e1);
+            }
+            S::store(reinterpret_cast<float*>(pt2 + (j / 2) * ld + g * W),
+                     S::bf16_round_pairs(e0, e1));
+          }
+        }
+        sums.push(acc, offset + j_end);
+        continue;
+      }
+    }
     for (int64_t j = j_begin; j < j_end; ++j) {
       TILEATTN_UNROLL
       for (int g = 0; g < G; ++g) {
@@ -577,12 +600,14 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offse
 
 // The update for lanes [0, qcols) of a block, a strip of registers at a
 // time (qcols is a multiple of W).
+// pt2: as online_softmax_update's.
 template <typename T>
 void block_softmax(T* st, int64_t ld, int64_t cols, int64_t offset, int64_t qcols, T* m, T* l,
-                   T* alpha, const T* colmax) {
+                   T* alpha, const T* colmax, Bf16Pair* pt2 = nullptr) {
   for_each_strip<T>(qcols, [&](int64_t i, auto nv) {
     online_softmax_update<T, decltype(nv)::value>(st + i, ld, cols, offset, m + i, l + i,
-                                                  alpha + i, colmax ? colmax + i : nullptr);
+                                                  alpha + i, colmax ? colmax + i : nullptr,
+                                                  pt2 ? pt2 + i : nullptr);
   });
 }
 
@@ -693,11 +718,14 @@ struct PrefillTask {
   // (block_values applies alpha).
   void block(int64_t j0, int64_t cols, bool inside) {
     const bool have_max = scores(j0, cols, inside);
+    // bf16 products: the probabilities go straight to pairs, unless dropout
+    // needs them in st first.
+    Bf16Pair* pairs_out = kPairs && !dr.active() ? sc.pt2 : nullptr;
     block_softmax<T>(sc.st, BR, cols, j0 % t.bc, qcols, sc.m, sc.l, sc.alpha,
-                     have_max ? sc.colmax : nullptr);
+                     have_max ? sc.colmax : nullptr, pairs_out);
     if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);
     if constexpr (kPairs) {
-      probabilities_to_pairs<T>(sc.st, cols, qcols, sc.pt2);
+      if (!pairs_out) probabilities_to_pairs<T>(sc.st, cols, qcols, sc.pt2);
       block_values_bf16<T>(t, v_head + (j0 / 2) * p.v_stride.r, p.v_stride.r, (cols + 1) / 2,
                            (j0 % t.bc) / 2, qcols, finite_v.recorded_finite(rr.b, rr.hk, j0), sc);
     } else if (t.v_direct) {

@@ -314,8 +314,15 @@ void block_values_bf16(const PrefillTiling<T>& t, const Bf16Pair* v, int64_t ldv
 // ceil(Lk / 2), dvp), zero-padded; `params` is the call with k and v
 // pointing at them (strides in pairs). Whether each block of bc keys of V
 // is finite in bf16 is recorded on the way into `finite`.
+// Their memory is kept by the calling thread from call to call up to
+// kKeptBytes: fresh pages for every call cost ~770 page faults a call at
+// (8, 12, 128, 128, 64), which made the call 2x slower (perf stat -e
+// page-faults); a larger call's pages are returned after it.
+constexpr size_t kBf16KeptBytes = size_t(64) << 20;
+
 struct Bf16Operands {
-  std::unique_ptr<Bf16Pair[]> k2, v2;  // every element written below
+  std::unique_ptr<Bf16Pair[]> own;  // a call too large for the kept buffer
+  Bf16Pair *k2 = nullptr, *v2 = nullptr;  // every element written below
   AttentionParams params;
 
   // The last argument only names KV (the element type of p.k and p.v).
@@ -324,11 +331,22 @@ struct Bf16Operands {
                const KV*)
       : params(p) {
     const int64_t dp = (p.D + 1) / 2, lkp = (p.Lk + 1) / 2;
-    k2.reset(new Bf16Pair[static_cast<size_t>(std::max<int64_t>(p.B * p.Hkv * p.Lk * dp, 1))]);
-    v2.reset(new Bf16Pair[static_cast<size_t>(std::max<int64_t>(p.B * p.Hkv * lkp * dvp, 1))]);
-    params.k = k2.get();
+    const size_t nk = static_cast<size_t>(p.B * p.Hkv * p.Lk * dp);
+    const size_t nv = static_cast<size_t>(p.B * p.Hkv * lkp * dvp);
+    const size_t bytes = sizeof(Bf16Pair) * (nk + nv) + 2 * 64;
+    if (bytes <= kBf16KeptBytes) {
+      static thread_local Arena kept;
+      kept.reset(bytes);
+      k2 = kept.carve<Bf16Pair>(nk);
+      v2 = kept.carve<Bf16Pair>(nv);
+    } else {
+      own.reset(new Bf16Pair[nk + nv]);
+      k2 = own.get();
+      v2 = k2 + nk;
+    }
+    params.k = k2;
     params.k_stride = {p.Hkv * p.Lk * dp, p.Lk * dp, dp, 1};
-    params.v = v2.get();
+    params.v = v2;
     params.v_stride = {p.Hkv * lkp * dvp, lkp * dvp, dvp, 1};
     const int64_t blocks = (p.Lk + bc - 1) / bc;
     parallel_for(p.B * p.Hkv * blocks, [&](int64_t task, int) {
@@ -340,7 +358,7 @@ struct Bf16Operands {
         return bf16_round(widen(src[i * stride]));
       };
       for (int64_t j = j0; j < j1; ++j)
-        row_to_pairs(k + j * p.k_stride.r, p.k_stride.c, p.D, k2.get() + (bh * p.Lk + j) * dp);
+        row_to_pairs(k + j * p.k_stride.r, p.k_stride.c, p.D, k2 + (bh * p.Lk + j) * dp);
       // V in pairs of keys; whether every value is finite in bf16 (x * 0
       // is 0 for finite x), lane-wise where the rows are unit-stride floats.
       using S = Simd<float>;
@@ -350,7 +368,7 @@ struct Bf16Operands {
       typename S::reg nonfinite = S::zero();
       bool ok = true;
       for (int64_t j = j0; j < j1; j += 2) {
-        Bf16Pair* dst = v2.get() + (bh * lkp + j / 2) * dvp;
+        Bf16Pair* dst = v2 + (bh * lkp + j / 2) * dvp;
         const KV* row0 = v + j * p.v_stride.r;
         const KV* row1 = j + 1 < j1 ? v + (j + 1) * p.v_stride.r : nullptr;
         if constexpr (std::is_same_v<KV, float>) {

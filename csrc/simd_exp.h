@@ -17,7 +17,11 @@
 // same bits: both scalings are exact for the normal results kept). 2^r is a
 // polynomial: float, degree 6 fitted for minimal relative error
 // (tools/fit_exp2_poly.py: 8.2e-8 max, 0.7 ulp, in float32); double, the
-// Taylor series of e^(r ln 2) to degree 13 (truncation < 5e-18). Inputs
+// Taylor series of e^(r ln 2) to degree 13 (truncation < 5e-18); and for
+// exponentials that are rounded to bf16 next (the probabilities of bf16
+// products), float degree 4 (3.1e-6 max, two multiply-adds fewer; their
+// sum l is not rounded, and degree 3's 1.2e-4 would have been as large as
+// the averaged rounding errors of P over a few thousand keys). Inputs
 // below the smallest normal result give exactly 0, so 2^-inf = 0 as masked
 // scores need; NaN stays NaN.
 #pragma once
@@ -35,6 +39,16 @@ template <> struct Exp2Constants<float> {
       1.000000000e+00f, 6.931471825e-01f, 2.402264774e-01f, 5.550328642e-02f,
       9.618433192e-03f, 1.340030693e-03f, 1.535740885e-04f};
   static constexpr float underflow = -126.0f;  // 2^-126 = FLT_MIN
+  static constexpr float overflow = 127.0f;
+};
+
+// tools/fit_exp2_poly.py 4.
+struct Exp2Bf16Constants {
+  static constexpr int degree = 4;
+  static constexpr std::array<float, degree + 1> coef = {
+      1.000000000e+00f, 6.931222677e-01f, 2.402405292e-01f, 5.591978133e-02f,
+      9.588480927e-03f};
+  static constexpr float underflow = -126.0f;
   static constexpr float overflow = 127.0f;
 };
 
@@ -82,10 +96,8 @@ struct Exp2Steps<S, std::void_t<decltype(&S::exp2_split)>> {
 // (s - max) log2 e <= 0 (or NaN), where the clamp would leave x as it is. The same
 // bits as vec_exp2, one instruction sooner (the softmax exponential is ~14
 // instructions per register, ~9% of a block).
-template <class S>
+template <class S, class C = Exp2Constants<typename S::scalar>>
 inline typename S::reg vec_exp2_unclamped(typename S::reg x) {
-  using T = typename S::scalar;
-  using C = Exp2Constants<T>;
   using reg = typename S::reg;
   using Steps = typename Exp2Steps<S>::type;
   reg n, r;  // n: round(x), in the steps' own encoding
@@ -126,6 +138,11 @@ inline typename S::reg vec_exp_diff_unclamped(typename S::reg a, typename S::reg
 template <class S>
 inline typename S::reg vec_exp_diff(typename S::reg a, typename S::reg b) {
   return vec_exp2<S>(base2_exponent<S>(a, b));
+}
+// To bf16 accuracy (float lanes only): for probabilities rounded to bf16.
+template <class S>
+inline typename S::reg vec_exp_diff_bf16(typename S::reg a, typename S::reg b) {
+  return vec_exp2_unclamped<S, Exp2Bf16Constants>(base2_exponent<S>(a, b));
 }
 
 }  // namespace tileattn

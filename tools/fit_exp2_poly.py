@@ -1,15 +1,20 @@
-"""Derive the float32 polynomial for 2^r on [-1/2, 1/2] used by simd_exp.h.
+"""Derive the float32 polynomials for 2^r on [-1/2, 1/2] used by simd_exp.h.
 
-A degree-6 polynomial with p(0) = 1 fixed, fitted for minimal *relative*
+    python tools/fit_exp2_poly.py [degree]
+
+Degree 6 (the default) for the softmax; degree 4 for the exponentials that
+feed probabilities rounded to bf16. A polynomial with p(0) = 1 fixed, fitted for minimal *relative*
 error by Remez-style exchange on a fine grid (iteratively reweighted least
 squares converging to the equioscillating solution). Prints the
 coefficients as float32 literals and the achieved max relative error when
 evaluated in float32 with Horner's rule.
 """
 
+import sys
+
 import numpy as np
 
-DEGREE = 6
+DEGREE = int(sys.argv[1]) if len(sys.argv) > 1 else 6
 r = np.linspace(-0.5, 0.5, 20001)
 target = np.exp2(r)
 A = np.stack([r**k for k in range(1, DEGREE + 1)], axis=1)
