@@ -57,9 +57,9 @@ void attention_forward(const AttentionParams& p) {
   if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
   if (p.products == Products::bf16) {
     if (p.kv_half)
-      prefill_forward_bf16<Half>(p);
+      prefill_forward_items_bf16<Half>(&p, 1);
     else
-      prefill_forward_bf16<float>(p);
+      prefill_forward_items_bf16<float>(&p, 1);
   } else if (p.kv_half)
     forward_typed<float, Half>(p);
   else if (p.dtype == DType::f64)
@@ -73,7 +73,12 @@ void attention_forward(const AttentionParams& p) {
 // path gives a row the same bits).
 void attention_forward_items(const AttentionParams* items, int64_t n) {
   if (n == 0) return;
-  if (items[0].kv_half)
+  if (items[0].products == Products::bf16) {
+    if (items[0].kv_half)
+      prefill_forward_items_bf16<Half>(items, n);
+    else
+      prefill_forward_items_bf16<float>(items, n);
+  } else if (items[0].kv_half)
     prefill_forward_items<float, Half>(items, n);
   else if (items[0].dtype == DType::f64)
     prefill_forward_items<double, double>(items, n);

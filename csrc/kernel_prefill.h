@@ -850,17 +850,14 @@ struct PrefillTask {
 // (attention_forward_items). Each task computes exactly what it would in a
 // call of its item alone.
 template <typename T, typename KV>
-void prefill_forward_items(const AttentionParams* items, int64_t n) {
+void run_prefill_tasks(const AttentionParams* items, int64_t n, const PrefillTiling<T>& t,
+                       std::vector<FiniteBlocks>& finite_v) {
   using Tl = PrefillTiling<T>;
-  const Tl t(items[0]);
   std::vector<int64_t> first_task(static_cast<size_t>(n) + 1, 0);
-  std::vector<FiniteBlocks> finite_v;
-  finite_v.reserve(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     const AttentionParams& p = items[i];
     const int64_t blocks = (p.Lq + Tl::BR - 1) / Tl::BR;
     first_task[i + 1] = first_task[i] + blocks * p.B * p.Hq;
-    finite_v.emplace_back(p, t.bc);
   }
   parallel_for(first_task[n], [&](int64_t task, int) {
     static thread_local Arena arena;
@@ -882,6 +879,22 @@ void prefill_forward_items(const AttentionParams* items, int64_t n) {
   });
 }
 
+// The finite-V flags of each item.
+inline std::vector<FiniteBlocks> finite_flags(const AttentionParams* items, int64_t n,
+                                              int64_t bc) {
+  std::vector<FiniteBlocks> finite_v;
+  finite_v.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) finite_v.emplace_back(items[i], bc);
+  return finite_v;
+}
+
+template <typename T, typename KV>
+void prefill_forward_items(const AttentionParams* items, int64_t n) {
+  const PrefillTiling<T> t(items[0]);
+  std::vector<FiniteBlocks> finite_v = finite_flags(items, n, t.bc);
+  run_prefill_tasks<T, KV>(items, n, t, finite_v);
+}
+
 template <typename T, typename KV>
 void prefill_forward(const AttentionParams& p) {
   prefill_forward_items<T, KV>(&p, 1);
@@ -891,23 +904,9 @@ void prefill_forward(const AttentionParams& p) {
 // and V rounded into pairs once, then the tasks as above on them. Every
 // call of this kind takes this path, also a decode step's few queries.
 template <typename KV>
-void prefill_forward_bf16(const AttentionParams& p) {
-  using Tl = PrefillTiling<float>;
-  const Tl t(p);
-  FiniteBlocks finite_v(p, t.bc);
-  const Bf16Operands ops(p, t.dvp, t.bc, finite_v, static_cast<const KV*>(nullptr));
-  const AttentionParams& q = ops.params;
-  const int64_t blocks = (q.Lq + Tl::BR - 1) / Tl::BR;
-  parallel_for(blocks * q.B * q.Hq, [&](int64_t task, int) {
-    static thread_local Arena arena;
-    PrefillScratch<float> sc(arena, t);
-    const int64_t bh = task / blocks, qb = blocks - 1 - task % blocks;
-    RowRange rr;
-    rr.b = bh / q.Hq;
-    rr.h = bh % q.Hq;
-    rr.hk = rr.h / q.group_size();
-    rr.i0 = qb * Tl::BR;
-    rr.rows = std::min<int64_t>(Tl::BR, q.Lq - rr.i0);
-    PrefillTask<float, Bf16Pair>(q, t, rr, sc, finite_v).run();
-  });
+void prefill_forward_items_bf16(const AttentionParams* items, int64_t n) {
+  const PrefillTiling<float> t(items[0]);
+  std::vector<FiniteBlocks> finite_v = finite_flags(items, n, t.bc);
+  const Bf16Operands ops(items, n, t.dvp, t.bc, finite_v, static_cast<const KV*>(nullptr));
+  run_prefill_tasks<float, Bf16Pair>(ops.params.data(), n, t, finite_v);
 }

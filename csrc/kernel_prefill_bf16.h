@@ -309,86 +309,108 @@ void block_values_bf16(const PrefillTiling<T>& t, const Bf16Pair* v, int64_t ldv
   });
 }
 
-// K and V of one call rounded into the pair layouts above, once per call
-// (every query block reads them): k2 (B, Hkv, Lk, dp) and v2 (B, Hkv,
-// ceil(Lk / 2), dvp), zero-padded; `params` is the call with k and v
-// pointing at them (strides in pairs). Whether each block of bc keys of V
-// is finite in bf16 is recorded on the way into `finite`.
+// K and V of n calls (a variable-length batch's sequences, or one call)
+// rounded into the pair layouts above, once per call (every query block
+// reads them): per item, k2 (B, Hkv, Lk, dp) and v2 (B, Hkv, ceil(Lk / 2),
+// dvp), zero-padded; params[i] is item i with k and v pointing at them
+// (strides in pairs). Whether each block of bc keys of V is finite in bf16
+// is recorded on the way into finite[i].
 // Their memory is kept by the calling thread from call to call up to
-// kKeptBytes: fresh pages for every call cost ~770 page faults a call at
+// kBf16KeptBytes: fresh pages for every call cost ~770 page faults a call at
 // (8, 12, 128, 128, 64), which made the call 2x slower (perf stat -e
 // page-faults); a larger call's pages are returned after it.
 constexpr size_t kBf16KeptBytes = size_t(64) << 20;
 
 struct Bf16Operands {
   std::unique_ptr<Bf16Pair[]> own;  // a call too large for the kept buffer
-  Bf16Pair *k2 = nullptr, *v2 = nullptr;  // every element written below
-  AttentionParams params;
+  std::vector<AttentionParams> params;
 
-  // The last argument only names KV (the element type of p.k and p.v).
+  // The last argument only names KV (the element type of the items' k, v).
   template <typename KV>
-  Bf16Operands(const AttentionParams& p, int64_t dvp, int64_t bc, FiniteBlocks& finite,
-               const KV*)
-      : params(p) {
-    const int64_t dp = (p.D + 1) / 2, lkp = (p.Lk + 1) / 2;
-    const size_t nk = static_cast<size_t>(p.B * p.Hkv * p.Lk * dp);
-    const size_t nv = static_cast<size_t>(p.B * p.Hkv * lkp * dvp);
-    const size_t bytes = sizeof(Bf16Pair) * (nk + nv) + 2 * 64;
+  Bf16Operands(const AttentionParams* items, int64_t n, int64_t dvp, int64_t bc,
+               std::vector<FiniteBlocks>& finite, const KV*)
+      : params(items, items + n) {
+    const int64_t dp = (items[0].D + 1) / 2;
+    std::vector<size_t> at(static_cast<size_t>(n) + 1, 0);   // pairs before item i
+    std::vector<int64_t> first(static_cast<size_t>(n) + 1, 0);  // conversion tasks
+    for (int64_t i = 0; i < n; ++i) {
+      const AttentionParams& p = items[i];
+      const int64_t lkp = (p.Lk + 1) / 2;
+      at[i + 1] = at[i] + static_cast<size_t>(p.B * p.Hkv * (p.Lk * dp + lkp * dvp)) + 32;
+      first[i + 1] = first[i] + p.B * p.Hkv * ((p.Lk + bc - 1) / bc);
+    }
+    const size_t bytes = sizeof(Bf16Pair) * at[n] + 64;
+    Bf16Pair* base;
     if (bytes <= kBf16KeptBytes) {
       static thread_local Arena kept;
       kept.reset(bytes);
-      k2 = kept.carve<Bf16Pair>(nk);
-      v2 = kept.carve<Bf16Pair>(nv);
+      base = kept.carve<Bf16Pair>(at[n]);
     } else {
-      own.reset(new Bf16Pair[nk + nv]);
-      k2 = own.get();
-      v2 = k2 + nk;
+      own.reset(new Bf16Pair[at[n]]);
+      base = own.get();
     }
-    params.k = k2;
-    params.k_stride = {p.Hkv * p.Lk * dp, p.Lk * dp, dp, 1};
-    params.v = v2;
-    params.v_stride = {p.Hkv * lkp * dvp, lkp * dvp, dvp, 1};
-    const int64_t blocks = (p.Lk + bc - 1) / bc;
-    parallel_for(p.B * p.Hkv * blocks, [&](int64_t task, int) {
-      const int64_t bh = task / blocks, blk = task % blocks, b = bh / p.Hkv, hk = bh % p.Hkv;
-      const int64_t j0 = blk * bc, j1 = std::min(p.Lk, j0 + bc);
-      const KV* k = static_cast<const KV*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
-      const KV* v = static_cast<const KV*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
-      const auto value = [](const KV* src, int64_t i, int64_t stride) {
-        return bf16_round(widen(src[i * stride]));
-      };
-      for (int64_t j = j0; j < j1; ++j)
-        row_to_pairs(k + j * p.k_stride.r, p.k_stride.c, p.D, k2 + (bh * p.Lk + j) * dp);
-      // V in pairs of keys; whether every value is finite in bf16 (x * 0
-      // is 0 for finite x), lane-wise where the rows are unit-stride floats.
-      using S = Simd<float>;
-      constexpr int W = S::W;
-      const bool vector_rows = std::is_same_v<KV, float> && p.v_stride.c == 1;
-      const int64_t dv_w = vector_rows ? p.Dv / W * W : 0;
-      typename S::reg nonfinite = S::zero();
-      bool ok = true;
-      for (int64_t j = j0; j < j1; j += 2) {
-        Bf16Pair* dst = v2 + (bh * lkp + j / 2) * dvp;
-        const KV* row0 = v + j * p.v_stride.r;
-        const KV* row1 = j + 1 < j1 ? v + (j + 1) * p.v_stride.r : nullptr;
-        if constexpr (std::is_same_v<KV, float>) {
-          for (int64_t e = 0; e < dv_w; e += W) {
-            const auto pairs = S::bf16_round_pairs(S::loadu(row0 + e),
-                                                   row1 ? S::loadu(row1 + e) : S::zero());
-            nonfinite = S::add(nonfinite, S::mul(S::bf16_low(pairs), S::zero()));
-            nonfinite = S::add(nonfinite, S::mul(S::bf16_high(pairs), S::zero()));
-            S::storeu(reinterpret_cast<float*>(dst + e), pairs);
-          }
-        }
-        for (int64_t e = dv_w; e < dvp; ++e) {
-          const uint16_t lo = e < p.Dv ? value(row0, e, p.v_stride.c) : 0;
-          const uint16_t hi = e < p.Dv && row1 ? value(row1, e, p.v_stride.c) : 0;
-          ok = ok && (lo & 0x7F80u) != 0x7F80u && (hi & 0x7F80u) != 0x7F80u;
-          dst[e] = bf16_pair(lo, hi);
+    for (int64_t i = 0; i < n; ++i) {
+      const AttentionParams& p = items[i];
+      const int64_t lkp = (p.Lk + 1) / 2;
+      params[i].k = base + at[i];
+      params[i].k_stride = {p.Hkv * p.Lk * dp, p.Lk * dp, dp, 1};
+      params[i].v = base + at[i] + p.B * p.Hkv * p.Lk * dp;
+      params[i].v_stride = {p.Hkv * lkp * dvp, lkp * dvp, dvp, 1};
+    }
+    parallel_for(first[n], [&](int64_t task, int) {
+      const int64_t i =
+          std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+      const AttentionParams& p = items[i];
+      const int64_t blocks = (p.Lk + bc - 1) / bc, local = task - first[i];
+      convert_block<KV>(p, params[i], local / blocks, (local % blocks) * bc, bc, dvp, finite[i]);
+    });
+  }
+
+  // Keys [j0, j0 + bc) of KV head bh (= b * Hkv + hk) of call p into its
+  // pairs (to: p converted).
+  template <typename KV>
+  static void convert_block(const AttentionParams& p, const AttentionParams& to, int64_t bh,
+                            int64_t j0, int64_t bc, int64_t dvp, FiniteBlocks& finite) {
+    const int64_t b = bh / p.Hkv, hk = bh % p.Hkv, j1 = std::min(p.Lk, j0 + bc);
+    const int64_t dp = (p.D + 1) / 2;
+    const KV* k = static_cast<const KV*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h;
+    const KV* v = static_cast<const KV*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h;
+    Bf16Pair* k2 = const_cast<Bf16Pair*>(static_cast<const Bf16Pair*>(to.k)) + bh * to.k_stride.h;
+    Bf16Pair* v2 = const_cast<Bf16Pair*>(static_cast<const Bf16Pair*>(to.v)) + bh * to.v_stride.h;
+    const auto value = [](const KV* src, int64_t i, int64_t stride) {
+      return bf16_round(widen(src[i * stride]));
+    };
+    for (int64_t j = j0; j < j1; ++j)
+      row_to_pairs(k + j * p.k_stride.r, p.k_stride.c, p.D, k2 + j * dp);
+    // V in pairs of keys; whether every value is finite in bf16 (x * 0
+    // is 0 for finite x), lane-wise where the rows are unit-stride floats.
+    using S = Simd<float>;
+    constexpr int W = S::W;
+    const bool vector_rows = std::is_same_v<KV, float> && p.v_stride.c == 1;
+    const int64_t dv_w = vector_rows ? p.Dv / W * W : 0;
+    typename S::reg nonfinite = S::zero();
+    bool ok = true;
+    for (int64_t j = j0; j < j1; j += 2) {
+      Bf16Pair* dst = v2 + (j / 2) * dvp;
+      const KV* row0 = v + j * p.v_stride.r;
+      const KV* row1 = j + 1 < j1 ? v + (j + 1) * p.v_stride.r : nullptr;
+      if constexpr (std::is_same_v<KV, float>) {
+        for (int64_t e = 0; e < dv_w; e += W) {
+          const auto pairs = S::bf16_round_pairs(S::loadu(row0 + e),
+                                                 row1 ? S::loadu(row1 + e) : S::zero());
+          nonfinite = S::add(nonfinite, S::mul(S::bf16_low(pairs), S::zero()));
+          nonfinite = S::add(nonfinite, S::mul(S::bf16_high(pairs), S::zero()));
+          S::storeu(reinterpret_cast<float*>(dst + e), pairs);
         }
       }
-      ok = ok && S::hsum(nonfinite) == 0.0f;
-      finite.record(b, hk, j0, ok);
-    });
+      for (int64_t e = dv_w; e < dvp; ++e) {
+        const uint16_t lo = e < p.Dv ? value(row0, e, p.v_stride.c) : 0;
+        const uint16_t hi = e < p.Dv && row1 ? value(row1, e, p.v_stride.c) : 0;
+        ok = ok && (lo & 0x7F80u) != 0x7F80u && (hi & 0x7F80u) != 0x7F80u;
+        dst[e] = bf16_pair(lo, hi);
+      }
+    }
+    ok = ok && S::hsum(nonfinite) == 0.0f;
+    finite.record(b, hk, j0, ok);
   }
 };

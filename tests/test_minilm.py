@@ -134,3 +134,31 @@ def test_module_level_embed_and_main(example, capsys):
     example.main(["hello world", "good morning"])
     out = capsys.readouterr().out
     assert "embeddings (2, 384) float32" in out and "cosine similarities" in out
+
+
+@pytest.fixture(scope="module")
+def ours_bf16(example):
+    return example.load_minilm(compute_dtype="bfloat16")
+
+
+def test_bf16_embeddings_within_cosine_0999_of_sentence_transformers(
+        ours_bf16, sentence_transformer, each_isa):
+    """compute_dtype="bfloat16": every product on bf16 operands; each
+    embedding's cosine to the float32 model's (sentence-transformers in
+    PyTorch) at least 0.999, and the same bits alone as in the batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = sentence_transformer.encode(TEXTS, batch_size=len(TEXTS), convert_to_numpy=True,
+                                           normalize_embeddings=True)
+    got = ours_bf16.embed(TEXTS)
+    cos = np.sum(got * want, axis=1)
+    assert cos.min() >= 0.999, cos
+    assert np.abs(got - want).max() > 1e-5      # bf16, not float32, products
+    for i in range(len(TEXTS)):
+        np.testing.assert_array_equal(ours_bf16.embed(TEXTS[i:i + 1])[0], got[i])
+
+
+def test_main_with_bf16_precision(example, capsys):
+    example.main(["--precision", "bf16", "hello world", "good morning"])
+    out = capsys.readouterr().out
+    assert "embeddings (2, 384) float32" in out

@@ -41,12 +41,13 @@ def refuse_ambiguous_mask(attn_mask: Any, b: int, hq: int, lq: int, lk: int) -> 
 
 def attend_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray, unbatched: bool, value_dim: int,
                  *, dropout: Tuple[float, Optional[int]], need_weights: bool, training: bool,
-                 masks: Dict[str, Any]
+                 masks: Dict[str, Any], compute_dtype: Optional[str] = None
                  ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[CoreSaved]]:
     """The core on (B, H, L, D) views of q (B, Lq, Hq, D), k, v; the output
     lands in a (B, Lq, Hq*Dv) buffer ready for out_proj (no transposing
     copy). Returns it, the weights (with need_weights) and, in training,
-    what the core's backward takes. ``dropout`` is (rate, seed)."""
+    what the core's backward takes. ``dropout`` is (rate, seed);
+    ``compute_dtype`` the module's ("bfloat16" or None)."""
     b, lq, hq, _ = q.shape
     buf = np.empty((b, lq, hq, value_dim), q.dtype)
     p, seed = dropout
@@ -55,7 +56,8 @@ def attend_heads(q: np.ndarray, k: np.ndarray, v: np.ndarray, unbatched: bool, v
     qh, kh, vh, out = (heads_first(a, unbatched) for a in (q, k, v, buf))
     # The call is described (checked) once; a training forward keeps it for
     # the backward, which then checks nothing again.
-    call = _call.describe(qh, kh, vh, dropout_p=p, seed=seed, **masks)
+    call = _call.describe(qh, kh, vh, dropout_p=p, seed=seed, compute_dtype=compute_dtype,
+                          **masks)
     res = _call.forward(call, out=check_out(out, call.inputs.out_shape, call.inputs.in_dtype),
                         return_weights=need_weights, return_lse=training)
     w = res[1] if need_weights else None

@@ -70,6 +70,12 @@ class MultiHeadAttention(Module):
     seed : int, optional
         Seeds the Glorot-uniform kernels (biases start at zero) and the
         sequence of dropout masks.
+    compute_dtype : None or "bfloat16"
+        "bfloat16" (float32 modules): every product (the four projections,
+        ``q k^T`` and ``P v``) on bf16 operands with float32 sums; the
+        softmax, norms, RoPE and the output stay float32. The projection
+        weights are packed once in bf16; the float32 parameters stay the
+        master copy. Steps over a ``KVCache`` compute in float32.
 
     Parameters (arrays, PyTorch layout (out_features, in_features))
     ---------------------------------------------------------------
@@ -94,8 +100,10 @@ class MultiHeadAttention(Module):
                  output_dim: Optional[int] = None, bias: Any = True, dropout: float = 0.0,
                  rope: bool = False, rope_theta: float = 10000.0, qk_norm: bool = False,
                  attention_axes: Any = None, dtype: Any = np.float32,
-                 seed: Optional[int] = None) -> None:
+                 seed: Optional[int] = None, compute_dtype: Any = None) -> None:
         super().__init__(dtype)
+        self.bf16 = check.bf16_products(compute_dtype, self.dtype)
+        compute = "bfloat16" if self.bf16 else None
         (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim,
          self.kdim, self.vdim, self.output_dim) = check_sizes(
             embed_dim, num_heads, num_kv_heads, head_dim, value_dim, kdim, vdim, output_dim)
@@ -107,10 +115,10 @@ class MultiHeadAttention(Module):
         rng = np.random.default_rng(init_seq)
         hq, hkv, d, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim
         self.projections = AttentionProjections(
-            Linear(self.embed_dim, hq * d, in_bias, self.dtype, rng),
-            Linear(self.kdim, hkv * d, in_bias, self.dtype, rng),
-            Linear(self.vdim, hkv * dv, in_bias, self.dtype, rng),
-            Linear(hq * dv, self.output_dim, out_bias, self.dtype, rng))
+            Linear(self.embed_dim, hq * d, in_bias, self.dtype, rng, compute),
+            Linear(self.kdim, hkv * d, in_bias, self.dtype, rng, compute),
+            Linear(self.vdim, hkv * dv, in_bias, self.dtype, rng, compute),
+            Linear(hq * dv, self.output_dim, out_bias, self.dtype, rng, compute))
         if self.qk_norm:
             self.q_norm = LayerNorm(d, bias=in_bias, dtype=self.dtype)
             self.k_norm = LayerNorm(d, bias=in_bias, dtype=self.dtype)
@@ -153,12 +161,19 @@ class MultiHeadAttention(Module):
             "qk_norm": self.qk_norm,
             "attention_axes": list(self.attention_axes) if self.attention_axes else None,
             "dtype": self.dtype.name, "seed": self.seed,
+            "compute_dtype": self.compute_dtype_option,
         }
+
+    @property
+    def compute_dtype_option(self) -> Optional[str]:
+        """compute_dtype as given: "bfloat16" or None."""
+        return "bfloat16" if self.bf16 else None
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"value_dim={self.value_dim}, rope={self.rope}, qk_norm={self.qk_norm}")
+                f"value_dim={self.value_dim}, rope={self.rope}, qk_norm={self.qk_norm}"
+                + (", compute_dtype=bfloat16" if self.bf16 else ""))
 
     # -- forward --------------------------------------------------------------
     def forward(self, query: Any, key: Any = None, value: Any = None, *,
@@ -251,7 +266,8 @@ class MultiHeadAttention(Module):
                  "causal_alignment": causal_alignment}
         y, w, core = attend_heads(q, k, v, unbatched, self.value_dim,
                                   dropout=self.dropout_draw(training),
-                                  need_weights=need_weights, training=training, masks=masks)
+                                  need_weights=need_weights, training=training, masks=masks,
+                                  compute_dtype=self.compute_dtype_option)
         if training:
             self._save(AttentionSaved(
                 inputs=(q3, k3, v3), layouts=(q_lay, k_lay), dtypes=dtypes_of(query, key, value),
@@ -294,7 +310,7 @@ class MultiHeadAttention(Module):
         out = np.empty((b, length, self.num_heads, self.value_dim), self.dtype)
         scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v),
                                      key_padding_mask=mask, is_causal=is_causal, window=window,
-                                     out=heads_first(out))
+                                     out=heads_first(out), compute_dtype=self.compute_dtype_option)
         return self.projections.output_rows(
             take_rows(out.reshape(b * length, self.num_heads * self.value_dim), idx))
 
@@ -312,7 +328,8 @@ class MultiHeadAttention(Module):
         if self.rope:     # each token's place in the padded layout, as the scatter path has it
             positions = (np.arange(n) + np.repeat(first - offsets[:-1], lengths))[np.newaxis]
         q, k = self.norm_and_rotate(q, k, positions=positions)
-        out = varlen_attention(q[0], k[0], v[0], offsets, is_causal=is_causal, window=window)
+        out = varlen_attention(q[0], k[0], v[0], offsets, is_causal=is_causal, window=window,
+                               compute_dtype=self.compute_dtype_option)
         return self.projections.output_rows(out.reshape(n, self.num_heads * self.value_dim))
 
     def _split_fused(self, qkv: np.ndarray) -> Heads:

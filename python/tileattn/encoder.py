@@ -118,6 +118,10 @@ class TransformerEncoderLayer(Module):
     dtype : float32 or float64
     seed : int, optional
         Seeds the initial weights and the dropout masks.
+    compute_dtype : None or "bfloat16"
+        "bfloat16" (float32 layers): every product (attention and
+        feed-forward) on bf16 operands with float32 sums, as in
+        ``MultiHeadAttention``; norms, activations and residuals float32.
 
     Parameters (arrays, PyTorch's names)
     ------------------------------------
@@ -133,8 +137,9 @@ class TransformerEncoderLayer(Module):
                  num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
                  rope: bool = False, rope_theta: float = 10000.0, qk_norm: bool = False,
                  window: Window = None, dtype: Any = np.float32,
-                 seed: Optional[int] = None) -> None:
+                 seed: Optional[int] = None, compute_dtype: Any = None) -> None:
         super().__init__(dtype)
+        check.bf16_products(compute_dtype, self.dtype)
         self.d_model = check.positive_int("d_model", d_model)
         self.nhead = check.positive_int("nhead", nhead)
         if head_dim is None and self.d_model % self.nhead:
@@ -159,9 +164,11 @@ class TransformerEncoderLayer(Module):
             self.d_model, self.nhead, num_kv_heads=num_kv_heads, head_dim=head_dim,
             output_dim=self.d_model, bias=bias, dropout=self.dropout, rope=rope,
             rope_theta=rope_theta, qk_norm=qk_norm, dtype=self.dtype,
-            seed=int(attn_seq.generate_state(1, np.uint64)[0] >> np.uint64(1)))
-        self.linear1 = Linear(self.d_model, self.dim_feedforward, bias, self.dtype, rng)
-        self.linear2 = Linear(self.dim_feedforward, self.d_model, bias, self.dtype, rng)
+            seed=int(attn_seq.generate_state(1, np.uint64)[0] >> np.uint64(1)),
+            compute_dtype=compute_dtype)
+        compute = self.self_attn.compute_dtype_option
+        self.linear1 = Linear(self.d_model, self.dim_feedforward, bias, self.dtype, rng, compute)
+        self.linear2 = Linear(self.dim_feedforward, self.d_model, bias, self.dtype, rng, compute)
         self.norm1 = LayerNorm(self.d_model, layer_norm_eps, bias, self.dtype)
         self.norm2 = LayerNorm(self.d_model, layer_norm_eps, bias, self.dtype)
 
@@ -296,6 +303,7 @@ class TransformerEncoderLayer(Module):
             "rope_theta": a.rope_theta, "qk_norm": a.qk_norm,
             "window": list(self.window) if isinstance(self.window, tuple) else self.window,
             "dtype": self.dtype.name, "seed": self.seed,
+            "compute_dtype": a.compute_dtype_option,
         }
 
     def extra_repr(self) -> str:

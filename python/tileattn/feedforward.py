@@ -31,6 +31,8 @@ class FeedForward(Module):
     dtype : float32 or float64
     seed : int, optional
         Seeds the weights and the dropout masks.
+    compute_dtype : None or "bfloat16"
+        As ``Linear``'s: both products on bf16 operands, float32 sums.
 
     Parameters (arrays)
     -------------------
@@ -40,7 +42,7 @@ class FeedForward(Module):
 
     def __init__(self, d_model: int, dim_feedforward: int = 2048, activation: str = "relu",
                  dropout: float = 0.0, bias: bool = True, dtype: Any = np.float32,
-                 seed: Optional[int] = None) -> None:
+                 seed: Optional[int] = None, compute_dtype: Any = None) -> None:
         super().__init__(dtype)
         self.d_model = check.positive_int("d_model", d_model)
         self.dim_feedforward = check.positive_int("dim_feedforward", dim_feedforward)
@@ -51,8 +53,10 @@ class FeedForward(Module):
         init_seq, drop_seq = np.random.SeedSequence(self.seed).spawn(2)
         rng = np.random.default_rng(init_seq)
         self._dropout_rng = np.random.default_rng(drop_seq)
-        self.linear1 = Linear(self.d_model, self.dim_feedforward, bias, self.dtype, rng)
-        self.linear2 = Linear(self.dim_feedforward, self.d_model, bias, self.dtype, rng)
+        self.linear1 = Linear(self.d_model, self.dim_feedforward, bias, self.dtype, rng,
+                              compute_dtype)
+        self.linear2 = Linear(self.dim_feedforward, self.d_model, bias, self.dtype, rng,
+                              compute_dtype)
 
     def forward(self, x: Any, *, training: bool = False) -> np.ndarray:
         """x (..., d_model) -> (..., d_model), in x's dtype."""
@@ -84,7 +88,8 @@ class FeedForward(Module):
         return {"d_model": self.d_model, "dim_feedforward": self.dim_feedforward,
                 "activation": self.activation, "dropout": self.dropout,
                 "bias": self.linear1.bias is not None, "dtype": self.dtype.name,
-                "seed": self.seed}
+                "seed": self.seed,
+                "compute_dtype": "bfloat16" if self.linear1.bf16 else None}
 
     def extra_repr(self) -> str:
         return f"{self.d_model}, {self.dim_feedforward}, activation={self.activation!r}"

@@ -144,11 +144,14 @@ class MLPHead(Module):
     Edifice's head is a stack of dense layers with an activation each).
 
     Parameters (arrays): ``layers.N.weight`` / ``layers.N.bias``.
+    ``compute_dtype="bfloat16"``: the layers' products on bf16 operands.
     """
 
     def __init__(self, in_features: int, sizes: Sequence[int], activation: str = "relu",
-                 dtype: Any = np.float32, seed: Optional[int] = None) -> None:
+                 dtype: Any = np.float32, seed: Optional[int] = None,
+                 compute_dtype: Any = None) -> None:
         super().__init__(dtype)
+        self.bf16 = check.bf16_products(compute_dtype, self.dtype)
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
             raise InvalidParameterError(f"mlp: expected a non-empty sequence of layer sizes, "
                                         f"got {sizes!r}")
@@ -158,7 +161,8 @@ class MLPHead(Module):
         self.seed = check.seed(seed)
         rng = np.random.default_rng(seed)
         dims = [self.in_features] + self.sizes
-        self.layers = ModuleList([Linear(dims[i], dims[i + 1], True, self.dtype, rng)
+        compute = "bfloat16" if self.bf16 else None
+        self.layers = ModuleList([Linear(dims[i], dims[i + 1], True, self.dtype, rng, compute)
                                   for i in range(len(self.sizes))], self.dtype)
 
     @property
@@ -172,7 +176,8 @@ class MLPHead(Module):
 
     def get_config(self) -> Dict[str, Any]:
         return {"in_features": self.in_features, "sizes": list(self.sizes),
-                "activation": self.activation, "dtype": self.dtype.name, "seed": self.seed}
+                "activation": self.activation, "dtype": self.dtype.name, "seed": self.seed,
+                "compute_dtype": "bfloat16" if self.bf16 else None}
 
 
 class SlidingWindowModel(_FrameEncoder):
@@ -198,6 +203,9 @@ class SlidingWindowModel(_FrameEncoder):
     dtype : float32 or float64
     seed : int, optional
         Seeds the weights and the dropout masks.
+    compute_dtype : None or "bfloat16"
+        Every product (input projection, attention, feed-forward) on bf16
+        operands with float32 sums (``TransformerEncoderLayer``'s option).
 
     Parameters (arrays)
     -------------------
@@ -209,8 +217,11 @@ class SlidingWindowModel(_FrameEncoder):
     def __init__(self, embed_dim: int, window_size: int = 60, num_heads: int = 4,
                  head_dim: int = 64, num_layers: int = 2, ffn_dim: int = 256,
                  dropout: float = 0.1, *, hidden_size: Optional[int] = None,
-                 dtype: Any = np.float32, seed: Optional[int] = None) -> None:
+                 dtype: Any = np.float32, seed: Optional[int] = None,
+                 compute_dtype: Any = None) -> None:
         super().__init__(dtype)
+        self.bf16 = check.bf16_products(compute_dtype, self.dtype)
+        compute = "bfloat16" if self.bf16 else None
         (self.embed_dim, self.window_size, self.num_heads, self.head_dim, self.num_layers,
          self.ffn_dim) = _positive_ints(embed_dim=embed_dim, window_size=window_size,
                                         num_heads=num_heads, head_dim=head_dim,
@@ -229,11 +240,11 @@ class SlidingWindowModel(_FrameEncoder):
         self._args = {"head_dim": int(head_dim), "hidden_size": hidden_size}
         s_proj, s_enc = _seeds(self.seed, 2)
         self.input_proj = Linear(self.embed_dim, self.hidden_size, True, self.dtype,
-                                 np.random.default_rng(s_proj))
+                                 np.random.default_rng(s_proj), compute)
         layer = TransformerEncoderLayer(
             self.hidden_size, self.num_heads, self.ffn_dim, self.dropout, activation="gelu",
             norm_first=True, head_dim=self.head_dim, window=self.window_size,
-            dtype=self.dtype, seed=None if self.seed is None else s_enc)
+            dtype=self.dtype, seed=None if self.seed is None else s_enc, compute_dtype=compute)
         self.encoder = TransformerEncoder(layer, self.num_layers,
                                           norm=LayerNorm(self.hidden_size, dtype=self.dtype))
 
@@ -256,7 +267,8 @@ class SlidingWindowModel(_FrameEncoder):
                 "head_dim": self._args["head_dim"],
                 "num_layers": self.num_layers, "ffn_dim": self.ffn_dim,
                 "dropout": self.dropout, "hidden_size": self._args["hidden_size"],
-                "dtype": self.dtype.name, "seed": self.seed}
+                "dtype": self.dtype.name, "seed": self.seed,
+                "compute_dtype": "bfloat16" if self.bf16 else None}
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, hidden_size={self.hidden_size}, "

@@ -74,7 +74,7 @@ class AttentionProjections(Module):
         key = (tuple(p.version for p in self._in_projs()), _core.isa())
         cached = self.__dict__.get("_in_packed_cache")
         if cached is None or cached[0] != key:
-            cached = (key, _core.pack_linear(self.__dict__["_in_weight"]))
+            cached = (key, _core.pack_linear(self.__dict__["_in_weight"], bf16=self.q_proj.bf16))
             self.__dict__["_in_packed_cache"] = cached
         packed: _core.PackedLinear = cached[1]
         return packed

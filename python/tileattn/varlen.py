@@ -12,7 +12,7 @@ from . import _core
 from ._call_checks import (NATIVE, ArrayLike, Window, as_input, check_out, kernel_array,
                            kernel_can_write, scale_value, top_left_alignment, window_bounds)
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from ._validate import shape_str
+from ._validate import bf16_products, shape_str
 
 __all__ = ["varlen_attention"]
 
@@ -49,6 +49,7 @@ def varlen_attention(
     causal_alignment: str = "bottom_right",
     scale: Optional[float] = None,
     out: Optional[np.ndarray] = None,
+    compute_dtype: Any = None,
 ) -> np.ndarray:
     """Attention of sequences of different lengths, packed end to end.
 
@@ -77,6 +78,8 @@ def varlen_attention(
         sequence (bottom-right: the last query of a sequence sees its last key).
     out : array (Tq, Hq, Dv), optional
         Preallocated output of the inputs' dtype.
+    compute_dtype : None or "bfloat16"
+        As in ``scaled_dot_product_attention``.
 
     Returns
     -------
@@ -116,6 +119,7 @@ def varlen_attention(
                              f"cu_seqlens_q, got {cu_k.shape[0]}")
     in_dtype = qa.dtype
     dtype = in_dtype if in_dtype in NATIVE else np.dtype(np.float32)
+    bf16 = bf16_products(compute_dtype, dtype)
     out_shape = (qa.shape[0], hq, va.shape[2])
     if out is not None:
         out = check_out(out, out_shape, in_dtype)
@@ -123,7 +127,7 @@ def varlen_attention(
     direct = out is not None and kernel_can_write(out, dtype, (qa, ka, va))
     result = out if direct and out is not None else np.empty(out_shape, dtype)
     options = _core.AttentionOptions(scale=scale_v, window_left=left, window_right=right,
-                                     top_left=top_left)
+                                     top_left=top_left, bf16=bf16)
     _core.attention_varlen(q4, k4, v4, result.transpose(1, 0, 2)[np.newaxis], cu_q, cu_k,
                            options)
     if out is not None:

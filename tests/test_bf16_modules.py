@@ -1,0 +1,80 @@
+"""compute_dtype="bfloat16" through the modules: every product of
+MultiHeadAttention and TransformerEncoderLayer on bf16 operands, composed of
+the same pieces as the functional calls (so the same bits), float32 around
+them."""
+
+import numpy as np
+import pytest
+
+import tileattn
+from tileattn._errors import DTypeError
+
+
+def test_mha_is_bf16_projections_and_bf16_attention(rng, each_isa):
+    e, h = 64, 4
+    mha = tileattn.MultiHeadAttention(e, h, compute_dtype="bfloat16", seed=1)
+    x = rng.standard_normal((2, 30, e)).astype(np.float32)
+    y = mha(x, is_causal=True)
+    lin = {}
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        lin[name] = tileattn.Linear(e, e, compute_dtype="bfloat16")
+        lin[name].load_state_dict(getattr(mha, name).state_dict())
+    q, k, v = (lin[n](x).reshape(2, 30, h, e // h).transpose(0, 2, 1, 3)
+               for n in ("q_proj", "k_proj", "v_proj"))
+    o = tileattn.scaled_dot_product_attention(q, k, v, is_causal=True, compute_dtype="bfloat16")
+    want = lin["out_proj"](o.transpose(0, 2, 1, 3).reshape(2, 30, e))
+    np.testing.assert_array_equal(y, want)
+    f32 = tileattn.MultiHeadAttention(e, h, seed=1)
+    assert not np.array_equal(f32(x, is_causal=True), y)
+
+
+def test_encoder_layer_padded_batch_bits_and_accuracy(rng, each_isa):
+    layer = tileattn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, activation="gelu",
+                                             seed=3, compute_dtype="bfloat16")
+    ref = tileattn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, activation="gelu",
+                                           seed=3, dtype=np.float64)
+    ref.load_state_dict(layer.state_dict())
+    x = rng.standard_normal((3, 25, 64)).astype(np.float32)
+    mask = np.ones((3, 25), bool)
+    mask[1, 17:] = False
+    mask[2, 5:] = False
+    y = layer(x, key_padding_mask=mask)
+    for b in range(3):           # a sequence alone gives the same bits
+        n = int(mask[b].sum())
+        np.testing.assert_array_equal(layer(x[b:b + 1, :n])[0], y[b, :n])
+    want = ref(x.astype(np.float64), key_padding_mask=mask)
+    err = np.abs(y - want)[mask].max()
+    assert 1e-4 < err < 0.1   # bf16 products: errors at bf16's scale, not float32's
+
+
+def test_encoder_copies_compute_dtype_and_config_round_trips(tmp_path):
+    layer = tileattn.TransformerEncoderLayer(32, 2, 64, compute_dtype="bfloat16")
+    enc = tileattn.TransformerEncoder(layer, 2)
+    assert all(lay.self_attn.bf16 and lay.linear2.bf16 for lay in enc.layers)
+    tileattn.save(enc, tmp_path / "enc.npz")
+    back = tileattn.load(tmp_path / "enc.npz")
+    assert back.layers[1].self_attn.bf16 and back.layers[0].linear1.bf16
+    ff = tileattn.FeedForward(16, 32, compute_dtype="bfloat16")
+    assert ff.get_config()["compute_dtype"] == "bfloat16" and ff.linear1.bf16
+
+
+@pytest.mark.parametrize("cls,args", [
+    (tileattn.MultiHeadAttention, (16, 2)),
+    (tileattn.TransformerEncoderLayer, (16, 2, 32)),
+])
+def test_float64_modules_refuse_bf16(cls, args):
+    with pytest.raises(DTypeError, match="take float32 computations"):
+        cls(*args, dtype=np.float64, compute_dtype="bfloat16")
+
+
+def test_edifice_sliding_window_model_bf16(rng):
+    kw = dict(embed_dim=12, window_size=5, num_heads=2, head_dim=8, num_layers=2, ffn_dim=16,
+              dropout=0.0, seed=4)
+    f32 = tileattn.models.SlidingWindowModel(**kw)
+    b16 = tileattn.models.SlidingWindowModel(**kw, compute_dtype="bfloat16")
+    assert b16.input_proj.bf16 and b16.encoder.layers[0].self_attn.bf16
+    frames = rng.standard_normal((2, 20, 12)).astype(np.float32)
+    a, b = f32(frames), b16(frames)
+    assert 0 < np.abs(a - b).max() < 0.1
+    head = tileattn.models.MLPHead(8, [6, 3], compute_dtype="bfloat16")
+    assert all(lin.bf16 for lin in head.layers)
