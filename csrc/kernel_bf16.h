@@ -54,6 +54,14 @@ inline void bf16_pairs_from(const uint16_t* src, int64_t n, Bf16Pair* dst) {
   if (i < n) dst[i / 2] = bf16_pair(src[i], 0);
 }
 
+// x's lanes rounded to bf16, as float32 values (the widened method's
+// operands: products of two of them are exact in float32).
+template <class S>
+inline typename S::reg bf16_values(typename S::reg x) {
+  return S::bf16_low(S::bf16_round_pairs(x, S::zero()));
+}
+inline float bf16_value(float x) { return bf16_widen(bf16_round(x)); }
+
 // gemm_micro (kernel_gemm.h) on pairs: c[R][NV * W] (row stride ldc) (+)=
 // sum over x < kd of a[r * a_rs + x * a_cs] . b[x * ldb + lane], each term
 // the dot product of two pairs. The same options: the sum formed from zero

@@ -32,10 +32,17 @@ struct PrefillTiling {
   int64_t d, dv, dvp, bc;
   bool k_direct;  // read K in place (else copy each block)
   bool v_direct;  // read V in place (else pack each block into panels)
-  bool pairs;     // bf16 products: K and V converted once per call (kernel_prefill_bf16.h)
+  // bf16 products (kernel_prefill_bf16.h), K and V converted once per call:
+  // into pairs for the bf16 dot product (pairs), or rounded to bf16 values
+  // in float32 for the widened method (round_bf16: the float32 kernel on
+  // rounded operands, q and P rounded as they are formed).
+  bool pairs, round_bf16;
 
-  explicit PrefillTiling(const AttentionParams& p)
-      : d(p.D), dv(p.Dv), pairs(p.products == Products::bf16) {
+  // kv_rounded: K and V already hold bf16 values (RoundedOperands).
+  explicit PrefillTiling(const AttentionParams& p, bool kv_rounded = false)
+      : d(p.D), dv(p.Dv),
+        pairs(p.products == Products::bf16 && Simd<float>::kBf16Dot),
+        round_bf16(p.products == Products::bf16 && !Simd<float>::kBf16Dot) {
     dvp = round_up(std::max<int64_t>(dv, 1), MR);
     // K and V of one block (bc * (d + dvp) values) take about 192 KiB,
     // leaving room in a 512 KiB L2 for Q^T, S^T and O^T.
@@ -49,6 +56,8 @@ struct PrefillTiling {
     // the block (~5% of the time at D = 64).
     v_direct = p.v_stride.c == 1 && !p.kv_half && dv % MR == 0;
     if (pairs) k_direct = v_direct = true;  // the converted pairs, in place
+    // Otherwise rounded as each block is copied (see prefill_forward_items_bf16).
+    if (round_bf16 && !kv_rounded) k_direct = v_direct = false;
   }
   static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 };
@@ -102,10 +111,17 @@ struct PrefillScratch {
 // ---------------------------------------------------------------------------
 // Operands.
 
-// qt[x][i] (row stride BR) = q[i0 + i][x] * factor, zero for padding rows.
+// qt[x][i] (row stride BR) = q[i0 + i][x] * factor, zero for padding rows;
+// with t.round_bf16, q rounded to bf16 first.
 template <typename T>
 void pack_query_transposed(const AttentionParams& p, const PrefillTiling<T>& t,
                            const RowRange& rr, int64_t qcols, T factor, T* qt) {
+  const auto value = [&t](T x) {
+    if constexpr (std::is_same_v<T, float>)
+      return t.round_bf16 ? bf16_value(x) : x;
+    else
+      return x;
+  };
   constexpr int BR = PrefillTiling<T>::BR;
   using S = Simd<T>;
   constexpr int W = S::W;
@@ -120,32 +136,53 @@ void pack_query_transposed(const AttentionParams& p, const PrefillTiling<T>& t,
   for (int64_t i = 0; i < rows_w; i += W)
     for (int64_t x = 0; x < d_w; x += W) {
       S::transpose_tile(q + i * p.q_stride.r + x, p.q_stride.r, tile);  // tile[c] = column x + c
-      for (int c = 0; c < W; ++c) S::store(qt + (x + c) * BR + i, S::mul(S::load(tile + c * W), f));
+      for (int c = 0; c < W; ++c) {
+        typename S::reg column = S::load(tile + c * W);
+        if constexpr (std::is_same_v<T, float>)
+          if (t.round_bf16) column = bf16_values<S>(column);
+        S::store(qt + (x + c) * BR + i, S::mul(column, f));
+      }
     }
   for (int64_t i = 0; i < rows_w; ++i) {
     const T* src = q + i * p.q_stride.r;
-    for (int64_t x = d_w; x < t.d; ++x) qt[x * BR + i] = src[x] * factor;
+    for (int64_t x = d_w; x < t.d; ++x) qt[x * BR + i] = value(src[x]) * factor;
   }
   for (int64_t i = rows_w; i < qcols; ++i) {
     if (i < rr.rows) {
       const T* src = q + i * p.q_stride.r;
-      for (int64_t x = 0; x < t.d; ++x) qt[x * BR + i] = src[x * p.q_stride.c] * factor;
+      for (int64_t x = 0; x < t.d; ++x) qt[x * BR + i] = value(src[x * p.q_stride.c]) * factor;
     } else {
       for (int64_t x = 0; x < t.d; ++x) qt[x * BR + i] = T(0);
     }
   }
 }
 
+// A value as the products read it: widened, and rounded to bf16 when asked
+// (the widened method of bf16 products, PrefillTiling::round_bf16).
+template <typename T, typename KV>
+inline T operand(KV x, bool round_bf16) {
+  if constexpr (std::is_same_v<T, float>)
+    return round_bf16 ? bf16_value(widen(x)) : widen(x);
+  else
+    return static_cast<T>(widen(x));
+}
+
 // Rows [0, n) of a strided (rows, cols) slice into dst (row stride ld),
 // zero-filling rows [n, n_padded) and columns [cols, ld).
 template <typename T, typename KV>
 void copy_rows(const KV* src, int64_t sr, int64_t sc, int64_t n, int64_t n_padded, int64_t cols,
-               int64_t ld, T* dst) {
+               int64_t ld, T* dst, bool round_bf16 = false) {
   for (int64_t j = 0; j < n_padded; ++j) {
     T* row = dst + j * ld;
     int64_t c = 0;
-    if (j < n)
-      for (; c < cols; ++c) row[c] = widen(src[j * sr + c * sc]);
+    if (j < n) {
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<KV, float>) {
+        if (round_bf16 && sc == 1)
+          for (; c + Simd<T>::W <= cols; c += Simd<T>::W)
+            Simd<T>::storeu(row + c, bf16_values<Simd<T>>(Simd<T>::loadu(src + j * sr + c)));
+      }
+      for (; c < cols; ++c) row[c] = operand<T>(src[j * sr + c * sc], round_bf16);
+    }
     for (; c < ld; ++c) row[c] = T(0);
   }
 }
@@ -155,21 +192,44 @@ void copy_rows(const KV* src, int64_t sr, int64_t sc, int64_t n, int64_t n_padde
 // broadcasts from.
 template <typename T, typename KV>
 void pack_values(const KV* v, int64_t sr, int64_t sc, int64_t cols, int64_t dv, int64_t dvp,
-                 T* vp) {
+                 T* vp, bool round_bf16 = false) {
   constexpr int MR = PrefillTiling<T>::MR;
   // Row by row: each row of V is read once, contiguously, and scattered to
   // the panels, which are written sequentially.
   const int64_t full = sc == 1 ? dv / MR * MR : 0;  // whole panels of a unit-stride row
+  constexpr int64_t kChunk = 64;  // values rounded at a time, W wide, then scattered
+  static_assert(kChunk % MR == 0, "a chunk holds whole panels");
   for (int64_t j = 0; j < cols; ++j) {
     const KV* src = v + j * sr;
     T* dst = vp + j * MR;
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<KV, float>) {
+      if (round_bf16) {
+        using S = Simd<T>;
+        alignas(64) T chunk[kChunk];
+        for (int64_t e0 = 0; e0 < full; e0 += kChunk) {
+          const int64_t n = std::min(kChunk, full - e0);
+          int64_t x = 0;
+          for (; x + S::W <= n; x += S::W)
+            S::store(chunk + x, bf16_values<S>(S::loadu(src + e0 + x)));
+          for (; x < n; ++x) chunk[x] = bf16_value(src[e0 + x]);
+          for (int64_t e = 0; e < n; e += MR) {
+            TILEATTN_UNROLL
+            for (int r = 0; r < MR; ++r) dst[(e0 + e) * cols + r] = chunk[e + r];
+          }
+        }
+        for (int64_t e = full; e < dvp; e += MR)
+          for (int r = 0; r < MR; ++r)
+            dst[e * cols + r] = e + r < dv ? operand<T>(src[(e + r) * sc], true) : T(0);
+        continue;
+      }
+    }
     for (int64_t e = 0; e < full; e += MR) {
       TILEATTN_UNROLL
-      for (int r = 0; r < MR; ++r) dst[e * cols + r] = static_cast<T>(widen(src[e + r]));
+      for (int r = 0; r < MR; ++r) dst[e * cols + r] = operand<T>(src[e + r], round_bf16);
     }
     for (int64_t e = full; e < dvp; e += MR)
       for (int r = 0; r < MR; ++r)
-        dst[e * cols + r] = e + r < dv ? static_cast<T>(widen(src[(e + r) * sc])) : T(0);
+        dst[e * cols + r] = e + r < dv ? operand<T>(src[(e + r) * sc], round_bf16) : T(0);
   }
 }
 
@@ -525,12 +585,17 @@ class FiniteBlocks {
 // (the max with -FLT_MAX below keeps -inf - -inf from making NaN). The
 // passes walk st row by row, G registers wide, so each row's cache lines
 // are read once per pass. Each lane's arithmetic does not depend on G.
-// With pt2 (bf16 products, float lanes), the exponentials are formed to
-// bf16 accuracy (vec_exp_diff_bf16) and written rounded, in pairs of keys,
-// to pt2 (pairs j / 2, row stride ld) instead of st; l sums them unrounded.
+// With bf16 products (float lanes; `out` other than exact) the exponentials
+// are formed to bf16 accuracy (vec_exp_diff_bf16) and l sums them
+// unrounded; they are written to st unrounded (dropout comes next, then the
+// rounding), to st rounded to bf16 values (the widened method's P), or
+// rounded in pairs of keys to pt2 (pairs j / 2, row stride ld).
+enum class ProbOut : int { exact, bf16_unrounded, bf16_values, bf16_pairs };
+
 template <typename T, int G>
 inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offset, T* m, T* l,
-                                  T* alpha, const T* colmax, Bf16Pair* pt2 = nullptr) {
+                                  T* alpha, const T* colmax, ProbOut out = ProbOut::exact,
+                                  Bf16Pair* pt2 = nullptr) {
   using S = Simd<T>;
   using reg = typename S::reg;
   constexpr int W = S::W;
@@ -563,7 +628,21 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offse
     TILEATTN_UNROLL
     for (int g = 0; g < G; ++g) acc[g] = S::zero();
     if constexpr (std::is_same_v<T, float>) {
-      if (pt2) {  // leaves start at even keys: pairs (j, j + 1) of one leaf
+      if (out == ProbOut::bf16_unrounded || out == ProbOut::bf16_values) {
+        const bool round = out == ProbOut::bf16_values;
+        for (int64_t j = j_begin; j < j_end; ++j) {
+          TILEATTN_UNROLL
+          for (int g = 0; g < G; ++g) {
+            T* p0 = st + j * ld + g * W;
+            const reg e = vec_exp_diff_bf16<S>(S::load(p0), mu[g]);
+            S::store(p0, round ? bf16_values<S>(e) : e);
+            acc[g] = S::add(acc[g], e);
+          }
+        }
+        sums.push(acc, offset + j_end);
+        continue;
+      }
+      if (out == ProbOut::bf16_pairs) {  // leaves start at even keys: pairs (j, j + 1) of one leaf
         for (int64_t j = j_begin; j < j_end; j += 2) {
           TILEATTN_UNROLL
           for (int g = 0; g < G; ++g) {
@@ -600,15 +679,27 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offse
 
 // The update for lanes [0, qcols) of a block, a strip of registers at a
 // time (qcols is a multiple of W).
-// pt2: as online_softmax_update's.
+// out, pt2: as online_softmax_update's.
 template <typename T>
 void block_softmax(T* st, int64_t ld, int64_t cols, int64_t offset, int64_t qcols, T* m, T* l,
-                   T* alpha, const T* colmax, Bf16Pair* pt2 = nullptr) {
+                   T* alpha, const T* colmax, ProbOut out = ProbOut::exact,
+                   Bf16Pair* pt2 = nullptr) {
   for_each_strip<T>(qcols, [&](int64_t i, auto nv) {
     online_softmax_update<T, decltype(nv)::value>(st + i, ld, cols, offset, m + i, l + i,
-                                                  alpha + i, colmax ? colmax + i : nullptr,
+                                                  alpha + i, colmax ? colmax + i : nullptr, out,
                                                   pt2 ? pt2 + i : nullptr);
   });
+}
+
+// st's probabilities (cols x qcols) rounded to bf16 values in place.
+template <typename T>
+void round_probabilities(T* st, int64_t cols, int64_t qcols) {
+  using S = Simd<T>;
+  constexpr int BR = PrefillTiling<T>::BR;
+  if constexpr (std::is_same_v<T, float>)
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t i = 0; i < qcols; i += S::W)
+        S::store(st + j * BR + i, bf16_values<S>(S::load(st + j * BR + i)));
 }
 
 // Applies dropout to the block's probabilities (transposed, in st).
@@ -676,7 +767,7 @@ struct PrefillTask {
         ldk = p.k_stride.r;
       } else {
         copy_rows<T, KV>(k_head + j0 * p.k_stride.r, p.k_stride.r, p.k_stride.c, cols, cols, t.d,
-                         t.d, sc.kbuf);
+                         t.d, sc.kbuf, t.round_bf16);
       }
       const bool masked = mask.hides_any(inside);
       block_scores<T>(t, k, ldk, cols, qcols, !masked, sc);
@@ -718,14 +809,18 @@ struct PrefillTask {
   // (block_values applies alpha).
   void block(int64_t j0, int64_t cols, bool inside) {
     const bool have_max = scores(j0, cols, inside);
-    // bf16 products: the probabilities go straight to pairs, unless dropout
-    // needs them in st first.
-    Bf16Pair* pairs_out = kPairs && !dr.active() ? sc.pt2 : nullptr;
+    // bf16 products: the probabilities go straight to pairs or to rounded
+    // values, unless dropout needs them unrounded in st first.
+    const ProbOut out = !(t.pairs || t.round_bf16) ? ProbOut::exact
+                        : dr.active()              ? ProbOut::bf16_unrounded
+                        : t.pairs                  ? ProbOut::bf16_pairs
+                                                   : ProbOut::bf16_values;
     block_softmax<T>(sc.st, BR, cols, j0 % t.bc, qcols, sc.m, sc.l, sc.alpha,
-                     have_max ? sc.colmax : nullptr, pairs_out);
+                     have_max ? sc.colmax : nullptr, out, sc.pt2);
     if (dr.active()) dropout_block<T>(dr, rr, j0, cols, sc.st);
+    if (out == ProbOut::bf16_unrounded && t.round_bf16) round_probabilities<T>(sc.st, cols, qcols);
     if constexpr (kPairs) {
-      if (!pairs_out) probabilities_to_pairs<T>(sc.st, cols, qcols, sc.pt2);
+      if (out != ProbOut::bf16_pairs) probabilities_to_pairs<T>(sc.st, cols, qcols, sc.pt2);
       block_values_bf16<T>(t, v_head + (j0 / 2) * p.v_stride.r, p.v_stride.r, (cols + 1) / 2,
                            (j0 % t.bc) / 2, qcols, finite_v.recorded_finite(rr.b, rr.hk, j0), sc);
     } else if (t.v_direct) {
@@ -735,7 +830,7 @@ struct PrefillTask {
       block_values<T>(t, v, 1, p.v_stride.r, cols, j0 % t.bc, qcols, finite, sc);
     } else {
       pack_values<T, KV>(v_head + j0 * p.v_stride.r, p.v_stride.r, p.v_stride.c, cols, t.dv,
-                         t.dvp, sc.vp);
+                         t.dvp, sc.vp, t.round_bf16);
       block_values<T>(t, sc.vp, cols, Tl::MR, cols, j0 % t.bc, qcols,
                       all_finite<T>(sc.vp, cols * t.dvp), sc);
     }
@@ -907,6 +1002,25 @@ template <typename KV>
 void prefill_forward_items_bf16(const AttentionParams* items, int64_t n) {
   const PrefillTiling<float> t(items[0]);
   std::vector<FiniteBlocks> finite_v = finite_flags(items, n, t.bc);
-  const Bf16Operands ops(items, n, t.dvp, t.bc, finite_v, static_cast<const KV*>(nullptr));
-  run_prefill_tasks<float, Bf16Pair>(ops.params.data(), n, t, finite_v);
+  if constexpr (Simd<float>::kBf16Dot) {  // t.pairs
+    const Bf16Operands ops(items, n, t.dvp, t.bc, finite_v, static_cast<const KV*>(nullptr));
+    run_prefill_tasks<float, Bf16Pair>(ops.params.data(), n, t, finite_v);
+  } else {
+    // The float32 kernel on operands rounded to bf16 values. K and V are
+    // rounded once per call when more than two query blocks read each key
+    // block; else as each block is copied. Measured (Zen 5, avx512 path,
+    // bench_bf16_attention.py): rounding per block cost 1.45x float32's
+    // time at (1, 16, 1024, 1024, 64), once per call 1.07x; at (8, 12, 128,
+    // 128, 64) the pass once per call cost 1.33x, per block 1.25x. Both give
+    // the same values to the same kernel, so the same bits.
+    bool many = false;
+    for (int64_t i = 0; i < n; ++i) many = many || items[i].Lq > 2 * PrefillTiling<float>::BR;
+    if (!many) {
+      run_prefill_tasks<float, KV>(items, n, t, finite_v);
+    } else {
+      const RoundedOperands ops(items, n, t.bc, static_cast<const KV*>(nullptr));
+      const PrefillTiling<float> rounded(ops.params[0], /*kv_rounded=*/true);
+      run_prefill_tasks<float, float>(ops.params.data(), n, rounded, finite_v);
+    }
+  }
 }

@@ -3,7 +3,11 @@
 // with bf16 pairs (kernel_bf16.h) and float32 sums; the softmax, its running
 // max and sum, the rescaling and the output stay float32. A fragment
 // included by kernel_prefill.h before PrefillTask, which calls these where
-// its K/V type is Bf16Pair.
+// its K/V type is Bf16Pair: on the path with the bf16 dot product. Paths
+// without it run the float32 kernel on operands rounded to bf16 values
+// (PrefillTiling::round_bf16): each product of two is exact, the sums run
+// in the same order, and the speed is float32's (pairs widened in the
+// micro-kernels cost 1.2-1.6x float32's time, bench_bf16_attention.py).
 //
 // Layouts (pairs run along the summed dimension):
 //   Q^T: qt2[x][i] = (q[i][2x], q[i][2x + 1])          dp = ceil(D / 2) rows of BR
@@ -70,6 +74,8 @@ void pack_query_pairs(const AttentionParams& p, const RowRange& rr, int64_t qcol
 
 // scores_micro on pairs: st[MR][NR] (row stride lds) = scale * k2[MR][dp]
 // . qt2[dp][NR], with the per-query maximum folded into colmax when asked.
+// The bf16 dot product's path only (the others run the float32 kernel on
+// rounded values).
 template <int NV, bool kColMax>
 TILEATTN_MICRO_KERNEL void scores_micro_bf16(const Bf16Pair* k, int64_t ldk, const Bf16Pair* qt,
                                              int64_t ldq, int64_t dp, float scale, float* st,
@@ -95,23 +101,11 @@ TILEATTN_MICRO_KERNEL void scores_micro_bf16(const Bf16Pair* k, int64_t ldk, con
         reg b[NV];
         TILEATTN_UNROLL
         for (int c = 0; c < NV; ++c) b[c] = S::load(reinterpret_cast<const float*>(qt + x * ldq + c * W));
-        if constexpr (S::kBf16Dot) {
+        TILEATTN_UNROLL
+        for (int r = 0; r < MH; ++r) {
+          const reg a = S::set1_bits(static_cast<uint32_t>(kr[r * ldk + x]));
           TILEATTN_UNROLL
-          for (int r = 0; r < MH; ++r) {
-            const reg a = S::set1_bits(static_cast<uint32_t>(kr[r * ldk + x]));
-            TILEATTN_UNROLL
-            for (int c = 0; c < NV; ++c) acc[r][c] = S::dot_bf16(acc[r][c], a, b[c]);
-          }
-        } else {
-          TILEATTN_UNROLL
-          for (int r = 0; r < MH; ++r) {
-            const uint32_t pair = static_cast<uint32_t>(kr[r * ldk + x]);
-            const reg a_lo = S::set1_bits(pair << 16), a_hi = S::set1_bits(pair & 0xFFFF0000u);
-            TILEATTN_UNROLL
-            for (int c = 0; c < NV; ++c)
-              acc[r][c] = S::fmadd(a_hi, S::bf16_high(b[c]),
-                                   S::fmadd(a_lo, S::bf16_low(b[c]), acc[r][c]));
-          }
+          for (int c = 0; c < NV; ++c) acc[r][c] = S::dot_bf16(acc[r][c], a, b[c]);
         }
       }
       TILEATTN_UNROLL
@@ -310,7 +304,7 @@ void block_values_bf16(const PrefillTiling<T>& t, const Bf16Pair* v, int64_t ldv
 }
 
 // K and V of n calls (a variable-length batch's sequences, or one call)
-// rounded into the pair layouts above, once per call (every query block
+// rounded into the pair layouts above once per call (every query block
 // reads them): per item, k2 (B, Hkv, Lk, dp) and v2 (B, Hkv, ceil(Lk / 2),
 // dvp), zero-padded; params[i] is item i with k and v pointing at them
 // (strides in pairs). Whether each block of bc keys of V is finite in bf16
@@ -331,7 +325,7 @@ struct Bf16Operands {
                std::vector<FiniteBlocks>& finite, const KV*)
       : params(items, items + n) {
     const int64_t dp = (items[0].D + 1) / 2;
-    std::vector<size_t> at(static_cast<size_t>(n) + 1, 0);   // pairs before item i
+    std::vector<size_t> at(static_cast<size_t>(n) + 1, 0);      // pairs before item i
     std::vector<int64_t> first(static_cast<size_t>(n) + 1, 0);  // conversion tasks
     for (int64_t i = 0; i < n; ++i) {
       const AttentionParams& p = items[i];
@@ -352,6 +346,7 @@ struct Bf16Operands {
     for (int64_t i = 0; i < n; ++i) {
       const AttentionParams& p = items[i];
       const int64_t lkp = (p.Lk + 1) / 2;
+      params[i].kv_half = false;
       params[i].k = base + at[i];
       params[i].k_stride = {p.Hkv * p.Lk * dp, p.Lk * dp, dp, 1};
       params[i].v = base + at[i] + p.B * p.Hkv * p.Lk * dp;
@@ -367,7 +362,7 @@ struct Bf16Operands {
   }
 
   // Keys [j0, j0 + bc) of KV head bh (= b * Hkv + hk) of call p into its
-  // pairs (to: p converted).
+  // pairs (to: p converted), recording whether the block of V is finite.
   template <typename KV>
   static void convert_block(const AttentionParams& p, const AttentionParams& to, int64_t bh,
                             int64_t j0, int64_t bc, int64_t dvp, FiniteBlocks& finite) {
@@ -412,5 +407,61 @@ struct Bf16Operands {
     }
     ok = ok && S::hsum(nonfinite) == 0.0f;
     finite.record(b, hk, j0, ok);
+  }
+};
+
+// K and V of n calls rounded to bf16 values in float32, dense (B, Hkv, Lk,
+// D) and (B, Hkv, Lk, Dv): the operands of the widened method when many
+// query blocks read them (prefill_forward_items_bf16). Memory kept as
+// Bf16Operands'.
+struct RoundedOperands {
+  std::unique_ptr<float[]> own;
+  std::vector<AttentionParams> params;
+
+  template <typename KV>
+  RoundedOperands(const AttentionParams* items, int64_t n, int64_t bc, const KV*)
+      : params(items, items + n) {
+    std::vector<size_t> at(static_cast<size_t>(n) + 1, 0);
+    std::vector<int64_t> first(static_cast<size_t>(n) + 1, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const AttentionParams& p = items[i];
+      at[i + 1] = at[i] + static_cast<size_t>(p.B * p.Hkv * p.Lk * (p.D + p.Dv)) + 16;
+      first[i + 1] = first[i] + p.B * p.Hkv * ((p.Lk + bc - 1) / bc);
+    }
+    const size_t bytes = sizeof(float) * at[n] + 64;
+    float* base;
+    if (bytes <= kBf16KeptBytes) {
+      static thread_local Arena kept;
+      kept.reset(bytes);
+      base = kept.carve<float>(at[n]);
+    } else {
+      own.reset(new float[at[n]]);
+      base = own.get();
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const AttentionParams& p = items[i];
+      params[i].kv_half = false;
+      params[i].k = base + at[i];
+      params[i].k_stride = {p.Hkv * p.Lk * p.D, p.Lk * p.D, p.D, 1};
+      params[i].v = base + at[i] + p.B * p.Hkv * p.Lk * p.D;
+      params[i].v_stride = {p.Hkv * p.Lk * p.Dv, p.Lk * p.Dv, p.Dv, 1};
+    }
+    parallel_for(first[n], [&](int64_t task, int) {
+      const int64_t i = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+      const AttentionParams& p = items[i];
+      const int64_t blocks = (p.Lk + bc - 1) / bc, local = task - first[i];
+      const int64_t bh = local / blocks, j0 = (local % blocks) * bc;
+      const int64_t j1 = std::min(p.Lk, j0 + bc);
+      const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
+      const auto rows = [&](const void* from, const Strides4& st, const void* to, int64_t cols) {
+        const KV* src = static_cast<const KV*>(from) + b * st.b + hk * st.h;
+        float* dst = const_cast<float*>(static_cast<const float*>(to)) + bh * p.Lk * cols;
+        for (int64_t j = j0; j < j1; ++j)
+          copy_rows<float, KV>(src + j * st.r, st.r, st.c, 1, 1, cols, cols, dst + j * cols,
+                               /*round_bf16=*/true);
+      };
+      rows(p.k, p.k_stride, params[i].k, p.D);
+      rows(p.v, p.v_stride, params[i].v, p.Dv);
+    });
   }
 };

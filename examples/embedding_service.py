@@ -61,13 +61,16 @@ def limit_options(parser: argparse.ArgumentParser) -> None:
 def serve(args: argparse.Namespace) -> None:
     import tileattn
     from embedding_server.app import create_app
-    from embedding_server.backends import BACKENDS, TokenCounter
+    from embedding_server.backends import TokenCounter, make_backend
     from embedding_server.server import serve as run_server
 
     if args.threads is not None:
         tileattn.set_num_threads(args.threads)
     limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
-    backend = BACKENDS[args.backend]()
+    try:
+        backend = make_backend(args.backend, args.precision)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if limits.max_tokens > backend.max_length and not limits.truncate:
         raise SystemExit(f"--max-tokens: the model takes at most {backend.max_length} tokens "
                          f"per text, got {limits.max_tokens} (or pass --truncate)")
@@ -75,7 +78,7 @@ def serve(args: argparse.Namespace) -> None:
                      max_wait=args.max_wait_ms / 1e3)
 
     def listening(host: str, port: int) -> None:
-        print(f"serving {backend.name} ({args.backend}) embeddings on "
+        print(f"serving {backend.name} ({args.backend}, {args.precision}) embeddings on "
               f"http://{host}:{port}/embed and /v1/embeddings (Ctrl-C stops)", flush=True)
 
     run_server(app, limits, args.host, args.port, on_listening=listening,
@@ -83,16 +86,16 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def run_loadtest(args: argparse.Namespace) -> None:
-    from embedding_server.backends import BACKENDS
+    from embedding_server.backends import make_backend
 
     requests = loadtest.request_mix(args.requests, seed=args.seed)
-    direct: Any = BACKENDS[args.backend]()       # the answers each request must get
+    direct: Any = make_backend(args.backend, args.precision)  # the answers each request must get
     check = (loadtest.exact_check(direct.embed, requests) if args.backend == "tileattn"
              else loadtest.close_check(direct.embed, requests, atol=1e-5))
     del direct
     extra = ["--threads", str(args.threads)] if args.threads is not None else []
     proc, port = loadtest.start_service(loadtest.service_command(
-        __file__, "--backend", args.backend, *extra))
+        __file__, "--backend", args.backend, "--precision", args.precision, *extra))
     try:
         stats = loadtest.run_clients(port, requests, args.concurrency, check, path=args.path)
     finally:
@@ -126,6 +129,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         p.add_argument("--backend", choices=["tileattn", "sentence-transformers"],
                        default="tileattn")
         p.add_argument("--threads", type=int, default=None, help="tileattn threads")
+        p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16: the encoder's products on bf16 operands (tileattn only)")
     args = ap.parse_args(argv)
     if args.cmd == "serve":
         serve(args)

@@ -107,6 +107,23 @@ def test_load_test_answers_match_direct_calls():
     assert per_batch > 1, "concurrent requests were never coalesced"
 
 
+def test_bf16_load_test_answers_match_direct_bf16_calls():
+    """--precision bf16: the service and the direct calls both run the
+    encoder's products in bf16; every answer bit for bit a direct call's."""
+    r = subprocess.run([sys.executable, str(EXAMPLE), "loadtest", "--precision", "bf16",
+                        "--requests", "32", "--concurrency", "8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"32 requests, 8 concurrent clients, 0 errors, 0 wrong", r.stdout), r.stdout
+
+
+def test_bf16_is_refused_for_sentence_transformers():
+    r = subprocess.run([sys.executable, str(EXAMPLE), "serve", "--backend",
+                        "sentence-transformers", "--precision", "bf16"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "only the tileattn backend computes in bf16" in r.stderr
+
+
 def test_embed_and_openai_answers_equal_a_direct_call(port, direct):
     texts = ["hello world", "A man is riding a horse."]
     status, payload = raw(port, "POST", "/embed", json.dumps({"texts": texts}).encode())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Protocol
+from typing import Any, Callable, Dict, List, Optional, Protocol
 
 import numpy as np
 
@@ -35,8 +35,10 @@ class TileattnBackend:
 
     name = MODEL_NAME
 
-    def __init__(self) -> None:
-        self.model = load_minilm()
+    def __init__(self, compute_dtype: Optional[str] = None) -> None:
+        """compute_dtype "bfloat16": the encoder's products on bf16 operands
+        (``--precision bf16``)."""
+        self.model = load_minilm(compute_dtype=compute_dtype)
         self.dim = self.model.dim
         self.max_length = self.model.max_length
 
@@ -68,6 +70,17 @@ class SentenceTransformersBackend:
 
 
 BACKENDS: Dict[str, Callable[[], Backend]] = {"tileattn": TileattnBackend, "sentence-transformers": SentenceTransformersBackend}
+
+
+def make_backend(name: str, precision: str = "fp32") -> Backend:
+    """The backend called `name`; precision "bf16" (tileattn only) runs its
+    products on bf16 operands."""
+    if precision == "bf16":
+        if name != "tileattn":
+            raise ValueError(f"--precision bf16: only the tileattn backend computes in bf16, "
+                             f"not {name}")
+        return TileattnBackend("bfloat16")
+    return BACKENDS[name]()
 
 
 class TokenCounter:
