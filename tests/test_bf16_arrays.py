@@ -78,3 +78,11 @@ def test_other_dtypes_name_bfloat16_in_the_error(rng):
     q = np.zeros((2, 3, 4), np.int32)
     with pytest.raises(DTypeError, match="q: expected float16, bfloat16, float32 or float64"):
         tileattn.scaled_dot_product_attention(q, q, q)
+
+
+def test_state_dict_values_may_be_bf16(rng):
+    """A checkpoint stored in bf16 loads into a float32 module (widened)."""
+    lin = tileattn.Linear(6, 4, rng=rng)
+    sd = {k: v.astype(BF16) for k, v in lin.state_dict().items()}
+    lin.load_state_dict(sd)
+    np.testing.assert_array_equal(lin.weight, sd["weight"].astype(np.float32))

@@ -163,3 +163,43 @@ def test_bad_compute_dtype(rng, dtype, value, match):
     q = rng.standard_normal((2, 3, 4)).astype(dtype)
     with pytest.raises(DTypeError, match=match):
         tileattn.scaled_dot_product_attention(q, q, q, compute_dtype=value)
+
+
+def test_dropout_keeps_the_float32_mask(each_isa, rng):
+    """Dropout on the bf16 path drops the same weights as in float32 (the
+    mask is a hash of the seed and the position), applied before rounding."""
+    q, k, v = make_qkv(rng, 1, 2, 2, 20, 50, 16)
+    kw = dict(dropout_p=0.3, seed=7, return_weights=True)
+    out, w = tileattn.scaled_dot_product_attention(q, k, v, compute_dtype="bfloat16", **kw)
+    out32, w32 = tileattn.scaled_dot_product_attention(q, k, v, **kw)
+    np.testing.assert_array_equal(w == 0, w32 == 0)
+    assert 0 < np.max(np.abs(out - out32)) < 0.05
+
+
+def test_varlen_gives_each_sequence_its_own_bits(each_isa, rng):
+    lengths = [5, 17, 130, 3]
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    t = offsets[-1]
+    q = rng.standard_normal((t, 4, 32)).astype(np.float32)
+    k = rng.standard_normal((t, 2, 32)).astype(np.float32)
+    v = rng.standard_normal((t, 2, 32)).astype(np.float32)
+    out = tileattn.varlen_attention(q, k, v, offsets, is_causal=True, compute_dtype="bfloat16")
+    for i in range(len(lengths)):
+        s = slice(offsets[i], offsets[i + 1])
+        alone = tileattn.scaled_dot_product_attention(
+            q[s].transpose(1, 0, 2), k[s].transpose(1, 0, 2), v[s].transpose(1, 0, 2),
+            is_causal=True, compute_dtype="bfloat16")
+        np.testing.assert_array_equal(out[s], alone.transpose(1, 0, 2))
+
+
+def test_half_keys_and_values_round_like_their_float32_values(each_isa, rng):
+    """A float16 cache read with bf16 products: K and V widened, then
+    rounded to bf16, exactly as float32 arrays of the same values."""
+    from tileattn import _core
+    q, k, v = make_qkv(rng, 1, 4, 2, 3, 300, 64)
+    kh, vh = k.astype(np.float16), v.astype(np.float16)
+    opts = _core.AttentionOptions(scale=0.125, window_right=0, bf16=True)
+    a, b = np.empty_like(q), np.empty_like(q)
+    _core.attention_forward(q, kh, vh, a, opts)
+    _core.attention_forward(q, kh.astype(np.float32), vh.astype(np.float32), b, opts)
+    np.testing.assert_array_equal(a, b)

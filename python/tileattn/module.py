@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _parameters
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from ._validate import COMPUTE_DTYPES, dtype_in, flag, shape_str
+from ._validate import COMPUTE_DTYPES, dtype_in, flag, is_bfloat16, shape_str
 
 
 # Every Module subclass by class name, so tileattn.load can rebuild a saved one.
@@ -50,7 +50,7 @@ def _as_value(key: str, value: Any) -> np.ndarray:
         a = np.asarray(value)
     except Exception as e:  # e.g. a torch tensor that requires grad
         raise DTypeError(f"state_dict[{key!r}]: cannot convert to a NumPy array ({e})") from None
-    if a.dtype.kind not in "fiub":
+    if a.dtype.kind not in "fiub" and not is_bfloat16(a.dtype):
         raise DTypeError(f"state_dict[{key!r}]: expected real numbers, got dtype {a.dtype}")
     return a
 
