@@ -25,7 +25,7 @@ default_tests="test_attention.py test_masks.py test_errors.py test_layouts_dtype
   test_core_kv.py test_threads.py test_hypothesis.py test_mha_features.py
   test_cache.py test_edge_cases.py test_fuzz.py test_resources.py test_linear_kernel.py test_dense_copy.py
   test_varlen.py test_batch_independence.py test_row_ops.py test_bf16_linear.py
-  test_bf16_attention.py test_bf16_arrays.py"
+  test_bf16_attention.py test_bf16_arrays.py test_bf16_cache.py"
 tests=()
 for t in ${SAN_TESTS:-$default_tests}; do
   [ -e "$root/tests/$t" ] && tests+=("$root/tests/$t")

@@ -58,10 +58,14 @@ void attention_forward(const AttentionParams& p) {
   if (p.products == Products::bf16) {
     if (p.kv_half)
       prefill_forward_items_bf16<Half>(&p, 1);
+    else if (p.kv_bf16)
+      prefill_forward_items_bf16<Bf16>(&p, 1);
     else
       prefill_forward_items_bf16<float>(&p, 1);
   } else if (p.kv_half)
     forward_typed<float, Half>(p);
+  else if (p.kv_bf16)
+    forward_typed<float, Bf16>(p);
   else if (p.dtype == DType::f64)
     forward_typed<double, double>(p);
   else
@@ -76,10 +80,14 @@ void attention_forward_items(const AttentionParams* items, int64_t n) {
   if (items[0].products == Products::bf16) {
     if (items[0].kv_half)
       prefill_forward_items_bf16<Half>(items, n);
+    else if (items[0].kv_bf16)
+      prefill_forward_items_bf16<Bf16>(items, n);
     else
       prefill_forward_items_bf16<float>(items, n);
   } else if (items[0].kv_half)
     prefill_forward_items<float, Half>(items, n);
+  else if (items[0].kv_bf16)
+    prefill_forward_items<float, Bf16>(items, n);
   else if (items[0].dtype == DType::f64)
     prefill_forward_items<double, double>(items, n);
   else

@@ -35,9 +35,11 @@ struct AttentionParams {
   const void* q = nullptr;
   const void* k = nullptr;  // of the compute dtype, or binary16 when kv_half
   const void* v = nullptr;
-  // K and V stored as IEEE binary16 (a half-size KV cache) and widened to
-  // float32 as the kernel reads them; q and out are float32.
+  // K and V stored as IEEE binary16 or as bfloat16 (a half-size KV cache)
+  // and widened to float32 as the kernel reads them; q and out are float32.
   bool kv_half = false;
+  bool kv_bf16 = false;
+  bool kv_narrow() const { return kv_half || kv_bf16; }
   void* out = nullptr;
   Strides4 q_stride, k_stride, v_stride, out_stride;
 

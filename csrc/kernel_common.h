@@ -158,6 +158,20 @@ inline float widen(Half h) {
   return f;
 #endif
 }
+// bfloat16 storage (ml_dtypes' bits): the high half of a float32, widened
+// exactly by a shift.
+struct Bf16 {
+  uint16_t bits;
+};
+inline float widen(Bf16 h) {
+  const uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void widen_row(const Bf16* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i]);
+}
 inline float widen(float x) { return x; }
 inline double widen(double x) { return x; }
 

@@ -47,7 +47,7 @@ struct DecodeShape {
     chunks = (p.Lk + chunk - 1) / chunk;
     dvw = Tl::round_up(std::max<int64_t>(p.Dv, 1), W);
     part = dvw + W;  // a multiple of W keeps every o aligned
-    v_direct = p.v_stride.c == 1 && p.Dv % W == 0 && !p.kv_half;
+    v_direct = p.v_stride.c == 1 && p.Dv % W == 0 && !p.kv_narrow();
   }
 };
 
@@ -121,7 +121,7 @@ struct DecodeTask {
     if (n == W && p.k_stride.c == 1) {
       if constexpr (std::is_same<KV, T>::value) {
         for (; x + W <= p.D; x += W) S::transpose_tile(k + x, p.k_stride.r, dst + x * W);
-      } else if constexpr (S::kHalfTile) {
+      } else if constexpr (std::is_same<KV, Half>::value && S::kHalfTile) {
         const uint16_t* kh = reinterpret_cast<const uint16_t*>(k);
         for (; x + W <= p.D; x += W) S::transpose_tile_half(kh + x, p.k_stride.r, dst + x * W);
       } else {  // widen the W rows into a float tile first, then transpose
@@ -202,7 +202,10 @@ struct DecodeTask {
                                         : row_scores_across_d_any(keys, ldk, q));
         }
       };
-      if constexpr (std::is_same<KV, Half>::value && !S::kHalfTile) {
+      // Narrow keys the registers cannot widen as they load (bf16; half on
+      // the portable path): widened into krows first.
+      if constexpr (!std::is_same<KV, T>::value &&
+                    !(std::is_same<KV, Half>::value && S::kHalfTile)) {
         for (int t = 0; t < W; ++t) widen_row(kt + t * p.k_stride.r, p.D, krows + t * p.D);
         each_row(static_cast<const T*>(krows), p.D);
       } else {
@@ -292,7 +295,7 @@ struct DecodeTask {
       T* dst = vbuf + jj * ds.dvw;
       const KV* src = v + jj * p.v_stride.r;
       int64_t e = 0;
-      if constexpr (std::is_same<KV, Half>::value) {
+      if constexpr (!std::is_same<KV, T>::value) {
         if (p.v_stride.c == 1) {
           widen_row(src, p.Dv, dst);
           e = p.Dv;
@@ -400,13 +403,15 @@ struct DecodeTask {
       cancellation_point();
       if (mask.mark_keys(j0, cols, visible) == 0) continue;
       block_scores(j0, cols);
-      if (half_v_direct()) {
-        const KV* v = value_head(j0);
-        for (int64_t r = 0; r < ds.rows; ++r) {
-          mask_row(s + r * ldt, r, j0, cols, ldt);
-          row_block(s + r * ldt, part + r * ds.part, cols, ldt, v, p.v_stride.r);
+      if constexpr (std::is_same<KV, Half>::value) {
+        if (half_v_direct()) {
+          const KV* v = value_head(j0);
+          for (int64_t r = 0; r < ds.rows; ++r) {
+            mask_row(s + r * ldt, r, j0, cols, ldt);
+            row_block(s + r * ldt, part + r * ds.part, cols, ldt, v, p.v_stride.r);
+          }
+          continue;
         }
-        continue;
       }
       int64_t ldv;
       const T* v = value_rows(j0, cols, &ldv);

@@ -49,12 +49,12 @@ struct PrefillTiling {
     const int64_t bytes_per_key = (pairs ? 2 : static_cast<int64_t>(sizeof(T))) * (d + dvp);
     const int64_t keys = (192 * 1024) / std::max<int64_t>(bytes_per_key, 1);
     bc = std::max<int64_t>(24, std::min<int64_t>(kMaxBlockKeys, keys) / 24 * 24);
-    k_direct = p.k_stride.c == 1 && !p.kv_half;
+    k_direct = p.k_stride.c == 1 && !p.kv_narrow();
     // A unit-stride V row already holds each panel's MR values of a key
     // side by side: the panels are V itself, with the row stride as the
     // key step. Packing it cost every (query block, key block) a copy of
     // the block (~5% of the time at D = 64).
-    v_direct = p.v_stride.c == 1 && !p.kv_half && dv % MR == 0;
+    v_direct = p.v_stride.c == 1 && !p.kv_narrow() && dv % MR == 0;
     if (pairs) k_direct = v_direct = true;  // the converted pairs, in place
     // Otherwise rounded as each block is copied (see prefill_forward_items_bf16).
     if (round_bf16 && !kv_rounded) k_direct = v_direct = false;

@@ -346,7 +346,7 @@ struct Bf16Operands {
     for (int64_t i = 0; i < n; ++i) {
       const AttentionParams& p = items[i];
       const int64_t lkp = (p.Lk + 1) / 2;
-      params[i].kv_half = false;
+      params[i].kv_half = params[i].kv_bf16 = false;
       params[i].k = base + at[i];
       params[i].k_stride = {p.Hkv * p.Lk * dp, p.Lk * dp, dp, 1};
       params[i].v = base + at[i] + p.B * p.Hkv * p.Lk * dp;
@@ -440,7 +440,7 @@ struct RoundedOperands {
     }
     for (int64_t i = 0; i < n; ++i) {
       const AttentionParams& p = items[i];
-      params[i].kv_half = false;
+      params[i].kv_half = params[i].kv_bf16 = false;
       params[i].k = base + at[i];
       params[i].k_stride = {p.Hkv * p.Lk * p.D, p.Lk * p.D, p.D, 1};
       params[i].v = base + at[i] + p.B * p.Hkv * p.Lk * p.D;

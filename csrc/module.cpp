@@ -140,6 +140,11 @@ void set_key_lengths(AttentionParams& p, const py::object& obj) {
   p.key_lengths = n;
 }
 
+// ml_dtypes.bfloat16 (a NumPy extension dtype, told by its name).
+bool is_bfloat16(const py::array& a) {
+  return a.itemsize() == 2 && py::str(a.dtype().attr("name")).cast<std::string>() == "bfloat16";
+}
+
 // The options of one attention call as Python hands them over: declared once
 // here and bound as _core.AttentionOptions. tileattn/_call.py fills one
 // object per call after checking every value, and the forward and the
@@ -168,10 +173,13 @@ AttentionParams params_from(py::array q, py::array k, py::array v, py::array out
   p.k_stride = strides_of(k, "k");
   p.v_stride = strides_of(v, "v");
   p.out_stride = strides_of(out, "out");
-  // K/V share q's dtype, or are float16 (a half-size cache) with float32 q.
+  // K/V share q's dtype, or are float16 or bfloat16 (a half-size cache)
+  // with float32 q.
   p.kv_half = p.dtype == DType::f32 && k.dtype().equal(py::dtype("float16"));
-  require_dtype(k, p.kv_half ? py::dtype("float16") : dt, "k");
-  require_dtype(v, p.kv_half ? py::dtype("float16") : dt, "v");
+  p.kv_bf16 = p.dtype == DType::f32 && is_bfloat16(k);
+  const py::dtype kv_dt = p.kv_half ? py::dtype("float16") : p.kv_bf16 ? k.dtype() : dt;
+  require_dtype(k, kv_dt, "k");
+  require_dtype(v, kv_dt, "v");
   require_dtype(out, dt, "out");
   p.B = q.shape(0);
   p.Hq = q.shape(1);
@@ -281,7 +289,7 @@ void attention_varlen_py(py::array q, py::array k, py::array v, py::array out, p
   const int64_t* oq = static_cast<const int64_t*>(cu_q.data());
   const int64_t* ok = static_cast<const int64_t*>(cu_k.data());
   const int64_t q_item = p.dtype == DType::f64 ? sizeof(double) : sizeof(float);
-  const int64_t kv_item = p.kv_half ? 2 : q_item;
+  const int64_t kv_item = p.kv_narrow() ? 2 : q_item;
   std::vector<AttentionParams> items(static_cast<size_t>(n), p);
   for (int64_t i = 0; i < n; ++i) {
     AttentionParams& it = items[i];
@@ -311,7 +319,7 @@ void attention_backward_py(py::array q, py::array k, py::array v, py::array out,
   bp.fwd = params_from(q, k, v, out, options);
   AttentionParams& p = bp.fwd;
   const py::dtype dt = q.dtype();
-  if (p.kv_half) throw std::invalid_argument("k: the backward needs k and v in q's dtype");
+  if (p.kv_narrow()) throw std::invalid_argument("k: the backward needs k and v in q's dtype");
   require_shape(lse, {p.B, p.Hq, p.Lq, 1}, "lse");
   require_dtype(lse, py::dtype::of<double>(), "lse");
   p.lse = const_cast<double*>(static_cast<const double*>(lse.data()));
@@ -430,10 +438,6 @@ void linear_forward_py(py::array x, py::array w, py::object bias, py::array out)
   lp.w_ld = row_stride(w, "w");
   lp.w = w.data();
   run_cancellable([&] { kernels().linear_forward(lp); });
-}
-
-bool is_bfloat16(const py::array& a) {
-  return a.itemsize() == 2 && py::str(a.dtype().attr("name")).cast<std::string>() == "bfloat16";
 }
 
 // w (N x K) packed for the active path: the product then reads it once.

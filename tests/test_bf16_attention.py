@@ -192,12 +192,13 @@ def test_varlen_gives_each_sequence_its_own_bits(each_isa, rng):
         np.testing.assert_array_equal(out[s], alone.transpose(1, 0, 2))
 
 
-def test_half_keys_and_values_round_like_their_float32_values(each_isa, rng):
-    """A float16 cache read with bf16 products: K and V widened, then
-    rounded to bf16, exactly as float32 arrays of the same values."""
+@pytest.mark.parametrize("storage", [np.float16, BF16])
+def test_narrow_keys_and_values_round_like_their_float32_values(each_isa, rng, storage):
+    """A float16 or bfloat16 cache read with bf16 products: K and V widened,
+    then rounded to bf16, exactly as float32 arrays of the same values."""
     from tileattn import _core
     q, k, v = make_qkv(rng, 1, 4, 2, 3, 300, 64)
-    kh, vh = k.astype(np.float16), v.astype(np.float16)
+    kh, vh = k.astype(storage), v.astype(storage)
     opts = _core.AttentionOptions(scale=0.125, window_right=0, bf16=True)
     a, b = np.empty_like(q), np.empty_like(q)
     _core.attention_forward(q, kh, vh, a, opts)

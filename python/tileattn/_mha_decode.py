@@ -10,7 +10,7 @@ import numpy as np
 from ._call_checks import integers_as_bool
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._mha_core import heads_first
-from ._validate import float_array
+from ._validate import float_array, is_bfloat16
 from .cache import KVCache, prefix_lengths
 
 if TYPE_CHECKING:
@@ -41,10 +41,11 @@ def check_cached_call(mha: "MultiHeadAttention", cache: Any, query: Any, key: An
         raise ShapeError(
             f"cache: expected (num_kv_heads, head_dim, value_dim) = {want} like the "
             f"module, got {got}")
-    if cache.dtype != mha.dtype and not (cache.dtype == np.float16 and mha.dtype == np.float32):
+    narrow = cache.dtype == np.float16 or is_bfloat16(cache.dtype)
+    if cache.dtype != mha.dtype and not (narrow and mha.dtype == np.float32):
         raise DTypeError(
             f"cache: a {mha.dtype} module needs a {mha.dtype} cache"
-            + (" or a float16 one" if mha.dtype == np.float32 else "")
+            + (" or a float16 or bfloat16 one" if mha.dtype == np.float32 else "")
             + f", got {cache.dtype}")
     return cache
 

@@ -34,8 +34,11 @@ from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._call_checks import (check_out, dropout_and_seed, kernel_array, kernel_can_write,
                            scale_value, window_bounds)
 from ._overlap import may_overlap
-from ._validate import (FLOAT_DTYPES, dtype_in, entries_within, is_bool, native_byte_order,
-                        optional_positive_int, positive_int, shape_str)
+from ._validate import (FLOAT_NAMES, INPUT_DTYPES, dtype_in, entries_within, is_bool,
+                        native_byte_order, optional_positive_int, positive_int, shape_str)
+
+# The storage dtypes (float16 and bfloat16 widened by the kernel as it reads).
+CACHE_DTYPES = INPUT_DTYPES
 
 # The constructor's settings, as pickled (with the layout's rows and the lengths).
 _SETTINGS = ("batch", "num_kv_heads", "max_len", "head_dim", "value_dim", "dtype", "window",
@@ -103,11 +106,14 @@ class KVCache:
         Key size D per head.
     value_dim : int, optional
         Value size Dv per head. Default head_dim.
-    dtype : float32, float16 or float64
-        Storage. float16 halves the memory and the bytes each decoding step
-        reads; the kernel widens it to float32 as it reads (queries and
+    dtype : float32, float16, bfloat16 or float64
+        Storage. float16 and bfloat16 (``ml_dtypes.bfloat16`` or
+        "bfloat16") halve the memory and the bytes each decoding step
+        reads; the kernel widens them to float32 as it reads (queries and
         outputs stay float32). New keys/values are rounded to it as they
-        are appended. float64 pairs with float64 modules.
+        are appended. bfloat16 keeps float32's range (float16 overflows
+        past 65504) with fewer significant bits. float64 pairs with float64
+        modules.
     window : int, optional
         Keep only the last ``window`` positions (a ring buffer in fixed
         memory) and let each query see only the last ``window`` positions
@@ -134,8 +140,8 @@ class KVCache:
         self.max_len = positive_int("max_len", max_len)
         self.head_dim = positive_int("head_dim", head_dim)
         self.value_dim = optional_positive_int("value_dim", value_dim, self.head_dim)
-        self.dtype: np.dtype[Any] = dtype_in("dtype", dtype, FLOAT_DTYPES,
-                                             "float32, float16 or float64")
+        self.dtype: np.dtype[Any] = dtype_in("dtype", dtype, CACHE_DTYPES,
+                                             "float32, float16, bfloat16 or float64")
         self.window = None if window is None else positive_int("window", window)
         self.capacity = self.max_len if self.window is None else min(self.window, self.max_len)
         self._busy = threading.Lock()
@@ -253,8 +259,8 @@ class KVCache:
         for name, x, dim, dname in (("k", k, self.head_dim, "head_dim"),
                                     ("v", v, self.value_dim, "value_dim")):
             a = native_byte_order(x if isinstance(x, np.ndarray) else np.asarray(x))
-            if a.dtype not in FLOAT_DTYPES:
-                raise DTypeError(f"{name}: expected float16, float32 or float64, got {a.dtype}")
+            if a.dtype not in INPUT_DTYPES:
+                raise DTypeError(f"{name}: expected {FLOAT_NAMES}, got {a.dtype}")
             want = (self.batch, self.num_kv_heads)
             if a.ndim != 4 or a.shape[:2] != want or a.shape[3] != dim:
                 raise ShapeError(
