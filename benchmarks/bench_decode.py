@@ -4,10 +4,11 @@ tokens/second of a small causal decoder stack.
 Part 1, one decode step (a new token's queries against `context` cached
 positions), for (B, Hq, Hkv, context, D):
 
-- ``tile f32`` / ``tile f16``: ``KVCache.attend`` on a float32 / float16
-  cache (appends the new key/value and attends; the cache is trimmed back
-  between rounds so the context stays fixed). The float16 cache is read in
-  place by the kernel and widened on the fly.
+- ``tile f32`` / ``tile f16`` / ``tile bf16``: ``KVCache.attend`` on a
+  float32 / float16 / bfloat16 cache (appends the new key/value and
+  attends; the cache is trimmed back between rounds so the context stays
+  fixed). The narrow caches are read in place by the kernel and widened on
+  the fly.
 - ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` on the same
   context in float32, with ``enable_gqa=True`` when Hkv < Hq; ``torch exp``:
   on K/V already expanded to Hq heads (the expansion itself not timed). The
@@ -60,7 +61,8 @@ def step_runners(case, torch) -> Dict[str, Callable[[], object]]:
     vn = rng.standard_normal((b, hkv, 1, d), dtype=np.float32)
     out = np.empty((b, hq, 1, d), np.float32)
     runners: Dict[str, Callable[[], object]] = {}
-    for name, dt in (("tile f32", np.float32), ("tile f16", np.float16)):
+    for name, dt in (("tile f32", np.float32), ("tile f16", np.float16),
+                     ("tile bf16", "bfloat16")):
         cache = tileattn.KVCache(b, hkv, ctx, d, dtype=dt)
         cache.append(k[:, :, :-1], v[:, :, :-1])
 
@@ -99,8 +101,8 @@ def step_runners(case, torch) -> Dict[str, Callable[[], object]]:
 
 
 def bench_steps(keys: List[str], rounds: int, torch) -> None:
-    print(f"{'B,Hq,Hkv,ctx,D':22s} {'tile f32':>10s} {'tile f16':>10s} {'torch':>10s} "
-          f"{'torch exp':>10s} {'f32 x':>7s} {'f16 x':>7s}  KV f32 GB/s")
+    print(f"{'B,Hq,Hkv,ctx,D':22s} {'tile f32':>10s} {'tile f16':>10s} {'tile bf16':>10s} "
+          f"{'torch':>10s} {'torch exp':>10s} {'f32 x':>7s} {'f16 x':>7s}  KV f32 GB/s")
     for key in keys:
         case = CASES[key]
         print(f"  case {key}: {case}")
@@ -113,7 +115,7 @@ def bench_steps(keys: List[str], rounds: int, torch) -> None:
         b, hq, hkv, ctx, d = case
         gbs = 2 * b * hkv * ctx * d * 4 / (med["tile f32"] / 1e3) / 1e9
         print(f"{','.join(map(str, case)):22s} {med['tile f32']:8.2f}ms {med['tile f16']:8.2f}ms "
-              f"{med['torch']:8.2f}ms "
+              f"{med['tile bf16']:8.2f}ms {med['torch']:8.2f}ms "
               f"{(str(round(med['torch exp'], 2)) + 'ms') if 'torch exp' in med else '-':>10s} "
               f"{r32:6.2f}x {r16:6.2f}x  {gbs:.1f}   (ratios vs {best})", flush=True)
 

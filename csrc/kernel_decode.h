@@ -82,7 +82,7 @@ struct DecodeTask {
   // kt: kKeyTiles transposed key tiles, D x W each; s: rows x bcw scores of
   // the current block.
   T *qs, *kt, *vbuf, *s;
-  T* krows;               // W widened key rows (half-precision storage only)
+  T* krows;               // W widened key rows (narrow storage only)
   uint8_t* visible;
 
   DecodeTask(const AttentionParams& p_, const DecodeShape<T>& ds_, int64_t b_, int64_t hk_,
@@ -113,17 +113,26 @@ struct DecodeTask {
     }
   }
 
+  // Narrow storage (half, bf16) that vector loads widen as they read
+  // (F16C's conversion; a shift for bf16): no widening pass into a buffer.
+  static constexpr bool kWidenInRegisters = !std::is_same<KV, T>::value && S::kHalfTile;
+
   // dst[x][t] = k[t][x] for n <= W keys (zero lanes past n): by W x W
-  // register transposes where the keys are whole and unit-stride (half
+  // register transposes where the keys are whole and unit-stride (narrow
   // keys widened in the same registers).
   void transpose_keys(const KV* k, int64_t n, T* dst) {
     int64_t x = 0;
     if (n == W && p.k_stride.c == 1) {
       if constexpr (std::is_same<KV, T>::value) {
         for (; x + W <= p.D; x += W) S::transpose_tile(k + x, p.k_stride.r, dst + x * W);
-      } else if constexpr (std::is_same<KV, Half>::value && S::kHalfTile) {
+      } else if constexpr (kWidenInRegisters) {
         const uint16_t* kh = reinterpret_cast<const uint16_t*>(k);
-        for (; x + W <= p.D; x += W) S::transpose_tile_half(kh + x, p.k_stride.r, dst + x * W);
+        for (; x + W <= p.D; x += W) {
+          if constexpr (std::is_same<KV, Half>::value)
+            S::transpose_tile_half(kh + x, p.k_stride.r, dst + x * W);
+          else
+            S::transpose_tile_bf16(kh + x, p.k_stride.r, dst + x * W);
+        }
       } else {  // widen the W rows into a float tile first, then transpose
         for (int t = 0; t < W; ++t) widen_row(k + t * p.k_stride.r, p.D, krows + t * p.D);
         for (; x + W <= p.D; x += W) S::transpose_tile(krows + x, p.D, dst + x * W);
@@ -202,10 +211,9 @@ struct DecodeTask {
                                         : row_scores_across_d_any(keys, ldk, q));
         }
       };
-      // Narrow keys the registers cannot widen as they load (bf16; half on
-      // the portable path): widened into krows first.
-      if constexpr (!std::is_same<KV, T>::value &&
-                    !(std::is_same<KV, Half>::value && S::kHalfTile)) {
+      // Narrow keys the registers cannot widen as they load (the portable
+      // path): widened into krows first.
+      if constexpr (!std::is_same<KV, T>::value && !kWidenInRegisters) {
         for (int t = 0; t < W; ++t) widen_row(kt + t * p.k_stride.r, p.D, krows + t * p.D);
         each_row(static_cast<const T*>(krows), p.D);
       } else {
@@ -277,9 +285,9 @@ struct DecodeTask {
     }
   }
 
-  // Half values whose rows vector loads can widen in place (no vbuf pass).
-  bool half_v_direct() const {
-    return std::is_same<KV, Half>::value && S::kHalfTile && p.v_stride.c == 1 && p.Dv % W == 0;
+  // Narrow values whose rows vector loads can widen in place (no vbuf pass).
+  bool narrow_v_direct() const {
+    return kWidenInRegisters && p.v_stride.c == 1 && p.Dv % W == 0;
   }
   const KV* value_head(int64_t j0) const {
     return static_cast<const KV*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h + j0 * p.v_stride.r;
@@ -357,7 +365,11 @@ struct DecodeTask {
   static reg load_row(const T* x) { return S::loadu(x); }
   static reg load_row(const Half* x) {
     if constexpr (S::kHalfTile) return S::loadu_half(reinterpret_cast<const uint16_t*>(x));
-    return S::zero();  // unreachable: callers check kHalfTile
+    return S::zero();  // unreachable: callers check kWidenInRegisters
+  }
+  static reg load_row(const Bf16* x) {
+    if constexpr (S::kHalfTile) return S::loadu_bf16(reinterpret_cast<const uint16_t*>(x));
+    return S::zero();  // unreachable: callers check kWidenInRegisters
   }
 
   // o[e, e + NE W) += sum over keys j in [j0, j1) of p[j] v[j][e, e + NE W),
@@ -403,8 +415,8 @@ struct DecodeTask {
       cancellation_point();
       if (mask.mark_keys(j0, cols, visible) == 0) continue;
       block_scores(j0, cols);
-      if constexpr (std::is_same<KV, Half>::value) {
-        if (half_v_direct()) {
+      if constexpr (kWidenInRegisters) {
+        if (narrow_v_direct()) {
           const KV* v = value_head(j0);
           for (int64_t r = 0; r < ds.rows; ++r) {
             mask_row(s + r * ldt, r, j0, cols, ldt);

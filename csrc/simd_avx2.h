@@ -26,6 +26,11 @@ template <> struct Simd<float> {
   static reg loadu_half(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  // W bfloat16 values widened (exactly: a shift into the high half).
+  static reg loadu_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
   static void store(float* p, reg a) { _mm256_store_ps(p, a); }
   static void storeu(float* p, reg a) { _mm256_storeu_ps(p, a); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
@@ -60,6 +65,11 @@ template <> struct Simd<float> {
     reg r[8];
     for (int i = 0; i < 8; ++i)
       r[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld)));
+    transpose_registers(r, dst);
+  }
+  static void transpose_tile_bf16(const uint16_t* src, int64_t ld, float* dst) {
+    reg r[8];
+    for (int i = 0; i < 8; ++i) r[i] = loadu_bf16(src + i * ld);
     transpose_registers(r, dst);
   }
   static void transpose_registers(const reg* rows, float* dst) {

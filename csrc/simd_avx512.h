@@ -31,6 +31,11 @@ template <> struct Simd<float> {
   static reg loadu_half(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
+  // W bfloat16 values widened (exactly: a shift into the high half).
+  static reg loadu_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
   static void store(float* p, reg a) { _mm512_store_ps(p, a); }
   static void storeu(float* p, reg a) { _mm512_storeu_ps(p, a); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
@@ -62,6 +67,11 @@ template <> struct Simd<float> {
     reg r[16];
     for (int i = 0; i < 16; ++i)
       r[i] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * ld)));
+    transpose_registers(r, dst);
+  }
+  static void transpose_tile_bf16(const uint16_t* src, int64_t ld, float* dst) {
+    reg r[16];
+    for (int i = 0; i < 16; ++i) r[i] = loadu_bf16(src + i * ld);
     transpose_registers(r, dst);
   }
   // 16 x 16 transpose in registers: pairs of rows interleaved within 128-bit
