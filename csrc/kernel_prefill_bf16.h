@@ -303,63 +303,86 @@ void block_values_bf16(const PrefillTiling<T>& t, const Bf16Pair* v, int64_t ldv
   });
 }
 
-// K and V of n calls (a variable-length batch's sequences, or one call)
-// rounded into the pair layouts above once per call (every query block
-// reads them): per item, k2 (B, Hkv, Lk, dp) and v2 (B, Hkv, ceil(Lk / 2),
-// dvp), zero-padded; params[i] is item i with k and v pointing at them
-// (strides in pairs). Whether each block of bc keys of V is finite in bf16
-// is recorded on the way into finite[i].
+// Dense copies of K and V of n calls (a variable-length batch's sequences,
+// or one call) in element type E, made once per call because every query
+// block reads them: per item, k (B, Hkv, k_rows, k_cols) and v (B, Hkv,
+// v_rows, v_cols), shapes from shape_of(p); params[i] is item i with k and
+// v pointing at them (strides in E). The pool converts one block of bc keys
+// of one KV head per task: convert(i, params[i], bh, j0).
 // Their memory is kept by the calling thread from call to call up to
 // kBf16KeptBytes: fresh pages for every call cost ~770 page faults a call at
 // (8, 12, 128, 128, 64), which made the call 2x slower (perf stat -e
 // page-faults); a larger call's pages are returned after it.
 constexpr size_t kBf16KeptBytes = size_t(64) << 20;
 
-struct Bf16Operands {
-  std::unique_ptr<Bf16Pair[]> own;  // a call too large for the kept buffer
+struct KVCopyShape {
+  int64_t k_rows, k_cols, v_rows, v_cols;  // per KV head
+};
+
+template <typename E>
+struct ConvertedKV {
+  std::unique_ptr<E[]> own;  // a call too large for the kept buffer
   std::vector<AttentionParams> params;
 
-  // The last argument only names KV (the element type of the items' k, v).
-  template <typename KV>
-  Bf16Operands(const AttentionParams* items, int64_t n, int64_t dvp, int64_t bc,
-               std::vector<FiniteBlocks>& finite, const KV*)
+  template <typename ShapeOf, typename Convert>
+  ConvertedKV(const AttentionParams* items, int64_t n, int64_t bc, ShapeOf shape_of,
+              Convert convert)
       : params(items, items + n) {
-    const int64_t dp = (items[0].D + 1) / 2;
-    std::vector<size_t> at(static_cast<size_t>(n) + 1, 0);      // pairs before item i
+    std::vector<KVCopyShape> shape(static_cast<size_t>(n));
+    std::vector<size_t> at(static_cast<size_t>(n) + 1, 0);      // elements before item i
     std::vector<int64_t> first(static_cast<size_t>(n) + 1, 0);  // conversion tasks
     for (int64_t i = 0; i < n; ++i) {
       const AttentionParams& p = items[i];
-      const int64_t lkp = (p.Lk + 1) / 2;
-      at[i + 1] = at[i] + static_cast<size_t>(p.B * p.Hkv * (p.Lk * dp + lkp * dvp)) + 32;
+      const KVCopyShape& s = shape[i] = shape_of(p);
+      at[i + 1] = at[i] + static_cast<size_t>(p.B * p.Hkv * (s.k_rows * s.k_cols +
+                                                              s.v_rows * s.v_cols)) + 32;
       first[i + 1] = first[i] + p.B * p.Hkv * ((p.Lk + bc - 1) / bc);
     }
-    const size_t bytes = sizeof(Bf16Pair) * at[n] + 64;
-    Bf16Pair* base;
+    const size_t bytes = sizeof(E) * at[n] + 64;
+    E* base;
     if (bytes <= kBf16KeptBytes) {
       static thread_local Arena kept;
       kept.reset(bytes);
-      base = kept.carve<Bf16Pair>(at[n]);
+      base = kept.carve<E>(at[n]);
     } else {
-      own.reset(new Bf16Pair[at[n]]);
+      own.reset(new E[at[n]]);
       base = own.get();
     }
     for (int64_t i = 0; i < n; ++i) {
       const AttentionParams& p = items[i];
-      const int64_t lkp = (p.Lk + 1) / 2;
+      const KVCopyShape& s = shape[i];
+      const int64_t k_head = s.k_rows * s.k_cols, v_head = s.v_rows * s.v_cols;
       params[i].kv_half = params[i].kv_bf16 = false;
       params[i].k = base + at[i];
-      params[i].k_stride = {p.Hkv * p.Lk * dp, p.Lk * dp, dp, 1};
-      params[i].v = base + at[i] + p.B * p.Hkv * p.Lk * dp;
-      params[i].v_stride = {p.Hkv * lkp * dvp, lkp * dvp, dvp, 1};
+      params[i].k_stride = {p.Hkv * k_head, k_head, s.k_cols, 1};
+      params[i].v = base + at[i] + p.B * p.Hkv * k_head;
+      params[i].v_stride = {p.Hkv * v_head, v_head, s.v_cols, 1};
     }
     parallel_for(first[n], [&](int64_t task, int) {
-      const int64_t i =
-          std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
-      const AttentionParams& p = items[i];
-      const int64_t blocks = (p.Lk + bc - 1) / bc, local = task - first[i];
-      convert_block<KV>(p, params[i], local / blocks, (local % blocks) * bc, bc, dvp, finite[i]);
+      const int64_t i = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+      const int64_t blocks = (items[i].Lk + bc - 1) / bc, local = task - first[i];
+      convert(i, params[i], local / blocks, (local % blocks) * bc);
     });
   }
+};
+
+// K and V of n calls rounded into the pair layouts above: per item, k2 (B,
+// Hkv, Lk, dp) and v2 (B, Hkv, ceil(Lk / 2), dvp), zero-padded. Whether
+// each block of bc keys of V is finite in bf16 is recorded on the way into
+// finite[i]. The last argument only names KV (the element type of the
+// items' k, v).
+struct Bf16Operands : ConvertedKV<Bf16Pair> {
+  template <typename KV>
+  Bf16Operands(const AttentionParams* items, int64_t n, int64_t dvp, int64_t bc,
+               std::vector<FiniteBlocks>& finite, const KV*)
+      : ConvertedKV<Bf16Pair>(
+            items, n, bc,
+            [&](const AttentionParams& p) {
+              return KVCopyShape{p.Lk, (p.D + 1) / 2, (p.Lk + 1) / 2, dvp};
+            },
+            [&](int64_t i, const AttentionParams& to, int64_t bh, int64_t j0) {
+              convert_block<KV>(items[i], to, bh, j0, bc, dvp, finite[i]);
+            }) {}
 
   // Keys [j0, j0 + bc) of KV head bh (= b * Hkv + hk) of call p into its
   // pairs (to: p converted), recording whether the block of V is finite.
@@ -412,56 +435,27 @@ struct Bf16Operands {
 
 // K and V of n calls rounded to bf16 values in float32, dense (B, Hkv, Lk,
 // D) and (B, Hkv, Lk, Dv): the operands of the widened method when many
-// query blocks read them (prefill_forward_items_bf16). Memory kept as
-// Bf16Operands'.
-struct RoundedOperands {
-  std::unique_ptr<float[]> own;
-  std::vector<AttentionParams> params;
-
+// query blocks read them (prefill_forward_items_bf16).
+struct RoundedOperands : ConvertedKV<float> {
   template <typename KV>
   RoundedOperands(const AttentionParams* items, int64_t n, int64_t bc, const KV*)
-      : params(items, items + n) {
-    std::vector<size_t> at(static_cast<size_t>(n) + 1, 0);
-    std::vector<int64_t> first(static_cast<size_t>(n) + 1, 0);
-    for (int64_t i = 0; i < n; ++i) {
-      const AttentionParams& p = items[i];
-      at[i + 1] = at[i] + static_cast<size_t>(p.B * p.Hkv * p.Lk * (p.D + p.Dv)) + 16;
-      first[i + 1] = first[i] + p.B * p.Hkv * ((p.Lk + bc - 1) / bc);
-    }
-    const size_t bytes = sizeof(float) * at[n] + 64;
-    float* base;
-    if (bytes <= kBf16KeptBytes) {
-      static thread_local Arena kept;
-      kept.reset(bytes);
-      base = kept.carve<float>(at[n]);
-    } else {
-      own.reset(new float[at[n]]);
-      base = own.get();
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const AttentionParams& p = items[i];
-      params[i].kv_half = params[i].kv_bf16 = false;
-      params[i].k = base + at[i];
-      params[i].k_stride = {p.Hkv * p.Lk * p.D, p.Lk * p.D, p.D, 1};
-      params[i].v = base + at[i] + p.B * p.Hkv * p.Lk * p.D;
-      params[i].v_stride = {p.Hkv * p.Lk * p.Dv, p.Lk * p.Dv, p.Dv, 1};
-    }
-    parallel_for(first[n], [&](int64_t task, int) {
-      const int64_t i = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
-      const AttentionParams& p = items[i];
-      const int64_t blocks = (p.Lk + bc - 1) / bc, local = task - first[i];
-      const int64_t bh = local / blocks, j0 = (local % blocks) * bc;
-      const int64_t j1 = std::min(p.Lk, j0 + bc);
-      const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
-      const auto rows = [&](const void* from, const Strides4& st, const void* to, int64_t cols) {
-        const KV* src = static_cast<const KV*>(from) + b * st.b + hk * st.h;
-        float* dst = const_cast<float*>(static_cast<const float*>(to)) + bh * p.Lk * cols;
-        for (int64_t j = j0; j < j1; ++j)
-          copy_rows<float, KV>(src + j * st.r, st.r, st.c, 1, 1, cols, cols, dst + j * cols,
-                               /*round_bf16=*/true);
-      };
-      rows(p.k, p.k_stride, params[i].k, p.D);
-      rows(p.v, p.v_stride, params[i].v, p.Dv);
-    });
-  }
+      : ConvertedKV<float>(
+            items, n, bc,
+            [](const AttentionParams& p) { return KVCopyShape{p.Lk, p.D, p.Lk, p.Dv}; },
+            [&](int64_t i, const AttentionParams& to, int64_t bh, int64_t j0) {
+              const AttentionParams& p = items[i];
+              const int64_t j1 = std::min(p.Lk, j0 + bc);
+              const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
+              const auto rows = [&](const void* from, const Strides4& st, const void* to_base,
+                                    int64_t cols) {
+                const KV* src = static_cast<const KV*>(from) + b * st.b + hk * st.h;
+                float* dst =
+                    const_cast<float*>(static_cast<const float*>(to_base)) + bh * p.Lk * cols;
+                for (int64_t j = j0; j < j1; ++j)
+                  copy_rows<float, KV>(src + j * st.r, st.r, st.c, 1, 1, cols, cols,
+                                       dst + j * cols, /*round_bf16=*/true);
+              };
+              rows(p.k, p.k_stride, to.k, p.D);
+              rows(p.v, p.v_stride, to.v, p.Dv);
+            }) {}
 };
