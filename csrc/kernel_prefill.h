@@ -259,24 +259,55 @@ constexpr bool totals_in_registers() {
   return pass_registers(rows_per_pass<T, NV>(), NV) <= Simd<T>::kRegisters;
 }
 
+// The operands of the prefill's two products and how one step of their
+// sums multiplies them, the micro-kernels' operand policy: ElementSteps<T>
+// takes one element of each operand per step (a fused multiply-add);
+// PairSteps (kernel_prefill_bf16.h) one bf16 pair of each, two products
+// summed into float32 by the bf16 dot product. Segments and sub-blocks are
+// counted in elements of the summed dimension, kPerStep per step, so both
+// sum in the same order.
+template <typename T>
+struct ElementSteps {
+  using Operand = T;
+  using Value = T;  // of the sums
+  using S = Simd<T>;
+  using reg = typename S::reg;
+  static constexpr int64_t kPerStep = 1;
+  static constexpr bool kScaleScores = false;  // Q^T is packed scaled
+  static reg broadcast(T x) { return S::set1(x); }
+  static reg load(const T* x) { return S::load(x); }
+  static reg madd(reg acc, reg a, reg b) { return S::fmadd(a, b, acc); }
+  // acc + a * b, acc kept in the lanes where b is 0 (values_micro's kSkipZero).
+  static reg madd_skip_zero(reg acc, reg a, reg b) {
+    return S::keep_where_zero(b, acc, S::fmadd(a, b, acc));
+  }
+};
+
 // st[MR][NR] (row stride lds) = k[MR][d] (row stride ldk) . qt[d][NR] (row
-// stride ldq): MR keys against NR queries. With kColMax, also folds the
-// tile's per-query maximum into colmax[NR], sparing the softmax a pass.
+// stride ldq): MR keys against NR queries, over `steps` steps of the
+// policy (d elements). With Steps::kScaleScores the sums are then
+// multiplied by `scale`. With kColMax, also folds the tile's per-query
+// maximum into colmax[NR], sparing the softmax a pass.
 // The dot products run in segments of kScoreSegment (see there), each
 // from zero, added in order to the total of the earlier ones.
-template <typename T, int NV, bool kColMax>
-TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, int64_t ldq,
-                                        int64_t d, T* st, int64_t lds, T* colmax) {
-  using S = Simd<T>;
+template <typename Steps, int NV, bool kColMax>
+TILEATTN_MICRO_KERNEL void scores_micro(const typename Steps::Operand* k, int64_t ldk,
+                                        const typename Steps::Operand* qt, int64_t ldq,
+                                        int64_t steps, typename Steps::Value scale,
+                                        typename Steps::Value* st, int64_t lds,
+                                        typename Steps::Value* colmax) {
+  using S = typename Steps::S;
+  using T = typename Steps::Value;
   using reg = typename S::reg;
   constexpr int MR = S::MR, W = S::W, MH = rows_per_pass<T, NV>();
   constexpr bool kInRegisters = totals_in_registers<T, NV>();
+  constexpr int64_t kSegment = kScoreSegment / Steps::kPerStep;
   for (int r0 = 0; r0 < MR; r0 += MH) {
-    const T* kr = k + r0 * ldk;
+    const typename Steps::Operand* kr = k + r0 * ldk;
     T* sr = st + r0 * lds;
     reg total[MH][NV];
-    for (int64_t x0 = 0; x0 == 0 || x0 < d; x0 += kScoreSegment) {
-      const int64_t x1 = std::min(d, x0 + kScoreSegment);
+    for (int64_t x0 = 0; x0 == 0 || x0 < steps; x0 += kSegment) {
+      const int64_t x1 = std::min(steps, x0 + kSegment);
       reg acc[MH][NV];
       TILEATTN_UNROLL
       for (int r = 0; r < MH; ++r)
@@ -286,12 +317,12 @@ TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, in
       for (int64_t x = x0; x < x1; ++x) {
         reg b[NV];
         TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) b[c] = S::load(qt + x * ldq + c * W);
+        for (int c = 0; c < NV; ++c) b[c] = Steps::load(qt + x * ldq + c * W);
         TILEATTN_UNROLL
         for (int r = 0; r < MH; ++r) {
-          const reg a = S::set1(kr[r * ldk + x]);
+          const reg a = Steps::broadcast(kr[r * ldk + x]);
           TILEATTN_UNROLL
-          for (int c = 0; c < NV; ++c) acc[r][c] = S::fmadd(a, b[c], acc[r][c]);
+          for (int c = 0; c < NV; ++c) acc[r][c] = Steps::madd(acc[r][c], a, b[c]);
         }
       }
       TILEATTN_UNROLL
@@ -306,11 +337,15 @@ TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, in
           if (!kInRegisters) S::store(dst, total[r][c]);
         }
     }
-    if (kInRegisters) {
+    if (kInRegisters || Steps::kScaleScores) {
       TILEATTN_UNROLL
       for (int r = 0; r < MH; ++r)
         TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) S::store(sr + r * lds + c * W, total[r][c]);
+        for (int c = 0; c < NV; ++c) {
+          if (!kInRegisters) total[r][c] = S::load(sr + r * lds + c * W);
+          if (Steps::kScaleScores) total[r][c] = S::mul(total[r][c], S::set1(scale));
+          S::store(sr + r * lds + c * W, total[r][c]);
+        }
     }
     if (kColMax) {
       TILEATTN_UNROLL
@@ -325,31 +360,35 @@ TILEATTN_MICRO_KERNEL void scores_micro(const T* k, int64_t ldk, const T* qt, in
 }
 
 // ot[MR][NR] (row stride ldo) += vp[j][MR]^T . pt[j][NR] (row strides ldv,
-// ldp) over j < n: MR value columns by NR queries (the output, transposed). Key
-// j is the block's key offset + j; the sum runs in segments of kValueSegment
-// keys counted from the block's first key, each from zero and then added
-// to ot, so a trimmed block (whose missing keys have p = 0) gives the same
-// bits as the whole one, and the decode path can follow the same order.
+// ldp) over steps j < n: MR value columns by NR queries (the output,
+// transposed). Step j is the block's step offset + j; the sum runs in
+// segments of kValueSegment keys counted from the block's first key, each
+// from zero and then added to ot, so a trimmed block (whose missing keys
+// have p = 0) gives the same bits as the whole one, and the decode path
+// can follow the same order.
 // With kSkipZero, lanes whose probability is 0 keep their sum instead of
 // adding 0 * v: identical for finite v, and a NaN or inf in the value of a
 // key a query cannot see stays out of that query's output.
 // With `rescale` (NV * W lanes), ot is first multiplied by it lane by lane:
 // the online softmax's alpha, applied as ot is read rather than in a pass
 // of its own over O^T (the same product, so the same bits). n >= 1 (with
-// the totals in memory, the first segment applies it).
-template <typename T, int NV, bool kSkipZero>
-TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, int64_t ldp,
-                                        int64_t n, int64_t offset, T* ot, int64_t ldo,
-                                        const T* rescale) {
-  using S = Simd<T>;
+// the totals in memory, the first segment applies it). The factors are
+// read where they are applied, not held in registers through the loop:
+// with them held, GCC spilled an operand of the pairs' loop to the stack
+// on every step (perf annotate).
+template <typename Steps, int NV, bool kSkipZero>
+TILEATTN_MICRO_KERNEL void values_micro(const typename Steps::Operand* vp, int64_t ldv,
+                                        const typename Steps::Operand* pt, int64_t ldp,
+                                        int64_t n, int64_t offset, typename Steps::Value* ot,
+                                        int64_t ldo, const typename Steps::Value* rescale) {
+  using S = typename Steps::S;
+  using T = typename Steps::Value;
   using reg = typename S::reg;
   constexpr int MR = S::MR, W = S::W, MH = rows_per_pass<T, NV>();
   constexpr bool kInRegisters = totals_in_registers<T, NV>();
-  reg scale[NV];
-  TILEATTN_UNROLL
-  for (int c = 0; c < NV; ++c) scale[c] = rescale ? S::load(rescale + c * W) : S::zero();
+  constexpr int64_t kSegment = kValueSegment / Steps::kPerStep;
   const auto read_ot = [&](const T* src, int c, bool first) {
-    return rescale && first ? S::mul(S::load(src), scale[c]) : S::load(src);
+    return rescale && first ? S::mul(S::load(src), S::load(rescale + c * W)) : S::load(src);
   };
   for (int r0 = 0; r0 < MR; r0 += MH) {
     T* o = ot + r0 * ldo;
@@ -361,7 +400,7 @@ TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, i
         for (int c = 0; c < NV; ++c) total[r][c] = read_ot(o + r * ldo + c * W, c, true);
     }
     for (int64_t j0 = 0; j0 < n;) {
-      const int64_t j1 = std::min(n, ((offset + j0) / kValueSegment + 1) * kValueSegment - offset);
+      const int64_t j1 = std::min(n, ((offset + j0) / kSegment + 1) * kSegment - offset);
       reg acc[MH][NV];
       TILEATTN_UNROLL
       for (int r = 0; r < MH; ++r)
@@ -371,16 +410,16 @@ TILEATTN_MICRO_KERNEL void values_micro(const T* vp, int64_t ldv, const T* pt, i
       for (int64_t j = j0; j < j1; ++j) {
         reg b[NV];
         TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) b[c] = S::load(pt + j * ldp + c * W);
+        for (int c = 0; c < NV; ++c) b[c] = Steps::load(pt + j * ldp + c * W);
         TILEATTN_UNROLL
         for (int r = 0; r < MH; ++r) {
-          const reg a = S::set1(vp[j * ldv + r0 + r]);
+          const reg a = Steps::broadcast(vp[j * ldv + r0 + r]);
           TILEATTN_UNROLL
           for (int c = 0; c < NV; ++c) {
             if (kSkipZero)
-              acc[r][c] = S::keep_where_zero(b[c], acc[r][c], S::fmadd(a, b[c], acc[r][c]));
+              acc[r][c] = Steps::madd_skip_zero(acc[r][c], a, b[c]);
             else
-              acc[r][c] = S::fmadd(a, b[c], acc[r][c]);
+              acc[r][c] = Steps::madd(acc[r][c], a, b[c]);
           }
         }
       }
@@ -420,33 +459,41 @@ inline void for_each_strip(int64_t qcols, Fn&& fn) {
   if (rest == 1) fn(i, std::integral_constant<int, 1>());
 }
 
-// S^T (cols x qcols, row stride BR) = K[j0 : j0 + cols] Q^T. Whole
-// micro-tiles read K in place; the last partial one reads a zero-padded
-// copy. Query strips are the outer loop so that one strip of Q^T (d x NR)
-// stays in L1 while the block's keys stream past it from L2.
-template <typename T>
-void block_scores(const PrefillTiling<T>& t, const T* k, int64_t ldk, int64_t cols,
-                  int64_t qcols, bool col_max, PrefillScratch<T>& sc) {
+// S^T (cols x qcols, row stride BR) = K[j0 : j0 + cols] Q^T (qt: Q^T in
+// the policy's operands, rows of BR), scaled by `scale` where the policy
+// scales scores. Whole micro-tiles read K in place; the last partial one
+// reads a zero-padded copy (ktail, MR rows). Query strips are the outer
+// loop so that one strip of Q^T (d x NR) stays in L1 while the block's
+// keys stream past it from L2.
+template <typename T, typename Steps = ElementSteps<T>>
+void block_scores(const PrefillTiling<T>& t, const typename Steps::Operand* k, int64_t ldk,
+                  int64_t cols, int64_t qcols, bool col_max, const typename Steps::Operand* qt,
+                  typename Steps::Operand* ktail, T scale, PrefillScratch<T>& sc) {
   using Tl = PrefillTiling<T>;
   using S = Simd<T>;
+  using Operand = typename Steps::Operand;
   constexpr int MR = Tl::MR, BR = Tl::BR, W = Tl::W;
+  const int64_t steps = (t.d + Steps::kPerStep - 1) / Steps::kPerStep;
   const int64_t full = cols / MR * MR;
-  if (full < cols)
-    copy_rows<T, T>(k + full * ldk, ldk, 1, cols - full, MR, t.d, t.d, sc.ktail);
+  if (full < cols) {
+    std::fill(ktail, ktail + MR * steps, Operand{});
+    for (int64_t j = full; j < cols; ++j)
+      std::copy(k + j * ldk, k + j * ldk + steps, ktail + (j - full) * steps);
+  }
   if (col_max) std::fill(sc.colmax, sc.colmax + qcols, -std::numeric_limits<T>::infinity());
   for_each_strip<T>(qcols, [&](int64_t i, auto nv) {
     constexpr int NV = decltype(nv)::value;
     for (int64_t j = 0; j < full; j += MR) {
       if (col_max)
-        scores_micro<T, NV, true>(k + j * ldk, ldk, sc.qt + i, BR, t.d, sc.st + j * BR + i, BR,
-                                  sc.colmax + i);
+        scores_micro<Steps, NV, true>(k + j * ldk, ldk, qt + i, BR, steps, scale,
+                                      sc.st + j * BR + i, BR, sc.colmax + i);
       else
-        scores_micro<T, NV, false>(k + j * ldk, ldk, sc.qt + i, BR, t.d, sc.st + j * BR + i, BR,
-                                   nullptr);
+        scores_micro<Steps, NV, false>(k + j * ldk, ldk, qt + i, BR, steps, scale,
+                                       sc.st + j * BR + i, BR, nullptr);
     }
     if (full < cols) {
-      scores_micro<T, NV, false>(sc.ktail, t.d, sc.qt + i, BR, t.d, sc.st + full * BR + i, BR,
-                                 nullptr);
+      scores_micro<Steps, NV, false>(ktail, steps, qt + i, BR, steps, scale,
+                                     sc.st + full * BR + i, BR, nullptr);
       if (col_max)  // only the real keys of the zero-padded tail tile
         for (int64_t j = full; j < cols; ++j)
           for (int64_t c = i; c < i + NV * W; c += W)
@@ -455,10 +502,12 @@ void block_scores(const PrefillTiling<T>& t, const T* k, int64_t ldk, int64_t co
   });
 }
 
-// O^T (dvp x qcols, row stride BR) = O^T * alpha + V^T P^T, P^T read in
-// place from st, alpha (sc.alpha) applied as the first sub-block reads O^T.
+// O^T (dvp x qcols, row stride BR) = O^T * alpha + V^T P^T over the
+// block's n steps of keys (offset: the block's first step within its block
+// of bc keys), P^T read from pt (rows of BR), alpha (sc.alpha) applied as
+// the first sub-block reads O^T.
 // Panel e (value columns e .. e + MR) starts at v + e * panel_step and
-// steps ldv from key to key: packed panels (panel_step = cols, ldv = MR)
+// steps ldv from step to step: packed panels (panel_step = cols, ldv = MR)
 // or V in place (panel_step = 1, ldv = V's row stride).
 // Query strips are the outer loop, then sub-blocks of kValueSubBlock keys:
 // the sub-block's strip of P^T (64 x NR, 12 KiB) and the V lines it meets
@@ -470,26 +519,28 @@ void block_scores(const PrefillTiling<T>& t, const T* k, int64_t ldk, int64_t co
 // the bits are those of one pass over the block.
 constexpr int64_t kValueSubBlock = 64;
 static_assert(kValueSubBlock % kValueSegment == 0, "sub-blocks hold whole value segments");
-template <typename T>
-void block_values(const PrefillTiling<T>& t, const T* v, int64_t panel_step, int64_t ldv,
-                  int64_t cols, int64_t offset, int64_t qcols, bool finite_values,
-                  PrefillScratch<T>& sc) {
+template <typename T, typename Steps = ElementSteps<T>>
+void block_values(const PrefillTiling<T>& t, const typename Steps::Operand* v, int64_t panel_step,
+                  int64_t ldv, int64_t n, int64_t offset, int64_t qcols, bool finite_values,
+                  const typename Steps::Operand* pt_block, PrefillScratch<T>& sc) {
   using Tl = PrefillTiling<T>;
   constexpr int MR = Tl::MR, BR = Tl::BR;
+  constexpr int64_t kSub = kValueSubBlock / Steps::kPerStep;
   for_each_strip<T>(qcols, [&](int64_t i, auto nv) {
     constexpr int NV = decltype(nv)::value;
-    for (int64_t j0 = 0; j0 < cols;) {
-      const int64_t j1 =
-          std::min(cols, ((offset + j0) / kValueSubBlock + 1) * kValueSubBlock - offset);
-      const T* pt = sc.st + j0 * BR + i;
+    for (int64_t j0 = 0; j0 < n;) {
+      const int64_t j1 = std::min(n, ((offset + j0) / kSub + 1) * kSub - offset);
+      const typename Steps::Operand* pt = pt_block + j0 * BR + i;
       const T* rescale = j0 == 0 ? sc.alpha + i : nullptr;
       for (int64_t e = 0; e < t.dvp; e += MR) {
-        const T* panel = v + e * panel_step + j0 * ldv;
+        const typename Steps::Operand* panel = v + e * panel_step + j0 * ldv;
         T* ot = sc.ot + e * BR + i;
         if (finite_values)
-          values_micro<T, NV, false>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR, rescale);
+          values_micro<Steps, NV, false>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR,
+                                         rescale);
         else
-          values_micro<T, NV, true>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR, rescale);
+          values_micro<Steps, NV, true>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR,
+                                        rescale);
       }
       j0 = j1;
     }
@@ -753,8 +804,8 @@ struct PrefillTask {
   bool scores(int64_t j0, int64_t cols, bool inside) {
     if constexpr (kPairs) {
       const bool masked = mask.hides_any(inside);
-      block_scores_bf16<T>(t, k_head + j0 * p.k_stride.r, p.k_stride.r, cols, qcols, !masked,
-                           static_cast<float>(p.scale), sc);
+      block_scores<T, PairSteps>(t, k_head + j0 * p.k_stride.r, p.k_stride.r, cols, qcols,
+                                 !masked, sc.qt2, sc.ktail2, static_cast<T>(p.scale), sc);
       if (masked)
         mask.template apply<ScoreLayout::keys_major>(
             sc.st, BR, ScoreTile{rr.h, rr.i0, rr.rows, qcols, j0, cols}, sc.visible, inside);
@@ -770,7 +821,7 @@ struct PrefillTask {
                          t.d, sc.kbuf, t.round_bf16);
       }
       const bool masked = mask.hides_any(inside);
-      block_scores<T>(t, k, ldk, cols, qcols, !masked, sc);
+      block_scores<T>(t, k, ldk, cols, qcols, !masked, sc.qt, sc.ktail, T(1), sc);
       if (masked)
         mask.template apply<ScoreLayout::keys_major>(
             sc.st, BR, ScoreTile{rr.h, rr.i0, rr.rows, qcols, j0, cols}, sc.visible, inside);
@@ -821,18 +872,19 @@ struct PrefillTask {
     if (out == ProbOut::bf16_unrounded && t.round_bf16) round_probabilities<T>(sc.st, cols, qcols);
     if constexpr (kPairs) {
       if (out != ProbOut::bf16_pairs) probabilities_to_pairs<T>(sc.st, cols, qcols, sc.pt2);
-      block_values_bf16<T>(t, v_head + (j0 / 2) * p.v_stride.r, p.v_stride.r, (cols + 1) / 2,
-                           (j0 % t.bc) / 2, qcols, finite_v.recorded_finite(rr.b, rr.hk, j0), sc);
+      block_values<T, PairSteps>(t, v_head + (j0 / 2) * p.v_stride.r, 1, p.v_stride.r,
+                                 (cols + 1) / 2, (j0 % t.bc) / 2, qcols,
+                                 finite_v.recorded_finite(rr.b, rr.hk, j0), sc.pt2, sc);
     } else if (t.v_direct) {
       const T* v = reinterpret_cast<const T*>(v_head + j0 * p.v_stride.r);  // KV is T here
       const bool finite = finite_v.finite<T>(rr.b, rr.hk, j0, reinterpret_cast<const T*>(v_head),
                                              p.v_stride.r, p.Lk, t.dv);
-      block_values<T>(t, v, 1, p.v_stride.r, cols, j0 % t.bc, qcols, finite, sc);
+      block_values<T>(t, v, 1, p.v_stride.r, cols, j0 % t.bc, qcols, finite, sc.st, sc);
     } else {
       pack_values<T, KV>(v_head + j0 * p.v_stride.r, p.v_stride.r, p.v_stride.c, cols, t.dv,
                          t.dvp, sc.vp, t.round_bf16);
       block_values<T>(t, sc.vp, cols, Tl::MR, cols, j0 % t.bc, qcols,
-                      all_finite<T>(sc.vp, cols * t.dvp), sc);
+                      all_finite<T>(sc.vp, cols * t.dvp), sc.st, sc);
     }
   }
 

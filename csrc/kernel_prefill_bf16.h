@@ -72,194 +72,37 @@ void pack_query_pairs(const AttentionParams& p, const RowRange& rr, int64_t qcol
   }
 }
 
-// scores_micro on pairs: st[MR][NR] (row stride lds) = scale * k2[MR][dp]
-// . qt2[dp][NR], with the per-query maximum folded into colmax when asked.
-// The bf16 dot product's path only (the others run the float32 kernel on
-// rounded values).
-template <int NV, bool kColMax>
-TILEATTN_MICRO_KERNEL void scores_micro_bf16(const Bf16Pair* k, int64_t ldk, const Bf16Pair* qt,
-                                             int64_t ldq, int64_t dp, float scale, float* st,
-                                             int64_t lds, float* colmax) {
+// The micro-kernels' operand policy for pairs (ElementSteps' counterpart):
+// one pair of each operand per step, its two products summed into float32
+// by the bf16 dot product. Q is rounded unscaled (scaling it first would
+// add a rounding to every score), so the scores are scaled after the sums.
+// madd_skip_zero (a block of V with a non-finite value) widens the pairs
+// and leaves each half out where its probability is 0, as the float32
+// kernel does: the dot product would add 0 * inf. It serves only such
+// blocks, so its speed does not matter.
+struct PairSteps {
+  using Operand = Bf16Pair;
+  using Value = float;
   using S = Simd<float>;
-  using reg = typename S::reg;
-  constexpr int MR = S::MR, W = S::W, MH = rows_per_pass<float, NV>();
-  constexpr bool kInRegisters = totals_in_registers<float, NV>();
-  constexpr int64_t kSegment = kScoreSegment / 2;  // pairs
-  for (int r0 = 0; r0 < MR; r0 += MH) {
-    const Bf16Pair* kr = k + r0 * ldk;
-    float* sr = st + r0 * lds;
-    reg total[MH][NV];
-    for (int64_t x0 = 0; x0 == 0 || x0 < dp; x0 += kSegment) {
-      const int64_t x1 = std::min(dp, x0 + kSegment);
-      reg acc[MH][NV];
-      TILEATTN_UNROLL
-      for (int r = 0; r < MH; ++r)
-        TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) acc[r][c] = S::zero();
-      TILEATTN_UNROLL_STEPS
-      for (int64_t x = x0; x < x1; ++x) {
-        reg b[NV];
-        TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) b[c] = S::load(reinterpret_cast<const float*>(qt + x * ldq + c * W));
-        TILEATTN_UNROLL
-        for (int r = 0; r < MH; ++r) {
-          const reg a = S::set1_bits(static_cast<uint32_t>(kr[r * ldk + x]));
-          TILEATTN_UNROLL
-          for (int c = 0; c < NV; ++c) acc[r][c] = S::dot_bf16(acc[r][c], a, b[c]);
-        }
-      }
-      TILEATTN_UNROLL
-      for (int r = 0; r < MH; ++r)
-        TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) {
-          float* dst = sr + r * lds + c * W;
-          if (x0 == 0)
-            total[r][c] = acc[r][c];
-          else
-            total[r][c] = S::add(kInRegisters ? total[r][c] : S::load(dst), acc[r][c]);
-          if (!kInRegisters) S::store(dst, total[r][c]);
-        }
-    }
-    TILEATTN_UNROLL
-    for (int r = 0; r < MH; ++r)
-      TILEATTN_UNROLL
-      for (int c = 0; c < NV; ++c) {
-        if (!kInRegisters) total[r][c] = S::load(sr + r * lds + c * W);
-        total[r][c] = S::mul(total[r][c], S::set1(scale));
-        S::store(sr + r * lds + c * W, total[r][c]);
-      }
-    if (kColMax) {
-      TILEATTN_UNROLL
-      for (int c = 0; c < NV; ++c) {
-        reg mx = S::load(colmax + c * W);
-        TILEATTN_UNROLL
-        for (int r = 0; r < MH; ++r) mx = S::max(mx, total[r][c]);
-        S::store(colmax + c * W, mx);
-      }
-    }
+  using reg = S::reg;
+  static constexpr int64_t kPerStep = 2;
+  static constexpr bool kScaleScores = true;
+  static reg broadcast(Bf16Pair x) { return S::set1_bits(static_cast<uint32_t>(x)); }
+  static reg load(const Bf16Pair* x) { return S::load(reinterpret_cast<const float*>(x)); }
+  static reg madd(reg acc, reg a, reg b) {
+    if constexpr (S::kBf16Dot)
+      return S::dot_bf16(acc, a, b);
+    else  // not called: paths without the dot product round instead
+      return S::fmadd(S::bf16_high(a), S::bf16_high(b),
+                      S::fmadd(S::bf16_low(a), S::bf16_low(b), acc));
   }
-}
-
-// values_micro on pairs: ot[MR][NR] (row stride ldo) (rescaled first when
-// asked) += v2[j][MR]^T . pt2[j][NR] over key pairs j < n, in segments of
-// kValueSegment keys counted from the block's first key (offset: pairs).
-// kSkipZero (a block of V with a non-finite value): widened products, each
-// half left out where its probability is 0, as the float32 kernel does.
-template <int NV, bool kSkipZero>
-TILEATTN_MICRO_KERNEL void values_micro_bf16(const Bf16Pair* vp, int64_t ldv, const Bf16Pair* pt,
-                                             int64_t ldp, int64_t n, int64_t offset, float* ot,
-                                             int64_t ldo, const float* rescale) {
-  using S = Simd<float>;
-  using reg = typename S::reg;
-  constexpr int MR = S::MR, W = S::W, MH = rows_per_pass<float, NV>();
-  constexpr bool kInRegisters = totals_in_registers<float, NV>();
-  constexpr int64_t kSegment = kValueSegment / 2;  // pairs
-  // The rescale factors are read where they are applied, not held in
-  // registers through the loop: with them held, GCC spilled an operand of
-  // the loop to the stack on every step (perf annotate).
-  const auto read_ot = [&](const float* src, int c, bool first) {
-    return rescale && first ? S::mul(S::load(src), S::load(rescale + c * W)) : S::load(src);
-  };
-  for (int r0 = 0; r0 < MR; r0 += MH) {
-    float* o = ot + r0 * ldo;
-    reg total[MH][NV];
-    if (kInRegisters) {
-      TILEATTN_UNROLL
-      for (int r = 0; r < MH; ++r)
-        TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) total[r][c] = read_ot(o + r * ldo + c * W, c, true);
-    }
-    for (int64_t j0 = 0; j0 < n;) {
-      const int64_t j1 = std::min(n, ((offset + j0) / kSegment + 1) * kSegment - offset);
-      reg acc[MH][NV];
-      TILEATTN_UNROLL
-      for (int r = 0; r < MH; ++r)
-        TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) acc[r][c] = S::zero();
-      TILEATTN_UNROLL_STEPS
-      for (int64_t j = j0; j < j1; ++j) {
-        reg b[NV];
-        TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) b[c] = S::load(reinterpret_cast<const float*>(pt + j * ldp + c * W));
-        TILEATTN_UNROLL
-        for (int r = 0; r < MH; ++r) {
-          const uint32_t pair = static_cast<uint32_t>(vp[j * ldv + r0 + r]);
-          if constexpr (S::kBf16Dot && !kSkipZero) {
-            const reg a = S::set1_bits(pair);
-            TILEATTN_UNROLL
-            for (int c = 0; c < NV; ++c) acc[r][c] = S::dot_bf16(acc[r][c], a, b[c]);
-          } else {
-            const reg a_lo = S::set1_bits(pair << 16), a_hi = S::set1_bits(pair & 0xFFFF0000u);
-            TILEATTN_UNROLL
-            for (int c = 0; c < NV; ++c) {
-              const reg p_lo = S::bf16_low(b[c]), p_hi = S::bf16_high(b[c]);
-              if (kSkipZero) {
-                acc[r][c] = S::keep_where_zero(p_lo, acc[r][c], S::fmadd(a_lo, p_lo, acc[r][c]));
-                acc[r][c] = S::keep_where_zero(p_hi, acc[r][c], S::fmadd(a_hi, p_hi, acc[r][c]));
-              } else {
-                acc[r][c] = S::fmadd(a_hi, p_hi, S::fmadd(a_lo, p_lo, acc[r][c]));
-              }
-            }
-          }
-        }
-      }
-      TILEATTN_UNROLL
-      for (int r = 0; r < MH; ++r)
-        TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) {
-          float* dst = o + r * ldo + c * W;
-          if (kInRegisters)
-            total[r][c] = S::add(total[r][c], acc[r][c]);
-          else
-            S::store(dst, S::add(read_ot(dst, c, j0 == 0), acc[r][c]));
-        }
-      j0 = j1;
-    }
-    if (kInRegisters) {
-      TILEATTN_UNROLL
-      for (int r = 0; r < MH; ++r)
-        TILEATTN_UNROLL
-        for (int c = 0; c < NV; ++c) S::store(o + r * ldo + c * W, total[r][c]);
-    }
+  static reg madd_skip_zero(reg acc, reg a, reg b) {
+    const reg a_lo = S::bf16_low(a), a_hi = S::bf16_high(a);
+    const reg b_lo = S::bf16_low(b), b_hi = S::bf16_high(b);
+    acc = S::keep_where_zero(b_lo, acc, S::fmadd(a_lo, b_lo, acc));
+    return S::keep_where_zero(b_hi, acc, S::fmadd(a_hi, b_hi, acc));
   }
-}
-
-// S^T (cols x qcols, row stride BR) = scale * K2[0 : cols] Q2^T; the last
-// partial micro-tile reads a zero-padded copy (ktail2, MR rows of dp).
-template <typename T>
-void block_scores_bf16(const PrefillTiling<T>& t, const Bf16Pair* k, int64_t ldk, int64_t cols,
-                       int64_t qcols, bool col_max, float scale, PrefillScratch<T>& sc) {
-  using Tl = PrefillTiling<T>;
-  using S = Simd<T>;
-  constexpr int MR = Tl::MR, BR = Tl::BR, W = Tl::W;
-  const int64_t dp = (t.d + 1) / 2;
-  const int64_t full = cols / MR * MR;
-  if (full < cols) {
-    std::fill(sc.ktail2, sc.ktail2 + MR * dp, Bf16Pair{});
-    for (int64_t j = full; j < cols; ++j)
-      std::copy(k + j * ldk, k + j * ldk + dp, sc.ktail2 + (j - full) * dp);
-  }
-  if (col_max) std::fill(sc.colmax, sc.colmax + qcols, -std::numeric_limits<T>::infinity());
-  for_each_strip<T>(qcols, [&](int64_t i, auto nv) {
-    constexpr int NV = decltype(nv)::value;
-    for (int64_t j = 0; j < full; j += MR) {
-      if (col_max)
-        scores_micro_bf16<NV, true>(k + j * ldk, ldk, sc.qt2 + i, BR, dp, scale,
-                                    sc.st + j * BR + i, BR, sc.colmax + i);
-      else
-        scores_micro_bf16<NV, false>(k + j * ldk, ldk, sc.qt2 + i, BR, dp, scale,
-                                     sc.st + j * BR + i, BR, nullptr);
-    }
-    if (full < cols) {
-      scores_micro_bf16<NV, false>(sc.ktail2, dp, sc.qt2 + i, BR, dp, scale,
-                                   sc.st + full * BR + i, BR, nullptr);
-      if (col_max)
-        for (int64_t j = full; j < cols; ++j)
-          for (int64_t c = i; c < i + NV * W; c += W)
-            S::store(sc.colmax + c, S::max(S::load(sc.colmax + c), S::load(sc.st + j * BR + c)));
-    }
-  });
-}
+};
 
 // pt2 = P^T of the block in pairs of keys, rounded to bf16 (an odd last
 // key's partner is 0).
@@ -273,34 +116,6 @@ void probabilities_to_pairs(const T* st, int64_t cols, int64_t qcols, Bf16Pair* 
       const typename S::reg hi = j + 1 < cols ? S::load(st + (j + 1) * BR + i) : S::zero();
       S::store(reinterpret_cast<float*>(pt2 + (j / 2) * BR + i), S::bf16_round_pairs(lo, hi));
     }
-}
-
-// O^T (dvp x qcols) = O^T * alpha + V2^T P2^T over the block's key pairs
-// (n of them; offset: the block's first key pair within its block of bc),
-// in sub-blocks as block_values.
-template <typename T>
-void block_values_bf16(const PrefillTiling<T>& t, const Bf16Pair* v, int64_t ldv, int64_t n,
-                       int64_t offset, int64_t qcols, bool finite_values, PrefillScratch<T>& sc) {
-  using Tl = PrefillTiling<T>;
-  constexpr int MR = Tl::MR, BR = Tl::BR;
-  constexpr int64_t kSub = kValueSubBlock / 2;  // pairs
-  for_each_strip<T>(qcols, [&](int64_t i, auto nv) {
-    constexpr int NV = decltype(nv)::value;
-    for (int64_t j0 = 0; j0 < n;) {
-      const int64_t j1 = std::min(n, ((offset + j0) / kSub + 1) * kSub - offset);
-      const Bf16Pair* pt = sc.pt2 + j0 * BR + i;
-      const T* rescale = j0 == 0 ? sc.alpha + i : nullptr;
-      for (int64_t e = 0; e < t.dvp; e += MR) {
-        const Bf16Pair* panel = v + e + j0 * ldv;
-        T* ot = sc.ot + e * BR + i;
-        if (finite_values)
-          values_micro_bf16<NV, false>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR, rescale);
-        else
-          values_micro_bf16<NV, true>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR, rescale);
-      }
-      j0 = j1;
-    }
-  });
 }
 
 // Dense copies of K and V of n calls (a variable-length batch's sequences,
