@@ -62,71 +62,37 @@ inline typename S::reg bf16_values(typename S::reg x) {
 }
 inline float bf16_value(float x) { return bf16_widen(bf16_round(x)); }
 
-// gemm_micro (kernel_gemm.h) on pairs: c[R][NV * W] (row stride ldc) (+)=
-// sum over x < kd of a[r * a_rs + x * a_cs] . b[x * ldb + lane], each term
-// the dot product of two pairs. The same options: the sum formed from zero
-// and then added to c when accumulating, then_add added last, kAhead and
-// kStream prefetches (which change no value).
-template <int NV, int R, int kAhead = 0, bool kStream = false>
-inline void gemm_micro_bf16(const Bf16Pair* a, int64_t a_rs, int64_t a_cs, const Bf16Pair* b,
-                            int64_t ldb, int64_t kd, float* c, int64_t ldc, bool accumulate,
-                            const float* then_add = nullptr, const char* stream = nullptr,
-                            int64_t per_step = 0) {
+// The micro-kernels' operand policy for pairs (ElementSteps' counterpart,
+// kernel_common.h): one pair of each operand per step, its two products
+// summed into float32, by the bf16 dot product where the ISA has it, else
+// widened by two shifts into two fused multiply-adds (element 2i, then
+// 2i + 1). The prefill rounds Q unscaled (scaling it first would add a
+// rounding to every score), so it scales the scores after the sums.
+// madd_skip_zero (the prefill's blocks of V with a non-finite value) widens
+// the pairs and leaves each half out where its probability is 0, as the
+// float32 kernel does: the dot product would add 0 * inf. It serves only
+// such blocks, so its speed does not matter.
+struct PairSteps {
+  using Operand = Bf16Pair;
+  using Value = float;
   using S = Simd<float>;
-  using reg = typename S::reg;
-  constexpr int W = S::W;
-  static_assert(R >= 1 && R <= S::MR, "at most MR rows: the accumulators fill the registers");
-  reg acc[R][NV];
-  TILEATTN_UNROLL
-  for (int r = 0; r < R; ++r)
-    TILEATTN_UNROLL
-    for (int v = 0; v < NV; ++v) acc[r][v] = S::zero();
-  TILEATTN_UNROLL_STEPS
-  for (int64_t x = 0; x < kd; ++x) {
-    reg bx[NV];
-    TILEATTN_UNROLL
-    for (int v = 0; v < NV; ++v)
-      bx[v] = S::load(reinterpret_cast<const float*>(b + x * ldb + v * W));
-    if constexpr (kAhead > 0) {
-      TILEATTN_UNROLL
-      for (int v = 0; v < NV; ++v) __builtin_prefetch(b + (x + kAhead) * ldb + v * W, 0, 2);
-    }
-    if constexpr (kStream) {
-      const char* line = stream + x * per_step * 64;
-      for (int64_t i = 0; i < per_step; ++i) __builtin_prefetch(line + i * 64, 0, 2);
-    }
-    const Bf16Pair* ax = a + x * a_cs;
-    if constexpr (S::kBf16Dot) {
-      TILEATTN_UNROLL
-      for (int r = 0; r < R; ++r) {
-        const reg ar = S::set1_bits(static_cast<uint32_t>(ax[r * a_rs]));
-        TILEATTN_UNROLL
-        for (int v = 0; v < NV; ++v) acc[r][v] = S::dot_bf16(acc[r][v], ar, bx[v]);
-      }
-    } else {
-      reg lo[NV], hi[NV];
-      TILEATTN_UNROLL
-      for (int v = 0; v < NV; ++v) {
-        lo[v] = S::bf16_low(bx[v]);
-        hi[v] = S::bf16_high(bx[v]);
-      }
-      TILEATTN_UNROLL
-      for (int r = 0; r < R; ++r) {
-        const uint32_t pair = static_cast<uint32_t>(ax[r * a_rs]);
-        const reg a_lo = S::set1_bits(pair << 16), a_hi = S::set1_bits(pair & 0xFFFF0000u);
-        TILEATTN_UNROLL
-        for (int v = 0; v < NV; ++v)
-          acc[r][v] = S::fmadd(a_hi, hi[v], S::fmadd(a_lo, lo[v], acc[r][v]));
-      }
-    }
+  using reg = S::reg;
+  static constexpr int64_t kPerStep = 2;
+  static constexpr bool kScaleScores = true;
+  static reg broadcast(Bf16Pair x) { return S::set1_bits(static_cast<uint32_t>(x)); }
+  static reg load(const Bf16Pair* x) { return S::load(reinterpret_cast<const float*>(x)); }
+  static reg madd(reg acc, reg a, reg b) {
+    if constexpr (S::kBf16Dot)
+      return S::dot_bf16(acc, a, b);
+    else
+      return S::fmadd(S::bf16_high(a), S::bf16_high(b),
+                      S::fmadd(S::bf16_low(a), S::bf16_low(b), acc));
   }
-  TILEATTN_UNROLL
-  for (int r = 0; r < R; ++r)
-    TILEATTN_UNROLL
-    for (int v = 0; v < NV; ++v) {
-      float* cv = c + r * ldc + v * W;
-      reg sum = accumulate ? S::add(S::loadu(cv), acc[r][v]) : acc[r][v];
-      if (then_add) sum = S::add(sum, S::loadu(then_add + v * W));
-      S::storeu(cv, sum);
-    }
-}
+  static reg madd_skip_zero(reg acc, reg a, reg b) {
+    const reg a_lo = S::bf16_low(a), a_hi = S::bf16_high(a);
+    const reg b_lo = S::bf16_low(b), b_hi = S::bf16_high(b);
+    acc = S::keep_where_zero(b_lo, acc, S::fmadd(a_lo, b_lo, acc));
+    return S::keep_where_zero(b_hi, acc, S::fmadd(a_hi, b_hi, acc));
+  }
+};
+

@@ -41,6 +41,30 @@ class Arena {
   size_t used_ = 0;
 };
 
+// The operands of a micro-kernel's products and how one step of their sums
+// multiplies them (the operand policy of gemm_micro and the prefill's
+// micro-kernels): ElementSteps<T> takes one element of each operand per
+// step, a fused multiply-add; PairSteps (kernel_bf16.h) one bf16 pair of
+// each, two products summed into float32. Kernels that sum in segments
+// count them in elements of the summed dimension, kPerStep per step, so
+// both policies sum in the same order.
+template <typename T>
+struct ElementSteps {
+  using Operand = T;
+  using Value = T;  // of the sums
+  using S = Simd<T>;
+  using reg = typename S::reg;
+  static constexpr int64_t kPerStep = 1;
+  static constexpr bool kScaleScores = false;  // the prefill packs Q^T scaled
+  static reg broadcast(T x) { return S::set1(x); }
+  static reg load(const T* x) { return S::load(x); }
+  static reg madd(reg acc, reg a, reg b) { return S::fmadd(a, b, acc); }
+  // acc + a * b, acc kept in the lanes where b is 0 (values_micro's kSkipZero).
+  static reg madd_skip_zero(reg acc, reg a, reg b) {
+    return S::keep_where_zero(b, acc, S::fmadd(a, b, acc));
+  }
+};
+
 // The rows of one task: query rows [i0, i0 + rows) of one (batch, head).
 struct RowRange {
   int64_t b, h, hk;  // batch, query head, key/value head

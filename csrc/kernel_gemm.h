@@ -28,16 +28,22 @@
 // also prefetches `per_step` 64-byte lines of another region into L2,
 // consecutive from `stream` (the skinny path's next K slice, fetched while
 // this one computes). Prefetches change no value.
-template <typename T, int NV, bool kSkipZero = false, int R = Simd<T>::MR, int kAhead = 0,
+// Steps is the operand policy (kernel_common.h): ElementSteps<T> for the
+// backward and float projections, PairSteps for bf16 weights (each term
+// then the sum of a pair's two products; kSkipZero is for elements only).
+template <typename Steps, int NV, bool kSkipZero = false, int R = Steps::S::MR, int kAhead = 0,
           bool kStream = false>
-inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64_t ldb,
-                       int64_t kd, T* c, int64_t ldc, bool accumulate,
-                       const T* then_add = nullptr, const char* stream = nullptr,
-                       int64_t per_step = 0) {
-  using S = Simd<T>;
+inline void gemm_micro(const typename Steps::Operand* a, int64_t a_rs, int64_t a_cs,
+                       const typename Steps::Operand* b, int64_t ldb, int64_t kd,
+                       typename Steps::Value* c, int64_t ldc, bool accumulate,
+                       const typename Steps::Value* then_add = nullptr,
+                       const char* stream = nullptr, int64_t per_step = 0) {
+  using S = typename Steps::S;
+  using T = typename Steps::Value;
   using reg = typename S::reg;
   constexpr int MR = R, W = S::W;
   static_assert(R >= 1 && R <= S::MR, "at most MR rows: the accumulators fill the registers");
+  static_assert(!kSkipZero || Steps::kPerStep == 1, "skipping zero terms needs single elements");
   reg acc[MR][NV];
   TILEATTN_UNROLL
   for (int r = 0; r < MR; ++r)
@@ -47,7 +53,7 @@ inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64
   for (int64_t x = 0; x < kd; ++x) {
     reg bx[NV];
     TILEATTN_UNROLL
-    for (int v = 0; v < NV; ++v) bx[v] = S::load(b + x * ldb + v * W);
+    for (int v = 0; v < NV; ++v) bx[v] = Steps::load(b + x * ldb + v * W);
     if constexpr (kAhead > 0) {
       TILEATTN_UNROLL
       for (int v = 0; v < NV; ++v)
@@ -57,16 +63,16 @@ inline void gemm_micro(const T* a, int64_t a_rs, int64_t a_cs, const T* b, int64
       const char* line = stream + x * per_step * 64;
       for (int64_t i = 0; i < per_step; ++i) __builtin_prefetch(line + i * 64, 0, 2);
     }
-    const T* ax = a + x * a_cs;
+    const typename Steps::Operand* ax = a + x * a_cs;
     TILEATTN_UNROLL
     for (int r = 0; r < MR; ++r) {
-      const reg ar = S::set1(ax[r * a_rs]);
+      const reg ar = Steps::broadcast(ax[r * a_rs]);
       TILEATTN_UNROLL
       for (int v = 0; v < NV; ++v) {
         if (kSkipZero)
-          acc[r][v] = S::keep_where_zero(ar, acc[r][v], S::fmadd(ar, bx[v], acc[r][v]));
+          acc[r][v] = S::keep_where_zero(ar, acc[r][v], Steps::madd(acc[r][v], ar, bx[v]));
         else
-          acc[r][v] = S::fmadd(ar, bx[v], acc[r][v]);
+          acc[r][v] = Steps::madd(acc[r][v], ar, bx[v]);
       }
     }
   }
@@ -88,6 +94,7 @@ template <typename T, bool kSkipZero = false>
 void gemm_tile(int64_t m, int64_t n, int64_t kd, const T* a, int64_t a_rs, int64_t a_cs,
                const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   using S = Simd<T>;
+  using Steps = ElementSteps<T>;
   constexpr int MR = S::MR, W = S::W, NV = S::NV;
   static_assert(NV == 3, "the remainder strips below assume three registers per strip");
   int64_t j = 0;
@@ -96,15 +103,15 @@ void gemm_tile(int64_t m, int64_t n, int64_t kd, const T* a, int64_t a_rs, int64
   const int64_t wide = n == 4 * W ? 0 : n;
   for (; j + NV * W <= wide; j += NV * W)
     for (int64_t i = 0; i < m; i += MR)
-      gemm_micro<T, NV, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
-                        accumulate);
+      gemm_micro<Steps, NV, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd,
+                                       c + i * ldc + j, ldc, accumulate);
   for (; n - j >= 2 * W; j += 2 * W)
     for (int64_t i = 0; i < m; i += MR)
-      gemm_micro<T, 2, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
-                       accumulate);
+      gemm_micro<Steps, 2, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd,
+                                      c + i * ldc + j, ldc, accumulate);
   if (n - j == W) {
     for (int64_t i = 0; i < m; i += MR)
-      gemm_micro<T, 1, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd, c + i * ldc + j, ldc,
-                       accumulate);
+      gemm_micro<Steps, 1, kSkipZero>(a + i * a_rs, a_rs, a_cs, b + j, ldb, kd,
+                                      c + i * ldc + j, ldc, accumulate);
   }
 }

@@ -137,17 +137,14 @@ struct LinearPlan {
     }
   }
 
-  // The micro-kernel of E: kernel_gemm.h's on values, kernel_bf16.h's on pairs.
+  // The micro-kernel of E (kernel_gemm.h) with E's operand policy.
+  using Steps = std::conditional_t<kPairs, PairSteps, ElementSteps<T>>;
   template <int NV, int R = MR, int kAhead = 0, bool kStream = false>
   static void micro(const E* a, int64_t a_rs, int64_t a_cs, const E* b, int64_t ldb, int64_t kd,
                     T* c, int64_t ldc, bool accumulate, const T* then_add,
                     const char* stream = nullptr, int64_t per_step = 0) {
-    if constexpr (kPairs)
-      gemm_micro_bf16<NV, R, kAhead, kStream>(a, a_rs, a_cs, b, ldb, kd, c, ldc, accumulate,
-                                              then_add, stream, per_step);
-    else
-      gemm_micro<T, NV, false, R, kAhead, kStream>(a, a_rs, a_cs, b, ldb, kd, c, ldc,
-                                                   accumulate, then_add, stream, per_step);
+    gemm_micro<Steps, NV, false, R, kAhead, kStream>(a, a_rs, a_cs, b, ldb, kd, c, ldc,
+                                                     accumulate, then_add, stream, per_step);
   }
 
   // MR rows at a (stride lda) times one panel's K slice b (kd rows of nw)

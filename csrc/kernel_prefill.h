@@ -259,30 +259,6 @@ constexpr bool totals_in_registers() {
   return pass_registers(rows_per_pass<T, NV>(), NV) <= Simd<T>::kRegisters;
 }
 
-// The operands of the prefill's two products and how one step of their
-// sums multiplies them, the micro-kernels' operand policy: ElementSteps<T>
-// takes one element of each operand per step (a fused multiply-add);
-// PairSteps (kernel_prefill_bf16.h) one bf16 pair of each, two products
-// summed into float32 by the bf16 dot product. Segments and sub-blocks are
-// counted in elements of the summed dimension, kPerStep per step, so both
-// sum in the same order.
-template <typename T>
-struct ElementSteps {
-  using Operand = T;
-  using Value = T;  // of the sums
-  using S = Simd<T>;
-  using reg = typename S::reg;
-  static constexpr int64_t kPerStep = 1;
-  static constexpr bool kScaleScores = false;  // Q^T is packed scaled
-  static reg broadcast(T x) { return S::set1(x); }
-  static reg load(const T* x) { return S::load(x); }
-  static reg madd(reg acc, reg a, reg b) { return S::fmadd(a, b, acc); }
-  // acc + a * b, acc kept in the lanes where b is 0 (values_micro's kSkipZero).
-  static reg madd_skip_zero(reg acc, reg a, reg b) {
-    return S::keep_where_zero(b, acc, S::fmadd(a, b, acc));
-  }
-};
-
 // st[MR][NR] (row stride lds) = k[MR][d] (row stride ldk) . qt[d][NR] (row
 // stride ldq): MR keys against NR queries, over `steps` steps of the
 // policy (d elements). With Steps::kScaleScores the sums are then

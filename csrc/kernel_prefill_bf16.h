@@ -72,38 +72,6 @@ void pack_query_pairs(const AttentionParams& p, const RowRange& rr, int64_t qcol
   }
 }
 
-// The micro-kernels' operand policy for pairs (ElementSteps' counterpart):
-// one pair of each operand per step, its two products summed into float32
-// by the bf16 dot product. Q is rounded unscaled (scaling it first would
-// add a rounding to every score), so the scores are scaled after the sums.
-// madd_skip_zero (a block of V with a non-finite value) widens the pairs
-// and leaves each half out where its probability is 0, as the float32
-// kernel does: the dot product would add 0 * inf. It serves only such
-// blocks, so its speed does not matter.
-struct PairSteps {
-  using Operand = Bf16Pair;
-  using Value = float;
-  using S = Simd<float>;
-  using reg = S::reg;
-  static constexpr int64_t kPerStep = 2;
-  static constexpr bool kScaleScores = true;
-  static reg broadcast(Bf16Pair x) { return S::set1_bits(static_cast<uint32_t>(x)); }
-  static reg load(const Bf16Pair* x) { return S::load(reinterpret_cast<const float*>(x)); }
-  static reg madd(reg acc, reg a, reg b) {
-    if constexpr (S::kBf16Dot)
-      return S::dot_bf16(acc, a, b);
-    else  // not called: paths without the dot product round instead
-      return S::fmadd(S::bf16_high(a), S::bf16_high(b),
-                      S::fmadd(S::bf16_low(a), S::bf16_low(b), acc));
-  }
-  static reg madd_skip_zero(reg acc, reg a, reg b) {
-    const reg a_lo = S::bf16_low(a), a_hi = S::bf16_high(a);
-    const reg b_lo = S::bf16_low(b), b_hi = S::bf16_high(b);
-    acc = S::keep_where_zero(b_lo, acc, S::fmadd(a_lo, b_lo, acc));
-    return S::keep_where_zero(b_hi, acc, S::fmadd(a_hi, b_hi, acc));
-  }
-};
-
 // pt2 = P^T of the block in pairs of keys, rounded to bf16 (an odd last
 // key's partner is 0).
 template <typename T>
