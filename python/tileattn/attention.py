@@ -19,6 +19,7 @@ from ._mha_saved import (AttentionSaved, cast_inputs, check_features, dtypes_of,
 from ._padding import RealTokens, scatter_rows, take_rows, token_runs
 from .functional import scaled_dot_product_attention
 from .linear import Linear, grad_input
+from ._compute_dtype import ComputeDtypeOption
 from .module import Module
 from .norm import LayerNorm
 from .positional import apply_rope, rope_tables
@@ -26,7 +27,7 @@ from .projections import PROJECTION_NAMES, AttentionProjections
 from .varlen import varlen_attention
 
 
-class MultiHeadAttention(Module):
+class MultiHeadAttention(ComputeDtypeOption, Module):
     """Multi-head attention (Vaswani et al., 2017) with GQA, RoPE and QK-norm.
 
     ``y = out_proj(concat_h attention(q_proj(query)_h, k_proj(key)_g, v_proj(value)_g))``
@@ -102,8 +103,7 @@ class MultiHeadAttention(Module):
                  attention_axes: Any = None, dtype: Any = np.float32,
                  seed: Optional[int] = None, compute_dtype: Any = None) -> None:
         super().__init__(dtype)
-        self.bf16 = check.bf16_products(compute_dtype, self.dtype)
-        compute = "bfloat16" if self.bf16 else None
+        compute = self._set_compute_dtype(compute_dtype, self.dtype)
         (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.value_dim,
          self.kdim, self.vdim, self.output_dim) = check_sizes(
             embed_dim, num_heads, num_kv_heads, head_dim, value_dim, kdim, vdim, output_dim)
@@ -164,16 +164,11 @@ class MultiHeadAttention(Module):
             "compute_dtype": self.compute_dtype_option,
         }
 
-    @property
-    def compute_dtype_option(self) -> Optional[str]:
-        """compute_dtype as given: "bfloat16" or None."""
-        return "bfloat16" if self.bf16 else None
-
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"value_dim={self.value_dim}, rope={self.rope}, qk_norm={self.qk_norm}"
-                + (", compute_dtype=bfloat16" if self.bf16 else ""))
+                + self._compute_dtype_repr())
 
     # -- forward --------------------------------------------------------------
     def forward(self, query: Any, key: Any = None, value: Any = None, *,

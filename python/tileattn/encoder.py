@@ -20,6 +20,7 @@ from .dropout import dropout_backward, dropout_keep_
 from .feedforward import (FeedForward, FFSaved, feed_forward, feed_forward_backward,
                           feed_forward_train)
 from .linear import Linear, as_2d_rows, grad_input
+from ._compute_dtype import ComputeDtypeOption
 from .module import Module, ModuleList
 from .norm import LayerNorm, layer_norm_, layer_norm_train
 
@@ -76,7 +77,7 @@ class LayerRun:
         return keep1, keep2, self.ff, self.p
 
 
-class TransformerEncoderLayer(Module):
+class TransformerEncoderLayer(ComputeDtypeOption, Module):
     """Self-attention and a feed-forward block, each in a residual branch
     (Vaswani et al., 2017), as PyTorch's ``nn.TransformerEncoderLayer``
     (batch_first=True).
@@ -139,7 +140,7 @@ class TransformerEncoderLayer(Module):
                  window: Window = None, dtype: Any = np.float32,
                  seed: Optional[int] = None, compute_dtype: Any = None) -> None:
         super().__init__(dtype)
-        check.bf16_products(compute_dtype, self.dtype)
+        compute = self._set_compute_dtype(compute_dtype, self.dtype)
         self.d_model = check.positive_int("d_model", d_model)
         self.nhead = check.positive_int("nhead", nhead)
         if head_dim is None and self.d_model % self.nhead:
@@ -165,8 +166,7 @@ class TransformerEncoderLayer(Module):
             output_dim=self.d_model, bias=bias, dropout=self.dropout, rope=rope,
             rope_theta=rope_theta, qk_norm=qk_norm, dtype=self.dtype,
             seed=int(attn_seq.generate_state(1, np.uint64)[0] >> np.uint64(1)),
-            compute_dtype=compute_dtype)
-        compute = self.self_attn.compute_dtype_option
+            compute_dtype=compute)
         self.linear1 = Linear(self.d_model, self.dim_feedforward, bias, self.dtype, rng, compute)
         self.linear2 = Linear(self.dim_feedforward, self.d_model, bias, self.dtype, rng, compute)
         self.norm1 = LayerNorm(self.d_model, layer_norm_eps, bias, self.dtype)
@@ -303,13 +303,13 @@ class TransformerEncoderLayer(Module):
             "rope_theta": a.rope_theta, "qk_norm": a.qk_norm,
             "window": list(self.window) if isinstance(self.window, tuple) else self.window,
             "dtype": self.dtype.name, "seed": self.seed,
-            "compute_dtype": a.compute_dtype_option,
+            "compute_dtype": self.compute_dtype_option,
         }
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, nhead={self.nhead}, "
                 f"dim_feedforward={self.dim_feedforward}, activation={self.activation!r}, "
-                f"norm_first={self.norm_first}")
+                f"norm_first={self.norm_first}" + self._compute_dtype_repr())
 
 
 class TransformerEncoder(Module):

@@ -12,10 +12,11 @@ from ._errors import DTypeError, ShapeError
 from .activations import activation_, activation_backward, check_activation
 from .dropout import dropout_, dropout_backward, dropout_keep_
 from .linear import Linear, affine, as_2d_rows, grad_input
+from ._compute_dtype import ComputeDtypeOption
 from .module import Module
 
 
-class FeedForward(Module):
+class FeedForward(ComputeDtypeOption, Module):
     """``linear2(dropout(activation(linear1(x))))``, position-wise.
 
     Parameters
@@ -44,6 +45,7 @@ class FeedForward(Module):
                  dropout: float = 0.0, bias: bool = True, dtype: Any = np.float32,
                  seed: Optional[int] = None, compute_dtype: Any = None) -> None:
         super().__init__(dtype)
+        compute = self._set_compute_dtype(compute_dtype, self.dtype)
         self.d_model = check.positive_int("d_model", d_model)
         self.dim_feedforward = check.positive_int("dim_feedforward", dim_feedforward)
         self.activation = check_activation(activation)
@@ -53,10 +55,8 @@ class FeedForward(Module):
         init_seq, drop_seq = np.random.SeedSequence(self.seed).spawn(2)
         rng = np.random.default_rng(init_seq)
         self._dropout_rng = np.random.default_rng(drop_seq)
-        self.linear1 = Linear(self.d_model, self.dim_feedforward, bias, self.dtype, rng,
-                              compute_dtype)
-        self.linear2 = Linear(self.dim_feedforward, self.d_model, bias, self.dtype, rng,
-                              compute_dtype)
+        self.linear1 = Linear(self.d_model, self.dim_feedforward, bias, self.dtype, rng, compute)
+        self.linear2 = Linear(self.dim_feedforward, self.d_model, bias, self.dtype, rng, compute)
 
     def forward(self, x: Any, *, training: bool = False) -> np.ndarray:
         """x (..., d_model) -> (..., d_model), in x's dtype."""
@@ -89,10 +89,11 @@ class FeedForward(Module):
                 "activation": self.activation, "dropout": self.dropout,
                 "bias": self.linear1.bias is not None, "dtype": self.dtype.name,
                 "seed": self.seed,
-                "compute_dtype": "bfloat16" if self.linear1.bf16 else None}
+                "compute_dtype": self.compute_dtype_option}
 
     def extra_repr(self) -> str:
-        return f"{self.d_model}, {self.dim_feedforward}, activation={self.activation!r}"
+        return (f"{self.d_model}, {self.dim_feedforward}, activation={self.activation!r}"
+                + self._compute_dtype_repr())
 
 
 def feed_forward(x: np.ndarray, linear1: Linear, linear2: Linear, activation: str,

@@ -10,7 +10,8 @@ from . import _core
 from ._budget import charge
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._memory import check_fits
-from ._validate import bf16_products, flag, float_array, positive_int, shape_str
+from ._compute_dtype import ComputeDtypeOption
+from ._validate import flag, float_array, positive_int, shape_str
 from .module import Module
 
 
@@ -96,7 +97,7 @@ def linear_backward(lin: "Linear", x: np.ndarray, g: np.ndarray) -> np.ndarray:
     return dx.reshape(x.shape)
 
 
-class Linear(Module):
+class Linear(ComputeDtypeOption, Module):
     """Affine map of the last axis.
 
     Parameters
@@ -129,7 +130,7 @@ class Linear(Module):
                  dtype: Any = np.float32, rng: Optional[np.random.Generator] = None,
                  compute_dtype: Any = None) -> None:
         super().__init__(dtype)
-        self.bf16 = bf16_products(compute_dtype, self.dtype)
+        self._set_compute_dtype(compute_dtype, self.dtype)
         self.in_features = positive_int("in_features", in_features)
         self.out_features = positive_int("out_features", out_features)
         bias = flag("bias", bias)
@@ -201,7 +202,7 @@ class Linear(Module):
     def get_config(self) -> Dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "dtype": self.dtype.name,
-                "compute_dtype": "bfloat16" if self.bf16 else None}
+                "compute_dtype": self.compute_dtype_option}
 
     @property
     def compute_dtype(self) -> str:
@@ -210,4 +211,4 @@ class Linear(Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"bias={self.bias is not None}" + (", compute_dtype=bfloat16" if self.bf16 else "")
+               f"bias={self.bias is not None}" + self._compute_dtype_repr()

@@ -31,6 +31,7 @@ from .dropout import dropout_
 from .encoder import TransformerEncoder, TransformerEncoderLayer
 from .linear import Linear
 from .lstm import LSTM
+from ._compute_dtype import ComputeDtypeOption
 from .module import Module, ModuleList
 from .norm import LayerNorm
 from .positional import sinusoidal_positions
@@ -139,7 +140,7 @@ class _FrameEncoder(Module):
         raise NotImplementedError
 
 
-class MLPHead(Module):
+class MLPHead(ComputeDtypeOption, Module):
     """``Linear -> activation`` for each size in ``sizes`` (the last Linear too:
     Edifice's head is a stack of dense layers with an activation each).
 
@@ -151,7 +152,7 @@ class MLPHead(Module):
                  dtype: Any = np.float32, seed: Optional[int] = None,
                  compute_dtype: Any = None) -> None:
         super().__init__(dtype)
-        self.bf16 = check.bf16_products(compute_dtype, self.dtype)
+        compute = self._set_compute_dtype(compute_dtype, self.dtype)
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
             raise InvalidParameterError(f"mlp: expected a non-empty sequence of layer sizes, "
                                         f"got {sizes!r}")
@@ -161,7 +162,6 @@ class MLPHead(Module):
         self.seed = check.seed(seed)
         rng = np.random.default_rng(seed)
         dims = [self.in_features] + self.sizes
-        compute = "bfloat16" if self.bf16 else None
         self.layers = ModuleList([Linear(dims[i], dims[i + 1], True, self.dtype, rng, compute)
                                   for i in range(len(self.sizes))], self.dtype)
 
@@ -177,10 +177,10 @@ class MLPHead(Module):
     def get_config(self) -> Dict[str, Any]:
         return {"in_features": self.in_features, "sizes": list(self.sizes),
                 "activation": self.activation, "dtype": self.dtype.name, "seed": self.seed,
-                "compute_dtype": "bfloat16" if self.bf16 else None}
+                "compute_dtype": self.compute_dtype_option}
 
 
-class SlidingWindowModel(_FrameEncoder):
+class SlidingWindowModel(ComputeDtypeOption, _FrameEncoder):
     """Stacked causal sliding-window attention over a frame sequence.
 
     Parameters
@@ -220,8 +220,7 @@ class SlidingWindowModel(_FrameEncoder):
                  dtype: Any = np.float32, seed: Optional[int] = None,
                  compute_dtype: Any = None) -> None:
         super().__init__(dtype)
-        self.bf16 = check.bf16_products(compute_dtype, self.dtype)
-        compute = "bfloat16" if self.bf16 else None
+        compute = self._set_compute_dtype(compute_dtype, self.dtype)
         (self.embed_dim, self.window_size, self.num_heads, self.head_dim, self.num_layers,
          self.ffn_dim) = _positive_ints(embed_dim=embed_dim, window_size=window_size,
                                         num_heads=num_heads, head_dim=head_dim,
@@ -268,11 +267,12 @@ class SlidingWindowModel(_FrameEncoder):
                 "num_layers": self.num_layers, "ffn_dim": self.ffn_dim,
                 "dropout": self.dropout, "hidden_size": self._args["hidden_size"],
                 "dtype": self.dtype.name, "seed": self.seed,
-                "compute_dtype": "bfloat16" if self.bf16 else None}
+                "compute_dtype": self.compute_dtype_option}
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, hidden_size={self.hidden_size}, "
-                f"window_size={self.window_size}, num_layers={self.num_layers}")
+                f"window_size={self.window_size}, num_layers={self.num_layers}"
+                + self._compute_dtype_repr())
 
 
 class HybridLSTMAttention(_FrameEncoder):
