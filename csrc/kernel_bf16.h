@@ -56,10 +56,6 @@ inline void bf16_pairs_from(const uint16_t* src, int64_t n, Bf16Pair* dst) {
 
 // x's lanes rounded to bf16, as float32 values (the widened method's
 // operands: products of two of them are exact in float32).
-template <class S>
-inline typename S::reg bf16_values(typename S::reg x) {
-  return S::bf16_low(S::bf16_round_pairs(x, S::zero()));
-}
 inline float bf16_value(float x) { return bf16_widen(bf16_round(x)); }
 
 // The micro-kernels' operand policy for pairs (ElementSteps' counterpart,

@@ -9,7 +9,7 @@
 //   mask S^T         only where a mask can hide something (score_mask.h);
 //   fold S^T into each query's running (max, sum); O^T *= alpha;
 //   O^T += V^T P^T   (Dv x BR)  P^T read in place, V in place when its
-//                               rows are unit-stride (else packed in panels).
+//                               rows are unit-stride (else copied into rows).
 // Everything is kept transposed (queries along SIMD lanes): the softmax runs
 // across lanes with no horizontal reductions, the rescale is one vector
 // multiply, and neither product needs its big operand repacked.
@@ -31,7 +31,7 @@ struct PrefillTiling {
 
   int64_t d, dv, dvp, bc;
   bool k_direct;  // read K in place (else copy each block)
-  bool v_direct;  // read V in place (else pack each block into panels)
+  bool v_direct;  // read V in place (else copy each block into rows of dvp)
   // bf16 products (kernel_prefill_bf16.h), K and V converted once per call:
   // into pairs for the bf16 dot product (pairs), or rounded to bf16 values
   // in float32 for the widened method (round_bf16: the float32 kernel on
@@ -52,8 +52,9 @@ struct PrefillTiling {
     k_direct = p.k_stride.c == 1 && !p.kv_narrow();
     // A unit-stride V row already holds each panel's MR values of a key
     // side by side: the panels are V itself, with the row stride as the
-    // key step. Packing it cost every (query block, key block) a copy of
-    // the block (~5% of the time at D = 64).
+    // key step. Copying it cost every (query block, key block) a copy of
+    // the block (~5% of the time at D = 64). Its rows must hold dvp
+    // values (the last panel reads them all).
     v_direct = p.v_stride.c == 1 && !p.kv_narrow() && dv % MR == 0;
     if (pairs) k_direct = v_direct = true;  // the converted pairs, in place
     // Otherwise rounded as each block is copied (see prefill_forward_items_bf16).
@@ -139,7 +140,7 @@ void pack_query_transposed(const AttentionParams& p, const PrefillTiling<T>& t,
       for (int c = 0; c < W; ++c) {
         typename S::reg column = S::load(tile + c * W);
         if constexpr (std::is_same_v<T, float>)
-          if (t.round_bf16) column = bf16_values<S>(column);
+          if (t.round_bf16) column = S::bf16_values(column);
         S::store(qt + (x + c) * BR + i, S::mul(column, f));
       }
     }
@@ -179,57 +180,11 @@ void copy_rows(const KV* src, int64_t sr, int64_t sc, int64_t n, int64_t n_padde
       if constexpr (std::is_same_v<T, float> && std::is_same_v<KV, float>) {
         if (round_bf16 && sc == 1)
           for (; c + Simd<T>::W <= cols; c += Simd<T>::W)
-            Simd<T>::storeu(row + c, bf16_values<Simd<T>>(Simd<T>::loadu(src + j * sr + c)));
+            Simd<T>::storeu(row + c, Simd<T>::bf16_values(Simd<T>::loadu(src + j * sr + c)));
       }
       for (; c < cols; ++c) row[c] = operand<T>(src[j * sr + c * sc], round_bf16);
     }
     for (; c < ld; ++c) row[c] = T(0);
-  }
-}
-
-// vp[panel][j][MR] = v[j][panel * MR + r]: V of a block in panels of MR
-// value columns, zero-padded to dvp columns, the layout values_micro
-// broadcasts from.
-template <typename T, typename KV>
-void pack_values(const KV* v, int64_t sr, int64_t sc, int64_t cols, int64_t dv, int64_t dvp,
-                 T* vp, bool round_bf16 = false) {
-  constexpr int MR = PrefillTiling<T>::MR;
-  // Row by row: each row of V is read once, contiguously, and scattered to
-  // the panels, which are written sequentially.
-  const int64_t full = sc == 1 ? dv / MR * MR : 0;  // whole panels of a unit-stride row
-  constexpr int64_t kChunk = 64;  // values rounded at a time, W wide, then scattered
-  static_assert(kChunk % MR == 0, "a chunk holds whole panels");
-  for (int64_t j = 0; j < cols; ++j) {
-    const KV* src = v + j * sr;
-    T* dst = vp + j * MR;
-    if constexpr (std::is_same_v<T, float> && std::is_same_v<KV, float>) {
-      if (round_bf16) {
-        using S = Simd<T>;
-        alignas(64) T chunk[kChunk];
-        for (int64_t e0 = 0; e0 < full; e0 += kChunk) {
-          const int64_t n = std::min(kChunk, full - e0);
-          int64_t x = 0;
-          for (; x + S::W <= n; x += S::W)
-            S::store(chunk + x, bf16_values<S>(S::loadu(src + e0 + x)));
-          for (; x < n; ++x) chunk[x] = bf16_value(src[e0 + x]);
-          for (int64_t e = 0; e < n; e += MR) {
-            TILEATTN_UNROLL
-            for (int r = 0; r < MR; ++r) dst[(e0 + e) * cols + r] = chunk[e + r];
-          }
-        }
-        for (int64_t e = full; e < dvp; e += MR)
-          for (int r = 0; r < MR; ++r)
-            dst[e * cols + r] = e + r < dv ? operand<T>(src[(e + r) * sc], true) : T(0);
-        continue;
-      }
-    }
-    for (int64_t e = 0; e < full; e += MR) {
-      TILEATTN_UNROLL
-      for (int r = 0; r < MR; ++r) dst[e * cols + r] = operand<T>(src[e + r], round_bf16);
-    }
-    for (int64_t e = full; e < dvp; e += MR)
-      for (int r = 0; r < MR; ++r)
-        dst[e * cols + r] = e + r < dv ? operand<T>(src[(e + r) * sc], round_bf16) : T(0);
   }
 }
 
@@ -482,9 +437,8 @@ void block_scores(const PrefillTiling<T>& t, const typename Steps::Operand* k, i
 // block's n steps of keys (offset: the block's first step within its block
 // of bc keys), P^T read from pt (rows of BR), alpha (sc.alpha) applied as
 // the first sub-block reads O^T.
-// Panel e (value columns e .. e + MR) starts at v + e * panel_step and
-// steps ldv from step to step: packed panels (panel_step = cols, ldv = MR)
-// or V in place (panel_step = 1, ldv = V's row stride).
+// Panel e (value columns e .. e + MR) starts at v + e and steps ldv from
+// step to step: V in place (ldv: its row stride) or a copy in rows of dvp.
 // Query strips are the outer loop, then sub-blocks of kValueSubBlock keys:
 // the sub-block's strip of P^T (64 x NR, 12 KiB) and the V lines it meets
 // stay in L1 while every panel of V passes. Over a whole block (240 x NR,
@@ -496,8 +450,8 @@ void block_scores(const PrefillTiling<T>& t, const typename Steps::Operand* k, i
 constexpr int64_t kValueSubBlock = 64;
 static_assert(kValueSubBlock % kValueSegment == 0, "sub-blocks hold whole value segments");
 template <typename T, typename Steps = ElementSteps<T>>
-void block_values(const PrefillTiling<T>& t, const typename Steps::Operand* v, int64_t panel_step,
-                  int64_t ldv, int64_t n, int64_t offset, int64_t qcols, bool finite_values,
+void block_values(const PrefillTiling<T>& t, const typename Steps::Operand* v, int64_t ldv,
+                  int64_t n, int64_t offset, int64_t qcols, bool finite_values,
                   const typename Steps::Operand* pt_block, PrefillScratch<T>& sc) {
   using Tl = PrefillTiling<T>;
   constexpr int MR = Tl::MR, BR = Tl::BR;
@@ -509,7 +463,7 @@ void block_values(const PrefillTiling<T>& t, const typename Steps::Operand* v, i
       const typename Steps::Operand* pt = pt_block + j0 * BR + i;
       const T* rescale = j0 == 0 ? sc.alpha + i : nullptr;
       for (int64_t e = 0; e < t.dvp; e += MR) {
-        const typename Steps::Operand* panel = v + e * panel_step + j0 * ldv;
+        const typename Steps::Operand* panel = v + e + j0 * ldv;
         T* ot = sc.ot + e * BR + i;
         if (finite_values)
           values_micro<Steps, NV, false>(panel, ldv, pt, BR, j1 - j0, offset + j0, ot, BR,
@@ -662,7 +616,7 @@ inline void online_softmax_update(T* st, int64_t ld, int64_t cols, int64_t offse
           for (int g = 0; g < G; ++g) {
             T* p0 = st + j * ld + g * W;
             const reg e = vec_exp_diff_bf16<S>(S::load(p0), mu[g]);
-            S::store(p0, round ? bf16_values<S>(e) : e);
+            S::store(p0, round ? S::bf16_values(e) : e);
             acc[g] = S::add(acc[g], e);
           }
         }
@@ -726,7 +680,7 @@ void round_probabilities(T* st, int64_t cols, int64_t qcols) {
   if constexpr (std::is_same_v<T, float>)
     for (int64_t j = 0; j < cols; ++j)
       for (int64_t i = 0; i < qcols; i += S::W)
-        S::store(st + j * BR + i, bf16_values<S>(S::load(st + j * BR + i)));
+        S::store(st + j * BR + i, S::bf16_values(S::load(st + j * BR + i)));
 }
 
 // Applies dropout to the block's probabilities (transposed, in st).
@@ -744,6 +698,41 @@ void dropout_block(const Dropout& dr, const RowRange& rr, int64_t j0, int64_t co
 }
 
 #include "kernel_prefill_bf16.h"
+
+// K and V of one KV head rounded to bf16 values (rows of d and dvp): the
+// widened bf16 method's operands when each head is one task of its few
+// query blocks (prefill_forward_items_bf16). The first query block to
+// reach a block of keys rounds all of it (and records whether its V is
+// finite); the head's other query blocks read it in place.
+template <typename T>
+struct RoundedHead {
+  T *k, *v;
+  std::vector<uint8_t> state;  // per block of bc keys: 0 not yet, 1 finite V, 2 not
+
+  RoundedHead(Arena& a, const AttentionParams& p, const PrefillTiling<T>& t)
+      : state(static_cast<size_t>((p.Lk + t.bc - 1) / t.bc), 0) {
+    a.reset(sizeof(T) * static_cast<size_t>(p.Lk * (t.d + t.dvp)) + 128);
+    k = a.carve<T>(static_cast<size_t>(p.Lk * t.d));
+    v = a.carve<T>(static_cast<size_t>(p.Lk * t.dvp));
+  }
+  static size_t bytes(const AttentionParams& p, const PrefillTiling<T>& t) {
+    return sizeof(T) * static_cast<size_t>(p.Lk * (t.d + t.dvp));
+  }
+
+  // The block holding key j0 of k_head, v_head (strides of p), rounded.
+  template <typename KV>
+  void ensure(const AttentionParams& p, const PrefillTiling<T>& t, const KV* k_head,
+              const KV* v_head, int64_t j0) {
+    const int64_t blk = j0 / t.bc, first = blk * t.bc, n = std::min(t.bc, p.Lk - first);
+    if (state[blk]) return;
+    copy_rows<T, KV>(k_head + first * p.k_stride.r, p.k_stride.r, p.k_stride.c, n, n, t.d, t.d,
+                     k + first * t.d, true);
+    copy_rows<T, KV>(v_head + first * p.v_stride.r, p.v_stride.r, p.v_stride.c, n, n, t.dv,
+                     t.dvp, v + first * t.dvp, true);
+    state[blk] = all_finite<T>(v + first * t.dvp, n * t.dvp) ? 1 : 2;
+  }
+  bool finite(int64_t j0, int64_t bc) const { return state[j0 / bc] == 1; }
+};
 
 // ---------------------------------------------------------------------------
 // One task.
@@ -766,10 +755,12 @@ struct PrefillTask {
   int64_t qcols;
   const KV* k_head;
   const KV* v_head;
+  RoundedHead<T>* head;  // K and V of the head rounded, shared by its query blocks (or null)
 
   PrefillTask(const AttentionParams& p_, const Tl& t_, const RowRange& rr_,
-              PrefillScratch<T>& sc_, FiniteBlocks& finite_v_)
-      : p(p_), t(t_), rr(rr_), sc(sc_), finite_v(finite_v_), mask(p_, rr_.b), dr(p_) {
+              PrefillScratch<T>& sc_, FiniteBlocks& finite_v_, RoundedHead<T>* head_ = nullptr)
+      : p(p_), t(t_), rr(rr_), sc(sc_), finite_v(finite_v_), mask(p_, rr_.b), dr(p_),
+        head(head_) {
     qcols = Tl::round_up(rr.rows, W);
     k_head = static_cast<const KV*>(p.k) + rr.b * p.k_stride.b + rr.hk * p.k_stride.h;
     v_head = static_cast<const KV*>(p.v) + rr.b * p.v_stride.b + rr.hk * p.v_stride.h;
@@ -792,6 +783,9 @@ struct PrefillTask {
       if (t.k_direct) {
         k = reinterpret_cast<const T*>(k_head + j0 * p.k_stride.r);  // KV is T here
         ldk = p.k_stride.r;
+      } else if (head) {
+        head->ensure(p, t, k_head, v_head, j0);
+        k = head->k + j0 * t.d;
       } else {
         copy_rows<T, KV>(k_head + j0 * p.k_stride.r, p.k_stride.r, p.k_stride.c, cols, cols, t.d,
                          t.d, sc.kbuf, t.round_bf16);
@@ -848,18 +842,25 @@ struct PrefillTask {
     if (out == ProbOut::bf16_unrounded && t.round_bf16) round_probabilities<T>(sc.st, cols, qcols);
     if constexpr (kPairs) {
       if (out != ProbOut::bf16_pairs) probabilities_to_pairs<T>(sc.st, cols, qcols, sc.pt2);
-      block_values<T, PairSteps>(t, v_head + (j0 / 2) * p.v_stride.r, 1, p.v_stride.r,
+      block_values<T, PairSteps>(t, v_head + (j0 / 2) * p.v_stride.r, p.v_stride.r,
                                  (cols + 1) / 2, (j0 % t.bc) / 2, qcols,
                                  finite_v.recorded_finite(rr.b, rr.hk, j0), sc.pt2, sc);
     } else if (t.v_direct) {
       const T* v = reinterpret_cast<const T*>(v_head + j0 * p.v_stride.r);  // KV is T here
       const bool finite = finite_v.finite<T>(rr.b, rr.hk, j0, reinterpret_cast<const T*>(v_head),
                                              p.v_stride.r, p.Lk, t.dv);
-      block_values<T>(t, v, 1, p.v_stride.r, cols, j0 % t.bc, qcols, finite, sc.st, sc);
+      block_values<T>(t, v, p.v_stride.r, cols, j0 % t.bc, qcols, finite, sc.st, sc);
+    } else if (head) {
+      block_values<T>(t, head->v + j0 * t.dvp, t.dvp, cols, j0 % t.bc, qcols,
+                      head->finite(j0, t.bc), sc.st, sc);
     } else {
-      pack_values<T, KV>(v_head + j0 * p.v_stride.r, p.v_stride.r, p.v_stride.c, cols, t.dv,
-                         t.dvp, sc.vp, t.round_bf16);
-      block_values<T>(t, sc.vp, cols, Tl::MR, cols, j0 % t.bc, qcols,
+      // V widened (and rounded, for bf16 products) into rows of dvp and
+      // read as in place. Packing MR-wide panels instead scattered each
+      // row: at (8, 12, 128, 128, 64) on the widened bf16 path it was 9%
+      // of the time, the row copy ~3% (perf record, 1 thread).
+      copy_rows<T, KV>(v_head + j0 * p.v_stride.r, p.v_stride.r, p.v_stride.c, cols, cols, t.dv,
+                       t.dvp, sc.vp, t.round_bf16);
+      block_values<T>(t, sc.vp, t.dvp, cols, j0 % t.bc, qcols,
                       all_finite<T>(sc.vp, cols * t.dvp), sc.st, sc);
     }
   }
@@ -972,33 +973,41 @@ struct PrefillTask {
 // in the task order; the sequences of a variable-length batch
 // (attention_forward_items). Each task computes exactly what it would in a
 // call of its item alone.
+// head_tasks: one task per head, its query blocks in the same order, K and
+// V rounded once into a RoundedHead (the widened bf16 method, t.round_bf16).
 template <typename T, typename KV>
 void run_prefill_tasks(const AttentionParams* items, int64_t n, const PrefillTiling<T>& t,
-                       std::vector<FiniteBlocks>& finite_v) {
+                       std::vector<FiniteBlocks>& finite_v, bool head_tasks = false) {
   using Tl = PrefillTiling<T>;
+  const auto blocks_of = [](const AttentionParams& p) { return (p.Lq + Tl::BR - 1) / Tl::BR; };
   std::vector<int64_t> first_task(static_cast<size_t>(n) + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
     const AttentionParams& p = items[i];
-    const int64_t blocks = (p.Lq + Tl::BR - 1) / Tl::BR;
-    first_task[i + 1] = first_task[i] + blocks * p.B * p.Hq;
+    first_task[i + 1] = first_task[i] + (head_tasks ? 1 : blocks_of(p)) * p.B * p.Hq;
   }
   parallel_for(first_task[n], [&](int64_t task, int) {
-    static thread_local Arena arena;
+    static thread_local Arena arena, head_arena;
     PrefillScratch<T> sc(arena, t);
     const int64_t item =
         std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
     const AttentionParams& p = items[item];
     const int64_t local = task - first_task[item];
-    const int64_t blocks = (p.Lq + Tl::BR - 1) / Tl::BR;
-    const int64_t bh = local / blocks;
-    const int64_t qb = blocks - 1 - local % blocks;
-    RowRange rr;
-    rr.b = bh / p.Hq;
-    rr.h = bh % p.Hq;
-    rr.hk = rr.h / p.group_size();
-    rr.i0 = qb * Tl::BR;
-    rr.rows = std::min<int64_t>(Tl::BR, p.Lq - rr.i0);
-    PrefillTask<T, KV>(p, t, rr, sc, finite_v[item]).run();
+    const int64_t blocks = blocks_of(p);
+    const auto run_block = [&](int64_t bh, int64_t qb, RoundedHead<T>* head) {
+      RowRange rr;
+      rr.b = bh / p.Hq;
+      rr.h = bh % p.Hq;
+      rr.hk = rr.h / p.group_size();
+      rr.i0 = qb * Tl::BR;
+      rr.rows = std::min<int64_t>(Tl::BR, p.Lq - rr.i0);
+      PrefillTask<T, KV>(p, t, rr, sc, finite_v[item], head).run();
+    };
+    if (head_tasks) {
+      RoundedHead<T> head(head_arena, p, t);
+      for (int64_t qb = blocks - 1; qb >= 0; --qb) run_block(local, qb, &head);
+    } else {
+      run_block(local / blocks, blocks - 1 - local % blocks, nullptr);
+    }
   });
 }
 
@@ -1026,6 +1035,7 @@ void prefill_forward(const AttentionParams& p) {
 // bf16 products (float32 q and out; K and V float32 or binary16, KV): K
 // and V rounded into pairs once, then the tasks as above on them. Every
 // call of this kind takes this path, also a decode step's few queries.
+constexpr size_t kRoundedHeadBytes = size_t(8) << 20;  // per thread
 template <typename KV>
 void prefill_forward_items_bf16(const AttentionParams* items, int64_t n) {
   const PrefillTiling<float> t(items[0]);
@@ -1034,17 +1044,25 @@ void prefill_forward_items_bf16(const AttentionParams* items, int64_t n) {
     const Bf16Operands ops(items, n, t.dvp, t.bc, finite_v, static_cast<const KV*>(nullptr));
     run_prefill_tasks<float, Bf16Pair>(ops.params.data(), n, t, finite_v);
   } else {
-    // The float32 kernel on operands rounded to bf16 values. K and V are
-    // rounded once per call when more than two query blocks read each key
-    // block; else as each block is copied. Measured (Zen 5, avx512 path,
-    // bench_bf16_attention.py): rounding per block cost 1.45x float32's
-    // time at (1, 16, 1024, 1024, 64), once per call 1.07x; at (8, 12, 128,
-    // 128, 64) the pass once per call cost 1.33x, per block 1.25x. Both give
-    // the same values to the same kernel, so the same bits.
-    bool many = false;
-    for (int64_t i = 0; i < n; ++i) many = many || items[i].Lq > 2 * PrefillTiling<float>::BR;
+    // The float32 kernel on operands rounded to bf16 values, K and V
+    // rounded, by the number of query blocks that read each key block:
+    //   more than two: once per call (RoundedOperands);
+    //   two: once per head, by a task that runs both (RoundedHead), when
+    //        a head's copy takes at most kRoundedHeadBytes;
+    //   one: as each block is copied.
+    // Measured (Zen 5, avx512 path, bench_bf16_attention.py, bf16 time /
+    // float32 time): at (1, 16, 1024, 1024, 64) per block 1.45x, once per
+    // call 1.07x; at (8, 12, 128, 128, 64) once per call 1.33x, per block
+    // 1.25x, per head 1.0x. All give the same values to the same kernel,
+    // so the same bits.
+    bool many = false, two = false, small = true;
+    for (int64_t i = 0; i < n; ++i) {
+      many = many || items[i].Lq > 2 * PrefillTiling<float>::BR;
+      two = two || items[i].Lq > PrefillTiling<float>::BR;
+      small = small && RoundedHead<float>::bytes(items[i], t) <= kRoundedHeadBytes;
+    }
     if (!many) {
-      run_prefill_tasks<float, KV>(items, n, t, finite_v);
+      run_prefill_tasks<float, KV>(items, n, t, finite_v, two && small);
     } else {
       const RoundedOperands ops(items, n, t.bc, static_cast<const KV*>(nullptr));
       const PrefillTiling<float> rounded(ops.params[0], /*kv_rounded=*/true);

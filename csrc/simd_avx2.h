@@ -136,16 +136,22 @@ template <> struct Simd<float> {
     return _mm256_castsi256_ps(
         _mm256_and_si256(_mm256_castps_si256(pairs), _mm256_set1_epi32(int(0xFFFF0000u))));
   }
+  static __m256i bf16_rounded_bits(reg x) {  // as in simd_avx512.h
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i r = _mm256_add_epi32(
+        u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                            _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    const __m256i nan = _mm256_or_si256(u, _mm256_set1_epi32(0x00400000));
+    return _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+  }
   static reg bf16_round_pairs(reg lo, reg hi) {  // as in simd_avx512.h
-    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF);
-    const auto round = [&](reg x) {
-      const __m256i u = _mm256_castps_si256(x);
-      const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-      const __m256i nan = _mm256_or_si256(u, _mm256_set1_epi32(0x00400000));
-      return _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
-    };
-    return _mm256_castsi256_ps(_mm256_or_si256(
-        _mm256_srli_epi32(round(lo), 16), _mm256_and_si256(round(hi), _mm256_set1_epi32(int(0xFFFF0000u)))));
+    return _mm256_castsi256_ps(
+        _mm256_or_si256(_mm256_srli_epi32(bf16_rounded_bits(lo), 16),
+                        _mm256_and_si256(bf16_rounded_bits(hi), _mm256_set1_epi32(int(0xFFFF0000u)))));
+  }
+  static reg bf16_values(reg x) {  // as in simd_avx512.h
+    return _mm256_castsi256_ps(
+        _mm256_and_si256(bf16_rounded_bits(x), _mm256_set1_epi32(int(0xFFFF0000u))));
   }
   static void store_bf16(uint16_t* dst, reg x) {  // as in simd_avx512.h
     const __m256i r = _mm256_castps_si256(bf16_round_pairs(x, zero()));  // < 2^16 per lane

@@ -159,17 +159,30 @@ template <> struct Simd<float> {
     const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo's 16, then hi's
     return _mm512_castsi512_ps(_mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), halves));
   }
+  static reg bf16_values(reg x) {  // x's lanes rounded to bf16 values, as float32
+    const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  }
 #else
+  // x's lanes rounded to nearest even at bit 16 (the bf16 in the high
+  // half; a NaN kept quiet), the low half left as it falls.
+  static __m512i bf16_rounded_bits(reg x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i r = _mm512_add_epi32(
+        u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                            _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    const __m512i nan = _mm512_or_si512(u, _mm512_set1_epi32(0x00400000));
+    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, nan);
+  }
   static reg bf16_round_pairs(reg lo, reg hi) {
-    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
-    const auto round = [&](reg x) {
-      const __m512i u = _mm512_castps_si512(x);
-      const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-      const __m512i nan = _mm512_or_si512(u, _mm512_set1_epi32(0x00400000));
-      return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, nan);
-    };
-    return _mm512_castsi512_ps(_mm512_or_si512(
-        _mm512_srli_epi32(round(lo), 16), _mm512_and_si512(round(hi), _mm512_set1_epi32(int(0xFFFF0000u)))));
+    return _mm512_castsi512_ps(
+        _mm512_or_si512(_mm512_srli_epi32(bf16_rounded_bits(lo), 16),
+                        _mm512_and_si512(bf16_rounded_bits(hi), _mm512_set1_epi32(int(0xFFFF0000u)))));
+  }
+  // x's lanes rounded to bf16 values, as float32 (bf16_round_pairs' rounding).
+  static reg bf16_values(reg x) {
+    return _mm512_castsi512_ps(
+        _mm512_and_si512(bf16_rounded_bits(x), _mm512_set1_epi32(int(0xFFFF0000u))));
   }
 #endif
   // x's W lanes rounded to bf16 (as bf16_round_pairs) into dst[0, W).

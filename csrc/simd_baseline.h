@@ -87,15 +87,18 @@ struct VecExtSimd {
   static reg bf16_high(reg pairs) { return from_bits(bits_of(pairs) & U(0xFFFF0000u)); }
   static ureg bits_of(reg a) { ureg u; std::memcpy(&u, &a, sizeof u); return u; }
   static reg from_bits(ureg u) { reg r; std::memcpy(&r, &u, sizeof r); return r; }
+  static ureg bf16_rounded_bits(reg x) {  // as in simd_avx512.h
+    const ureg u = bits_of(x);
+    ureg r = u + (U(0x7FFF) + ((u >> 16) & U(1)));
+    for (int i = 0; i < W; ++i)
+      if (x[i] != x[i]) r[i] = u[i] | U(0x00400000);
+    return r;
+  }
   static reg bf16_round_pairs(reg lo, reg hi) {  // as in simd_avx512.h
-    const auto round = [](reg x) {
-      const ureg u = bits_of(x);
-      ureg r = u + (U(0x7FFF) + ((u >> 16) & U(1)));
-      for (int i = 0; i < W; ++i)
-        if (x[i] != x[i]) r[i] = u[i] | U(0x00400000);
-      return r;
-    };
-    return from_bits((round(lo) >> 16) | (round(hi) & U(0xFFFF0000u)));
+    return from_bits((bf16_rounded_bits(lo) >> 16) | (bf16_rounded_bits(hi) & U(0xFFFF0000u)));
+  }
+  static reg bf16_values(reg x) {  // as in simd_avx512.h
+    return from_bits(bf16_rounded_bits(x) & U(0xFFFF0000u));
   }
   static void store_bf16(uint16_t* dst, reg x) {  // as in simd_avx512.h
     const ureg r = bits_of(bf16_round_pairs(x, zero()));

@@ -62,6 +62,7 @@ CASES = [
     dict(b=1, hq=4, hkv=2, lq=97, lk=513, d=128, causal=True),
     dict(b=2, hq=6, hkv=2, lq=33, lk=77, d=63, dv=40),
     dict(b=1, hq=2, hkv=1, lq=200, lk=200, d=32, window=37),
+    dict(b=2, hq=4, hkv=2, lq=150, lk=600, d=48, window=70),  # two query blocks a head
     dict(b=2, hq=2, hkv=2, lq=40, lk=90, d=16, mask="bool"),
     dict(b=2, hq=2, hkv=2, lq=40, lk=91, d=16, mask="float"),
     dict(b=3, hq=4, hkv=4, lq=60, lk=250, d=64, kpm=True),
@@ -110,12 +111,13 @@ def test_fully_masked_rows_are_zero(each_isa, rng):
     assert np.all(out[:, :, 3] == 0) and np.all(np.isfinite(out))
 
 
-def test_non_finite_values_follow_float32(each_isa, rng):
+@pytest.mark.parametrize("lq,lk", [(20, 60), (150, 300)])
+def test_non_finite_values_follow_float32(each_isa, rng, lq, lk):
     """A NaN or inf in a value a query cannot see stays out of its output;
     where it is seen, the output is not finite, as in float32."""
-    q, k, v = make_qkv(rng, 1, 2, 2, 20, 60, 16)
-    v[0, 0, 50, 3] = np.nan
-    v[0, 1, 55, 7] = np.inf
+    q, k, v = make_qkv(rng, 1, 2, 2, lq, lk, 16)
+    v[0, 0, lk - 10, 3] = np.nan
+    v[0, 1, lk - 5, 7] = np.inf
     args = dict(is_causal=True)
     ours = tileattn.scaled_dot_product_attention(q, k, v, compute_dtype="bfloat16", **args)
     f32 = tileattn.scaled_dot_product_attention(q, k, v, **args)
