@@ -9,6 +9,8 @@ positions), for (B, Hq, Hkv, context, D):
   attends; the cache is trimmed back between rounds so the context stays
   fixed). The narrow caches are read in place by the kernel and widened on
   the fly.
+- ``f32 bf16p`` / ``bf16 bf16p``: the float32 / bfloat16 cache stepped with
+  bf16 products (``compute_dtype="bfloat16"``).
 - ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` on the same
   context in float32, with ``enable_gqa=True`` when Hkv < Hq; ``torch exp``:
   on K/V already expanded to Hq heads (the expansion itself not timed). The
@@ -61,13 +63,16 @@ def step_runners(case, torch) -> Dict[str, Callable[[], object]]:
     vn = rng.standard_normal((b, hkv, 1, d), dtype=np.float32)
     out = np.empty((b, hq, 1, d), np.float32)
     runners: Dict[str, Callable[[], object]] = {}
-    for name, dt in (("tile f32", np.float32), ("tile f16", np.float16),
-                     ("tile bf16", "bfloat16")):
+    for name, dt, cd in (("tile f32", np.float32, None), ("tile f16", np.float16, None),
+                         ("tile bf16", "bfloat16", None),
+                         ("f32 bf16p", np.float32, "bfloat16"),
+                         ("bf16 bf16p", "bfloat16", "bfloat16")):
         cache = tileattn.KVCache(b, hkv, ctx, d, dtype=dt)
         cache.append(k[:, :, :-1], v[:, :, :-1])
 
-        def run(cache=cache) -> object:
-            cache.attend(q, kn, vn, out=out)   # context-1 cached + the new token
+        def run(cache=cache, cd=cd) -> object:
+            # context-1 cached + the new token
+            cache.attend(q, kn, vn, out=out, compute_dtype=cd)
             cache.trim(1)
             return out
 
@@ -102,6 +107,7 @@ def step_runners(case, torch) -> Dict[str, Callable[[], object]]:
 
 def bench_steps(keys: List[str], rounds: int, torch) -> None:
     print(f"{'B,Hq,Hkv,ctx,D':22s} {'tile f32':>10s} {'tile f16':>10s} {'tile bf16':>10s} "
+          f"{'f32 bf16p':>10s} {'bf16 bf16p':>10s} "
           f"{'torch':>10s} {'torch exp':>10s} {'f32 x':>7s} {'f16 x':>7s}  KV f32 GB/s")
     for key in keys:
         case = CASES[key]
@@ -115,7 +121,8 @@ def bench_steps(keys: List[str], rounds: int, torch) -> None:
         b, hq, hkv, ctx, d = case
         gbs = 2 * b * hkv * ctx * d * 4 / (med["tile f32"] / 1e3) / 1e9
         print(f"{','.join(map(str, case)):22s} {med['tile f32']:8.2f}ms {med['tile f16']:8.2f}ms "
-              f"{med['tile bf16']:8.2f}ms {med['torch']:8.2f}ms "
+              f"{med['tile bf16']:8.2f}ms {med['f32 bf16p']:8.2f}ms {med['bf16 bf16p']:8.2f}ms "
+              f"{med['torch']:8.2f}ms "
               f"{(str(round(med['torch exp'], 2)) + 'ms') if 'torch exp' in med else '-':>10s} "
               f"{r32:6.2f}x {r16:6.2f}x  {gbs:.1f}   (ratios vs {best})", flush=True)
 

@@ -43,26 +43,30 @@ namespace TILEATTN_ISA_NS {
 #include "kernel_activation.h"
 
 // Few queries against the keys (decode) take the decode path unless the
-// weights or dropout are asked for; both paths give a row the same bits.
+// weights or dropout are asked for; both paths give a row the same bits
+// (with bf16 products, on the paths without the bf16 dot product).
+inline bool takes_decode_path(const AttentionParams& p) {
+  return p.Lq <= kDecodeMaxQueries && !p.weights && p.dropout_p == 0.0;
+}
+
 template <typename T, typename KV>
 void forward_typed(const AttentionParams& p) {
-  const bool decode = p.Lq <= kDecodeMaxQueries && !p.weights && p.dropout_p == 0.0;
-  if (decode)
+  if (takes_decode_path(p)) {
     decode_forward<T, KV>(p);
-  else
-    prefill_forward<T, KV>(p);
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.products == Products::bf16) {
+      prefill_forward_items_bf16<KV>(&p, 1);
+      return;
+    }
+  }
+  prefill_forward<T, KV>(p);
 }
 
 void attention_forward(const AttentionParams& p) {
   if (p.B == 0 || p.Hq == 0 || p.Lq == 0) return;
-  if (p.products == Products::bf16) {
-    if (p.kv_half)
-      prefill_forward_items_bf16<Half>(&p, 1);
-    else if (p.kv_bf16)
-      prefill_forward_items_bf16<Bf16>(&p, 1);
-    else
-      prefill_forward_items_bf16<float>(&p, 1);
-  } else if (p.kv_half)
+  if (p.kv_half)
     forward_typed<float, Half>(p);
   else if (p.kv_bf16)
     forward_typed<float, Bf16>(p);
@@ -73,17 +77,28 @@ void attention_forward(const AttentionParams& p) {
 }
 
 // Calls that share the dtype, D, Dv and the strides, as one job: the
-// sequences of a variable-length batch. Always the prefill path (the decode
-// path gives a row the same bits).
+// sequences of a variable-length batch. The prefill path (the decode path
+// gives a row the same bits), but for short sequences with bf16 products.
 void attention_forward_items(const AttentionParams* items, int64_t n) {
   if (n == 0) return;
   if (items[0].products == Products::bf16) {
-    if (items[0].kv_half)
-      prefill_forward_items_bf16<Half>(items, n);
-    else if (items[0].kv_bf16)
-      prefill_forward_items_bf16<Bf16>(items, n);
+    // A sequence short enough for the decode path takes it, as alone: with
+    // bf16 products the two paths' bits differ on the bf16-dot path.
+    std::vector<AttentionParams> rest;
+    for (int64_t i = 0; i < n; ++i) {
+      if (takes_decode_path(items[i]))
+        attention_forward(items[i]);
+      else
+        rest.push_back(items[i]);
+    }
+    const int64_t m = static_cast<int64_t>(rest.size());
+    if (m == 0) return;
+    if (rest[0].kv_half)
+      prefill_forward_items_bf16<Half>(rest.data(), m);
+    else if (rest[0].kv_bf16)
+      prefill_forward_items_bf16<Bf16>(rest.data(), m);
     else
-      prefill_forward_items_bf16<float>(items, n);
+      prefill_forward_items_bf16<float>(rest.data(), m);
   } else if (items[0].kv_half)
     prefill_forward_items<float, Half>(items, n);
   else if (items[0].kv_bf16)

@@ -38,6 +38,7 @@ struct DecodeShape {
   int64_t dvw;      // Dv rounded up to W
   int64_t part;     // values per row in a partial state: o[dvw], m, l, padding
   bool v_direct;    // V rows usable in place by vector loads
+  bool round;       // bf16 products: operands rounded to bf16 values (float32 only)
 
   explicit DecodeShape(const AttentionParams& p) {
     const Tl t(p);
@@ -48,6 +49,7 @@ struct DecodeShape {
     dvw = Tl::round_up(std::max<int64_t>(p.Dv, 1), W);
     part = dvw + W;  // a multiple of W keeps every o aligned
     v_direct = p.v_stride.c == 1 && p.Dv % W == 0 && !p.kv_narrow();
+    round = p.products == Products::bf16;
   }
 };
 
@@ -68,7 +70,14 @@ inline T lane_max(T a, T b) {
   return S::first(S::max(S::set1(a), S::set1(b)));
 }
 
-template <typename T, typename KV>
+// kRound (bf16 products, T float): the widened method on every path, as
+// the prefill's portable path runs it: q rounded to bf16 before it is
+// scaled, each key and value rounded as it is loaded (exact for a bf16
+// cache), the exponentials to bf16 accuracy (vec_exp_diff_bf16), P
+// rounded after their float32 sum is taken; so the products are exact
+// products of bf16 values, summed in float32 in the float32 order.
+// A decode step stays bound by reading the cache: no conversion pass.
+template <typename T, typename KV, bool kRound = false>
 struct DecodeTask {
   using S = Simd<T>;
   using reg = typename S::reg;
@@ -109,8 +118,26 @@ struct DecodeTask {
     for (int64_t r = 0; r < ds.rows; ++r) {
       const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + head_of(r) * p.q_stride.h +
                    query_of(r) * p.q_stride.r;
-      for (int64_t x = 0; x < p.D; ++x) qs[r * p.D + x] = q[x * p.q_stride.c] * factor;
+      for (int64_t x = 0; x < p.D; ++x) qs[r * p.D + x] = operand(q[x * p.q_stride.c]) * factor;
     }
+  }
+
+  // A product's operand: itself, or rounded to a bf16 value (kRound).
+  // Keys and values of a bf16 cache are bf16 values already.
+  static constexpr bool kRoundKV = kRound && !std::is_same<KV, Bf16>::value;
+  template <bool kDo = kRound>
+  static T operand(T x) {
+    if constexpr (kDo)
+      return bf16_value(x);
+    else
+      return x;
+  }
+  template <bool kDo = kRound>
+  static reg operand(reg x) {
+    if constexpr (kDo)
+      return S::bf16_values(x);
+    else
+      return x;
   }
 
   // Narrow storage (half, bf16) that vector loads widen as they read
@@ -143,6 +170,8 @@ struct DecodeTask {
       for (int64_t xx = x; xx < p.D; ++xx)
         dst[xx * W + t] = t < n ? static_cast<T>(widen(row[xx * p.k_stride.c])) : T(0);
     }
+    if constexpr (kRoundKV)
+      for (int64_t xx = 0; xx < p.D; ++xx) S::store(dst + xx * W, operand(S::load(dst + xx * W)));
   }
 
   // One token per query head (decoding: Lq = 1) and few rows per task (no
@@ -177,9 +206,10 @@ struct DecodeTask {
     TILEATTN_UNROLL
     for (int t = 0; t < W; ++t) {
       const KT* row = k + t * ldk;
-      acc[t] = S::mul(load_row(row), qv[0]);
+      acc[t] = S::mul(operand<kRoundKV>(load_row(row)), qv[0]);
       TILEATTN_UNROLL
-      for (int x = 1; x < NX; ++x) acc[t] = S::fmadd(load_row(row + x * W), qv[x], acc[t]);
+      for (int x = 1; x < NX; ++x)
+        acc[t] = S::fmadd(operand<kRoundKV>(load_row(row + x * W)), qv[x], acc[t]);
     }
     return S::lane_sums(acc);
   }
@@ -190,9 +220,9 @@ struct DecodeTask {
     TILEATTN_UNROLL
     for (int t = 0; t < W; ++t) {
       const KT* row = k + t * ldk;
-      acc[t] = S::mul(load_row(row), S::loadu(q));
+      acc[t] = S::mul(operand<kRoundKV>(load_row(row)), S::loadu(q));
       for (int64_t x0 = W; x0 < p.D; x0 += W)
-        acc[t] = S::fmadd(load_row(row + x0), S::loadu(q + x0), acc[t]);
+        acc[t] = S::fmadd(operand<kRoundKV>(load_row(row + x0)), S::loadu(q + x0), acc[t]);
     }
     return S::lane_sums(acc);
   }
@@ -335,8 +365,10 @@ struct DecodeTask {
     const T mu = lane_max<T>(m_new, std::numeric_limits<T>::lowest());
     const T alpha = lane_exp_diff<T>(m, mu);
     const reg vmu = S::set1(mu);
-    for (int64_t jj = 0; jj < ldt; jj += W)
-      S::store(s + jj, vec_exp_diff_unclamped<S>(S::load(s + jj), vmu));
+    for (int64_t jj = 0; jj < ldt; jj += W) {
+      const reg x = S::load(s + jj);  // bf16 products: the prefill's bf16-accurate exponential
+      S::store(s + jj, kRound ? vec_exp_diff_bf16<S>(x, vmu) : vec_exp_diff_unclamped<S>(x, vmu));
+    }
     // The sum in the prefill's order (BlockSum), so both paths agree bitwise.
     const auto add = [](T a, T b) { return a + b; };
     BlockSum<T, 1, decltype(add)> sum(0, T(0), add);
@@ -348,6 +380,8 @@ struct DecodeTask {
     }
     l = lane_fmadd<T>(l, alpha, sum.total(0));
     m = m_new;
+    if constexpr (kRound)  // P for the P V product (l is of the unrounded values)
+      for (int64_t jj = 0; jj < ldt; jj += W) S::store(s + jj, operand(S::load(s + jj)));
     const reg va = S::set1(alpha);
     for (int64_t e = 0; e < ds.dvw; e += W) S::store(o + e, S::mul(S::load(o + e), va));
     // P V in the prefill's segments of kValueSegment keys (values_micro):
@@ -389,7 +423,8 @@ struct DecodeTask {
       const reg pj = S::set1(pr[j]);
       const VT* vr = v + j * ldv + e;
       TILEATTN_UNROLL
-      for (int u = 0; u < NE; ++u) acc[u] = S::fmadd(load_row(vr + u * W), pj, acc[u]);
+      for (int u = 0; u < NE; ++u)
+        acc[u] = S::fmadd(operand<kRoundKV>(load_row(vr + u * W)), pj, acc[u]);
     }
     TILEATTN_UNROLL
     for (int u = 0; u < NE; ++u)
@@ -482,9 +517,14 @@ void decode_forward(const AttentionParams& p) {
   parallel_for(heads * ds.chunks, [&](int64_t task, int) {
     static thread_local Arena arena;
     const int64_t bh = task / ds.chunks, c = task % ds.chunks;
-    DecodeTask<T, KV>(p, ds, bh / p.Hkv, bh % p.Hkv, c, parts + bh * per_head + c * ds.rows * ds.part,
-                  arena)
-        .run();
+    T* part = parts + bh * per_head + c * ds.rows * ds.part;
+    if constexpr (std::is_same_v<T, float>) {
+      if (ds.round) {
+        DecodeTask<T, KV, true>(p, ds, bh / p.Hkv, bh % p.Hkv, c, part, arena).run();
+        return;
+      }
+    }
+    DecodeTask<T, KV>(p, ds, bh / p.Hkv, bh % p.Hkv, c, part, arena).run();
   });
   parallel_for(heads, [&](int64_t bh, int) {
     static thread_local Arena arena;

@@ -1033,8 +1033,9 @@ void prefill_forward(const AttentionParams& p) {
 }
 
 // bf16 products (float32 q and out; K and V float32 or binary16, KV): K
-// and V rounded into pairs once, then the tasks as above on them. Every
-// call of this kind takes this path, also a decode step's few queries.
+// and V rounded into pairs once, then the tasks as above on them. Calls
+// with a decode step's few queries take the decode path instead (its
+// kRound), which needs no conversion pass over the keys.
 constexpr size_t kRoundedHeadBytes = size_t(8) << 20;  // per thread
 template <typename KV>
 void prefill_forward_items_bf16(const AttentionParams* items, int64_t n) {

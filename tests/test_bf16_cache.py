@@ -51,3 +51,45 @@ def test_float64_module_refuses_a_bf16_cache():
     cache = tileattn.KVCache(1, 2, 8, 8, dtype="bfloat16")
     with pytest.raises(DTypeError, match="float64 module needs a float64 cache"):
         mha(np.zeros((1, 1, 16)), cache=cache)
+
+
+@pytest.mark.parametrize("storage", [np.float32, np.float16, "bfloat16"])
+def test_bf16_products_over_a_cache_are_those_of_the_functional_call(each_isa, rng, storage):
+    """KVCache.attend(compute_dtype="bfloat16"), prefill chunk and decode
+    steps, gives the bits of scaled_dot_product_attention with bf16
+    products over the same keys and values (what the cache holds), on every
+    path; and those are bf16 products, not float32 ones."""
+    b, hq, hkv, d = 2, 8, 2, 64
+    cache = tileattn.KVCache(b, hkv, 300, d, dtype=storage)
+    keys = np.zeros((b, hkv, 0, d), np.float32)
+    values = np.zeros((b, hkv, 0, d), np.float32)
+    for t in (130, 1, 1, 4, 1):
+        q, k, v = (rng.standard_normal((b, h, t, d)).astype(np.float32) for h in (hq, hkv, hkv))
+        got = cache.attend(q, k, v, compute_dtype="bfloat16")
+        stored = (lambda a: a.astype(cache.k.dtype).astype(np.float32))
+        keys = np.concatenate([keys, stored(k)], axis=2)
+        values = np.concatenate([values, stored(v)], axis=2)
+        want = tileattn.scaled_dot_product_attention(q, keys, values, is_causal=True,
+                                                     compute_dtype="bfloat16")
+        np.testing.assert_array_equal(got, want)
+        f32 = tileattn.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        assert 0 < np.abs(got - f32).max() < 0.05
+
+
+def test_mha_with_bf16_products_decodes_with_bf16_products(rng):
+    """A module's cached steps compute as its uncached calls do: each step
+    equals the module over the whole prefix (last rows), to bf16 rounding,
+    and differs from the float32 module's step."""
+    kw = dict(num_kv_heads=2, rope=True, seed=0)
+    bf = tileattn.MultiHeadAttention(64, 4, compute_dtype="bfloat16", **kw)
+    f32 = tileattn.MultiHeadAttention(64, 4, **kw)
+    x = rng.standard_normal((2, 12, 64)).astype(np.float32)
+    caches = {m: tileattn.KVCache(2, 2, 32, 16) for m in ("bf", "f32")}
+    bf(x[:, :8], cache=caches["bf"], is_causal=True)
+    f32(x[:, :8], cache=caches["f32"], is_causal=True)
+    for i in range(8, 12):
+        step = bf(x[:, i:i + 1], cache=caches["bf"], is_causal=True)
+        step32 = f32(x[:, i:i + 1], cache=caches["f32"], is_causal=True)
+        whole = bf(x[:, :i + 1], is_causal=True)[:, -1:]
+        assert np.abs(step - whole).max() < 0.02
+        assert np.abs(step - step32).max() > 0

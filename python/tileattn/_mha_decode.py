@@ -77,7 +77,7 @@ def forward_cached(mha: "MultiHeadAttention", query: Any, cache: KVCache, *,
     buf = np.empty((b, t, mha.num_heads, mha.value_dim), mha.dtype)
     cache.attend(heads_first(q), heads_first(k), heads_first(v),
                  counts=counts, is_causal=is_causal, window=window, dropout_p=p, seed=seed,
-                 out=heads_first(buf))
+                 out=heads_first(buf), compute_dtype=mha.compute_dtype_option)
     # A cached forward keeps nothing for a backward, whatever out_proj's own mode.
     y: np.ndarray = mha.out_proj(buf.reshape(b, t, mha.num_heads * mha.value_dim),
                                  training=False)

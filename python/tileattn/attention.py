@@ -76,7 +76,7 @@ class MultiHeadAttention(ComputeDtypeOption, Module):
         ``q k^T`` and ``P v``) on bf16 operands with float32 sums; the
         softmax, norms, RoPE and the output stay float32. The projection
         weights are packed once in bf16; the float32 parameters stay the
-        master copy. Steps over a ``KVCache`` compute in float32.
+        master copy. Steps over a ``KVCache`` use bf16 products too.
 
     Parameters (arrays, PyTorch layout (out_features, in_features))
     ---------------------------------------------------------------

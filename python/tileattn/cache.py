@@ -34,8 +34,9 @@ from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._call_checks import (check_out, dropout_and_seed, kernel_array, kernel_can_write,
                            scale_value, window_bounds)
 from ._overlap import may_overlap
-from ._validate import (FLOAT_NAMES, INPUT_DTYPES, dtype_in, entries_within, is_bool,
-                        native_byte_order, optional_positive_int, positive_int, shape_str)
+from ._validate import (FLOAT_NAMES, INPUT_DTYPES, bf16_products, dtype_in, entries_within,
+                        is_bool, native_byte_order, optional_positive_int, positive_int,
+                        shape_str)
 
 # The storage dtypes (float16 and bfloat16 widened by the kernel as it reads).
 CACHE_DTYPES = INPUT_DTYPES
@@ -334,7 +335,8 @@ class KVCache:
 
     def attend(self, q: Any, k: Any, v: Any, *, counts: Any = None, is_causal: bool = True,
                window: Any = None, scale: Optional[float] = None, dropout_p: float = 0.0,
-               seed: Optional[int] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
+               seed: Optional[int] = None, out: Optional[np.ndarray] = None,
+               compute_dtype: Any = None) -> np.ndarray:
         """Append the new tokens' keys/values and attend their queries over the cache.
 
         Parameters
@@ -360,6 +362,11 @@ class KVCache:
             overlaps q, k or v is filled after the kernel from a temporary;
             one that overlaps the cache's own storage is refused
             (``InvalidParameterError``).
+        compute_dtype : None or "bfloat16"
+            As in ``scaled_dot_product_attention``: both products on bf16
+            operands (q and the cached keys/values rounded to bf16, P
+            rounded before P V), float32 sums and softmax. Caches of any
+            storage but float64.
 
         Returns
         -------
@@ -391,6 +398,7 @@ class KVCache:
         left, right = self._bounds(*window_bounds(window, is_causal))
         scale_v = scale_value(scale, self.head_dim)
         p, seed_v = dropout_and_seed(dropout_p, seed)
+        bf16 = bf16_products(compute_dtype, qdt)
         out_shape = (self.batch, hq, t, self.value_dim)
         if out is not None:
             out = check_out(out, out_shape, qdt)
@@ -407,7 +415,7 @@ class KVCache:
         with self._in_use():
             c = self._new_counts(counts, t)
             attend_and_write(self._layout, qk, k4, v4, result, c, left, right,
-                             dict(scale=scale_v, dropout_p=p, seed=seed_v))
+                             dict(scale=scale_v, dropout_p=p, seed=seed_v, bf16=bf16))
         if out is not None and result is not out:
             out[...] = result  # (an unaligned out, or one over q, k or v)
             result = out
