@@ -78,3 +78,70 @@ def test_edifice_sliding_window_model_bf16(rng):
     assert 0 < np.abs(a - b).max() < 0.1
     head = tileattn.models.MLPHead(8, [6, 3], compute_dtype="bfloat16")
     assert all(lin.bf16 for lin in head.layers)
+
+
+def _bf16(a):
+    """Round-to-nearest-even bf16 values, in float64 (ml_dtypes rounds so)."""
+    import ml_dtypes
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def test_lstm_bf16_products_are_float32_sums_of_bf16_operands(rng):
+    """Each step's two products on bf16 operands (x, h and the weights
+    rounded), float32 sums: against a float64 LSTM on those rounded operands
+    the output is off by float32 round-off only, while float32 products
+    land ~1e-3 away."""
+    lstm = tileattn.LSTM(12, 16, num_layers=2, seed=3, compute_dtype="bfloat16")
+    x = rng.standard_normal((3, 9, 12)).astype(np.float32)
+    got, _ = lstm(x)
+
+    def reference(x, bf16):
+        rnd = _bf16 if bf16 else (lambda a: np.asarray(a, np.float64))
+        seq = x.transpose(1, 0, 2).astype(np.float64)
+        for k in range(2):
+            w_ih, w_hh = (rnd(lstm.state_dict()[f"weight_{n}_l{k}"]) for n in ("ih", "hh"))
+            b = (lstm.state_dict()[f"bias_ih_l{k}"].astype(np.float64)
+                 + lstm.state_dict()[f"bias_hh_l{k}"])
+            h = np.zeros((seq.shape[1], 16))
+            c = np.zeros_like(h)
+            out = []
+            for t in range(seq.shape[0]):
+                z = rnd(seq[t]) @ w_ih.T + rnd(h) @ w_hh.T + b
+                i, f, g, o = np.split(z, 4, axis=1)
+                sig = (lambda a: 1 / (1 + np.exp(-a)))
+                c = sig(f) * c + sig(i) * np.tanh(g)
+                h = sig(o) * np.tanh(c)
+                out.append(h)
+            seq = np.stack(out)
+        return seq.transpose(1, 0, 2)
+
+    assert np.abs(got - reference(x, True)).max() < 2e-6
+    assert np.abs(got - reference(x, False)).max() > 1e-4
+    assert lstm.get_config()["compute_dtype"] == "bfloat16"
+
+
+def test_hybrid_lstm_attention_bf16(rng):
+    kw = dict(lstm_hidden=16, num_heads=2, head_dim=8, dropout=0.0, mlp=[6], seed=5)
+    f32 = tileattn.models.HybridLSTMAttention(10, **kw)
+    b16 = tileattn.models.HybridLSTMAttention(10, **kw, compute_dtype="bfloat16")
+    assert b16.lstm.bf16 and b16.attn.bf16 and all(lin.bf16 for lin in b16.mlp.layers)
+    frames = rng.standard_normal((2, 14, 10)).astype(np.float32)
+    a, b = f32(frames), b16(frames)
+    assert 0 < np.abs(a - b).max() < 0.1
+    with pytest.raises(DTypeError, match="take float32 computations"):
+        tileattn.models.HybridLSTMAttention(10, dtype=np.float64, compute_dtype="bfloat16")
+
+
+def test_numpy_bf16_rounding_is_ml_dtypes_rounding(rng):
+    import ml_dtypes
+    from tileattn._compute_dtype import bf16_values
+    bits = rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32)
+    ties = (np.arange(1000, dtype=np.uint32) << 16) | np.uint32(0x8000)   # exact halfway
+    x = np.concatenate([bits.view(np.float32), ties.view(np.float32),
+                        np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 3.4e38, -3.4e38],
+                                 np.float32)])
+    with np.errstate(invalid="ignore"):      # (the NaNs among the random bits)
+        want = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    got = bf16_values(x)
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all()

@@ -34,3 +34,19 @@ class ComputeDtypeOption:
     def _compute_dtype_repr(self) -> str:
         """The option's part of ``extra_repr`` (empty when None)."""
         return ", compute_dtype=bfloat16" if self.bf16 else ""
+
+
+def bf16_values(a: np.ndarray) -> np.ndarray:
+    """float32 ``a`` rounded to bfloat16 values, as float32: nearest even
+    (as ml_dtypes rounds), a NaN stays a NaN. For products computed outside
+    the core (NumPy's BLAS) on bf16 operands: each product of two such
+    values is exact in float32."""
+    x = np.ascontiguousarray(a, np.float32)
+    u = x.view(np.uint32)
+    r = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) \
+        & np.uint32(0xFFFF0000)
+    nan = np.isnan(x)
+    if nan.any():
+        r = np.where(nan, (u | np.uint32(0x00400000)) & np.uint32(0xFFFF0000), r)
+    out: np.ndarray = r.view(np.float32)
+    return out

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ._budget import charge
+from ._compute_dtype import ComputeDtypeOption, bf16_values
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._memory import check_fits
 from ._validate import FLOAT_DTYPES, dropout_rate, flag, float_array, positive_int
@@ -22,7 +23,7 @@ from .dropout import dropout_
 from .module import Module
 
 
-class LSTM(Module):
+class LSTM(ComputeDtypeOption, Module):
     """Long short-term memory (Hochreiter & Schmidhuber, 1997), PyTorch's ``nn.LSTM``
     equations and gate order (input, forget, cell, output)::
 
@@ -44,6 +45,11 @@ class LSTM(Module):
     dtype : float32 or float64
     seed : int, optional
         Seeds the weights (U(-1/sqrt(H), 1/sqrt(H)), as PyTorch) and dropout.
+    compute_dtype : None or "bfloat16"
+        "bfloat16" (float32 LSTMs): both products of every step (input and
+        recurrent) on bf16 operands (weights, inputs and h rounded to
+        bf16), float32 sums; gates and cell state stay float32. The
+        products run in NumPy's BLAS.
 
     Parameters (arrays, PyTorch's names)
     ------------------------------------
@@ -53,8 +59,10 @@ class LSTM(Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = True, dropout: float = 0.0,
-                 dtype: Any = np.float32, seed: Optional[int] = None) -> None:
+                 dtype: Any = np.float32, seed: Optional[int] = None,
+                 compute_dtype: Any = None) -> None:
         super().__init__(dtype)
+        self._set_compute_dtype(compute_dtype, self.dtype)
         self.input_size = positive_int("input_size", input_size)
         self.hidden_size = positive_int("hidden_size", hidden_size)
         self.num_layers = positive_int("num_layers", num_layers)
@@ -160,8 +168,12 @@ class LSTM(Module):
         w_hh: np.ndarray = self._params[f"weight_hh_l{k}"]
         b_ih: Optional[np.ndarray] = self._params[f"bias_ih_l{k}"]
         b_hh: Optional[np.ndarray] = self._params[f"bias_hh_l{k}"]
+        def operand(a: np.ndarray) -> np.ndarray:
+            return bf16_values(a) if self.bf16 else a
+
+        w_ih, w_hh = operand(w_ih), operand(w_hh)
         # All time steps' input projections in one GEMM, both biases folded in.
-        pre = (seq.reshape(length * b, n_in) @ w_ih.T).reshape(length, b, 4 * hs)
+        pre = (operand(seq.reshape(length * b, n_in)) @ w_ih.T).reshape(length, b, 4 * hs)
         if b_ih is not None and b_hh is not None:
             pre += b_ih + b_hh
         out = np.empty((length, b, hs), self.dtype)
@@ -176,7 +188,7 @@ class LSTM(Module):
         shift[2 * hs:3 * hs] = 0.0
         h, c = h0, c0.copy()
         for t in range(length):
-            np.matmul(h, w_hh_t, out=gates)
+            np.matmul(operand(h), w_hh_t, out=gates)
             gates += pre[t]
             gates *= half
             np.tanh(gates, out=gates)
@@ -197,11 +209,12 @@ class LSTM(Module):
         return {"input_size": self.input_size, "hidden_size": self.hidden_size,
                 "num_layers": self.num_layers, "bias": self.bias,
                 "batch_first": self.batch_first, "dropout": self.dropout,
-                "dtype": self.dtype.name, "seed": self.seed}
+                "dtype": self.dtype.name, "seed": self.seed,
+                "compute_dtype": self.compute_dtype_option}
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-                f"batch_first={self.batch_first}")
+                f"batch_first={self.batch_first}" + self._compute_dtype_repr())
 
 
 __all__: List[str] = ["LSTM"]

@@ -275,7 +275,7 @@ class SlidingWindowModel(ComputeDtypeOption, _FrameEncoder):
                 + self._compute_dtype_repr())
 
 
-class HybridLSTMAttention(_FrameEncoder):
+class HybridLSTMAttention(ComputeDtypeOption, _FrameEncoder):
     """An LSTM over the frames, then self-attention over its hidden states.
 
     ``h = LSTM(x)``; ``y = norm(h + dropout(attn(h)))`` with causal attention
@@ -302,6 +302,9 @@ class HybridLSTMAttention(_FrameEncoder):
     mlp_activation : "relu", "gelu", "gelu_tanh" or "silu"
     dtype : float32 or float64
     seed : int, optional
+    compute_dtype : None or "bfloat16"
+        Every product (the LSTM's, the attention's, the MLP's) on bf16
+        operands with float32 sums (float32 models).
 
     Parameters (arrays)
     -------------------
@@ -313,8 +316,10 @@ class HybridLSTMAttention(_FrameEncoder):
     def __init__(self, embed_dim: int, lstm_hidden: int = 256, lstm_layers: int = 1,
                  num_heads: int = 4, head_dim: int = 64, dropout: float = 0.1,
                  mlp: Optional[Sequence[int]] = None, *, mlp_activation: str = "relu",
-                 dtype: Any = np.float32, seed: Optional[int] = None) -> None:
+                 dtype: Any = np.float32, seed: Optional[int] = None,
+                 compute_dtype: Any = None) -> None:
         super().__init__(dtype)
+        compute = self._set_compute_dtype(compute_dtype, self.dtype)
         self.embed_dim, self.lstm_hidden, self.lstm_layers, self.num_heads, self.head_dim = \
             _positive_ints(embed_dim=embed_dim, lstm_hidden=lstm_hidden,
                            lstm_layers=lstm_layers, num_heads=num_heads, head_dim=head_dim)
@@ -325,14 +330,16 @@ class HybridLSTMAttention(_FrameEncoder):
         self._dropout_rng = np.random.default_rng(None if self.seed is None else s_drop)
         pick = (lambda s: None) if self.seed is None else (lambda s: s)
         self.lstm = LSTM(self.embed_dim, self.lstm_hidden, self.lstm_layers,
-                         dropout=self.dropout, dtype=self.dtype, seed=pick(s_lstm))
+                         dropout=self.dropout, dtype=self.dtype, seed=pick(s_lstm),
+                         compute_dtype=compute)
         self.attn = MultiHeadAttention(self.lstm_hidden, self.num_heads, head_dim=self.head_dim,
-                                       dropout=self.dropout, dtype=self.dtype, seed=pick(s_attn))
+                                       dropout=self.dropout, dtype=self.dtype, seed=pick(s_attn),
+                                       compute_dtype=compute)
         self.norm = LayerNorm(self.lstm_hidden, dtype=self.dtype)
         self.mlp_sizes = None if mlp is None else [int(s) for s in _check_sizes(mlp)]
         if self.mlp_sizes is not None:
             self.mlp = MLPHead(self.lstm_hidden, self.mlp_sizes, self.mlp_activation,
-                               self.dtype, pick(s_mlp))
+                               self.dtype, pick(s_mlp), compute)
 
     @property
     def output_size(self) -> int:
@@ -363,11 +370,12 @@ class HybridLSTMAttention(_FrameEncoder):
                 "lstm_layers": self.lstm_layers, "num_heads": self.num_heads,
                 "head_dim": self.head_dim, "dropout": self.dropout, "mlp": self.mlp_sizes,
                 "mlp_activation": self.mlp_activation, "dtype": self.dtype.name,
-                "seed": self.seed}
+                "seed": self.seed, "compute_dtype": self.compute_dtype_option}
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, lstm_hidden={self.lstm_hidden}, "
-                f"lstm_layers={self.lstm_layers}, mlp={self.mlp_sizes}")
+                f"lstm_layers={self.lstm_layers}, mlp={self.mlp_sizes}"
+                + self._compute_dtype_repr())
 
 
 def _check_sizes(mlp: Any) -> Tuple[int, ...]:
