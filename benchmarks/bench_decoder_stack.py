@@ -6,8 +6,11 @@ MLP, residual adds; no positional encoding on either side):
   gpt2-small: 12 layers, E=768, 12 heads, GELU MLP 3072, biases;
   1b-class:   16 layers, E=2048, 16 heads with 8 KV heads, SwiGLU MLP 8192,
               no biases (1.0e9 parameters, 4 GiB of float32 weights).
-At batch 1 and 8 and a context of 1024 and 4096 positions, float32 weights,
-float32 and float16 caches. The caches are filled with random keys and
+At batch 1 and 8 and a context of 1024 and 4096 positions: float32 weights
+with float32 and float16 caches, and (``--weights bf16``) bf16 weights
+(``compute_dtype="bfloat16"``: every projection streams its weight packed in
+bf16, half the bytes, and attention runs bf16 products) with float32 and
+bfloat16 caches. The caches are filled with random keys and
 values (a timed prefill of the large stack would take minutes); each timed
 step decodes one token per sequence, and the caches are rolled back after
 each round so every step sees the same context.
@@ -23,7 +26,8 @@ the two write the same new position in turn), under ``inference_mode``, the
 same threads. Contenders alternate after a warm-up (``paired_times``).
 
     python benchmarks/bench_decoder_stack.py [--shapes gpt2-small,1b-class]
-        [--batches 1,8] [--contexts 1024,4096] [--rounds 5] [--threads 2]
+        [--batches 1,8] [--contexts 1024,4096] [--weights f32,bf16] [--rounds 5]
+        [--threads 2]
 """
 
 from __future__ import annotations
@@ -63,16 +67,28 @@ STEPS = 3      # timed steps per round
 class Block:
     """One pre-norm decoder block of tileattn modules."""
 
-    def __init__(self, s: Stack, rng: np.random.Generator) -> None:
+    def __init__(self, s: Stack, rng: np.random.Generator,
+                 compute_dtype: Optional[str] = None) -> None:
         bias = not s.swiglu
         self.s = s
         self.norm1 = tileattn.LayerNorm(s.e, bias=bias)
         self.attn = tileattn.MultiHeadAttention(s.e, s.heads, num_kv_heads=s.kv_heads,
-                                                bias=bias, seed=int(rng.integers(1 << 31)))
+                                                bias=bias, seed=int(rng.integers(1 << 31)),
+                                                compute_dtype=compute_dtype)
         self.norm2 = tileattn.LayerNorm(s.e, bias=bias)
         up = 2 * s.mlp if s.swiglu else s.mlp      # SwiGLU: gate and up in one matrix
-        self.up = tileattn.Linear(s.e, up, bias=bias, rng=rng)
-        self.down = tileattn.Linear(s.mlp, s.e, bias=bias, rng=rng)
+        self.up = tileattn.Linear(s.e, up, bias=bias, rng=rng, compute_dtype=compute_dtype)
+        self.down = tileattn.Linear(s.mlp, s.e, bias=bias, rng=rng, compute_dtype=compute_dtype)
+
+    def streamed_bytes(self) -> int:
+        """The parameter bytes a step reads: bf16 weights are streamed
+        packed in bf16 (half their float32 bytes)."""
+        total = 0
+        for m in (self.norm1, self.attn, self.norm2, self.up, self.down):
+            for name, p in m.named_parameters():
+                half = name.endswith("weight") and getattr(m, "bf16", False) and p.ndim == 2
+                total += p.nbytes // 2 if half else p.nbytes
+        return total
 
     def step(self, x: np.ndarray, cache: tileattn.KVCache) -> np.ndarray:
         h = x + self.attn(self.norm1(x), is_causal=True, cache=cache)
@@ -139,7 +155,7 @@ def fill(cache: tileattn.KVCache, ctx: int, rng: np.random.Generator) -> None:
 
 
 def run_case(name: str, s: Stack, blocks: List[Block], steps: List[Any], batch: int, ctx: int,
-             cache_dtype: Any, bandwidth: float, rounds: int, torch: Any) -> None:
+             cache_dtype: Any, bandwidth: float, rounds: int, torch: Any, weights: str) -> None:
     rng = np.random.default_rng(1)
     caches = [tileattn.KVCache(batch, s.kv_heads, ctx + STEPS + 1, s.head_dim, dtype=cache_dtype)
               for _ in blocks]
@@ -170,14 +186,12 @@ def run_case(name: str, s: Stack, blocks: List[Block], steps: List[Any], batch: 
                         h = st(h, kc, vc, ctx + i)
         runners["torch"] = peer
     t = paired_times(runners, rounds=rounds)
-    weight_bytes = sum(p.nbytes for blk in blocks for m in (blk.norm1, blk.attn, blk.norm2,
-                                                             blk.up, blk.down)
-                       for p in m.parameters())
+    weight_bytes = sum(blk.streamed_bytes() for blk in blocks)
     cache_bytes = sum(c.k[:, :, :ctx].nbytes + c.v[:, :, :ctx].nbytes for c in caches)
     step_bytes = weight_bytes + cache_bytes
     roof = step_bytes / bandwidth
     ms = {k: statistics.median(v) / STEPS * 1e3 for k, v in t.items()}
-    line = (f"{name:11s} {batch:3d} {ctx:5d} {np.dtype(cache_dtype).name:8s} "
+    line = (f"{name:11s} {weights:4s} {batch:3d} {ctx:5d} {np.dtype(cache_dtype).name:8s} "
             f"{ms['tileattn']:8.1f} {batch / ms['tileattn'] * 1e3:8.1f} "
             f"{step_bytes / ms['tileattn'] / 1e6:6.1f} {roof * 1e3:8.1f} "
             f"{roof * 1e3 / ms['tileattn']:6.2f}")
@@ -191,6 +205,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="gpt2-small,1b-class")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--contexts", default="1024,4096")
+    ap.add_argument("--weights", default="f32",
+                    help="f32 (float32 weights), bf16 (bf16 weights and products) or both")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true")
@@ -207,19 +223,24 @@ def main() -> None:
     bandwidth, _ = read_bandwidth(np.ones(1 << 28, np.float32), args.threads, args.rounds)
     print(f"{args.threads} threads, ISA path {tileattn._core.isa()}, read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s; torch {torch.__version__ if torch else 'absent'}")
-    print(f"{'stack':11s} {'B':>3s} {'ctx':>5s} {'cache':8s} {'ms/step':>8s} {'tok/s':>8s} "
+    print(f"{'stack':11s} {'wts':4s} {'B':>3s} {'ctx':>5s} {'cache':8s} {'ms/step':>8s} "
+          f"{'tok/s':>8s} "
           f"{'GB/s':>6s} {'roof ms':>8s} {'share':>6s} {'torch ms':>8s} {'speed':>7s}")
     for name in args.shapes.split(","):
         s = SHAPES[name]
-        rng = np.random.default_rng(0)
-        blocks = [Block(s, rng) for _ in range(s.layers)]
-        steps = [torch_block(b, torch) for b in blocks] if torch is not None else []
-        for batch in (int(v) for v in args.batches.split(",")):
-            for ctx in (int(v) for v in args.contexts.split(",")):
-                for cache_dtype in (np.float32, np.float16):
-                    run_case(name, s, blocks, steps, batch, ctx, cache_dtype, bandwidth,
-                             args.rounds, torch)
-        del blocks, steps
+        for weights in args.weights.split(","):
+            bf16 = weights == "bf16"
+            rng = np.random.default_rng(0)
+            blocks = [Block(s, rng, "bfloat16" if bf16 else None) for _ in range(s.layers)]
+            # The peer only with float32 weights (the issue's comparison).
+            steps = [torch_block(b, torch) for b in blocks] if torch and not bf16 else []
+            caches = (np.float32, "bfloat16") if bf16 else (np.float32, np.float16)
+            for batch in (int(v) for v in args.batches.split(",")):
+                for ctx in (int(v) for v in args.contexts.split(",")):
+                    for cache_dtype in caches:
+                        run_case(name, s, blocks, steps, batch, ctx, cache_dtype, bandwidth,
+                                 args.rounds, torch if steps else None, weights)
+            del blocks, steps
 
 
 if __name__ == "__main__":
