@@ -145,3 +145,25 @@ def test_numpy_bf16_rounding_is_ml_dtypes_rounding(rng):
     got = bf16_values(x)
     same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
     assert same.all()
+
+
+def test_training_keeps_float32_masters_and_repacks_bf16_after_each_step(rng):
+    """A bf16 layer being trained: the optimiser updates float32 master
+    weights (not bf16 values), and the next forward's products use the bf16
+    rounding of the updated weights (the packing is remade), exactly as a
+    fresh layer loaded with those weights computes."""
+    layer = tileattn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, seed=1,
+                                             compute_dtype="bfloat16")
+    opt = tileattn.optim.AdamW(layer, lr=1e-2)
+    x = rng.standard_normal((2, 10, 32)).astype(np.float32)
+    for _ in range(2):
+        y = layer(x, training=True)
+        layer.backward(np.ones_like(y))
+        opt.step()
+        opt.zero_grad()
+        w = layer.linear1.weight
+        assert w.dtype == np.float32 and not np.array_equal(w, _bf16(w).astype(np.float32))
+        fresh = tileattn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, seed=2,
+                                                 compute_dtype="bfloat16")
+        fresh.load_state_dict(layer.state_dict())
+        np.testing.assert_array_equal(layer(x), fresh(x))
