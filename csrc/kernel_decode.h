@@ -93,6 +93,7 @@ struct DecodeTask {
   T *qs, *kt, *vbuf, *s;
   T* krows;               // W widened key rows (narrow storage only)
   uint8_t* visible;
+  uint16_t* qbf;          // rows x D: the queries rounded to bf16, unscaled (pair_scores)
 
   DecodeTask(const AttentionParams& p_, const DecodeShape<T>& ds_, int64_t b_, int64_t hk_,
              int64_t c_, T* part_, Arena& arena_)
@@ -100,13 +101,14 @@ struct DecodeTask {
     const size_t bcw = PrefillTiling<T>::round_up(ds.bc, W);
     arena.reset(sizeof(T) * (ds.rows * p.D + (1 + kKeyTiles) * p.D * W + bcw * ds.dvw +
                              ds.rows * bcw) +
-                ds.bc + 5 * 64);
+                ds.bc + sizeof(uint16_t) * ds.rows * p.D + 6 * 64);
     krows = arena.carve<T>(p.D * W);
     qs = arena.carve<T>(ds.rows * p.D);
     kt = arena.carve<T>(kKeyTiles * p.D * W);
     vbuf = arena.carve<T>(bcw * ds.dvw);
     s = arena.carve<T>(ds.rows * bcw);
     visible = arena.carve<uint8_t>(ds.bc);
+    qbf = arena.carve<uint16_t>(ds.rows * p.D);
   }
 
   int64_t head_of(int64_t r) const { return hk * p.group_size() + r / p.Lq; }
@@ -119,8 +121,37 @@ struct DecodeTask {
       const T* q = static_cast<const T*>(p.q) + b * p.q_stride.b + head_of(r) * p.q_stride.h +
                    query_of(r) * p.q_stride.r;
       for (int64_t x = 0; x < p.D; ++x) qs[r * p.D + x] = operand(q[x * p.q_stride.c]) * factor;
+      if constexpr (kPairsInLanes)
+        for (int64_t x = 0; x < p.D; ++x) qbf[r * p.D + x] = bf16_round(q[x * p.q_stride.c]);
     }
   }
+
+  // bf16 products on the bf16-dot path, one query row per KV head
+  // (scores_across_d): the scores by vdpbf16ps on pairs along D, each
+  // key row rounded into pairs by one conversion per 2W values (a bf16
+  // cache's row already is pairs), then scaled: half the multiply-adds of
+  // the widened method, and no rounding sequence per value. Rounding every
+  // key of a float32 cache the widened way made the step compute-bound:
+  // (8, 12, 1, 1024, 64) 1.05 ms in float32, 1.46 ms (BENCHMARKS.md).
+  static constexpr bool kPairsInLanes = kRound && Simd<float>::kBf16Dot;  // (kRound: T float)
+  bool pair_scores() const { return kPairsInLanes && p.D % (2 * W) == 0; }
+  template <typename KT>
+  reg row_scores_pairs(const KT* k, int64_t ldk, const uint16_t* qb) const {
+    reg acc[W];
+    TILEATTN_UNROLL
+    for (int t = 0; t < W; ++t) {
+      const KT* row = k + t * ldk;
+      acc[t] = S::zero();
+      for (int64_t x0 = 0; x0 < p.D; x0 += 2 * W)
+        acc[t] = S::dot_bf16(acc[t], key_pairs(row + x0),
+                             S::loadu(reinterpret_cast<const float*>(qb + x0)));
+    }
+    return S::mul(S::lane_sums(acc), S::set1(static_cast<T>(p.scale)));
+  }
+  // 2W values of a key row as W bf16 pairs in memory order.
+  static reg key_pairs(const T* x) { return S::bf16_pack(S::loadu(x), S::loadu(x + W)); }
+  static reg key_pairs(const Half* x) { return S::bf16_pack(load_row(x), load_row(x + W)); }
+  static reg key_pairs(const Bf16* x) { return S::loadu(reinterpret_cast<const float*>(x)); }
 
   // A product's operand: itself, or rounded to a bf16 value (kRound).
   // Keys and values of a bf16 cache are bf16 values already.
@@ -237,6 +268,12 @@ struct DecodeTask {
       const auto each_row = [&](const auto* keys, int64_t ldk) {
         for (int64_t r = 0; r < ds.rows; ++r) {
           const T* q = qs + r * p.D;
+          if constexpr (kPairsInLanes) {
+            if (pair_scores()) {
+              S::store(s + r * ldt + jj, row_scores_pairs(keys, ldk, qbf + r * p.D));
+              continue;
+            }
+          }
           S::store(s + r * ldt + jj, NX ? row_scores_across_d<NX ? NX : 1>(keys, ldk, q)
                                         : row_scores_across_d_any(keys, ldk, q));
         }

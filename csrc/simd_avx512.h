@@ -159,6 +159,9 @@ template <> struct Simd<float> {
     const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo's 16, then hi's
     return _mm512_castsi512_ps(_mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), halves));
   }
+  // lo's and hi's 2W values rounded to bf16, in order, as W pairs (the
+  // pair layout of 2W consecutive values of a row).
+  static reg bf16_pack(reg lo, reg hi) { return (reg)_mm512_cvtne2ps_pbh(hi, lo); }
   static reg bf16_values(reg x) {  // x's lanes rounded to bf16 values, as float32
     const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x));
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
