@@ -70,8 +70,9 @@ inline T lane_max(T a, T b) {
   return S::first(S::max(S::set1(a), S::set1(b)));
 }
 
-// kRound (bf16 products, T float): the widened method on every path, as
-// the prefill's portable path runs it: q rounded to bf16 before it is
+// kRound (bf16 products, T float): the widened method, as the prefill's
+// portable path runs it (on the bf16-dot path the across-D scores run on
+// pairs instead: pair_scores below): q rounded to bf16 before it is
 // scaled, each key and value rounded as it is loaded (exact for a bf16
 // cache), the exponentials to bf16 accuracy (vec_exp_diff_bf16), P
 // rounded after their float32 sum is taken; so the products are exact
@@ -132,7 +133,8 @@ struct DecodeTask {
   // cache's row already is pairs), then scaled: half the multiply-adds of
   // the widened method, and no rounding sequence per value. Rounding every
   // key of a float32 cache the widened way made the step compute-bound:
-  // (8, 12, 1, 1024, 64) 1.05 ms in float32, 1.46 ms (BENCHMARKS.md).
+  // (8, 12, 1, 1024, 64) 1.05 ms in float32, 1.46 ms; on pairs 1.0 ms
+  // against 0.90 (BENCHMARKS.md).
   static constexpr bool kPairsInLanes = kRound && Simd<float>::kBf16Dot;  // (kRound: T float)
   bool pair_scores() const { return kPairsInLanes && p.D % (2 * W) == 0; }
   template <typename KT>
