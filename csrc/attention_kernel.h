@@ -121,7 +121,8 @@ void attention_backward(const BackwardParams& bp) {
 extern const KernelTable kernels;
 const KernelTable kernels = {&attention_forward, &attention_forward_items, &attention_backward,
                              &linear_forward,
-                             &linear_packed_bytes, &linear_pack, &activation};
+                             &linear_packed_bytes, &linear_pack, &linear_unpack,
+                             &activation};
 
 }  // namespace TILEATTN_ISA_NS
 }  // namespace tileattn

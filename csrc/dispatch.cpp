@@ -30,8 +30,10 @@ void set_active_isa(Isa isa) {
   g_isa.store(static_cast<int>(isa), std::memory_order_relaxed);
 }
 
-const KernelTable& kernels() {
-  switch (active_isa()) {
+const KernelTable& kernels() { return kernels_for(active_isa()); }
+
+const KernelTable& kernels_for(Isa isa) {
+  switch (isa) {
 #if defined(TILEATTN_HAVE_X86)
     case Isa::avx512_bf16: return avx512_bf16::kernels;
     case Isa::avx512: return avx512::kernels;

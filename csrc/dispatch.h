@@ -21,6 +21,9 @@ struct KernelTable {
   int64_t (*linear_packed_bytes)(const LinearParams& lp);
   // Packs lp.w into dst (linear_packed_bytes, 64-byte aligned).
   void (*linear_pack)(const LinearParams& lp, void* dst);
+  // The inverse: lp.packed (this path's layout) into dst, the N x K
+  // weight row-major (float32 values of bf16 weights).
+  void (*linear_unpack)(const LinearParams& lp, void* dst);
   // The feed-forward activation of float32 rows, in place.
   void (*activation)(const ActivationParams& ap);
 };
@@ -36,5 +39,8 @@ Isa active_isa();
 void set_active_isa(Isa isa);
 // The active path's kernels.
 const KernelTable& kernels();
+// The kernels of path `isa` (a built one: what packed a weight on it can
+// read it back after another path became active).
+const KernelTable& kernels_for(Isa isa);
 
 }  // namespace tileattn

@@ -137,6 +137,28 @@ struct LinearPlan {
     }
   }
 
+  // The inverse of pack: panel p back into rows p * NR ... of `dst` (the
+  // caller's N x K, row-major, ld lp.K), bf16 pairs widened to float32
+  // (exactly). K outer: each step writes one value into each of the
+  // panel's rows, reading one contiguous row of the panel.
+  void unpack(int64_t p, T* dst) const {
+    const int64_t n0 = p * NR, nw = width(p), ns = stored(p);
+    const E* src = panel(p);
+    for (int64_t k = 0; k < K; ++k) {
+      const E* from = src + k * ns;
+      for (int64_t c = 0; c < nw; ++c) {
+        T* row = dst + (n0 + c) * lp.K;
+        if constexpr (kPairs) {
+          const uint32_t u = static_cast<uint32_t>(from[c]);
+          row[2 * k] = bf16_widen(static_cast<uint16_t>(u));
+          if (2 * k + 1 < lp.K) row[2 * k + 1] = bf16_widen(static_cast<uint16_t>(u >> 16));
+        } else {
+          row[k] = from[c];
+        }
+      }
+    }
+  }
+
   // The micro-kernel of E (kernel_gemm.h) with E's operand policy.
   using Steps = std::conditional_t<kPairs, PairSteps, ElementSteps<T>>;
   template <int NV, int R = MR, int kAhead = 0, bool kStream = false>
@@ -439,6 +461,26 @@ void linear_pack_typed(const LinearParams& lp, void* dst) {
   LinearPlan<T, E> plan(lp);
   plan.packed = static_cast<E*>(dst);
   pack_all(plan);
+}
+
+// lp.packed (made by linear_pack on this path for lp's N, K, dtype and
+// products) back into dst: the N x K weight, row-major, float32 for bf16
+// products (the bf16 values widened) or lp.dtype; on the pool.
+template <typename T, typename E = T>
+void linear_unpack_typed(const LinearParams& lp, void* dst) {
+  LinearPlan<T, E> plan(lp);
+  plan.packed = const_cast<E*>(static_cast<const E*>(lp.packed));
+  parallel_for(plan.panels, [&](int64_t p, int) { plan.unpack(p, static_cast<T*>(dst)); });
+}
+
+void linear_unpack(const LinearParams& lp, void* dst) {
+  if (lp.N == 0 || lp.K == 0) return;
+  if (lp.products == Products::bf16)
+    linear_unpack_typed<float, Bf16Pair>(lp, dst);
+  else if (lp.dtype == DType::f64)
+    linear_unpack_typed<double>(lp, dst);
+  else
+    linear_unpack_typed<float>(lp, dst);
 }
 
 void linear_pack(const LinearParams& lp, void* dst) {

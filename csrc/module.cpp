@@ -464,6 +464,24 @@ PackedLinear pack_linear_py(py::array w, bool bf16) {
   return packed;
 }
 
+// The weight `w` was packed from, row-major: float32 (the bf16 values,
+// widened exactly) or float64; read with the kernels of the path that
+// packed it, whichever is active now.
+py::array unpack_linear_py(const PackedLinear& w) {
+  LinearParams lp;
+  lp.dtype = w.dtype();
+  lp.products = w.products();
+  lp.N = w.out_features();
+  lp.K = w.in_features();
+  lp.packed = w.data();
+  py::array out = w.dtype() == DType::f64
+                      ? py::array(py::dtype::of<double>(), std::vector<py::ssize_t>{lp.N, lp.K})
+                      : py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{lp.N, lp.K});
+  void* dst = out.mutable_data();
+  run_cancellable([&] { kernels_for(w.isa()).linear_unpack(lp, dst); });
+  return out;
+}
+
 // The same product with a weight packed by pack_linear on this path.
 void linear_forward_packed_py(py::array x, const PackedLinear& w, py::object bias,
                               py::array out) {
@@ -669,8 +687,12 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("in_features", &PackedLinear::in_features)
       .def_property_readonly("isa", [](const PackedLinear& w) { return std::string(isa_name(w.isa())); })
       .def_property_readonly("nbytes", &PackedLinear::nbytes)
-      .def_property_readonly("bf16", [](const PackedLinear& w) { return w.products() == Products::bf16; });
+      .def_property_readonly("bf16", [](const PackedLinear& w) { return w.products() == Products::bf16; })
+      .def_property_readonly("dtype", [](const PackedLinear& w) {
+        return w.dtype() == DType::f64 ? py::dtype::of<double>() : py::dtype::of<float>();
+      });
   m.def("pack_linear", &pack_linear_py, py::arg("w"), py::arg("bf16") = false);
+  m.def("unpack_linear", &unpack_linear_py, py::arg("w"));
   m.def("linear_forward_packed", &linear_forward_packed_py, py::arg("x"), py::arg("w"),
         py::arg("bias"), py::arg("out"));
   m.def("copy_dense", &copy_dense_py, py::arg("src"), py::arg("dst"));

@@ -129,3 +129,14 @@ def test_own_dtype_is_native():
 def test_pack_rejects_other_dtypes():
     with pytest.raises(ValueError, match="w: expected float32 or bfloat16"):
         _core.pack_linear(np.zeros((3, 4), np.float64), bf16=True)
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_unpack_gives_the_bf16_values_widened(each_isa, rng, m, n, k):
+    """A bf16 weight unpacked is the rounded weight as float32, exactly
+    (odd K: the padding half of the last pair is not read back)."""
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    for source in (w, w.astype(BF16)):
+        got = _core.unpack_linear(_core.pack_linear(source, bf16=True))
+        assert got.dtype == np.float32 and got.shape == (n, k)
+        np.testing.assert_array_equal(got, w.astype(BF16).astype(np.float32))

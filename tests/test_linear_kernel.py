@@ -154,6 +154,35 @@ def test_packed_weight_gives_the_same_bits(each_isa, rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unpack_gives_back_the_weight_that_was_packed(each_isa, rng, dtype):
+    """A frozen module keeps only the packed weight, and its state dict
+    reads the weight back from it: bit for bit, at panel and register edges
+    (N not a multiple of the panel width, K not one of the register's)."""
+    for n, k in [(1, 1), (5, 3), (47, 100), (97, 128), (200, 7), (768, 33)]:
+        w = rng.standard_normal((n, k)).astype(dtype)
+        got = core.unpack_linear(core.pack_linear(w))
+        assert got.dtype == dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, w)
+
+
+def test_unpack_reads_the_layout_of_the_path_that_packed(rng):
+    """The panel width differs between paths: a weight packed on one path
+    reads back right while another is active (a frozen module moved to a
+    forced path repacks from it)."""
+    w = rng.standard_normal((100, 70)).astype(np.float32)
+    before = core.isa()
+    try:
+        for packer in tileattn.config()["isa_paths_supported"]:
+            core.set_isa(packer)
+            packed = core.pack_linear(w)
+            for reader in tileattn.config()["isa_paths_supported"]:
+                core.set_isa(reader)
+                np.testing.assert_array_equal(core.unpack_linear(packed), w)
+    finally:
+        core.set_isa(before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_row_has_the_same_bits_alone_and_in_any_batch(each_isa, rng, dtype):
     """Every row is summed in the same order whatever the rows around it
     (a decode step's few rows take the skinny path, a batch the blocked
