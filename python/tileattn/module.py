@@ -19,40 +19,23 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from . import _parameters
+from . import _parameters, _state_dict
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from ._validate import COMPUTE_DTYPES, dtype_in, flag, is_bfloat16, shape_str
+from ._state_dict import IncompatibleKeys, as_value
+from ._validate import COMPUTE_DTYPES, dtype_in, flag, shape_str
 
 
 # Every Module subclass by class name, so tileattn.load can rebuild a saved one.
 MODULE_CLASSES: Dict[str, type] = {}
 
 
-class IncompatibleKeys(NamedTuple):
-    """What ``load_state_dict(strict=False)`` skipped."""
-
-    missing_keys: List[str]
-    unexpected_keys: List[str]
-
-
 def module_dtype(dtype: Any) -> np.dtype:
     """The dtype a module computes in: float32 or float64."""
     return dtype_in("dtype", dtype, COMPUTE_DTYPES, "float32 or float64")
-
-
-def _as_value(key: str, value: Any) -> np.ndarray:
-    """A state-dict value as an array (torch tensors, lists, ... via np.asarray)."""
-    try:
-        a = np.asarray(value)
-    except Exception as e:  # e.g. a torch tensor that requires grad
-        raise DTypeError(f"state_dict[{key!r}]: cannot convert to a NumPy array ({e})") from None
-    if a.dtype.kind not in "fiub" and not is_bfloat16(a.dtype):
-        raise DTypeError(f"state_dict[{key!r}]: expected real numbers, got dtype {a.dtype}")
-    return a
 
 
 class Module:
@@ -151,7 +134,7 @@ class Module:
         if old is None or value is None:
             raise InvalidParameterError(
                 f"{name}: cannot switch an optional parameter on or off after construction")
-        a = _as_value(name, value)
+        a = as_value(name, value)
         if a.shape != old.shape:
             raise ShapeError(f"{name}: expected shape {shape_str(old.shape)}, got {shape_str(a.shape)}")
         with _parameters.updating([old]):
@@ -273,26 +256,6 @@ class Module:
         e.g. PyTorch's ``in_proj_weight``. The default keeps sd as is."""
         return sd
 
-    def _canonical_state_dict(self, sd: Mapping[str, Any]) -> Dict[str, Any]:
-        """sd with every module's foreign names converted, children recursively."""
-        own = self._convert_state_dict(dict(sd))
-        for child in self._modules.values():
-            if child is not None and child.inline_names:
-                own = child._convert_state_dict(own)
-        children = dict(self.named_children())
-        out: Dict[str, Any] = {}
-        parts: Dict[str, Dict[str, Any]] = {}
-        for key, value in own.items():
-            head, _, rest = key.partition(".")
-            if rest and head in children:
-                parts.setdefault(head, {})[rest] = value
-            else:
-                out[key] = value
-        for head, part in parts.items():
-            for key, value in children[head]._canonical_state_dict(part).items():
-                out[f"{head}.{key}"] = value
-        return out
-
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
         """Copy ``state_dict``'s values into the parameters.
 
@@ -321,44 +284,7 @@ class Module:
 
         Nothing is modified unless the whole load succeeds.
         """
-        if not isinstance(state_dict, Mapping):
-            raise InvalidParameterError(
-                f"state_dict: expected a mapping of name -> array, got {type(state_dict).__name__}")
-        bad_keys = [k for k in state_dict if not isinstance(k, str)]
-        if bad_keys:
-            raise InvalidParameterError(
-                f"state_dict: keys must be parameter names (str), got {bad_keys[0]!r}")
-        if not isinstance(strict, (bool, np.bool_)):
-            raise InvalidParameterError(f"strict: expected a bool, got {strict!r}")
-        # A converted foreign state dict (``keras_state_dict``'s) may know more
-        # than its flattened shapes say, e.g. the heads: it refuses a module
-        # it does not fit.
-        check_target = getattr(state_dict, "check_target", None)
-        if callable(check_target):
-            check_target(self)
-        sd = self._canonical_state_dict(state_dict)
-        own = dict(self.named_parameters())
-        missing = [k for k in own if k not in sd]
-        unexpected = [k for k in sd if k not in own]
-        values = {k: _as_value(k, sd[k]) for k in own if k in sd}
-        misshaped = [f"{k}: expected {shape_str(own[k].shape)}, got {shape_str(v.shape)}"
-                     for k, v in values.items() if v.shape != own[k].shape]
-        key_problem = strict and (missing or unexpected)
-        if key_problem or misshaped:
-            lines = [f"load_state_dict into {type(self).__name__} failed:"]
-            if strict and missing:
-                lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-            if strict and unexpected:
-                lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-            if misshaped:
-                lines.append(f"  mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
-            err = InvalidParameterError if key_problem else ShapeError
-            raise err("\n".join(lines))
-        # updating() tells every module holding a parameter, once.
-        with _parameters.updating(own.values()):
-            for k, v in values.items():
-                np.copyto(own[k], v, casting="unsafe")
-        return IncompatibleKeys(missing if not strict else [], unexpected if not strict else [])
+        return _state_dict.load(self, state_dict, strict)
 
     # -- config, calling, pickling --------------------------------------------
     def get_config(self) -> Dict[str, Any]:

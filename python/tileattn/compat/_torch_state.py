@@ -10,7 +10,8 @@ import numpy as np
 
 from .. import _validate as check
 from .._errors import InvalidParameterError
-from ..module import IncompatibleKeys, Module, module_dtype
+from .._state_dict import IncompatibleKeys
+from ..module import Module, module_dtype
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 

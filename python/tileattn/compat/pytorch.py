@@ -36,7 +36,7 @@ from ..encoder import TransformerEncoder as _Encoder
 from ..encoder import TransformerEncoderLayer as _EncoderLayer
 from ..encoder import tokens_input
 from ..functional import scaled_dot_product_attention as _sdpa
-from ..module import IncompatibleKeys
+from .._state_dict import IncompatibleKeys
 from ..norm import LayerNorm as _LayerNorm
 from ._torch_masks import Geometry, core_masks, is_causal_mask
 from ._torch_state import TorchStyle, activation_name, numpy_dtype, torch_names
