@@ -117,12 +117,10 @@ def profile(model: se.MiniLM, tokens: se.Tokens, rounds: int = 3) -> None:
                 o.reshape(-1, nh * hd)))
             timed("residual adds", lambda: y.__iadd__(rows))
             x1 = timed("layernorm", lambda: layer_norm_(y, layer.norm1))
-            h = timed("GEMM linear1", lambda: affine(x1, layer.linear1.weight, None,
-                                                     layer.linear1.packed_weight()))
+            h = timed("GEMM linear1", lambda: affine(x1, layer.linear1.packed_weight(), None))
             timed("gelu (+bias)", lambda: activation_("gelu", h, layer.linear1.bias))
-            z = timed("GEMM linear2 (+bias)", lambda: affine(h, layer.linear2.weight,
-                                                             layer.linear2.bias,
-                                                             layer.linear2.packed_weight()))
+            z = timed("GEMM linear2 (+bias)", lambda: affine(h, layer.linear2.packed_weight(),
+                                                             layer.linear2.bias))
             timed("residual adds", lambda: z.__iadd__(x1))
             rows = timed("layernorm", lambda: layer_norm_(z, layer.norm2))
         timed("gather/scatter rows", lambda: scatter_rows(rows, real, x.shape, np.float32))

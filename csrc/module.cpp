@@ -20,6 +20,9 @@
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>  // madvise
 #endif
+#if defined(__GLIBC__)
+#include <malloc.h>    // malloc_trim
+#endif
 
 #include "array_checks.h"
 #include "attention_params.h"
@@ -369,10 +372,15 @@ class PackedLinear {
     // and with 4 KiB pages every 4 KiB of the stream is a TLB miss that
     // hardware prefetching does not cross (measured in BENCHMARKS.md,
     // "Projections"). NumPy asks the same for its large arrays.
+    // Only the start is aligned to a huge page: rounding the size up too
+    // (aligned_alloc's rule) added up to 2 MiB per weight, 18% of GPT-2
+    // small's packed float32 weights; the pages past the end are never
+    // touched, and the whole 2 MiB pages before them still get huge pages.
     const size_t align = bytes_ >= kHugePage ? kHugePage : 64;
-    bytes_ = (bytes_ + align - 1) / align * align;
-    data_.reset(static_cast<char*>(std::aligned_alloc(align, bytes_)));
-    if (!data_) throw std::bad_alloc();
+    bytes_ = (bytes_ + 63) / 64 * 64;
+    void* p = nullptr;
+    if (posix_memalign(&p, align, bytes_) != 0) throw std::bad_alloc();
+    data_.reset(static_cast<char*>(p));
 #ifdef MADV_HUGEPAGE
     if (align == kHugePage) madvise(data_.get(), bytes_, MADV_HUGEPAGE);  // a hint: may be refused
 #endif
@@ -708,6 +716,15 @@ PYBIND11_MODULE(_core, m) {
     without_gil([n] { set_num_threads(n); });  // may wait for a running job
   });
   m.def("default_num_threads", &default_num_threads);
+  // Hands the allocator's free memory back to the system. glibc keeps
+  // what large arrays freed (its mmap threshold rises after such frees),
+  // so the row-major weights a freeze() lets go stayed resident: GPT-2
+  // small's 340 MB came back only by this (BENCHMARKS.md, "Frozen").
+  m.def("release_free_memory", [] {
+#if defined(__GLIBC__)
+    malloc_trim(0);
+#endif
+  });
   m.def("isa", [] { return std::string(isa_name(active_isa())); });
   m.def("set_isa", [](const std::string& name) { set_active_isa(isa_from_name(name)); });
   m.def("isas_built", [] {

@@ -90,9 +90,12 @@ def test_affine_runs_every_shape_in_the_core(rng):
         np.testing.assert_array_equal(affine(x[:m], w, b), full[:m])
     np.testing.assert_array_equal(affine(x[::2], w, b), full[::2])           # strided rows
     np.testing.assert_array_equal(affine(x, np.asfortranarray(w), b), full)  # column-major w
-    np.testing.assert_array_equal(affine(x, w, b, core.pack_linear(w)), full)
+    np.testing.assert_array_equal(affine(x, core.pack_linear(w), b), full)
     mixed = affine(x.astype(np.float64), w, None)         # NumPy's promotion, as before
     assert mixed.dtype == np.float64
+    mixed_packed = affine(x.astype(np.float64), core.pack_linear(w), None)
+    assert mixed_packed.dtype == np.float64
+    np.testing.assert_array_equal(mixed_packed, mixed)
 
 
 def test_bad_arrays_raise_value_error(rng):

@@ -9,7 +9,7 @@ no key give zeros.
 from . import _core
 from ._config import _apply_isa_env, config, show_config
 from ._errors import DTypeError, InvalidParameterError, ShapeError
-from ._errors import FileFormatError
+from ._errors import FileFormatError, FrozenModuleError
 from ._threads import _check_env, get_num_threads, set_num_threads
 from ._version import __version__
 from .functional import scaled_dot_product_attention
@@ -35,6 +35,7 @@ __all__ = [
     "DTypeError",
     "FeedForward",
     "FileFormatError",
+    "FrozenModuleError",
     "InvalidParameterError",
     "KVCache",
     "LSTM",

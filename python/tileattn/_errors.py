@@ -21,3 +21,9 @@ class FileFormatError(ValueError):
     """A file ``tileattn.load`` cannot use: unreadable, truncated, corrupt or
     crafted (its arrays, metadata or config do not hold together). The
     message names the file and what is wrong with it."""
+
+
+class FrozenModuleError(RuntimeError):
+    """Training (or an in-place edit) asked of a module that ``freeze()``
+    made inference-only: its weights are held packed, with no master copy
+    to update. PyTorch raises RuntimeError for the like."""

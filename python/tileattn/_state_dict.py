@@ -4,7 +4,8 @@ A state dict maps dotted names (``out_proj.weight``) to arrays. Loading
 accepts the foreign names a layer knows (``_convert_state_dict``, e.g.
 PyTorch's packed ``in_proj_weight``), checks every key and shape before
 writing anything, and copies the values *into* the module's arrays, so
-packed views and what is derived from them stay consistent.
+packed views and what is derived from them stay consistent (a frozen
+module's weights, held only packed, are packed again).
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def load(module: "Module", state_dict: Mapping[str, Any], strict: Any) -> Incomp
     if callable(check_target):
         check_target(module)
     sd = canonical(module, state_dict)
-    own = dict(module.named_parameters())
+    slots = {name: (owner, own_name, p)
+             for name, owner, own_name, p in module._parameter_slots()}
+    own = {name: p for name, (_, _, p) in slots.items()}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     values = {k: as_value(k, sd[k]) for k in own if k in sd}
@@ -95,8 +98,14 @@ def load(module: "Module", state_dict: Mapping[str, Any], strict: Any) -> Incomp
             lines.append(f"  mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
         err = InvalidParameterError if key_problem else ShapeError
         raise err("\n".join(lines))
-    # updating() tells every module holding a parameter, once.
-    with _parameters.updating(own.values()):
+    # updating() tells every module holding a parameter, once. A frozen
+    # module's weight is packed again from its new values.
+    with _parameters.updating(p for p in own.values() if isinstance(p, np.ndarray)):
         for k, v in values.items():
-            np.copyto(own[k], v, casting="unsafe")
+            p = own[k]
+            if isinstance(p, np.ndarray):
+                np.copyto(p, v, casting="unsafe")
+            else:
+                p.write(v)
+                slots[k][0]._parameters_changed()
     return IncompatibleKeys(missing if not strict else [], unexpected if not strict else [])

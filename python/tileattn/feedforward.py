@@ -102,10 +102,10 @@ def feed_forward(x: np.ndarray, linear1: Linear, linear2: Linear, activation: st
     (N, F) array, the largest of a transformer layer, is made once and then
     updated in place (bias and activation in one chunked pass, dropout)."""
     rows = as_2d_rows(x)
-    h = affine(rows, linear1.weight, None, linear1.packed_weight())
+    h = affine(rows, linear1.packed_weight(), None)
     activation_(activation, h, linear1.bias)
     dropout_(h, p, rng)
-    y = affine(h, linear2.weight, linear2.bias, linear2.packed_weight())
+    y = affine(h, linear2.packed_weight(), linear2.bias)
     return y.reshape(x.shape)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, cast
+from typing import Any, Dict, Optional, Tuple, Union, cast
 
 import numpy as np
 
@@ -11,6 +11,7 @@ from ._budget import charge
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._memory import check_fits
 from ._compute_dtype import ComputeDtypeOption
+from ._frozen import FrozenParameter, PackedRows
 from ._validate import flag, float_array, positive_int, shape_str
 from .module import Module
 
@@ -40,8 +41,8 @@ def _rows_contiguous(a: np.ndarray) -> bool:
         and a.strides[0] >= 0 and a.strides[0] % a.itemsize == 0
 
 
-def affine(rows: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
-           packed: Optional["_core.PackedLinear"] = None) -> np.ndarray:
+def affine(rows: np.ndarray, weight: Union[np.ndarray, "_core.PackedLinear"],
+           bias: Optional[np.ndarray]) -> np.ndarray:
     """rows (M, in) @ weight.T (+ bias) -> (M, out), as NumPy would type it.
 
     For float32 and float64 operands of one dtype (every module's) the
@@ -51,27 +52,32 @@ def affine(rows: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
     around it (NumPy's BLAS picks its method by the shape); a decode step's
     few rows take the core's skinny path, which streams the weight once.
     And OpenBLAS keeps its threads spinning for ~0.1 s after a call, which
-    slowed the attention core after a projection 1.5x. ``packed``, the
-    weight packed by ``_core.pack_linear`` (a ``Linear``'s
-    ``packed_weight()``), saves packing it on every call."""
+    slowed the attention core after a projection 1.5x. ``weight`` is an
+    array, or better the weight packed by ``_core.pack_linear`` (a
+    ``Linear``'s ``packed_weight()``): that saves packing it on every call."""
     dt = weight.dtype
     if rows.dtype != dt or dt not in _CORE_DTYPES or (bias is not None and bias.dtype != dt):
-        y: np.ndarray = rows @ weight.T
+        w = _core.unpack_linear(weight) if isinstance(weight, _core.PackedLinear) else weight
+        y: np.ndarray = rows @ w.T
         if bias is not None:
             y += bias
         return y
     if not _rows_contiguous(rows):
         rows = np.ascontiguousarray(rows)
-    out = np.empty((rows.shape[0], weight.shape[0]), dt)
+    out = np.empty((rows.shape[0], _out_features(weight)), dt)
     if out.size == 0:
         return out
     b = None if bias is None else np.ascontiguousarray(bias)
-    if packed is not None:
-        _core.linear_forward_packed(rows, packed, b, out)
+    if isinstance(weight, _core.PackedLinear):
+        _core.linear_forward_packed(rows, weight, b, out)
     else:
         _core.linear_forward(rows, weight if _rows_contiguous(weight)
                              else np.ascontiguousarray(weight), b, out)
     return out
+
+
+def _out_features(weight: Union[np.ndarray, "_core.PackedLinear"]) -> int:
+    return weight.out_features if isinstance(weight, _core.PackedLinear) else weight.shape[0]
 
 
 def grad_input(grad: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -155,8 +161,8 @@ class Linear(ComputeDtypeOption, Module):
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ShapeError(f"x: expected last axis {self.in_features} (in_features), "
                              f"got shape {shape_str(x.shape)}")
-        y = affine(as_2d_rows(x.astype(self.dtype, copy=False)), self.weight, self.bias,
-                   self.packed_weight())
+        y = affine(as_2d_rows(x.astype(self.dtype, copy=False)), self.packed_weight(),
+                   self.bias)
         if flag("training", training):
             self._save(x)
         return cast(np.ndarray, y.reshape(x.shape[:-1] + (self.out_features,)))
@@ -180,7 +186,11 @@ class Linear(ComputeDtypeOption, Module):
         """The weight packed in the layout the core's GEMM streams, made on
         first use and again after the weight changed (``version``) or the
         ISA path did. Kept beside the weight: a float32 layer holds its
-        weight twice (1.5 times with bf16 products)."""
+        weight twice (1.5 times with bf16 products), until ``freeze()``
+        keeps only this."""
+        frozen = self._params["weight"]
+        if isinstance(frozen, FrozenParameter):
+            return frozen.packed()
         key = (self.version, _core.isa())
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
@@ -193,6 +203,24 @@ class Linear(ComputeDtypeOption, Module):
         state = super().__getstate__()
         state.pop("_packed", None)     # derived from the weight; remade on use
         return state
+
+    def _packed_nbytes(self) -> int:
+        frozen = self._params["weight"]
+        if isinstance(frozen, FrozenParameter):    # a fused part counts with its parent
+            return frozen.store.nbytes if frozen.whole else 0
+        cached = self.__dict__.get("_packed")
+        return int(cached[1].nbytes) if cached else 0
+
+    def _freeze_parameters(self) -> None:
+        if not isinstance(self._params["weight"], FrozenParameter):  # not fused by a parent
+            self.hold_packed(PackedRows(self.weight, self.bf16), 0)
+
+    def hold_packed(self, store: PackedRows, start: int) -> None:
+        """Freezing: the weight becomes rows [start, start + out_features)
+        of ``store`` (all of it, or this layer's part of a matrix fused
+        by its parent), and the row-major array is let go."""
+        self._params["weight"] = FrozenParameter(store, start, start + self.out_features)
+        self.__dict__.pop("_packed", None)
 
     def share_storage(self, name: str, array: np.ndarray) -> None:
         """Make parameter ``name`` ("weight" or "bias") *be* ``array``, a

@@ -13,6 +13,9 @@ attribute assignment.
 Parameters are handed out read-only (``_parameters.py`` says why): writes
 go through the module (assignment, ``load_state_dict``, an optimiser), which
 counts them in ``version`` so what is derived from the weights is remade.
+
+``freeze()`` makes a module inference-only: each weight matrix is then held
+once, packed for the core's GEMM (``_frozen.py``), and read back unpacked.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from . import _parameters, _state_dict
-from ._errors import DTypeError, InvalidParameterError, ShapeError
+from . import _core, _parameters, _state_dict
+from ._errors import DTypeError, FrozenModuleError, InvalidParameterError, ShapeError
+from ._frozen import FrozenParameter
 from ._state_dict import IncompatibleKeys, as_value
 from ._validate import COMPUTE_DTYPES, dtype_in, flag, shape_str
 
@@ -53,6 +57,8 @@ class Module:
         The mode ``train()`` / ``eval()`` set (False, inference, at first):
         the default of ``training`` in calls whose ``forward`` takes it. An
         explicit ``training=`` argument wins. Not part of the state dict.
+    frozen : bool
+        Whether ``freeze()`` made the module inference-only.
     """
 
     dtype: np.dtype
@@ -82,6 +88,45 @@ class Module:
         d["_version"] = 0
         d["dtype"] = module_dtype(dtype)
 
+    # -- frozen (inference-only) modules ----------------------------------------
+    @property
+    def frozen(self) -> bool:
+        f: bool = self.__dict__.get("_frozen", False)
+        return f
+
+    def freeze(self) -> "Module":
+        """Make this module and its descendants inference-only, holding each
+        weight matrix once: packed for the core's GEMM, the row-major copy
+        dropped (a float32 layer's weights take half the memory; with
+        ``compute_dtype="bfloat16"`` only the bf16 copy is kept, a third).
+        Outputs keep their bits. Parameters still read as arrays (unpacked
+        copies, read-only), ``state_dict()``, ``tileattn.save`` and pickling
+        work, and ``load_state_dict`` / assignment pack the new values.
+        Training does not: ``train()``, a ``training=True`` call,
+        ``backward``, ``editing()`` and optimisers raise
+        ``FrozenModuleError``. As ``torch.jit.freeze``, it needs eval mode.
+        Returns self."""
+        modules = [m for _, m in self.named_modules()]
+        if any(m.training for m in modules):
+            raise FrozenModuleError(
+                f"{type(self).__name__}.freeze: the module is in train mode; call eval() first")
+        for m in modules:   # parents first: a fused matrix is packed before its parts
+            if not m.frozen:
+                m._freeze_parameters()
+                m.__dict__["_frozen"] = True
+        _core.release_free_memory()     # else the allocator keeps what was let go
+        return self
+
+    def _freeze_parameters(self) -> None:
+        """Hook: replace this module's weight matrices by ``FrozenParameter``s
+        (the default keeps every parameter an array)."""
+
+    def _refuse_if_frozen(self, what: str) -> None:
+        if self.frozen:
+            raise FrozenModuleError(
+                f"{type(self).__name__}.{what}: the module is frozen (inference-only, its weights "
+                f"held packed); build or load an unfrozen module to train it")
+
     # -- registration -------------------------------------------------------
     def register_parameter(self, name: str, value: Optional[np.ndarray]) -> None:
         """Own ``value`` (converted to the module's dtype) as parameter ``name``.
@@ -101,6 +146,8 @@ class Module:
         """Make parameter ``name`` *be* ``array`` (a view into a packed buffer).
         For subclasses that pack parameters; users assign or load instead."""
         old = self._params[name]
+        if isinstance(old, FrozenParameter):   # held packed: no array to share
+            self._refuse_if_frozen(f"share_storage({name!r})")
         if old is None or array.shape != old.shape or array.dtype != self.dtype:
             raise ShapeError(f"{name}: cannot rebind to an array of shape {array.shape}")
         self._params[name] = _parameters.adopt(self, array)
@@ -110,7 +157,8 @@ class Module:
         # Only called when normal lookup fails: parameters and children.
         d = self.__dict__
         if name in d.get("_params", ()):
-            return d["_params"][name]
+            p = d["_params"][name]
+            return p.value() if isinstance(p, FrozenParameter) else p
         if name in d.get("_modules", ()):
             return d["_modules"][name]
         for child in d.get("_modules", {}).values():
@@ -137,6 +185,10 @@ class Module:
         a = as_value(name, value)
         if a.shape != old.shape:
             raise ShapeError(f"{name}: expected shape {shape_str(old.shape)}, got {shape_str(a.shape)}")
+        if isinstance(old, FrozenParameter):
+            old.write(a)
+            self._parameters_changed()
+            return
         with _parameters.updating([old]):
             np.copyto(old, a, casting="unsafe")
 
@@ -144,6 +196,7 @@ class Module:
     def editing(self) -> Iterator["Module"]:
         """``with module.editing(): module.weight[:] = ...``: edits by hand;
         what is derived from the parameters is remade after the block."""
+        self._refuse_if_frozen("editing")
         with _parameters.updating(self.parameters()):
             yield self
 
@@ -180,11 +233,19 @@ class Module:
 
     def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, np.ndarray]]:
         """(dotted name, array) for every parameter, children included, in
-        registration order. The arrays are the module's own (not copies)."""
+        registration order. The arrays are the module's own (not copies),
+        but for a frozen module's weights: read-only unpacked copies."""
+        for name, _, _, p in self._parameter_slots(prefix):
+            yield name, p.value() if isinstance(p, FrozenParameter) else p
+
+    def _parameter_slots(self, prefix: str = ""
+                         ) -> Iterator[Tuple[str, "Module", str, "np.ndarray | FrozenParameter"]]:
+        """(dotted name, owning module, own name, stored value) for every
+        parameter: an array, or a frozen module's ``FrozenParameter``."""
         for mod_name, mod in self.named_modules(prefix):
             for name, p in mod._params.items():
                 if p is not None:
-                    yield (f"{mod_name}.{name}" if mod_name else name), p
+                    yield (f"{mod_name}.{name}" if mod_name else name), mod, name, p
 
     def parameters(self) -> List[np.ndarray]:
         """The parameter arrays (the module's own, not copies; read-only: write
@@ -192,7 +253,24 @@ class Module:
         return [p for _, p in self.named_parameters()]
 
     def num_parameters(self) -> int:
-        return sum(p.size for p in self.parameters())
+        return sum(p.size for p in self._parameter_values_or_frozen())
+
+    def _parameter_values_or_frozen(self) -> Iterator["np.ndarray | FrozenParameter"]:
+        for _, _, _, p in self._parameter_slots():
+            yield p
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this module and its descendants hold for their weights: the
+        parameter arrays, and the packed copies the GEMM streams (made on
+        first use; after ``freeze()`` the only copy of each matrix)."""
+        arrays = sum(p.nbytes for p in self._parameter_values_or_frozen()
+                     if isinstance(p, np.ndarray))
+        return arrays + sum(m._packed_nbytes() for _, m in self.named_modules())
+
+    def _packed_nbytes(self) -> int:
+        """Hook: bytes of the packed weights this module itself keeps."""
+        return 0
 
     # -- gradients --------------------------------------------------------------
     def named_grads(self) -> Iterator[Tuple[str, np.ndarray]]:
@@ -232,11 +310,13 @@ class Module:
 
     def _save(self, state: Any) -> None:
         """Keep what ``backward`` needs (only training forwards call this)."""
+        self._refuse_if_frozen("forward(training=True)")
         self.__dict__["_saved"] = state
 
     def _take_saved(self) -> Any:
         """The state of the last training forward, released (one backward per
         forward, as PyTorch frees its graph); a typed error if there is none."""
+        self._refuse_if_frozen("backward")
         state = self.__dict__.get("_saved")
         if state is None:
             raise InvalidParameterError(
@@ -298,6 +378,9 @@ class Module:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._forward_takes_training and "training" not in kwargs:
             kwargs["training"] = self.training
+        elif self.frozen and isinstance(kwargs["training"] if "training" in kwargs else None,
+                                        (bool, np.bool_)) and kwargs["training"]:
+            self._refuse_if_frozen("forward(training=True)")
         return self.forward(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "Module":
@@ -305,6 +388,9 @@ class Module:
         becomes the default of calls that take it (dropout, and keeping what
         ``backward`` needs). Returns self, so ``m = Model(...).train()``."""
         training = flag("mode", mode)
+        if training:
+            for _, module in self.named_modules():
+                module._refuse_if_frozen("train")
         for _, module in self.named_modules():
             module.__dict__["training"] = training
         return self
@@ -324,7 +410,7 @@ class Module:
         self.__dict__["_saved"] = None
         self.__dict__.update(state)
         for p in self._params.values():
-            if p is not None:
+            if isinstance(p, np.ndarray):
                 _parameters.adopt(self, p)
 
     def extra_repr(self) -> str:

@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _parameters
-from ._errors import DTypeError, InvalidParameterError, ShapeError
+from ._errors import DTypeError, FrozenModuleError, InvalidParameterError, ShapeError
 from .module import Module
 
 Params = Union[Module, Mapping[str, np.ndarray], Iterable[Tuple[str, np.ndarray]],
@@ -104,6 +104,10 @@ class Optimizer:
     def __init__(self, params: Params) -> None:
         # A module: its parameters, and its gradients when step() gets none.
         self.module: Optional[Module] = params if isinstance(params, Module) else None
+        if self.module is not None and self.module.frozen:
+            raise FrozenModuleError(
+                f"params: the {type(params).__name__} is frozen (inference-only, its weights "
+                f"held packed): there are no master weights to update")
         named = params.named_parameters() if isinstance(params, Module) else params
         self.params: List[Tuple[str, np.ndarray]] = _named(named)
         self.state: Dict[str, Dict[str, Any]] = {}

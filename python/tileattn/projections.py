@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _core
 from ._errors import DTypeError, InvalidParameterError, ShapeError
+from ._frozen import PackedRows
 from .linear import Linear, affine, as_2d_rows, linear_backward
 from .module import Module
 
@@ -60,7 +61,12 @@ class AttentionProjections(Module):
     @property
     def in_weight(self) -> Optional[np.ndarray]:
         """The packed (q rows + k rows + v rows, E) weight (None unless
-        packed); read-only, as the parameters are."""
+        packed); read-only, as the parameters are (frozen: unpacked, a copy)."""
+        store: Optional[PackedRows] = self.__dict__.get("_in_store")
+        if store is not None:
+            values = store.values()
+            values.flags.writeable = False
+            return values
         w: Optional[np.ndarray] = self.__dict__["_in_weight"]
         if w is None:
             return None
@@ -70,7 +76,10 @@ class AttentionProjections(Module):
 
     def _in_packed(self) -> "_core.PackedLinear":
         """``in_weight`` packed for the core's GEMM, remade when a projection's
-        parameters changed or the ISA path did."""
+        parameters changed or the ISA path did (frozen: the one copy)."""
+        store: Optional[PackedRows] = self.__dict__.get("_in_store")
+        if store is not None:
+            return store.packed()
         key = (tuple(p.version for p in self._in_projs()), _core.isa())
         cached = self.__dict__.get("_in_packed_cache")
         if cached is None or cached[0] != key:
@@ -90,12 +99,13 @@ class AttentionProjections(Module):
 
     def _pack(self) -> None:
         """Put the Q, K, V weights (and biases) into one buffer and make the
-        projections' parameters views of it (see the class notes)."""
+        projections' parameters views of it (see the class notes). Frozen,
+        the weights are one ``PackedRows`` already: only the biases."""
         self.__dict__["_in_weight"] = self.__dict__["_in_bias"] = None
         if not self.packed:
             return
         projs = self._in_projs()
-        for attr in ("weight", "bias"):
+        for attr in ("bias",) if self.frozen else ("weight", "bias"):
             if getattr(self.q_proj, attr) is None:
                 continue
             packed = np.concatenate([getattr(p, attr) for p in projs])
@@ -111,6 +121,7 @@ class AttentionProjections(Module):
         must keep its shape, and re-packs Q/K/V so the fused GEMM sees it."""
         built = "_in_weight" in self.__dict__
         if built and name in PROJECTION_NAMES:
+            self._refuse_if_frozen(f"{name} (replacing a projection)")
             old = self._modules[name]
             if not isinstance(module, Linear):
                 raise InvalidParameterError(f"{name}: expected a Linear, got {type(module).__name__}")
@@ -137,6 +148,29 @@ class AttentionProjections(Module):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self._pack()
+
+    def _packed_nbytes(self) -> int:
+        store: Optional[PackedRows] = self.__dict__.get("_in_store")
+        if store is not None:
+            return store.nbytes
+        cached = self.__dict__.get("_in_packed_cache")
+        return int(cached[1].nbytes) if cached else 0
+
+    def _freeze_parameters(self) -> None:
+        """The fused Q/K/V matrix becomes one ``PackedRows`` whose row
+        ranges are the three weights (before the projections freeze on
+        their own, which would pack each apart)."""
+        w = self.__dict__["_in_weight"]
+        if w is None:
+            return
+        store = PackedRows(w, self.q_proj.bf16)
+        start = 0
+        for proj in self._in_projs():
+            proj.hold_packed(store, start)
+            start += proj.out_features
+        self.__dict__["_in_store"] = store
+        self.__dict__["_in_weight"] = None
+        self.__dict__.pop("_in_packed_cache", None)
 
     def _convert_state_dict(self, sd: Dict[str, Any]) -> Dict[str, Any]:
         """Accept nn.MultiheadAttention's names: packed ``in_proj_weight`` /
@@ -182,14 +216,13 @@ class AttentionProjections(Module):
     def project_rows(self, rows: np.ndarray) -> np.ndarray:
         """Self-attention's Q/K/V of token rows (N, E) -> (N, q + k + v rows):
         one GEMM with the packed matrix. Needs ``packed``."""
-        packed, bias = self.__dict__["_in_weight"], self.__dict__["_in_bias"]
-        assert packed is not None
-        return affine(rows, packed, bias, self._in_packed())
+        assert self.packed
+        return affine(rows, self._in_packed(), self.__dict__["_in_bias"])
 
     def output_rows(self, rows: np.ndarray) -> np.ndarray:
         """``out_proj`` of rows (N, Hq*Dv) (the companion of ``project_rows``)."""
         out = self.out_proj
-        return affine(rows, out.weight, out.bias, out.packed_weight())
+        return affine(rows, out.packed_weight(), out.bias)
 
     # -- backward -------------------------------------------------------------
     def output_backward(self, attn_out: np.ndarray, g: np.ndarray) -> np.ndarray:
