@@ -26,6 +26,21 @@ constexpr int kKeyTiles = 4;  // W-key tiles scored together (independent chains
 // Query rows per task up to which one token's scores sum across the head
 // dimension (see scores_across_d).
 constexpr int64_t kAcrossDMaxRows = 4;
+// How far ahead the one-token scores and P V fetch the keys and values
+// they will read into L1: two W-key tiles, 32 value rows. The hardware
+// prefetchers alone left a thread at ~24 GB/s from memory where a plain
+// sum reads 37; with these, (8, 12, 1, 4096, 64) float32 went from 28-36
+// to 33-46 GB/s at 2 threads and (8, 32/8, 1, 4096, 128) from 23-26 to
+// 30-31 (alternating processes; 1 or 4 tiles and 16 or 64 rows alike).
+// BENCHMARKS.md, "Decode prefetch".
+constexpr int kPrefetchTiles = 2;
+constexpr int kPrefetchRows = 32;
+
+// Prefetches `bytes` from `at` into L1 (a row of keys or values).
+inline void prefetch_row(const void* at, int64_t bytes) {
+  const char* c = static_cast<const char*>(at);
+  for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(c + x, 0, 3);
+}
 
 template <typename T>
 struct DecodeShape {
@@ -143,6 +158,7 @@ struct DecodeTask {
     TILEATTN_UNROLL
     for (int t = 0; t < W; ++t) {
       const KT* row = k + t * ldk;
+      prefetch_row(row + kPrefetchTiles * W * ldk, p.D * static_cast<int64_t>(sizeof(KT)));
       acc[t] = S::zero();
       for (int64_t x0 = 0; x0 < p.D; x0 += 2 * W)
         acc[t] = S::dot_bf16(acc[t], key_pairs(row + x0),
@@ -239,6 +255,7 @@ struct DecodeTask {
     TILEATTN_UNROLL
     for (int t = 0; t < W; ++t) {
       const KT* row = k + t * ldk;
+      prefetch_row(row + kPrefetchTiles * W * ldk, NX * W * static_cast<int64_t>(sizeof(KT)));
       acc[t] = S::mul(operand<kRoundKV>(load_row(row)), qv[0]);
       TILEATTN_UNROLL
       for (int x = 1; x < NX; ++x)
@@ -253,6 +270,7 @@ struct DecodeTask {
     TILEATTN_UNROLL
     for (int t = 0; t < W; ++t) {
       const KT* row = k + t * ldk;
+      prefetch_row(row + kPrefetchTiles * W * ldk, p.D * static_cast<int64_t>(sizeof(KT)));
       acc[t] = S::mul(operand<kRoundKV>(load_row(row)), S::loadu(q));
       for (int64_t x0 = W; x0 < p.D; x0 += W)
         acc[t] = S::fmadd(operand<kRoundKV>(load_row(row + x0)), S::loadu(q + x0), acc[t]);
@@ -458,9 +476,10 @@ struct DecodeTask {
     bool any_zero = false;  // checked once per segment: the common case needs no branch per key
     for (int64_t j = j0; j < j1; ++j) any_zero |= pr[j] == T(0);
     for (int64_t j = j0; j < j1; ++j) {
+      const VT* vr = v + j * ldv + e;
+      prefetch_row(vr + kPrefetchRows * ldv, NE * W * static_cast<int64_t>(sizeof(VT)));
       if (any_zero && pr[j] == T(0)) continue;
       const reg pj = S::set1(pr[j]);
-      const VT* vr = v + j * ldv + e;
       TILEATTN_UNROLL
       for (int u = 0; u < NE; ++u)
         acc[u] = S::fmadd(operand<kRoundKV>(load_row(vr + u * W)), pj, acc[u]);
