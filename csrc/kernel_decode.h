@@ -154,17 +154,14 @@ struct DecodeTask {
   bool pair_scores() const { return kPairsInLanes && p.D % (2 * W) == 0; }
   template <typename KT>
   reg row_scores_pairs(const KT* k, int64_t ldk, const uint16_t* qb) const {
-    reg acc[W];
-    TILEATTN_UNROLL
-    for (int t = 0; t < W; ++t) {
-      const KT* row = k + t * ldk;
-      prefetch_row(row + kPrefetchTiles * W * ldk, p.D * static_cast<int64_t>(sizeof(KT)));
-      acc[t] = S::zero();
+    const reg s = keys_across_d(k, ldk, [&](const KT* row) {
+      reg acc = S::zero();
       for (int64_t x0 = 0; x0 < p.D; x0 += 2 * W)
-        acc[t] = S::dot_bf16(acc[t], key_pairs(row + x0),
-                             S::loadu(reinterpret_cast<const float*>(qb + x0)));
-    }
-    return S::mul(S::lane_sums(acc), S::set1(static_cast<T>(p.scale)));
+        acc = S::dot_bf16(acc, key_pairs(row + x0),
+                          S::loadu(reinterpret_cast<const float*>(qb + x0)));
+      return acc;
+    });
+    return S::mul(s, S::set1(static_cast<T>(p.scale)));
   }
   // 2W values of a key row as W bf16 pairs in memory order.
   static reg key_pairs(const T* x) { return S::bf16_pack(S::loadu(x), S::loadu(x + W)); }
@@ -249,31 +246,39 @@ struct DecodeTask {
   // is read front to back, one chain per key.
   template <int NX, typename KT>
   reg row_scores_across_d(const KT* k, int64_t ldk, const T* q) const {
-    reg qv[NX], acc[W];
+    reg qv[NX];
     TILEATTN_UNROLL
     for (int x = 0; x < NX; ++x) qv[x] = S::loadu(q + x * W);
-    TILEATTN_UNROLL
-    for (int t = 0; t < W; ++t) {
-      const KT* row = k + t * ldk;
-      prefetch_row(row + kPrefetchTiles * W * ldk, NX * W * static_cast<int64_t>(sizeof(KT)));
-      acc[t] = S::mul(operand<kRoundKV>(load_row(row)), qv[0]);
+    return keys_across_d(k, ldk, [&](const KT* row) {
+      reg acc = S::mul(operand<kRoundKV>(load_row(row)), qv[0]);
       TILEATTN_UNROLL
       for (int x = 1; x < NX; ++x)
-        acc[t] = S::fmadd(operand<kRoundKV>(load_row(row + x * W)), qv[x], acc[t]);
-    }
-    return S::lane_sums(acc);
+        acc = S::fmadd(operand<kRoundKV>(load_row(row + x * W)), qv[x], acc);
+      return acc;
+    });
   }
   // The same for any D multiple of W (the query read from L1).
   template <typename KT>
   reg row_scores_across_d_any(const KT* k, int64_t ldk, const T* q) const {
+    return keys_across_d(k, ldk, [&](const KT* row) {
+      reg acc = S::mul(operand<kRoundKV>(load_row(row)), S::loadu(q));
+      for (int64_t x0 = W; x0 < p.D; x0 += W)
+        acc = S::fmadd(operand<kRoundKV>(load_row(row + x0)), S::loadu(q + x0), acc);
+      return acc;
+    });
+  }
+  // The scores of the W keys at k across the head dimension: `chain(row)`
+  // is one key's chain over its D values (one register of partial sums);
+  // a fixed tree then adds each key's lanes. Each key a tile ahead is
+  // prefetched as its row is read.
+  template <typename KT, typename Chain>
+  reg keys_across_d(const KT* k, int64_t ldk, Chain chain) const {
     reg acc[W];
     TILEATTN_UNROLL
     for (int t = 0; t < W; ++t) {
       const KT* row = k + t * ldk;
       prefetch_row(row + kPrefetchTiles * W * ldk, p.D * static_cast<int64_t>(sizeof(KT)));
-      acc[t] = S::mul(operand<kRoundKV>(load_row(row)), S::loadu(q));
-      for (int64_t x0 = W; x0 < p.D; x0 += W)
-        acc[t] = S::fmadd(operand<kRoundKV>(load_row(row + x0)), S::loadu(q + x0), acc[t]);
+      acc[t] = chain(row);
     }
     return S::lane_sums(acc);
   }
