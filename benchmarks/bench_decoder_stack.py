@@ -23,7 +23,9 @@ PyTorch's sum). The peer (float32 caches): ``nn.Linear``, ``nn.LayerNorm``
 and ``F.scaled_dot_product_attention`` (``enable_gqa``) over preallocated
 cache tensors that share tileattn's cache storage and weights (no copies;
 the two write the same new position in turn), under ``inference_mode``, the
-same threads. Contenders alternate after a warm-up (``paired_times``).
+same threads. Per (stack, weights, batch, context) the cache dtypes and
+the peer alternate in one paired run after a warm-up (``paired_times``);
+speed is the median of per-round ratios.
 
     python benchmarks/bench_decoder_stack.py [--shapes gpt2-small,1b-class]
         [--batches 1,8] [--contexts 1024,4096] [--weights f32,bf16] [--rounds 5]
@@ -155,27 +157,35 @@ def fill(cache: tileattn.KVCache, ctx: int, rng: np.random.Generator) -> None:
 
 
 def run_case(name: str, s: Stack, blocks: List[Block], steps: List[Any], batch: int, ctx: int,
-             cache_dtype: Any, bandwidth: float, rounds: int, torch: Any, weights: str) -> None:
+             cache_dtypes: Any, bandwidth: float, rounds: int, torch: Any, weights: str) -> None:
+    """One (stack, weights, batch, context): tileattn over a cache of each
+    dtype and the peer over the float32 one, alternating in one paired run
+    (timing the cache dtypes in separate runs had the later one pay for
+    whatever the machine did meanwhile)."""
     rng = np.random.default_rng(1)
-    caches = [tileattn.KVCache(batch, s.kv_heads, ctx + STEPS + 1, s.head_dim, dtype=cache_dtype)
-              for _ in blocks]
-    for c in caches:
-        fill(c, ctx, rng)
     x = rng.standard_normal((batch, 1, s.e)).astype(np.float32)
-
-    def ours() -> None:
-        for _ in range(STEPS):
-            h = x
-            for blk, c in zip(blocks, caches):
-                h = blk.step(h, c)
+    runners: Dict[str, Callable[[], object]] = {}
+    cache_sets: Dict[str, List[tileattn.KVCache]] = {}
+    for dt in cache_dtypes:
+        caches = [tileattn.KVCache(batch, s.kv_heads, ctx + STEPS + 1, s.head_dim, dtype=dt)
+                  for _ in blocks]
         for c in caches:
-            c.trim(STEPS)
+            fill(c, ctx, rng)
+        key = np.dtype(dt).name
+        cache_sets[key] = caches
 
-    runners: Dict[str, Callable[[], object]] = {"tileattn": ours}
-    if torch is not None and np.dtype(cache_dtype) == np.float32:
+        def ours(caches: List[tileattn.KVCache] = caches) -> None:
+            for _ in range(STEPS):
+                h = x
+                for blk, c in zip(blocks, caches):
+                    h = blk.step(h, c)
+            for c in caches:
+                c.trim(STEPS)
+        runners[key] = ours
+    if torch is not None and "float32" in cache_sets:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")      # the read-only weights: torch only reads them
-            kvs = [(torch.from_numpy(c.k), torch.from_numpy(c.v)) for c in caches]
+            kvs = [(torch.from_numpy(c.k), torch.from_numpy(c.v)) for c in cache_sets["float32"]]
         xt = torch.from_numpy(x)
 
         def peer() -> None:
@@ -186,18 +196,20 @@ def run_case(name: str, s: Stack, blocks: List[Block], steps: List[Any], batch: 
                         h = st(h, kc, vc, ctx + i)
         runners["torch"] = peer
     t = paired_times(runners, rounds=rounds)
-    weight_bytes = sum(blk.streamed_bytes() for blk in blocks)
-    cache_bytes = sum(c.k[:, :, :ctx].nbytes + c.v[:, :, :ctx].nbytes for c in caches)
-    step_bytes = weight_bytes + cache_bytes
-    roof = step_bytes / bandwidth
     ms = {k: statistics.median(v) / STEPS * 1e3 for k, v in t.items()}
-    line = (f"{name:11s} {weights:4s} {batch:3d} {ctx:5d} {np.dtype(cache_dtype).name:8s} "
-            f"{ms['tileattn']:8.1f} {batch / ms['tileattn'] * 1e3:8.1f} "
-            f"{step_bytes / ms['tileattn'] / 1e6:6.1f} {roof * 1e3:8.1f} "
-            f"{roof * 1e3 / ms['tileattn']:6.2f}")
-    if "torch" in ms:
-        line += f" {ms['torch']:8.1f} {ms['torch'] / ms['tileattn']:6.2f}x"
-    print(line, flush=True)
+    weight_bytes = sum(blk.streamed_bytes() for blk in blocks)
+    for key, caches in cache_sets.items():
+        cache_bytes = sum(c.k[:, :, :ctx].nbytes + c.v[:, :, :ctx].nbytes for c in caches)
+        step_bytes = weight_bytes + cache_bytes
+        roof = step_bytes / bandwidth
+        line = (f"{name:11s} {weights:4s} {batch:3d} {ctx:5d} {key:8s} "
+                f"{ms[key]:8.1f} {batch / ms[key] * 1e3:8.1f} "
+                f"{step_bytes / ms[key] / 1e6:6.1f} {roof * 1e3:8.1f} "
+                f"{roof * 1e3 / ms[key]:6.2f}")
+        if key == "float32" and "torch" in ms:
+            ratio = statistics.median(a / b for a, b in zip(t["torch"], t[key]))
+            line += f" {ms['torch']:8.1f} {ratio:6.2f}x"
+        print(line, flush=True)
 
 
 def main() -> None:
@@ -237,9 +249,8 @@ def main() -> None:
             caches = (np.float32, "bfloat16") if bf16 else (np.float32, np.float16)
             for batch in (int(v) for v in args.batches.split(",")):
                 for ctx in (int(v) for v in args.contexts.split(",")):
-                    for cache_dtype in caches:
-                        run_case(name, s, blocks, steps, batch, ctx, cache_dtype, bandwidth,
-                                 args.rounds, torch if steps else None, weights)
+                    run_case(name, s, blocks, steps, batch, ctx, caches, bandwidth,
+                             args.rounds, torch if steps else None, weights)
             del blocks, steps
 
 
