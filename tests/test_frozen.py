@@ -193,3 +193,26 @@ def test_nbytes_counts_each_copy_of_the_weights(compute_dtype, packed_share):
     mha.freeze()
     assert mha.nbytes == biases + packed
     assert mha.num_parameters() == 4 * e * e + 4 * e
+
+
+def test_pytorch_compat_layers_freeze_in_eval_mode(rng):
+    """tileattn.compat.pytorch layers start in train mode, as PyTorch's:
+    freeze() asks for eval() first (torch.jit.freeze's rule), then keeps
+    the outputs and the state dict under PyTorch's names."""
+    from tileattn.compat import pytorch as tp
+    x = rng.standard_normal((2, 5, 32)).astype(np.float32)
+    mha = tp.MultiheadAttention(32, 4, batch_first=True)
+    layer = tp.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    for m, run in ((mha, lambda m: m(x, x, x)[0]), (layer, lambda m: m(x))):
+        with pytest.raises(FrozenModuleError, match="eval"):
+            m.freeze()
+        m.eval()
+        want, state = run(m), m.state_dict()
+        assert m.freeze() is m
+        np.testing.assert_array_equal(run(m), want)
+        got = m.state_dict()
+        assert list(got) == list(state)
+        for key, value in state.items():
+            np.testing.assert_array_equal(got[key], value)
+        with pytest.raises(FrozenModuleError, match="frozen"):
+            m.train()

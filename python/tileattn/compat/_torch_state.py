@@ -9,7 +9,7 @@ from typing import Any, Dict, Mapping
 import numpy as np
 
 from .. import _validate as check
-from .._errors import InvalidParameterError
+from .._errors import FrozenModuleError, InvalidParameterError
 from .._state_dict import IncompatibleKeys
 from ..module import Module, module_dtype
 
@@ -73,7 +73,23 @@ class TorchStyle:
 
     def train(self, mode: bool = True) -> "TorchStyle":
         """Training mode: dropout applies (as PyTorch's does). Returns self."""
-        self.training = check.flag("mode", mode)
+        training = check.flag("mode", mode)
+        if training and self.module.frozen:
+            raise FrozenModuleError(
+                f"{type(self).__name__}.train: the layer is frozen (inference-only); build or "
+                f"load an unfrozen one to train it")
+        self.training = training
+        return self
+
+    def freeze(self) -> "TorchStyle":
+        """Inference-only, each weight matrix held once, packed
+        (``tileattn.Module.freeze``); in eval mode, as ``torch.jit.freeze``
+        asks. Returns self."""
+        if self.training:
+            raise FrozenModuleError(
+                f"{type(self).__name__}.freeze: the layer is in train mode (PyTorch's default "
+                f"after construction); call eval() first")
+        self.module.freeze()
         return self
 
     def eval(self) -> "TorchStyle":
