@@ -725,10 +725,8 @@ struct RoundedHead {
               const KV* v_head, int64_t j0) {
     const int64_t blk = j0 / t.bc, first = blk * t.bc, n = std::min(t.bc, p.Lk - first);
     if (state[blk]) return;
-    copy_rows<T, KV>(k_head + first * p.k_stride.r, p.k_stride.r, p.k_stride.c, n, n, t.d, t.d,
-                     k + first * t.d, true);
-    copy_rows<T, KV>(v_head + first * p.v_stride.r, p.v_stride.r, p.v_stride.c, n, n, t.dv,
-                     t.dvp, v + first * t.dvp, true);
+    round_kv_rows<T, KV>(p, k_head, v_head, first, n, k + first * t.d, t.d, v + first * t.dvp,
+                         t.dvp);
     state[blk] = all_finite<T>(v + first * t.dvp, n * t.dvp) ? 1 : 2;
   }
   bool finite(int64_t j0, int64_t bc) const { return state[j0 / bc] == 1; }

@@ -216,6 +216,20 @@ struct Bf16Operands : ConvertedKV<Bf16Pair> {
   }
 };
 
+// Keys [first, first + n) of one KV head (k_head, v_head: strides of p)
+// rounded to bf16 values into dense rows: K rows of k_cols at k_dst, V rows
+// of v_cols (zero-padded past Dv) at v_dst. The block conversion of the
+// widened method's operands, whether per call (RoundedOperands) or per
+// head (RoundedHead).
+template <typename T, typename KV>
+void round_kv_rows(const AttentionParams& p, const KV* k_head, const KV* v_head, int64_t first,
+                   int64_t n, T* k_dst, int64_t k_cols, T* v_dst, int64_t v_cols) {
+  copy_rows<T, KV>(k_head + first * p.k_stride.r, p.k_stride.r, p.k_stride.c, n, n, p.D, k_cols,
+                   k_dst, /*round_bf16=*/true);
+  copy_rows<T, KV>(v_head + first * p.v_stride.r, p.v_stride.r, p.v_stride.c, n, n, p.Dv,
+                   v_cols, v_dst, /*round_bf16=*/true);
+}
+
 // K and V of n calls rounded to bf16 values in float32, dense (B, Hkv, Lk,
 // D) and (B, Hkv, Lk, Dv): the operands of the widened method when many
 // query blocks read them (prefill_forward_items_bf16).
@@ -227,18 +241,12 @@ struct RoundedOperands : ConvertedKV<float> {
             [](const AttentionParams& p) { return KVCopyShape{p.Lk, p.D, p.Lk, p.Dv}; },
             [&](int64_t i, const AttentionParams& to, int64_t bh, int64_t j0) {
               const AttentionParams& p = items[i];
-              const int64_t j1 = std::min(p.Lk, j0 + bc);
-              const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
-              const auto rows = [&](const void* from, const Strides4& st, const void* to_base,
-                                    int64_t cols) {
-                const KV* src = static_cast<const KV*>(from) + b * st.b + hk * st.h;
-                float* dst =
-                    const_cast<float*>(static_cast<const float*>(to_base)) + bh * p.Lk * cols;
-                for (int64_t j = j0; j < j1; ++j)
-                  copy_rows<float, KV>(src + j * st.r, st.r, st.c, 1, 1, cols, cols,
-                                       dst + j * cols, /*round_bf16=*/true);
-              };
-              rows(p.k, p.k_stride, to.k, p.D);
-              rows(p.v, p.v_stride, to.v, p.Dv);
+              const int64_t b = bh / p.Hkv, hk = bh % p.Hkv, n = std::min(bc, p.Lk - j0);
+              float* k = const_cast<float*>(static_cast<const float*>(to.k)) + bh * p.Lk * p.D;
+              float* v = const_cast<float*>(static_cast<const float*>(to.v)) + bh * p.Lk * p.Dv;
+              round_kv_rows<float, KV>(
+                  p, static_cast<const KV*>(p.k) + b * p.k_stride.b + hk * p.k_stride.h,
+                  static_cast<const KV*>(p.v) + b * p.v_stride.b + hk * p.v_stride.h, j0, n,
+                  k + j0 * p.D, p.D, v + j0 * p.Dv, p.Dv);
             }) {}
 };
