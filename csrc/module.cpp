@@ -722,6 +722,7 @@ PYBIND11_MODULE(_core, m) {
   // small's 340 MB came back only by this (BENCHMARKS.md, "Frozen").
   m.def("release_free_memory", [] {
 #if defined(__GLIBC__)
+    py::gil_scoped_release release;  // it walks the whole heap
     malloc_trim(0);
 #endif
   });

@@ -216,3 +216,81 @@ def test_pytorch_compat_layers_freeze_in_eval_mode(rng):
             np.testing.assert_array_equal(got[key], value)
         with pytest.raises(FrozenModuleError, match="frozen"):
             m.train()
+
+
+def test_a_projection_packed_with_others_is_frozen_through_its_attention(rng):
+    """q_proj alone would be packed apart from the fused Q/K/V matrix the
+    attention keeps (two copies, and a later write to it unseen by one):
+    refused; freezing the attention freezes it."""
+    mha = tileattn.MultiHeadAttention(32, 4, seed=1)
+    with pytest.raises(FrozenModuleError, match="parent"):
+        mha.q_proj.freeze()
+    assert not mha.q_proj.frozen
+    x = rng.standard_normal((1, 6, 32)).astype(np.float32)
+    want = mha(x)
+    mha.freeze()
+    np.testing.assert_array_equal(mha(x), want)
+
+
+def test_freezing_a_shallow_copy_leaves_the_original_trainable(rng):
+    lin = tileattn.Linear(16, 8)
+    twin = copy.copy(lin)
+    twin.freeze()
+    assert twin.frozen and not lin.frozen
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    np.testing.assert_array_equal(twin(x), lin(x))
+    assert isinstance(lin.weight, np.ndarray) and lin.weight is not twin.weight
+    lin.train()
+    lin(x)
+    lin.backward(np.ones((3, 8), np.float32))
+    assert lin.grads["weight"].any()
+    # The two still share the bias array (a shallow copy): updating it would
+    # change the frozen copy, so an optimiser refuses it.
+    with pytest.raises(FrozenModuleError, match="bias"):
+        tileattn.optim.SGD(lin, lr=0.1)
+
+
+def test_freeze_drops_gradients_and_optimisers_refuse_its_parameters(rng):
+    lin = tileattn.Linear(16, 8).train()
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    lin(x)
+    lin.backward(np.ones((3, 8), np.float32))
+    early = tileattn.optim.SGD(lin.parameters(), lr=0.1)
+    lin.eval().freeze()
+    with pytest.raises(FrozenModuleError):
+        lin.grads
+    with pytest.raises(FrozenModuleError):
+        lin.zero_grad()
+    with pytest.raises(FrozenModuleError):
+        early.step([np.zeros((8, 16), np.float32), np.zeros(8, np.float32)])
+    with pytest.raises(FrozenModuleError):
+        tileattn.optim.AdamW(lin.parameters())     # the bias is still the module's array
+
+
+def test_a_failed_load_into_a_frozen_module_changes_nothing(rng, monkeypatch):
+    frozen = tileattn.MultiHeadAttention(32, 4, seed=1).freeze()
+    before = frozen.state_dict()
+    new = tileattn.MultiHeadAttention(32, 4, seed=2).state_dict()
+    calls = []
+    real = tileattn._core.pack_linear
+
+    def fail_second(w, bf16=False):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("no room for the second store")
+        return real(w, bf16=bf16)
+    monkeypatch.setattr(tileattn._core, "pack_linear", fail_second)
+    with pytest.raises(MemoryError):
+        frozen.load_state_dict(new)
+    monkeypatch.undo()
+    for key, value in frozen.state_dict().items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+
+
+def test_cross_attention_on_a_frozen_attention_counts_its_extra_pack(rng):
+    mha = tileattn.MultiHeadAttention(48, 4, seed=1).freeze()
+    x = rng.standard_normal((1, 5, 48)).astype(np.float32)
+    mha(x)
+    self_only = mha.nbytes
+    mha(x, x[:, :3], x[:, :3])        # Q, K, V projected apart: each packed once more
+    assert mha.nbytes > self_only

@@ -18,6 +18,7 @@ assignment) packs the matrix again.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -27,33 +28,56 @@ from . import _core
 
 class PackedRows:
     """A weight matrix (rows, in_features) held only packed for the core's
-    GEMM: bf16 pairs when ``bf16``, else its own dtype."""
+    GEMM: bf16 pairs when ``bf16``, else its own dtype. ``packed``, a pack
+    of ``weight`` made already (current, on the active path), is adopted
+    instead of packing again: freezing then never holds two packs."""
 
-    def __init__(self, weight: np.ndarray, bf16: bool) -> None:
+    def __init__(self, weight: np.ndarray, bf16: bool,
+                 packed: Optional["_core.PackedLinear"] = None) -> None:
         self.bf16 = bf16
         self.shape: Tuple[int, int] = (int(weight.shape[0]), int(weight.shape[1]))
         self.dtype = weight.dtype
         self.generation = 0      # counts writes: packs of row ranges follow it
-        self._packed = _core.pack_linear(weight, bf16=bf16)
+        self._lock = threading.Lock()
+        self._packed = packed if packed is not None else _core.pack_linear(weight, bf16=bf16)
 
     def packed(self) -> "_core.PackedLinear":
         """The packed matrix for the active ISA path (packed again from
         itself after another path became active: the layouts differ)."""
-        if self._packed.isa != _core.isa():
-            self._packed = _core.pack_linear(_core.unpack_linear(self._packed), bf16=self.bf16)
-        return self._packed
+        current = self._packed
+        if current.isa != _core.isa():
+            with self._lock:
+                if self._packed.isa != _core.isa():
+                    self._packed = _core.pack_linear(_core.unpack_linear(self._packed),
+                                                     bf16=self.bf16)
+                current = self._packed
+        return current
 
     def values(self) -> np.ndarray:
         """The whole matrix, row-major (a new array)."""
         return _core.unpack_linear(self._packed)
 
-    def write_rows(self, start: int, rows: np.ndarray) -> None:
-        """Rows [start, start + len(rows)) become ``rows`` (cast to the
-        dtype); the matrix is packed again."""
+    def repacked(self, rows: Dict[int, np.ndarray]) -> "_core.PackedLinear":
+        """The matrix with rows [start, start + len(r)) replaced by each
+        ``rows[start]`` (cast to the dtype), packed: nothing of this store
+        changes until ``commit`` (so a load of several parameters either
+        lands whole or not at all)."""
         w = self.values()
-        np.copyto(w[start:start + rows.shape[0]], rows, casting="unsafe")
-        self._packed = _core.pack_linear(w, bf16=self.bf16)
-        self.generation += 1
+        for start, r in rows.items():
+            np.copyto(w[start:start + r.shape[0]], r, casting="unsafe")
+        return _core.pack_linear(w, bf16=self.bf16)
+
+    def commit(self, packed: "_core.PackedLinear") -> None:
+        with self._lock:
+            self._packed = packed
+            self.generation += 1
+
+    def write_rows(self, start: int, rows: np.ndarray) -> None:
+        """Rows [start, start + len(rows)) become ``rows``; packed again.
+        Concurrent writes of different rows are serialised (none lost)."""
+        with self._lock:
+            self._packed = self.repacked({start: rows})
+            self.generation += 1
 
     @property
     def nbytes(self) -> int:
@@ -108,6 +132,11 @@ class FrozenParameter:
             rows = np.ascontiguousarray(self.store.values()[self.start:self.stop])
             self._slice = (key, _core.pack_linear(rows, bf16=self.store.bf16))
         return self._slice[1]
+
+    @property
+    def slice_nbytes(self) -> int:
+        """Bytes of this part's own pack (cross-attention's; see ``packed``)."""
+        return int(self._slice[1].nbytes) if self._slice is not None else 0
 
     def __getstate__(self) -> Dict[str, Any]:
         return {"store": self.store, "start": self.start, "stop": self.stop}

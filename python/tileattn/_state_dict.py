@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple
 import numpy as np
 
 from . import _parameters
+from ._frozen import FrozenParameter, PackedRows
 from ._errors import DTypeError, InvalidParameterError, ShapeError
 from ._validate import is_bfloat16, shape_str
 
@@ -98,14 +99,25 @@ def load(module: "Module", state_dict: Mapping[str, Any], strict: Any) -> Incomp
             lines.append(f"  mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
         err = InvalidParameterError if key_problem else ShapeError
         raise err("\n".join(lines))
-    # updating() tells every module holding a parameter, once. A frozen
-    # module's weight is packed again from its new values.
+    # A frozen module's weights (row ranges of packed stores): each store
+    # is packed anew with all its new rows first, and only swapped in once
+    # every store is, so a failure here (memory, Ctrl-C) changes nothing.
+    rows: Dict[int, Dict[int, np.ndarray]] = {}
+    stores: Dict[int, PackedRows] = {}
+    for k, v in values.items():
+        p = own[k]
+        if isinstance(p, FrozenParameter):
+            stores[id(p.store)] = p.store
+            rows.setdefault(id(p.store), {})[p.start] = v
+    repacked = {key: stores[key].repacked(r) for key, r in rows.items()}
+    # updating() tells every module holding a parameter, once.
     with _parameters.updating(p for p in own.values() if isinstance(p, np.ndarray)):
+        for key, packed in repacked.items():
+            stores[key].commit(packed)
         for k, v in values.items():
             p = own[k]
             if isinstance(p, np.ndarray):
                 np.copyto(p, v, casting="unsafe")
             else:
-                p.write(v)
                 slots[k][0]._parameters_changed()
     return IncompatibleKeys(missing if not strict else [], unexpected if not strict else [])

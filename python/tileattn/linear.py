@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _core
 from ._budget import charge
-from ._errors import DTypeError, InvalidParameterError, ShapeError
+from ._errors import DTypeError, FrozenModuleError, InvalidParameterError, ShapeError
 from ._memory import check_fits
 from ._compute_dtype import ComputeDtypeOption
 from ._frozen import FrozenParameter, PackedRows
@@ -206,14 +206,22 @@ class Linear(ComputeDtypeOption, Module):
 
     def _packed_nbytes(self) -> int:
         frozen = self._params["weight"]
-        if isinstance(frozen, FrozenParameter):    # a fused part counts with its parent
-            return frozen.store.nbytes if frozen.whole else 0
+        if isinstance(frozen, FrozenParameter):    # a fused part's store counts with its parent
+            return frozen.store.nbytes if frozen.whole else frozen.slice_nbytes
         cached = self.__dict__.get("_packed")
         return int(cached[1].nbytes) if cached else 0
 
     def _freeze_parameters(self) -> None:
-        if not isinstance(self._params["weight"], FrozenParameter):  # not fused by a parent
-            self.hold_packed(PackedRows(self.weight, self.bf16), 0)
+        w = self._params["weight"]
+        if isinstance(w, FrozenParameter):    # frozen by its parent (a fused matrix)
+            return
+        if w.base is not None:
+            raise FrozenModuleError(
+                "Linear.freeze: this layer's weight is part of a matrix its parent packs "
+                "with others (an attention's Q/K/V); freeze the parent")
+        cached = self.__dict__.get("_packed")
+        current = cached[1] if cached and cached[0] == (self.version, _core.isa()) else None
+        self.hold_packed(PackedRows(w, self.bf16, current), 0)
 
     def hold_packed(self, store: PackedRows, start: int) -> None:
         """Freezing: the weight becomes rows [start, start + out_features)

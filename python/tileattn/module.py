@@ -112,8 +112,12 @@ class Module:
                 f"{type(self).__name__}.freeze: the module is in train mode; call eval() first")
         for m in modules:   # parents first: a fused matrix is packed before its parts
             if not m.frozen:
+                d = m.__dict__
+                # Its own dict (copy.copy shares it; the copy stays as it is),
+                # and no gradients or saved activations: nothing trains it.
+                d["_params"], d["_grads"], d["_saved"] = dict(d["_params"]), {}, None
                 m._freeze_parameters()
-                m.__dict__["_frozen"] = True
+                d["_frozen"] = True
         _core.release_free_memory()     # else the allocator keeps what was let go
         return self
 
@@ -275,6 +279,8 @@ class Module:
     # -- gradients --------------------------------------------------------------
     def named_grads(self) -> Iterator[Tuple[str, np.ndarray]]:
         """(name, gradient array) for every parameter, allocated on first use."""
+        for _, mod in self.named_modules():
+            mod._refuse_if_frozen("grads")
         for mod_name, mod in self.named_modules():
             for name, p in mod._params.items():
                 if p is not None:
@@ -301,6 +307,7 @@ class Module:
 
     def _accumulate(self, name: str, value: np.ndarray) -> None:
         """Add ``value`` into the gradient of this module's parameter ``name``."""
+        self._refuse_if_frozen("backward")
         p = self._params[name]
         assert p is not None
         g = self._grads.get(name)

@@ -80,6 +80,7 @@ def _named(params: Params) -> List[Tuple[str, np.ndarray]]:
                 items.append((str(i), entry))
     if not items:
         raise InvalidParameterError("params: the optimiser got no parameters")
+    _refuse_frozen_owners(items)     # first: a frozen module's weights read as copies
     seen = set()
     for name, p in items:
         if not isinstance(p, np.ndarray):
@@ -96,6 +97,19 @@ def _named(params: Params) -> List[Tuple[str, np.ndarray]]:
             raise InvalidParameterError(f"params: the name {name!r} appears twice")
         seen.add(name)
     return items
+
+
+def _refuse_frozen_owners(items: Sequence[Tuple[str, Any]]) -> None:
+    """A parameter of a module frozen (now, or since the optimiser was
+    built) is not updated: a step would change its biases and norms but
+    not its packed weights."""
+    for name, p in items:
+        if isinstance(p, np.ndarray):
+            for owner in _parameters.owners_of(p):
+                if owner.frozen:
+                    raise FrozenModuleError(
+                        f"params: parameter {name!r} belongs to a frozen {type(owner).__name__} "
+                        f"(inference-only): it is not trained")
 
 
 class Optimizer:
@@ -162,6 +176,7 @@ class Optimizer:
     def step(self, grads: Optional[GradsArg] = None) -> None:
         """Update the parameters in place from ``grads`` (default: the
         module's ``grads``, when built from a module)."""
+        _refuse_frozen_owners(self.params)
         pairs = self._pairs(grads)
         with _parameters.updating(p for _, p, _ in pairs):
             self._update(pairs)

@@ -163,7 +163,10 @@ class AttentionProjections(Module):
         w = self.__dict__["_in_weight"]
         if w is None:
             return
-        store = PackedRows(w, self.q_proj.bf16)
+        cached = self.__dict__.get("_in_packed_cache")
+        key = (tuple(p.version for p in self._in_projs()), _core.isa())
+        store = PackedRows(w, self.q_proj.bf16,
+                           cached[1] if cached and cached[0] == key else None)
         start = 0
         for proj in self._in_projs():
             proj.hold_packed(store, start)
