@@ -21,9 +21,9 @@ struct KernelTable {
   int64_t (*linear_packed_bytes)(const LinearParams& lp);
   // Packs lp.w into dst (linear_packed_bytes, 64-byte aligned).
   void (*linear_pack)(const LinearParams& lp, void* dst);
-  // The inverse: lp.packed (this path's layout) into dst, the N x K
-  // weight row-major (float32 values of bf16 weights).
-  void (*linear_unpack)(const LinearParams& lp, void* dst);
+  // The inverse: rows [r0, r1) of lp.packed (this path's layout) into dst,
+  // row-major (float32 values of bf16 weights).
+  void (*linear_unpack)(const LinearParams& lp, int64_t r0, int64_t r1, void* dst);
   // The feed-forward activation of float32 rows, in place.
   void (*activation)(const ActivationParams& ap);
 };

@@ -137,17 +137,18 @@ struct LinearPlan {
     }
   }
 
-  // The inverse of pack: panel p back into rows p * NR ... of `dst` (the
-  // caller's N x K, row-major, ld lp.K), bf16 pairs widened to float32
-  // (exactly). K outer: each step writes one value into each of the
-  // panel's rows, reading one contiguous row of the panel.
-  void unpack(int64_t p, T* dst) const {
-    const int64_t n0 = p * NR, nw = width(p), ns = stored(p);
+  // The inverse of pack: panel p's rows within [r0, r1) back into `dst`
+  // (rows r0 .. r1 - 1 of w, row-major, ld lp.K), bf16 pairs widened to
+  // float32 (exactly). K outer: each step writes one value into each of
+  // the rows, reading one contiguous row of the panel.
+  void unpack(int64_t p, int64_t r0, int64_t r1, T* dst) const {
+    const int64_t n0 = p * NR, ns = stored(p);
+    const int64_t c0 = std::max<int64_t>(0, r0 - n0), c1 = std::min(width(p), r1 - n0);
     const E* src = panel(p);
     for (int64_t k = 0; k < K; ++k) {
       const E* from = src + k * ns;
-      for (int64_t c = 0; c < nw; ++c) {
-        T* row = dst + (n0 + c) * lp.K;
+      for (int64_t c = c0; c < c1; ++c) {
+        T* row = dst + (n0 + c - r0) * lp.K;
         if constexpr (kPairs) {
           const uint32_t u = static_cast<uint32_t>(from[c]);
           row[2 * k] = bf16_widen(static_cast<uint16_t>(u));
@@ -463,24 +464,28 @@ void linear_pack_typed(const LinearParams& lp, void* dst) {
   pack_all(plan);
 }
 
-// lp.packed (made by linear_pack on this path for lp's N, K, dtype and
-// products) back into dst: the N x K weight, row-major, float32 for bf16
-// products (the bf16 values widened) or lp.dtype; on the pool.
+// Rows [r0, r1) of lp.packed (made by linear_pack on this path for lp's N,
+// K, dtype and products) back into dst, row-major (r1 - r0) x K: float32
+// for bf16 products (the bf16 values widened) or lp.dtype; on the pool.
 template <typename T, typename E = T>
-void linear_unpack_typed(const LinearParams& lp, void* dst) {
-  LinearPlan<T, E> plan(lp);
+void linear_unpack_typed(const LinearParams& lp, int64_t r0, int64_t r1, void* dst) {
+  using Plan = LinearPlan<T, E>;
+  Plan plan(lp);
   plan.packed = const_cast<E*>(static_cast<const E*>(lp.packed));
-  parallel_for(plan.panels, [&](int64_t p, int) { plan.unpack(p, static_cast<T*>(dst)); });
+  const int64_t p0 = r0 / Plan::NR, p1 = (r1 + Plan::NR - 1) / Plan::NR;
+  parallel_for(p1 - p0, [&](int64_t i, int) {
+    plan.unpack(p0 + i, r0, r1, static_cast<T*>(dst));
+  });
 }
 
-void linear_unpack(const LinearParams& lp, void* dst) {
-  if (lp.N == 0 || lp.K == 0) return;
+void linear_unpack(const LinearParams& lp, int64_t r0, int64_t r1, void* dst) {
+  if (r1 <= r0 || lp.K == 0) return;
   if (lp.products == Products::bf16)
-    linear_unpack_typed<float, Bf16Pair>(lp, dst);
+    linear_unpack_typed<float, Bf16Pair>(lp, r0, r1, dst);
   else if (lp.dtype == DType::f64)
-    linear_unpack_typed<double>(lp, dst);
+    linear_unpack_typed<double>(lp, r0, r1, dst);
   else
-    linear_unpack_typed<float>(lp, dst);
+    linear_unpack_typed<float>(lp, r0, r1, dst);
 }
 
 void linear_pack(const LinearParams& lp, void* dst) {

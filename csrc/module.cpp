@@ -472,21 +472,26 @@ PackedLinear pack_linear_py(py::array w, bool bf16) {
   return packed;
 }
 
-// The weight `w` was packed from, row-major: float32 (the bf16 values,
-// widened exactly) or float64; read with the kernels of the path that
-// packed it, whichever is active now.
-py::array unpack_linear_py(const PackedLinear& w) {
+// Rows [start, stop) (default: all) of the weight `w` was packed from,
+// row-major: float32 (the bf16 values, widened exactly) or float64; read
+// with the kernels of the path that packed it, whichever is active now.
+py::array unpack_linear_py(const PackedLinear& w, int64_t start, py::object stop_arg) {
+  const int64_t stop = stop_arg.is_none() ? w.out_features() : stop_arg.cast<int64_t>();
+  if (start < 0 || stop < start || stop > w.out_features())
+    throw std::invalid_argument("start, stop: expected 0 <= start <= stop <= " +
+                                std::to_string(w.out_features()) + ", got " +
+                                std::to_string(start) + ", " + std::to_string(stop));
   LinearParams lp;
   lp.dtype = w.dtype();
   lp.products = w.products();
   lp.N = w.out_features();
   lp.K = w.in_features();
   lp.packed = w.data();
-  py::array out = w.dtype() == DType::f64
-                      ? py::array(py::dtype::of<double>(), std::vector<py::ssize_t>{lp.N, lp.K})
-                      : py::array(py::dtype::of<float>(), std::vector<py::ssize_t>{lp.N, lp.K});
+  const std::vector<py::ssize_t> shape{stop - start, lp.K};
+  py::array out = w.dtype() == DType::f64 ? py::array(py::dtype::of<double>(), shape)
+                                          : py::array(py::dtype::of<float>(), shape);
   void* dst = out.mutable_data();
-  run_cancellable([&] { kernels_for(w.isa()).linear_unpack(lp, dst); });
+  run_cancellable([&] { kernels_for(w.isa()).linear_unpack(lp, start, stop, dst); });
   return out;
 }
 
@@ -700,7 +705,8 @@ PYBIND11_MODULE(_core, m) {
         return w.dtype() == DType::f64 ? py::dtype::of<double>() : py::dtype::of<float>();
       });
   m.def("pack_linear", &pack_linear_py, py::arg("w"), py::arg("bf16") = false);
-  m.def("unpack_linear", &unpack_linear_py, py::arg("w"));
+  m.def("unpack_linear", &unpack_linear_py, py::arg("w"), py::arg("start") = 0,
+        py::arg("stop") = py::none());
   m.def("linear_forward_packed", &linear_forward_packed_py, py::arg("x"), py::arg("w"),
         py::arg("bias"), py::arg("out"));
   m.def("copy_dense", &copy_dense_py, py::arg("src"), py::arg("dst"));

@@ -2,6 +2,7 @@
 Linear and the attention modules): against a float64 NumPy product on every
 ISA path, at tile edges, and bitwise stable across threads and positions."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -166,6 +167,22 @@ def test_unpack_gives_back_the_weight_that_was_packed(each_isa, rng, dtype):
         got = core.unpack_linear(core.pack_linear(w))
         assert got.dtype == dtype and got.flags.c_contiguous
         np.testing.assert_array_equal(got, w)
+
+
+def test_unpack_of_a_row_range(each_isa, rng):
+    """Rows [start, stop) alone (a frozen Q, K or V projection's part of
+    the fused matrix), across panel edges, bf16 too; bad ranges refused."""
+    w = rng.standard_normal((130, 37)).astype(np.float32)
+    for bf16, want in ((False, w), (True, w.astype(ml_dtypes.bfloat16).astype(np.float32))):
+        packed = core.pack_linear(w, bf16=bf16)
+        for start, stop in [(0, 130), (0, 1), (5, 53), (47, 49), (48, 96), (129, 130), (7, 7)]:
+            got = core.unpack_linear(packed, start, stop)
+            assert got.shape == (stop - start, 37) and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, want[start:stop])
+        np.testing.assert_array_equal(core.unpack_linear(packed, 100), want[100:])
+        for start, stop in [(-1, 3), (5, 4), (0, 131)]:
+            with pytest.raises(ValueError, match="start, stop"):
+                core.unpack_linear(packed, start, stop)
 
 
 def test_unpack_reads_the_layout_of_the_path_that_packed(rng):

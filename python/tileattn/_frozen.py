@@ -53,9 +53,10 @@ class PackedRows:
                 current = self._packed
         return current
 
-    def values(self) -> np.ndarray:
-        """The whole matrix, row-major (a new array)."""
-        return _core.unpack_linear(self._packed)
+    def values(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Rows [start, stop) (default: all) of the matrix, row-major (a
+        new array)."""
+        return _core.unpack_linear(self._packed, start, stop)
 
     def repacked(self, rows: Dict[int, np.ndarray]) -> "_core.PackedLinear":
         """The matrix with rows [start, start + len(r)) replaced by each
@@ -112,8 +113,7 @@ class FrozenParameter:
 
     def value(self) -> np.ndarray:
         """The rows as a read-only array (unpacked: a copy)."""
-        w = self.store.values()
-        rows = w if self.whole else np.ascontiguousarray(w[self.start:self.stop])
+        rows = self.store.values(self.start, self.stop)
         rows.flags.writeable = False
         return rows
 
@@ -129,7 +129,7 @@ class FrozenParameter:
             return self.store.packed()
         key = (self.store.generation, _core.isa())
         if self._slice is None or self._slice[0] != key:
-            rows = np.ascontiguousarray(self.store.values()[self.start:self.stop])
+            rows = self.store.values(self.start, self.stop)
             self._slice = (key, _core.pack_linear(rows, bf16=self.store.bf16))
         return self._slice[1]
 
