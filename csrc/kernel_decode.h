@@ -418,6 +418,13 @@ struct DecodeTask {
   // One block for one row: online softmax update and o = o * alpha + P V.
   template <typename VT>
   void row_block(T* s, T* st, int64_t cols, int64_t ldt, const VT* v, int64_t ldv) {
+    row_softmax(s, st, cols, ldt);
+    row_values(s, st, cols, v, ldv);
+  }
+
+  // The softmax part of row_block: m, l and o * alpha updated, s turned
+  // into P (rounded for the P V product with bf16 products).
+  void row_softmax(T* s, T* st, int64_t cols, int64_t ldt) {
     T* o = st;
     T& m = st[ds.dvw];
     T& l = st[ds.dvw + 1];
@@ -446,14 +453,101 @@ struct DecodeTask {
       for (int64_t jj = 0; jj < ldt; jj += W) S::store(s + jj, operand(S::load(s + jj)));
     const reg va = S::set1(alpha);
     for (int64_t e = 0; e < ds.dvw; e += W) S::store(o + e, S::mul(S::load(o + e), va));
-    // P V in the prefill's segments of kValueSegment keys (values_micro):
-    // each segment summed from zero in registers, then added to o.
+  }
+
+  // o += P V in the prefill's segments of kValueSegment keys
+  // (values_micro): each segment summed from zero in registers, then added
+  // to o.
+  template <typename VT>
+  void row_values(const T* pr, T* o, int64_t cols, const VT* v, int64_t ldv) {
+    for (int64_t j0 = 0; j0 < cols; j0 += kValueSegment)
+      segment_values(pr, j0, std::min(cols, j0 + kValueSegment), v, ldv, o);
+  }
+
+  // The P V of R rows of a GQA group at once (pw: row r's P at
+  // pw + r * ldt, o: its output at o + r * ds.part): each value vector is
+  // loaded (and, with bf16 products, rounded) once for the R rows instead
+  // of once per row. Every output element's chain is the one row_values
+  // forms (same segments, same order), so the bits are the same; a segment
+  // where some row has a zero weight goes through row_values' per-row
+  // skip. Rounding each value per row had made a group of 4 over a float32
+  // cache 1.24x (avx512) and 1.69x (avx2) the float32 step (BENCHMARKS.md,
+  // "Decode prefetch").
+  template <int R, typename VT>
+  void group_values(const T* pw, int64_t ldt, T* o, int64_t cols, const VT* v, int64_t ldv) {
+    constexpr int NE = S::kRegisters >= 32 ? 4 : 2;  // R * NE accumulators
     for (int64_t j0 = 0; j0 < cols; j0 += kValueSegment) {
       const int64_t j1 = std::min(cols, j0 + kValueSegment);
+      bool any_zero = false;
+      for (int r = 0; r < R; ++r)
+        for (int64_t j = j0; j < j1; ++j) any_zero |= pw[r * ldt + j] == T(0);
+      if (any_zero) {
+        for (int r = 0; r < R; ++r) segment_values(pw + r * ldt, j0, j1, v, ldv, o + r * ds.part);
+        continue;
+      }
       int64_t e = 0;
-      for (; e + 8 * W <= ds.dvw; e += 8 * W) pv_segment<8>(s, j0, j1, v, ldv, e, o);
-      for (; e + 4 * W <= ds.dvw; e += 4 * W) pv_segment<4>(s, j0, j1, v, ldv, e, o);
-      for (; e < ds.dvw; e += W) pv_segment<1>(s, j0, j1, v, ldv, e, o);
+      for (; e + NE * W <= ds.dvw; e += NE * W)
+        group_segment<R, NE>(pw, ldt, j0, j1, v, ldv, e, o);
+      for (; e < ds.dvw; e += W) group_segment<R, 1>(pw, ldt, j0, j1, v, ldv, e, o);
+    }
+  }
+  template <int R, int NE, typename VT>
+  void group_segment(const T* pw, int64_t ldt, int64_t j0, int64_t j1, const VT* v,
+                     int64_t ldv, int64_t e, T* o) const {
+    reg acc[R][NE];
+    TILEATTN_UNROLL
+    for (int r = 0; r < R; ++r)
+      TILEATTN_UNROLL
+      for (int u = 0; u < NE; ++u) acc[r][u] = S::zero();
+    for (int64_t j = j0; j < j1; ++j) {
+      const VT* vr = v + j * ldv + e;
+      prefetch_row(vr + kPrefetchRows * ldv, NE * W * static_cast<int64_t>(sizeof(VT)));
+      reg vv[NE];
+      TILEATTN_UNROLL
+      for (int u = 0; u < NE; ++u) vv[u] = operand<kRoundKV>(load_row(vr + u * W));
+      TILEATTN_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const reg pj = S::set1(pw[r * ldt + j]);
+        TILEATTN_UNROLL
+        for (int u = 0; u < NE; ++u) acc[r][u] = S::fmadd(vv[u], pj, acc[r][u]);
+      }
+    }
+    TILEATTN_UNROLL
+    for (int r = 0; r < R; ++r)
+      TILEATTN_UNROLL
+      for (int u = 0; u < NE; ++u) {
+        T* out = o + r * ds.part + e + u * W;
+        S::store(out, S::add(S::load(out), acc[r][u]));
+      }
+  }
+  // One row's segment [j0, j1) of P V over the whole row of values.
+  template <typename VT>
+  void segment_values(const T* pr, int64_t j0, int64_t j1, const VT* v, int64_t ldv, T* o) {
+    int64_t e = 0;
+    for (; e + 8 * W <= ds.dvw; e += 8 * W) pv_segment<8>(pr, j0, j1, v, ldv, e, o);
+    for (; e + 4 * W <= ds.dvw; e += 4 * W) pv_segment<4>(pr, j0, j1, v, ldv, e, o);
+    for (; e < ds.dvw; e += W) pv_segment<1>(pr, j0, j1, v, ldv, e, o);
+  }
+
+  // All rows' blocks: each row's softmax, then P V, by groups of up to 4
+  // rows sharing the value loads when the values are rounded per load
+  // (bf16 products over a float32 or float16 cache).
+  template <typename VT>
+  void rows_block(int64_t cols, int64_t ldt, const VT* v, int64_t ldv) {
+    const auto pr = [&](int64_t r) { return s + r * ldt; };
+    const auto st = [&](int64_t r) { return part + r * ds.part; };
+    if (!(kRoundKV && ds.rows > 1)) {
+      for (int64_t r = 0; r < ds.rows; ++r) row_block(pr(r), st(r), cols, ldt, v, ldv);
+      return;
+    }
+    for (int64_t r = 0; r < ds.rows; ++r) row_softmax(pr(r), st(r), cols, ldt);
+    int64_t r = 0;
+    for (; r + 4 <= ds.rows; r += 4) group_values<4>(pr(r), ldt, st(r), cols, v, ldv);
+    switch (ds.rows - r) {
+      case 3: group_values<3>(pr(r), ldt, st(r), cols, v, ldv); break;
+      case 2: group_values<2>(pr(r), ldt, st(r), cols, v, ldv); break;
+      case 1: row_values(pr(r), st(r), cols, v, ldv); break;
+      default: break;
     }
   }
 
@@ -516,19 +610,15 @@ struct DecodeTask {
       if constexpr (kWidenInRegisters) {
         if (narrow_v_direct()) {
           const KV* v = value_head(j0);
-          for (int64_t r = 0; r < ds.rows; ++r) {
-            mask_row(s + r * ldt, r, j0, cols, ldt);
-            row_block(s + r * ldt, part + r * ds.part, cols, ldt, v, p.v_stride.r);
-          }
+          for (int64_t r = 0; r < ds.rows; ++r) mask_row(s + r * ldt, r, j0, cols, ldt);
+          rows_block(cols, ldt, v, p.v_stride.r);
           continue;
         }
       }
       int64_t ldv;
       const T* v = value_rows(j0, cols, &ldv);
-      for (int64_t r = 0; r < ds.rows; ++r) {
-        mask_row(s + r * ldt, r, j0, cols, ldt);
-        row_block(s + r * ldt, part + r * ds.part, cols, ldt, v, ldv);
-      }
+      for (int64_t r = 0; r < ds.rows; ++r) mask_row(s + r * ldt, r, j0, cols, ldt);
+      rows_block(cols, ldt, v, ldv);
     }
   }
 };

@@ -93,3 +93,33 @@ def test_mha_with_bf16_products_decodes_with_bf16_products(rng):
         whole = bf(x[:, :i + 1], is_causal=True)[:, -1:]
         assert np.abs(step - whole).max() < 0.02
         assert np.abs(step - step32).max() > 0
+
+
+@pytest.mark.parametrize("group", [2, 3, 4, 8])
+def test_a_group_decoded_with_bf16_products_keeps_hidden_non_finite_values_out(each_isa, rng,
+                                                                              group):
+    """The rows of a GQA group share each value vector in P V (bf16
+    products over a float32 cache); keys a row cannot see (a window here)
+    carry inf and NaN values, and segments where some row's weights are
+    zero take the per-row skip: the outputs stay finite and match a float64
+    reference of the rounded operands."""
+    b, hkv, ctx, d = 2, 2, 300, 64
+    hq = hkv * group
+    cache = tileattn.KVCache(b, hkv, ctx + 1, d)
+    k = rng.standard_normal((b, hkv, ctx, d)).astype(np.float32)
+    v = rng.standard_normal((b, hkv, ctx, d)).astype(np.float32)
+    v[:, :, :100:7] = np.inf
+    v[:, :, 3:100:11] = np.nan
+    k[:, :, 150:160] *= 40.0         # some rows' weights underflow to zero there
+    cache.append(k, v)
+    q = rng.standard_normal((b, hq, 1, d)).astype(np.float32)
+    kn = rng.standard_normal((b, hkv, 1, d)).astype(np.float32)
+    got = cache.attend(q, kn, kn, window=150, compute_dtype="bfloat16")
+    assert np.isfinite(got).all()
+    keys = np.concatenate([k, kn], axis=2)[:, :, -150:]
+    values = np.concatenate([v, kn], axis=2)[:, :, -150:]
+    kr, vr = np.repeat(rounded(keys), group, axis=1), np.repeat(rounded(values), group, axis=1)
+    s = rounded(q) @ kr.transpose(0, 1, 3, 2) / np.sqrt(d)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    want = (w / w.sum(-1, keepdims=True)) @ vr
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
