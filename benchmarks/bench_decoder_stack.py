@@ -35,6 +35,7 @@ speed is the median of per-round ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import warnings
 from dataclasses import dataclass
@@ -156,6 +157,20 @@ def fill(cache: tileattn.KVCache, ctx: int, rng: np.random.Generator) -> None:
     cache.append(kv, kv)
 
 
+def decode_steps(blocks: List[Block], caches: List[tileattn.KVCache],
+                 x: np.ndarray) -> np.ndarray:
+    """STEPS decode steps of x through the stack, the caches rolled back
+    after them (every round sees the same context); the last step's output."""
+    h = x
+    for _ in range(STEPS):
+        h = x
+        for blk, c in zip(blocks, caches):
+            h = blk.step(h, c)
+    for c in caches:
+        c.trim(STEPS)
+    return h
+
+
 def run_case(name: str, s: Stack, blocks: List[Block], steps: List[Any], batch: int, ctx: int,
              cache_dtypes: Any, bandwidth: float, rounds: int, torch: Any, weights: str) -> None:
     """One (stack, weights, batch, context): tileattn over a cache of each
@@ -174,14 +189,7 @@ def run_case(name: str, s: Stack, blocks: List[Block], steps: List[Any], batch: 
         key = np.dtype(dt).name
         cache_sets[key] = caches
 
-        def ours(caches: List[tileattn.KVCache] = caches) -> None:
-            for _ in range(STEPS):
-                h = x
-                for blk, c in zip(blocks, caches):
-                    h = blk.step(h, c)
-            for c in caches:
-                c.trim(STEPS)
-        runners[key] = ours
+        runners[key] = functools.partial(decode_steps, blocks, caches, x)
     if torch is not None and "float32" in cache_sets:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")      # the read-only weights: torch only reads them

@@ -20,6 +20,7 @@ seed, alternating (``paired_times``), whose outputs must be bitwise equal.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -29,7 +30,7 @@ import numpy as np
 
 import tileattn
 from tileattn._bench import paired_times
-from bench_decoder_stack import SHAPES, STEPS, Block, Stack, fill
+from bench_decoder_stack import SHAPES, STEPS, Block, Stack, decode_steps, fill
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -66,16 +67,7 @@ def run(name: str, s: Stack, weights: str, batch: int, ctx: int, rounds: int) ->
         return cs
 
     def stepper(blocks: List[Block], cs: List[tileattn.KVCache]) -> Any:
-        def go() -> np.ndarray:
-            h = x
-            for _ in range(STEPS):
-                h = x
-                for blk, c in zip(blocks, cs):
-                    h = blk.step(h, c)
-            for c in cs:
-                c.trim(STEPS)
-            return h
-        return go
+        return functools.partial(decode_steps, blocks, cs, x)
 
     gc.collect()
     tileattn._core.release_free_memory()     # what earlier cases freed: not this one's
